@@ -1,0 +1,1 @@
+"""Stage 1-2: data preparation and DINOv2 fine-tuning."""

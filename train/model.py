@@ -1,0 +1,309 @@
+"""DINOv2 backbones (timm) with a classification head, one weight loader.
+
+Weights come from exactly one of: a hub id (timm / Hugging Face, needs a
+network), an official facebookresearch checkpoint file
+(`dinov2_vits14_pretrain.pth` layout), a local timm-layout .pth/.safetensors
+file, or `random`. Every source is converted in `convert_state_dict` and loaded
+with `strict=True`: a partial load is an error, never a log line.
+
+The position embedding is resampled once, at build time, to the fixed input
+size, so exported graphs contain no run-time interpolation (FIELD_NOTES 1).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Short names users type -> timm architecture names.
+ARCHS: dict[str, str] = {
+    "vits14": "vit_small_patch14_dinov2",
+    "vitb14": "vit_base_patch14_dinov2",
+    "vitl14": "vit_large_patch14_dinov2",
+    "vitg14": "vit_giant_patch14_dinov2",
+    "vits14_reg4": "vit_small_patch14_reg4_dinov2",
+    "vitb14_reg4": "vit_base_patch14_reg4_dinov2",
+    "vitl14_reg4": "vit_large_patch14_reg4_dinov2",
+    "vitg14_reg4": "vit_giant_patch14_reg4_dinov2",
+}
+# The official checkpoints, for the error message that says how to get weights.
+OFFICIAL_URLS = {
+    name: f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{name.removesuffix('_reg4')}/dinov2_{name}_pretrain.pth"
+    for name in ARCHS
+}
+HEADS = ("cls_mean", "cls", "mean")
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found, read or loaded strictly; says how to fix it."""
+
+
+def resolve_arch(arch: str) -> str:
+    if arch in ARCHS:
+        return ARCHS[arch]
+    if arch in ARCHS.values():
+        return arch
+    raise ValueError(f"--arch {arch!r}: choose one of {sorted(ARCHS)} "
+                     f"(or the timm names {sorted(ARCHS.values())})")
+
+
+def _short_name(timm_arch: str) -> str:
+    return next((k for k, v in ARCHS.items() if v == timm_arch), timm_arch)
+
+
+class DinoV2Classifier(nn.Module):
+    """A DINOv2 backbone plus a linear head.
+
+    `cls_mean` (default) concatenates the class token with the mean of the
+    patch tokens, as DINOv2's linear evaluation does; `cls` and `mean` use one
+    of them. The `embedding` output is exactly what the head sees.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head: str = "cls_mean"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}: choose one of {HEADS}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+        self.backbone = backbone
+        self.head_type = head
+        dim = backbone.num_features
+        self.embed_dim = 2 * dim if head == "cls_mean" else dim
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(pixel_values)  # final norm applied
+        n_prefix = self.backbone.num_prefix_tokens               # cls (+ registers)
+        cls_tok = tokens[:, 0]
+        patch_mean = tokens[:, n_prefix:].mean(dim=1)
+        if self.head_type == "cls":
+            return cls_tok
+        if self.head_type == "mean":
+            return patch_mean
+        return torch.cat([cls_tok, patch_mean], dim=-1)
+
+    def forward_with_embedding(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embed(pixel_values)
+        return self.head(emb), emb
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(pixel_values))
+
+
+@dataclass
+class BuildResult:
+    model: DinoV2Classifier
+    weights_source: str   # human-readable, recorded in every output and log
+
+
+def _create_backbone(timm_arch: str, img_size: int, **overrides: Any) -> nn.Module:
+    import timm
+
+    # dynamic_img_size=False: the position embedding is stored for img_size and
+    # the graph never interpolates it at run time.
+    return timm.create_model(timm_arch, pretrained=False, num_classes=0, img_size=img_size,
+                             dynamic_img_size=False, **overrides)
+
+
+def _unwrap_checkpoint(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or the usual wrappers (model/state_dict/teacher)."""
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{source}: expected a state dict, got {type(obj).__name__}")
+    for key in ("state_dict", "model", "teacher"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise WeightsError(f"{source}: no tensors found in the checkpoint")
+    for prefix in ("module.", "teacher.", "backbone."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def checkpoint_layout(sd: Mapping[str, torch.Tensor]) -> str:
+    """'official' (facebookresearch/dinov2) or 'timm'."""
+    official = "mask_token" in sd or "register_tokens" in sd or any(".mlp.w12." in k for k in sd)
+    return "official" if official else "timm"
+
+
+def convert_state_dict(sd: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The one place checkpoint keys are converted to this timm backbone.
+
+    timm's `checkpoint_filter_fn` recognises the official layout (drops
+    `mask_token`, renames `register_tokens`, splits SwiGLU `w12`) and resamples
+    the position embedding to the backbone's fixed grid.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    sd = dict(sd)
+    sd.pop("head.weight", None)
+    sd.pop("head.bias", None)
+    return checkpoint_filter_fn(sd, backbone)
+
+
+def _load_strict(backbone: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    result = backbone.load_state_dict(sd, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{source}: checkpoint does not match the architecture "
+            f"(missing {len(missing)} keys, e.g. {missing[:5]}; unexpected {len(unexpected)} keys, "
+            f"e.g. {unexpected[:5]}). Check --arch (with/without registers, size).")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"--weights {path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            # weights_only: a checkpoint must never execute code on load.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise WeightsError(f"--weights {path}: cannot be read as weights ({exc})") from exc
+    return _unwrap_checkpoint(obj, str(path))
+
+
+def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: int,
+                img_size: int = 224, head: str = "cls_mean", attention: str = "sdpa",
+                backbone_overrides: Mapping[str, Any] | None = None) -> BuildResult:
+    """Build a DINOv2 classifier.
+
+    weights: "random" | a local .pth/.pt/.safetensors file (official or timm
+    layout) | "hub" (timm's default pretrained tag for the arch) | a hub id
+    such as "timm/vit_small_patch14_dinov2.lvd142m" (needs network access).
+    backbone_overrides: extra timm kwargs (tests use depth/embed_dim for tiny models).
+    """
+    timm_arch = resolve_arch(arch)
+    overrides = dict(backbone_overrides or {})
+    if weights == "random":
+        backbone = _create_backbone(timm_arch, img_size, **overrides)
+        source = "random init (NOT pretrained: accuracy will be far below a DINOv2 fine-tune)"
+    elif Path(weights).suffix in (".pth", ".pt", ".safetensors", ".bin") or Path(weights).exists():
+        backbone = _create_backbone(timm_arch, img_size, **overrides)
+        sd = load_weights_file(weights)
+        layout = checkpoint_layout(sd)
+        _load_strict(backbone, convert_state_dict(sd, backbone), weights)
+        source = f"file {Path(weights).resolve()} ({layout} layout, sha256 {_sha256(Path(weights))[:16]})"
+    else:
+        import timm
+
+        hub_id = None if weights == "hub" else weights
+        try:
+            backbone = timm.create_model(
+                timm_arch, pretrained=True, num_classes=0, img_size=img_size,
+                dynamic_img_size=False,
+                **({"pretrained_cfg_overlay": {"hf_hub_id": hub_id.removeprefix("hf-hub:")}} if hub_id else {}),
+                **overrides)
+        except Exception as exc:  # noqa: BLE001 - offline is the common case
+            short = _short_name(timm_arch)
+            raise WeightsError(
+                f"--weights {weights}: could not download pretrained DINOv2 weights for {timm_arch} "
+                f"({type(exc).__name__}: {str(exc)[:200]}). Offline? Download the official checkpoint "
+                f"on a connected machine ({OFFICIAL_URLS.get(short, 'see facebookresearch/dinov2')}) and pass "
+                f"--weights /path/to/file.pth, or pass --weights random for a smoke test.") from exc
+        source = f"hub {hub_id or timm_arch + ' (timm default pretrained tag)'}"
+    if attention == "xformers":
+        enable_xformers(backbone)
+    elif attention != "sdpa":
+        raise ValueError(f"--attention {attention!r}: choose 'sdpa' or 'xformers'")
+    model = DinoV2Classifier(backbone, num_classes=num_classes, head=head)
+    log.info("built %s (%s head, %d classes, %d px) with weights: %s",
+             timm_arch, head, num_classes, img_size, source)
+    return BuildResult(model=model, weights_source=source)
+
+
+def enable_xformers(backbone: nn.Module) -> None:
+    """Swap each block's attention kernel for xformers' memory-efficient one
+    (GPU training only, as the official DINOv2 code does). Weights are
+    unchanged, so the checkpoint exports with the default SDPA path."""
+    try:
+        from xformers.ops import memory_efficient_attention
+    except ImportError as exc:
+        raise RuntimeError("--attention xformers: xformers is not installed (GPU hosts: see "
+                           "environment.yml); use --attention sdpa") from exc
+
+    def make_forward(attn):
+        def forward(x, attn_mask=None, **_):
+            b, n, c = x.shape
+            qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, c // attn.num_heads)
+            q, k, v = qkv.unbind(2)                # [B, N, H, Dh]: xformers' layout
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            out = memory_efficient_attention(q, k, v, p=attn.attn_drop.p if attn.training else 0.0)
+            out = out.reshape(b, n, c)
+            return attn.proj_drop(attn.proj(attn.norm(out) if hasattr(attn, "norm") else out))
+        return forward
+
+    for block in backbone.blocks:
+        block.attn.forward = make_forward(block.attn)
+
+
+# ----------------------------------------------------------------------------
+# Trained checkpoints (model_final.pth and friends)
+# ----------------------------------------------------------------------------
+REQUIRED_RECORD_KEYS = ("format_version", "arch", "img_size", "num_classes", "head",
+                        "class_names", "preprocessing", "state_dict")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """torch.load with weights_only=True (refuses pickled code) + field checks."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: checkpoint not found (train first: python -m train.finetune ...)")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"{path}: refused or unreadable checkpoint ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(record, dict):
+        raise WeightsError(f"{path}: not a checkpoint written by this tool")
+    missing = [k for k in REQUIRED_RECORD_KEYS if k not in record]
+    if missing:
+        raise WeightsError(f"{path}: checkpoint lacks fields {missing}; was it written by train.finetune?")
+    if record["format_version"] > CHECKPOINT_FORMAT_VERSION:
+        raise WeightsError(f"{path}: checkpoint format {record['format_version']} is newer than this "
+                           f"tool understands ({CHECKPOINT_FORMAT_VERSION}); upgrade the tool")
+    return record
+
+
+def model_from_record(record: Mapping[str, Any], *, attention: str = "sdpa") -> DinoV2Classifier:
+    built = build_model(record["arch"], weights="random", num_classes=int(record["num_classes"]),
+                        img_size=int(record["img_size"]), head=record["head"], attention=attention,
+                        backbone_overrides=record.get("backbone_overrides") or None)
+    missing, unexpected = built.model.load_state_dict(record["state_dict"], strict=False)
+    if missing or unexpected:
+        raise WeightsError(f"checkpoint state_dict does not match {record['arch']}: missing {list(missing)[:5]}, "
+                           f"unexpected {list(unexpected)[:5]}")
+    return built.model
+
+
+def load_classifier(path: str | os.PathLike, *, attention: str = "sdpa"
+                    ) -> tuple[DinoV2Classifier, dict[str, Any]]:
+    """Rebuild a trained classifier from a checkpoint; returns (model in eval mode, record)."""
+    record = read_checkpoint(path)
+    model = model_from_record(record, attention=attention).eval()
+    return model, record
