@@ -1,0 +1,137 @@
+"""perf.parity: gate logic and reporting on known numbers (no server), then the
+real local Triton server with honest variants and a deliberately corrupted one."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from perf import parity
+from train.metrics import GATES, parity_metrics
+
+
+# --------------------------------------------------------------------------- pure
+@pytest.mark.parametrize("name,expected", [
+    ("dinov2_onnx", "fp32"), ("dinov2_torchscript", "fp32"), ("dinov2_onnx_fp16", "fp16"),
+    ("dinov2_trt_int8", "int8"), ("dinov2_fp8", "fp8"), ("dinov2_int8_onnx", "fp32"),
+])
+def test_precision_from_name(name, expected):
+    assert parity.precision_from_name(name) == expected
+
+
+def test_config_precision_wins_over_name():
+    cfg = {"name": "dinov2_onnx", "parameters": {"precision": {"string_value": "int8"}}}
+    assert parity.model_precision(cfg) == ("int8", "config parameter 'precision'")
+    assert parity.model_precision({"name": "dinov2_trt_fp16"}) == ("fp16", "model name")
+    # an unknown value falls back to the name instead of picking an arbitrary gate
+    cfg = {"name": "dinov2_onnx_fp16", "parameters": {"precision": {"string_value": "weird"}}}
+    assert parity.model_precision(cfg) == ("fp16", "model name")
+
+
+def test_ensemble_default_variant():
+    steps = {"step": [{"model_name": "dinov2_preprocess", "output_map": {"pixel_values": "px"}},
+                      {"model_name": "dinov2_onnx_fp16", "output_map": {"logits": "logits"}}]}
+    assert parity.ensemble_variant({"ensemble_scheduling": steps}) == "dinov2_onnx_fp16"
+    named = {"ensemble_scheduling": steps,
+             "parameters": {"classifier_model": {"string_value": "dinov2_torchscript"}}}
+    assert parity.ensemble_variant(named) == "dinov2_torchscript"
+
+
+def test_gate_overrides_by_precision_then_model():
+    ov = parity.parse_gate_overrides(["int8.max_accuracy_drop=0.05", "dinov2_x_int8.min_top1_agreement=0.5",
+                                      "fp16.min_embedding_cosine=none"])
+    assert ov == {"int8": {"max_accuracy_drop": 0.05}, "dinov2_x_int8": {"min_top1_agreement": 0.5},
+                  "fp16": {"min_embedding_cosine": None}}
+    g = parity.gate_for("dinov2_x_int8", "int8", ov)
+    assert (g.max_accuracy_drop, g.min_top1_agreement) == (0.05, 0.5)
+    g = parity.gate_for("dinov2_y_int8", "int8", ov)
+    assert g.min_top1_agreement == GATES["int8"].min_top1_agreement
+    assert parity.gate_for("m", "fp16", ov).min_embedding_cosine is None
+    assert GATES["fp16"].min_embedding_cosine is not None, "overrides must not mutate train.metrics.GATES"
+
+
+@pytest.mark.parametrize("bad", ["fp16.min_top1=0.9", "fp16min_top1_agreement=0.9",
+                                 "fp16.min_top1_agreement=high"])
+def test_bad_gate_overrides_are_input_errors(bad):
+    with pytest.raises(parity.ParityInputError, match="--gates"):
+        parity.parse_gate_overrides([bad])
+
+
+def _known_logits(n=200, classes=3, flips=(), seed=0):
+    rng = np.random.default_rng(seed)
+    ref = rng.normal(size=(n, classes)).astype(np.float32)
+    ref[np.arange(n), rng.integers(0, classes, n)] += 5.0  # clear winners
+    cand = ref + rng.normal(scale=1e-4, size=ref.shape).astype(np.float32)
+    for i in flips:  # swap the top class with another one
+        top = int(ref[i].argmax())
+        other = (top + 1) % classes
+        cand[i, top], cand[i, other] = ref[i, other], ref[i, top]
+    return ref, cand
+
+
+def test_gate_logic_and_flipped_names_on_known_inputs():
+    ref, cand = _known_logits(flips=(3, 17, 150))
+    emb = np.random.default_rng(1).normal(size=(200, 8))
+    labels = ref.argmax(1)  # the reference is 100 % right, so flips cost accuracy
+    names = [f"images/test/img_{i:03d}.png" for i in range(200)]
+    par = parity_metrics(ref, cand, ref_embedding=emb, cand_embedding=emb, labels=labels, names=names)
+    assert par["flipped"] == 3 and par["top1_agreement"] == pytest.approx(0.985)
+    assert [e["name"] for e in par["flipped_examples"]] == [names[3], names[17], names[150]]
+    assert par["deltas"]["accuracy"] == pytest.approx(-0.015)
+
+    ok, fails = parity.judge(par, parity.gate_for("dinov2_onnx_fp16", "fp16"))
+    assert not ok and any("top-1 agreement" in f and "3 of 200" in f for f in fails)
+    ok, fails = parity.judge(par, parity.gate_for("dinov2_onnx_int8", "int8"))
+    assert not ok and len(fails) == 2  # 98.5 % < 99 % agreement and 1.5 > 1 point drop
+    loose = {"int8": {"max_accuracy_drop": 0.02, "min_top1_agreement": 0.98}}
+    assert parity.judge(par, parity.gate_for("dinov2_onnx_int8", "int8", loose)) == (True, [])
+    per_model = {**loose, "dinov2_onnx_int8": {"max_accuracy_drop": 0.01}}
+    ok, fails = parity.judge(par, parity.gate_for("dinov2_onnx_int8", "int8", per_model))
+    assert not ok and fails == ["accuracy drop 1.50 points > 1.00"]
+
+    clean = parity_metrics(ref, ref.copy(), ref_embedding=emb, cand_embedding=emb.copy(), labels=labels)
+    assert parity.judge(clean, parity.gate_for("dinov2_onnx", "fp32")) == (True, [])
+    broken = parity_metrics(ref, np.full_like(ref, np.nan), labels=labels)
+    assert not parity.judge(broken, parity.gate_for("dinov2_onnx", "fp32"))[0]
+
+
+def _fake_result(passed: bool):
+    ref, cand = _known_logits(n=20, flips=(2,))
+    par = parity_metrics(ref, cand, labels=ref.argmax(1), names=[f"f{i}.png" for i in range(20)])
+    for e in par["flipped_examples"]:
+        e.update(reference_label="cat", candidate_label="dog", true_label="cat")
+    par["logits"]["max_rel_diff"] = float("inf")  # must survive JSON
+    gate = parity.gate_for("dinov2_onnx_int8", "int8")
+    ok, fails = parity.judge(par, gate)
+    return {"url": "x:1", "protocol": "grpc", "split": "test", "n_images": 20,
+            "reference": {"kind": "eager", "model": None, "metrics": {"accuracy": 1.0}},
+            "variants": [{"model": "dinov2_onnx_int8", "input": "pixel_values (client-side preprocessing)",
+                          "precision": "int8", "parity": par, "failures": fails, "passed": ok},
+                         {"model": "dinov2_broken", "input": "encoded image bytes", "precision": "fp32",
+                          "parity": None, "failures": ["could not run: boom"], "passed": False}],
+            "passed": passed}
+
+
+def test_report_and_json(tmp_path):
+    from rich.console import Console
+
+    result = _fake_result(False)
+    console = Console(record=True, width=200)
+    parity.print_report(result, console)
+    text = console.export_text()
+    assert "dinov2_onnx_int8" in text and "FAIL" in text and "f2.png (cat -> dog)" in text
+    assert "could not run: boom" in text
+    out = parity.write_json(result, tmp_path / "p" / "parity.json")
+    back = json.loads(out.read_text())  # strict JSON: no NaN/Infinity tokens
+    assert back["variants"][0]["parity"]["logits"]["max_rel_diff"] == "inf"
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    assert parity.main(["--data_path", str(tmp_path / "nope"), "--model_path", "x.pth",
+                        "--url", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    assert parity.main(["--data_path", str(tmp_path), "--gates", "fp16.bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
