@@ -155,7 +155,12 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], backbone: nn.Module) -> d
 
 
 def _load_strict(backbone: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
-    result = backbone.load_state_dict(sd, strict=False)
+    try:
+        result = backbone.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # size mismatch: e.g. a ViT-S checkpoint for --arch vitb14
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc)[:300])
+        raise WeightsError(f"{source}: checkpoint does not match the architecture ({first}). "
+                           "Check --arch (with/without registers, size).") from exc
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise WeightsError(
@@ -208,7 +213,12 @@ def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: i
         backbone = _create_backbone(timm_arch, img_size, **overrides)
         sd = load_weights_file(weights)
         layout = checkpoint_layout(sd)
-        _load_strict(backbone, convert_state_dict(sd, backbone), weights)
+        try:
+            converted = convert_state_dict(sd, backbone)
+        except (RuntimeError, ValueError, KeyError) as exc:  # e.g. a position embedding of another width
+            raise WeightsError(f"{weights}: checkpoint cannot be converted to {timm_arch} "
+                               f"({type(exc).__name__}: {str(exc)[:200]}). Check --arch.") from exc
+        _load_strict(backbone, converted, weights)
         source = f"file {Path(weights).resolve()} ({layout} layout, sha256 {_sha256(Path(weights))[:16]})"
     else:
         import timm
