@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Serve the model repository with NVIDIA Triton.
+#
+#   scripts/serve.sh local [flags]   this machine, CPU: the real tritonserver from
+#                                    nvidia-pytriton + CPU stand-in backends; waits
+#                                    until ready, then returns (server keeps running)
+#   scripts/serve.sh status          is the local server running / ready, models
+#   scripts/serve.sh stop            stop the local server (and the container, if any)
+#   scripts/serve.sh container [--models a,b] [--repository DIR]
+#                                    GPU host: the NVIDIA Triton container pinned in
+#                                    scripts/triton_version.sh (foreground, Ctrl-C stops)
+#
+# Ports: HTTP_PORT / GRPC_PORT / METRICS_PORT (default 8000 / 8001 / 8002), or
+# --http-port / --grpc-port / --metrics-port. Repository: MODEL_REPOSITORY
+# (default ./model_repository) or --repository. `local` takes every flag of
+# `python -m serve start` (see --help), e.g. --models dinov2_onnx,dinov2_torchscript.
+# Both modes restrict the model-repository API (load/unload/index) to requests
+# with the header "triton-api-key: <key>"; the key file is printed at start.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/triton_version.sh
+source scripts/triton_version.sh
+
+HTTP_PORT=${HTTP_PORT:-8000}
+GRPC_PORT=${GRPC_PORT:-8001}
+METRICS_PORT=${METRICS_PORT:-8002}
+MODEL_REPOSITORY=${MODEL_REPOSITORY:-model_repository}
+CONTAINER_NAME=${CONTAINER_NAME:-dinov2-triton}
+BIND_ADDRESS=${BIND_ADDRESS:-127.0.0.1}  # container ports; 0.0.0.0 to serve other hosts
+PY=.venv/bin/python
+
+die() { printf 'serve.sh: %s\n' "$*" >&2; exit 1; }
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+
+run_container() {
+  local models="" repo="$MODEL_REPOSITORY"
+  while (($#)); do
+    case "$1" in
+      --models) models=${2:?--models needs a value}; shift 2 ;;
+      --models=*) models=${1#*=}; shift ;;
+      --repository) repo=${2:?--repository needs a value}; shift 2 ;;
+      --repository=*) repo=${1#*=}; shift ;;
+      --http-port) HTTP_PORT=$2; shift 2 ;;
+      --grpc-port) GRPC_PORT=$2; shift 2 ;;
+      --metrics-port) METRICS_PORT=$2; shift 2 ;;
+      *) die "unknown flag for container: $1" ;;
+    esac
+  done
+  command -v docker >/dev/null 2>&1 ||
+    die "docker not found. 'container' runs ${TRITON_CONTAINER_IMAGE} on a GPU host with docker and the NVIDIA Container Toolkit; on this machine use: scripts/serve.sh local"
+  docker info >/dev/null 2>&1 || die "docker is installed but its daemon is not reachable (is it running? are you in the docker group?)"
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 ||
+    die "no NVIDIA GPU or driver found (nvidia-smi failed); TensorRT plans and the GPU backends need one. On CPU use: scripts/serve.sh local"
+  [ -d "$repo" ] || die "model repository $repo does not exist (run the export stage first)"
+
+  local load=() m
+  if [ -n "$models" ]; then
+    IFS=, read -ra names <<<"$models"
+    for m in "${names[@]}"; do load+=("--load-model=$m"); done
+  else
+    load=("--load-model=*")
+  fi
+  mkdir -p logs
+  local key_file=logs/triton-container.api_key key
+  key=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+  (umask 077 && printf '%s\n' "$key" >"$key_file")
+  echo "serve.sh: ${TRITON_CONTAINER_IMAGE} (Triton ${TRITON_SERVER_VERSION}, TensorRT ${TRITON_TENSORRT_VERSION}, CUDA ${TRITON_CUDA_VERSION})"
+  echo "serve.sh: http ${BIND_ADDRESS}:${HTTP_PORT} grpc ${BIND_ADDRESS}:${GRPC_PORT} metrics ${BIND_ADDRESS}:${METRICS_PORT}; api key in ${key_file}"
+  exec docker run --rm --name "$CONTAINER_NAME" --gpus all --shm-size=1g \
+    --ulimit memlock=-1 --ulimit stack=67108864 \
+    -p "${BIND_ADDRESS}:${HTTP_PORT}:8000" -p "${BIND_ADDRESS}:${GRPC_PORT}:8001" \
+    -p "${BIND_ADDRESS}:${METRICS_PORT}:8002" \
+    -v "$(cd "$repo" && pwd)":/models:ro \
+    "$TRITON_CONTAINER_IMAGE" \
+    tritonserver --model-repository=/models --model-control-mode=explicit "${load[@]}" \
+    --exit-on-error=false \
+    "--http-restricted-api=model-repository:triton-api-key=${key}" \
+    "--grpc-restricted-protocol=model-repository:triton-api-key=${key}"
+}
+
+cmd=${1:-}
+(($#)) && shift
+case "$cmd" in
+  local)
+    scripts/setup_env.sh
+    exec "$PY" -m serve start --repository "$MODEL_REPOSITORY" --http-port "$HTTP_PORT" \
+      --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" "$@"
+    ;;
+  status) exec "$PY" -m serve status "$@" ;;
+  stop)
+    if command -v docker >/dev/null 2>&1 && docker ps -q --filter "name=^${CONTAINER_NAME}$" 2>/dev/null | grep -q .; then
+      docker stop "$CONTAINER_NAME" >/dev/null && echo "stopped container $CONTAINER_NAME"
+    fi
+    exec "$PY" -m serve stop "$@"
+    ;;
+  container) run_container "$@" ;;
+  -h | --help | help) usage ;;
+  *) usage >&2; exit 2 ;;
+esac
