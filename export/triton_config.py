@@ -1,0 +1,201 @@
+"""config.pbtxt for every model of the repository, built as
+`tritonclient.grpc.model_config_pb2.ModelConfig` protobufs (never string
+templates) and written with protobuf's text_format, then parsed back to
+validate. Names and shapes follow docs/architecture.md ("Serving contract")."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb
+
+INPUT = "pixel_values"
+OUTPUTS = ("logits", "embedding")
+LABELS_FILE = "labels.txt"
+PREPROCESS_MODEL = "dinov2_preprocess"
+ENSEMBLE_MODEL = "dinov2"
+IMAGE_INPUT = "image"
+WARMUP_IMAGE_FILE = "sample_image"   # under <model>/warmup/
+DEVICE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+
+
+class ConfigError(ValueError):
+    """A generated config that does not survive the text round trip or breaks the contract."""
+
+
+def _pb():
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
+
+
+def _batching(cfg, *, max_batch_size: int, preferred_batch_sizes: Sequence[int], max_queue_delay_us: int) -> None:
+    preferred = sorted({int(b) for b in preferred_batch_sizes if 1 <= int(b) <= max_batch_size})
+    cfg.dynamic_batching.preferred_batch_size.extend(preferred)
+    cfg.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
+
+
+def _instances(cfg, *, kind: str, count: int) -> None:
+    pb = _pb()
+    group = cfg.instance_group.add()
+    group.kind = pb.ModelInstanceGroup.Kind.Value(kind)
+    group.count = int(count)
+
+
+def _parameters(cfg, params: Mapping[str, Any]) -> None:
+    for key, value in params.items():
+        cfg.parameters[str(key)].string_value = str(value)
+
+
+def _latest_one(cfg) -> None:
+    # Serve only the newest version: publishing a new version switches traffic
+    # to it atomically and the previous one stays on disk for a rollback.
+    cfg.version_policy.latest.num_versions = 1
+
+
+def classifier_config(variant, *, image_size: int, num_classes: int, embed_dim: int, max_batch_size: int,
+                      instances: int = 1, device: str = "cpu", preferred_batch_sizes: Sequence[int] = (4, 8),
+                      max_queue_delay_us: int = 2000, parameters: Mapping[str, Any] | None = None) -> "pb.ModelConfig":
+    """The config of `dinov2_<variant>`: FP32 pixel_values [3,H,W] -> logits [C]
+    (with labels.txt, so Triton's classification extension works) and
+    embedding [D], dynamic batching, instance group, batch-1 warm-up."""
+    pb = _pb()
+    cfg = pb.ModelConfig(name=variant.model_name, platform=variant.platform, max_batch_size=int(max_batch_size))
+    cfg.default_model_filename = variant.filename
+    inp = cfg.input.add(name=INPUT, data_type=pb.TYPE_FP32)
+    inp.dims.extend([3, image_size, image_size])
+    # Order matters for pytorch_libtorch: the libtorch backend binds outputs
+    # by position when the names are not `output__<i>`, and the traced module
+    # returns (logits, embedding). The other platforms bind by name.
+    out = cfg.output.add(name="logits", data_type=pb.TYPE_FP32, label_filename=LABELS_FILE)
+    out.dims.append(num_classes)
+    out = cfg.output.add(name="embedding", data_type=pb.TYPE_FP32)
+    out.dims.append(embed_dim)
+    _batching(cfg, max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes,
+              max_queue_delay_us=max_queue_delay_us)
+    _instances(cfg, kind=DEVICE_KINDS[device], count=instances)
+    _latest_one(cfg)
+    # Warm-up: one random batch-1 request per instance at load time, so the
+    # first real request does not pay for lazy initialisation (cuDNN/TensorRT
+    # tactic selection, ORT arena growth).
+    warm = cfg.model_warmup.add(name="random_batch1", batch_size=1)
+    wi = warm.inputs[INPUT]
+    wi.data_type = pb.TYPE_FP32
+    wi.dims.extend([3, image_size, image_size])
+    wi.random_data = True
+    params = {"precision": variant.precision, **dict(variant.config_parameters), **dict(parameters or {})}
+    _parameters(cfg, params)
+    return cfg
+
+
+def preprocess_config(*, image_size: int, max_batch_size: int, instances: int = 1,
+                      preferred_batch_sizes: Sequence[int] = (4, 8), max_queue_delay_us: int = 2000,
+                      parameters: Mapping[str, Any] | None = None, warmup_file: bool = True) -> "pb.ModelConfig":
+    """`dinov2_preprocess`: Python backend, encoded image bytes [1] ->
+    pixel_values FP32 [3,H,W]. Always KIND_CPU: it decodes with PIL."""
+    pb = _pb()
+    cfg = pb.ModelConfig(name=PREPROCESS_MODEL, backend="python", max_batch_size=int(max_batch_size))
+    inp = cfg.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING)
+    inp.dims.append(1)
+    out = cfg.output.add(name=INPUT, data_type=pb.TYPE_FP32)
+    out.dims.extend([3, image_size, image_size])
+    _batching(cfg, max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes,
+              max_queue_delay_us=max_queue_delay_us)
+    _instances(cfg, kind="KIND_CPU", count=instances)
+    _latest_one(cfg)
+    if warmup_file:
+        # A real encoded image (warmup/sample_image: 4-byte length + PNG bytes,
+        # Triton's layout for TYPE_STRING elements): random bytes would not decode.
+        warm = cfg.model_warmup.add(name="sample_image_batch1", batch_size=1)
+        wi = warm.inputs[IMAGE_INPUT]
+        wi.data_type = pb.TYPE_STRING
+        wi.dims.append(1)
+        wi.input_data_file = WARMUP_IMAGE_FILE
+    _parameters(cfg, dict(parameters or {}))
+    return cfg
+
+
+def ensemble_config(classifier_model: str, *, num_classes: int, embed_dim: int, image_size: int,
+                    max_batch_size: int, parameters: Mapping[str, Any] | None = None) -> "pb.ModelConfig":
+    """`dinov2`: image bytes -> dinov2_preprocess -> <classifier_model> ->
+    logits (with labels.txt: classification works through the ensemble) and
+    embedding. Steps use the latest version (-1) of each model."""
+    pb = _pb()
+    cfg = pb.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=int(max_batch_size))
+    inp = cfg.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING)
+    inp.dims.append(1)
+    out = cfg.output.add(name="logits", data_type=pb.TYPE_FP32, label_filename=LABELS_FILE)
+    out.dims.append(num_classes)
+    out = cfg.output.add(name="embedding", data_type=pb.TYPE_FP32)
+    out.dims.append(embed_dim)
+    step = cfg.ensemble_scheduling.step.add(model_name=PREPROCESS_MODEL, model_version=-1)
+    step.input_map[IMAGE_INPUT] = IMAGE_INPUT
+    step.output_map[INPUT] = "preprocessed_pixel_values"
+    step = cfg.ensemble_scheduling.step.add(model_name=classifier_model, model_version=-1)
+    step.input_map[INPUT] = "preprocessed_pixel_values"
+    step.output_map["logits"] = "logits"
+    step.output_map["embedding"] = "embedding"
+    _latest_one(cfg)
+    _parameters(cfg, {"classifier_model": classifier_model, **dict(parameters or {})})
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# text form
+# ---------------------------------------------------------------------------
+def to_text(cfg: "pb.ModelConfig") -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(cfg)
+
+
+def parse_config(text: str) -> "pb.ModelConfig":
+    from google.protobuf import text_format
+
+    try:
+        return text_format.Parse(text, _pb().ModelConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"config.pbtxt does not parse as a Triton ModelConfig: {exc}") from exc
+
+
+def validate_config(cfg: "pb.ModelConfig") -> str:
+    """Serialise, parse back, and check the round trip is lossless and the
+    contract holds (names, FP32 I/O, batching bounds). Returns the text."""
+    pb = _pb()
+    text = to_text(cfg)
+    back = parse_config(text)
+    if back != cfg:
+        raise ConfigError(f"{cfg.name}: config.pbtxt round trip changed the message")
+    problems = []
+    if not cfg.name:
+        problems.append("no name")
+    if cfg.max_batch_size < 1:
+        problems.append(f"max_batch_size {cfg.max_batch_size} < 1 (the contract has a batch axis)")
+    for b in cfg.dynamic_batching.preferred_batch_size:
+        if b > cfg.max_batch_size:
+            problems.append(f"preferred_batch_size {b} > max_batch_size {cfg.max_batch_size}")
+    names_in = [i.name for i in cfg.input]
+    names_out = [o.name for o in cfg.output]
+    if cfg.platform == "ensemble":
+        if names_in != [IMAGE_INPUT] or names_out != list(OUTPUTS):
+            problems.append(f"ensemble I/O {names_in} -> {names_out}")
+        produced = {IMAGE_INPUT}
+        for step in cfg.ensemble_scheduling.step:
+            missing = set(step.input_map.values()) - produced
+            if missing:
+                problems.append(f"step {step.model_name} reads {sorted(missing)} before any step produces it")
+            produced |= set(step.output_map.values())
+        if not set(OUTPUTS) <= produced:
+            problems.append(f"no step produces {sorted(set(OUTPUTS) - produced)}")
+    elif cfg.backend == "python":
+        if names_in != [IMAGE_INPUT] or names_out != [INPUT]:
+            problems.append(f"preprocess I/O {names_in} -> {names_out}")
+    else:
+        if names_in != [INPUT] or names_out != list(OUTPUTS):
+            problems.append(f"classifier I/O {names_in} -> {names_out}, expected [{INPUT}] -> {list(OUTPUTS)}")
+        for t in list(cfg.input) + list(cfg.output):
+            if t.data_type != pb.TYPE_FP32:
+                problems.append(f"{t.name}: {pb.DataType.Name(t.data_type)}, expected TYPE_FP32")
+    if problems:
+        raise ConfigError(f"{cfg.name}: invalid config: " + "; ".join(problems))
+    return text
