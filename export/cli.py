@@ -1,0 +1,116 @@
+"""`python -m export`: thin CLI over export.pipeline.run_export.
+
+Exit codes: 0 every requested variant OK (or SKIPPED with a reason);
+1 a variant FAILED or failed its accuracy gate (the manifest is written
+first); 2 bad input (missing checkpoint, bad flags), with a message."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+KNOWN_VARIANTS_HELP = ("torchscript, onnx (built in); onnx_fp16, onnx_int8, trt_fp16, trt_int8 when "
+                       "their modules are present; 'all' = every registered variant")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a fine-tuned DINOv2 checkpoint to a Triton model repository: build each "
+                    "variant, verify it against eager FP32 on held-out images, measure its speed, and "
+                    "publish it atomically as a new model version.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    req = p.add_argument_group("Required")
+    req.add_argument("--model_path", "--model-path", required=True,
+                     help="checkpoint written by train.finetune (e.g. ./models/model_final.pth)")
+    opt = p.add_argument_group("Optional")
+    opt.add_argument("--repository", default="./model_repository/", help="Triton model repository to publish into")
+    opt.add_argument("--data_path", "--data-path", default=None,
+                     help="data folder from train.load_data: test split for verification, train split "
+                          "for calibration (without it: random tensors, no accuracy)")
+    opt.add_argument("--variants", default="torchscript,onnx", help=f"comma-separated: {KNOWN_VARIANTS_HELP}")
+    opt.add_argument("--max-batch-size", "--max_batch_size", type=int, default=8,
+                     help="config max_batch_size (= TensorRT profile max) and the verification batch")
+    opt.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    opt.add_argument("--onnx-exporter", choices=("dynamo", "legacy"), default="dynamo",
+                     help="torch.onnx exporter (dynamo gives the cleaner graph here)")
+    opt.add_argument("--instances", type=int, default=1, help="instance_group count per classifier model")
+    opt.add_argument("--preprocess-instances", type=int, default=1, help="instance count of dinov2_preprocess")
+    opt.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                     help="instance_group kind (KIND_CPU / KIND_GPU); TensorRT models are always KIND_GPU")
+    opt.add_argument("--preferred-batch-sizes", default="4,8", help="dynamic_batching preferred_batch_size list")
+    opt.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic_batching max queue delay")
+    opt.add_argument("--thresholds", nargs="*", default=[], metavar="SCOPE.FIELD=VALUE",
+                     help="gate overrides, e.g. fp16.min_top1_agreement=0.99 onnx_int8.max_accuracy_drop=0.02 "
+                          "batch.max_rel_diff=1e-3 (VALUE 'none' disables a check)")
+    opt.add_argument("--allow-failed-gates", action="store_true",
+                     help="publish variants that fail their gate (marked GATE_FAILED in the manifest)")
+    opt.add_argument("--default-variant", default="onnx", help="classifier the dinov2 ensemble calls")
+    opt.add_argument("--eval-size", type=int, default=256, help="max held-out images used for verification")
+    opt.add_argument("--bench-seconds", type=float, default=4.0,
+                     help="in-process benchmark time per variant (0 disables)")
+    opt.add_argument("--keep-versions", type=int, default=2, help="versions kept per model")
+    opt.add_argument("--calib-size", type=int, default=128, help="INT8 calibration images (train split)")
+    opt.add_argument("--calib-method", default="max", help="INT8 calibration method (variant-specific)")
+    opt.add_argument("--accuracy-budget", type=float, default=0.01,
+                     help="INT8 mixed-precision search: max accuracy drop vs FP32")
+    opt.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra option for variant builders (e.g. trt_workspace_gb=4); repeatable")
+    opt.add_argument("--log-dir", default=None, help="also copy the manifest here")
+    opt.add_argument("--work-dir", default=None, help="scratch folder (default: a temp folder, deleted)")
+    opt.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    return p
+
+
+def _extra_options(entries: Sequence[str]) -> dict:
+    out = {}
+    for e in entries:
+        key, sep, value = e.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {e!r}: expected KEY=VALUE")
+        v: object = value
+        for conv in (int, float):
+            try:
+                v = conv(value)
+                break
+            except ValueError:
+                continue
+        if value.lower() in ("true", "false"):
+            v = value.lower() == "true"
+        out[key.strip().replace("-", "_")] = v
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    from export.manifest import format_summary
+    from export.pipeline import ExportInputError, run_export
+
+    try:
+        extra = _extra_options(args.extra)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        manifest = run_export(
+            args.model_path, args.repository, data_path=args.data_path, variants=args.variants,
+            max_batch_size=args.max_batch_size, opset=args.opset, onnx_exporter=args.onnx_exporter,
+            instances=args.instances, preprocess_instances=args.preprocess_instances, device=args.device,
+            preferred_batch_sizes=args.preferred_batch_sizes, max_queue_delay_us=args.max_queue_delay_us,
+            thresholds=args.thresholds, allow_failed_gates=args.allow_failed_gates,
+            default_variant=args.default_variant, eval_size=args.eval_size, bench_seconds=args.bench_seconds,
+            keep_versions=args.keep_versions, calib_size=args.calib_size, calib_method=args.calib_method,
+            accuracy_budget=args.accuracy_budget, log_dir=args.log_dir, work_dir=args.work_dir, **extra)
+    except ExportInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was published (staging folders are removed)",
+              file=sys.stderr)
+        return 130
+    print(format_summary(manifest))
+    print(f"manifest: {manifest['repository']}/export_manifest.json")
+    return int(manifest["exit_code"])
