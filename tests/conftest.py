@@ -14,6 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 pytest_plugins = [
     "tests.fixtures.models",
+    "tests.fixtures.data",
+    "tests.fixtures.triton",
 ]
 
 

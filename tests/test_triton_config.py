@@ -1,0 +1,111 @@
+"""config.pbtxt generation: protobuf messages, text round trip, contract content."""
+from __future__ import annotations
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from export.registry import get_variant, load_builtin_variants
+from export.triton_config import (ConfigError, classifier_config, ensemble_config, parse_config,
+                                  preprocess_config, to_text, validate_config)
+
+load_builtin_variants()
+
+
+def _classifier(name="onnx", **kw):
+    args = dict(image_size=28, num_classes=3, embed_dim=96, max_batch_size=8, instances=2,
+                device="cpu", preferred_batch_sizes=(4, 8), max_queue_delay_us=1500,
+                parameters={"source_checkpoint_sha256": "abc"})
+    args.update(kw)
+    return classifier_config(get_variant(name), **args)
+
+
+def test_classifier_config_round_trip_and_content():
+    cfg = _classifier()
+    text = validate_config(cfg)
+    back = text_format.Parse(text, pb.ModelConfig())   # what Triton does with the file
+    assert back == cfg
+    assert back.name == "dinov2_onnx" and back.platform == "onnxruntime_onnx"
+    assert back.max_batch_size == 8
+    assert [i.name for i in back.input] == ["pixel_values"]
+    assert list(back.input[0].dims) == [3, 28, 28] and back.input[0].data_type == pb.TYPE_FP32
+    assert [o.name for o in back.output] == ["logits", "embedding"]
+    assert list(back.output[0].dims) == [3] and back.output[0].label_filename == "labels.txt"
+    assert list(back.output[1].dims) == [96] and back.output[1].label_filename == ""
+    assert list(back.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert back.dynamic_batching.max_queue_delay_microseconds == 1500
+    assert len(back.instance_group) == 1
+    assert back.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    assert back.instance_group[0].count == 2
+    assert back.version_policy.latest.num_versions == 1
+    (warm,) = back.model_warmup
+    assert warm.batch_size == 1
+    wi = warm.inputs["pixel_values"]
+    assert wi.random_data and list(wi.dims) == [3, 28, 28] and wi.data_type == pb.TYPE_FP32
+    assert back.parameters["precision"].string_value == "fp32"
+    assert back.parameters["source_checkpoint_sha256"].string_value == "abc"
+
+
+def test_torchscript_outputs_in_traced_order_and_gpu_kind():
+    cfg = _classifier("torchscript", device="gpu")
+    assert cfg.platform == "pytorch_libtorch" and cfg.default_model_filename == "model.pt"
+    # the libtorch backend binds outputs by position: logits first, as the trace returns them
+    assert [o.name for o in cfg.output] == ["logits", "embedding"]
+    assert cfg.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert "logits" in to_text(cfg).split("embedding")[0]
+
+
+def test_preferred_batch_sizes_above_max_are_dropped_and_validation_catches_hand_edits():
+    cfg = _classifier(max_batch_size=4, preferred_batch_sizes=(2, 4, 8))
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4]
+    cfg.dynamic_batching.preferred_batch_size.append(16)
+    with pytest.raises(ConfigError, match="preferred_batch_size 16 > max_batch_size 4"):
+        validate_config(cfg)
+    bad = _classifier()
+    bad.output[0].name = "output__0"
+    with pytest.raises(ConfigError, match="classifier I/O"):
+        validate_config(bad)
+    with pytest.raises(ConfigError, match="does not parse"):
+        parse_config("name: 'x'\nmax_batch_size: eight\n")
+
+
+def test_preprocess_config():
+    cfg = preprocess_config(image_size=112, max_batch_size=8, instances=3, preferred_batch_sizes=(4, 8))
+    back = parse_config(validate_config(cfg))
+    assert back.name == "dinov2_preprocess" and back.backend == "python" and back.platform == ""
+    assert back.input[0].name == "image" and back.input[0].data_type == pb.TYPE_STRING
+    assert list(back.input[0].dims) == [1]
+    assert back.output[0].name == "pixel_values" and list(back.output[0].dims) == [3, 112, 112]
+    assert back.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    assert back.instance_group[0].count == 3
+    assert list(back.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert back.model_warmup[0].inputs["image"].input_data_file == "sample_image"
+
+
+def test_ensemble_config_steps_and_mappings():
+    cfg = ensemble_config("dinov2_onnx", num_classes=3, embed_dim=96, image_size=28, max_batch_size=8)
+    back = parse_config(validate_config(cfg))
+    assert back.platform == "ensemble" and back.max_batch_size == 8
+    assert [(i.name, i.data_type, list(i.dims)) for i in back.input] == [("image", pb.TYPE_STRING, [1])]
+    assert [o.name for o in back.output] == ["logits", "embedding"]
+    assert back.output[0].label_filename == "labels.txt"
+    pre, cls = back.ensemble_scheduling.step
+    assert (pre.model_name, pre.model_version) == ("dinov2_preprocess", -1)
+    assert dict(pre.input_map) == {"image": "image"}
+    assert dict(cls.input_map) == {"pixel_values": pre.output_map["pixel_values"]}
+    assert cls.model_name == "dinov2_onnx"
+    assert dict(cls.output_map) == {"logits": "logits", "embedding": "embedding"}
+    broken = ensemble_config("dinov2_onnx", num_classes=3, embed_dim=96, image_size=28, max_batch_size=8)
+    broken.ensemble_scheduling.step[1].input_map["pixel_values"] = "nothing_produces_this"
+    with pytest.raises(ConfigError, match="reads"):
+        validate_config(broken)
+
+
+def test_published_configs_parse(tiny_repository):
+    for model in ("dinov2_torchscript", "dinov2_onnx", "dinov2_preprocess", "dinov2"):
+        text = (tiny_repository / model / "config.pbtxt").read_text()
+        cfg = parse_config(text)
+        assert cfg.name == model
+        validate_config(cfg)
+        if model != "dinov2_preprocess":
+            assert (tiny_repository / model / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
