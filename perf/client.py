@@ -55,6 +55,7 @@ CONTRACT_MODELS = ("dinov2", "dinov2_preprocess", "dinov2_torchscript", "dinov2_
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                             ".ppm", ".pgm"})
 API_KEY_HEADER = "triton-api-key"  # serve/local_server.py restricts the repository API with it
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"
 SERVE_HINT = "is the server running? scripts/serve.sh local"
 
 
@@ -86,6 +87,8 @@ def _is_unreachable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, InferenceServerException):
         status = str(exc.status() or "")
+        if "restricted" in str(exc.message() or ""):
+            return False  # Triton answers a restricted gRPC API with UNAVAILABLE too
         return status.endswith("UNAVAILABLE") or status.endswith("DEADLINE_EXCEEDED")
     if isinstance(exc, OSError):  # socket errors from geventhttpclient (DNS, refused, reset)
         return True
@@ -341,6 +344,13 @@ class TritonClassifier:
         self.preprocess_model = preprocess_model
         self.concurrency = concurrency
         self.headers = dict(headers or {})
+        if protocol == "grpc":
+            # Triton expects a restricted gRPC protocol's key under this prefix
+            # (`--grpc-restricted-protocol=...:triton-api-key=K` -> metadata
+            # `triton-grpc-protocol-triton-api-key: K`).
+            for key, value in list(self.headers.items()):
+                if not key.startswith(GRPC_RESTRICTED_PREFIX):
+                    self.headers.setdefault(GRPC_RESTRICTED_PREFIX + key, value)
         self.timeout_s = timeout_s
         self._labels = list(labels) if labels is not None else None
 
@@ -355,7 +365,7 @@ class TritonClassifier:
             else:
                 self._client = tc.InferenceServerClient(
                     self.url, verbose=verbose, concurrency=max(1, concurrency),
-                    connection_timeout=timeout_s, network_timeout=timeout_s)
+                    connection_timeout=min(timeout_s, 10.0), network_timeout=timeout_s)
         except Exception as exc:  # noqa: BLE001 - a malformed URL, mostly
             raise ServerUnreachable(f"cannot reach Triton at {self.url} ({SERVE_HINT}): "
                                     f"{_server_message(exc)}") from None
@@ -376,14 +386,13 @@ class TritonClassifier:
                                  f"preprocessing needs the stored record (--model-path, "
                                  f"--preprocessing or --repository), or use "
                                  f"--variant-preprocess server")
+            if self.kind == "pixels" and preprocessing is not None:
+                self._check_pixel_shape()
         except BaseException:
             self.close()
             raise
-        mbs = self.max_batch_size
-        limit = mbs if mbs > 0 else 1
+        limit = self.max_batch_size if self.max_batch_size > 0 else 1
         self.batch_size = min(batch_size or limit, limit)
-        if self.kind == "pixels" and self.preprocessing is not None:
-            self._check_pixel_shape()
 
     # ----------------------------------------------------------------- server calls
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -433,7 +442,7 @@ class TritonClassifier:
                 raise
             except Exception:  # noqa: BLE001
                 continue
-        return names, "probed the contract's model names; pass the API key to list all"
+        return sorted(names), "probed the contract's model names; pass the API key to list all"
 
     def _model_config(self, name: str) -> dict[str, Any]:
         try:

@@ -156,11 +156,6 @@ def eager_reference(model_path: str | os.PathLike, pixels: np.ndarray, batch_siz
 
 
 # --------------------------------------------------------------------------- discovery
-def _served_models(clf: TritonClassifier) -> list[str]:
-    names, _ = clf.ready_models()
-    return names
-
-
 def _candidate(clf: TritonClassifier, name: str) -> dict[str, Any] | None:
     """Config + kind of a model that outputs logits, or None (e.g. the preprocessing model)."""
     cfg = clf.model_config(name)
@@ -240,7 +235,7 @@ def run_parity(url: str | None = None, protocol: str = "grpc", *, data_path: str
     except ServerUnreachable as exc:
         raise ParityInputError(str(exc)) from None
     try:
-        ready = _served_models(probe)
+        ready, discovery = probe.ready_models()
         if models == "all" or models == ["all"]:
             wanted = [m for m in ready if m != reference]
         else:
@@ -276,6 +271,7 @@ def run_parity(url: str | None = None, protocol: str = "grpc", *, data_path: str
         raise ParityInputError(str(exc)) from None
     finally:
         probe.close()
+    say(f"models: {', '.join(c['name'] for c in candidates)} ({discovery})")
 
     # --- reference
     ref_info: dict[str, Any] = {"kind": reference if reference == "eager" else "served",
@@ -365,6 +361,7 @@ def run_parity(url: str | None = None, protocol: str = "grpc", *, data_path: str
         "url": url, "protocol": protocol, "data_path": str(data_path), "split": split,
         "n_images": len(records), "class_names": list(class_names),
         "preprocessing": pre.to_dict(), "reference": ref_info, "gate_overrides": overrides,
+        "model_discovery": discovery,
         "variants": variants, "passed": all(v["passed"] for v in variants),
         "seconds": round(time.perf_counter() - t_start, 3),
     }
@@ -417,7 +414,10 @@ def print_report(result: Mapping[str, Any], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(stderr=False)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file or a pipe: do not squeeze the table to 80 columns
+            console = Console(width=max(console.width, 180))
     ref = result["reference"]
     ref_name = "eager PyTorch FP32" if ref["kind"] == "eager" else f"served '{ref['model']}'"
     acc = ref["metrics"]["accuracy"]

@@ -11,6 +11,9 @@ import pytest
 from perf import parity
 from train.metrics import GATES, parity_metrics
 
+# Until tests/conftest.py lists it in its pytest_plugins.
+pytest_plugins = ["tests.fixtures.triton"]
+
 
 # --------------------------------------------------------------------------- pure
 @pytest.mark.parametrize("name,expected", [
@@ -135,3 +138,84 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert err.startswith("error:") and "Traceback" not in err
     assert parity.main(["--data_path", str(tmp_path), "--gates", "fp16.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- real server
+
+
+def add_corrupted_variant(repo, source="dinov2_onnx", name="dinov2_onnx_int8", precision="int8"):
+    """Serve a copy of `source` whose classification head is negated (every
+    prediction becomes the least likely class) as `name`, labelled `precision`."""
+    import onnx
+    from google.protobuf import text_format
+    from onnx import numpy_helper
+
+    from serve.local_server import read_model_config
+
+    shutil.copytree(repo / source, repo / name)
+    path = repo / name / "1" / "model.onnx"
+    model = onnx.load(str(path))
+    n_classes = len((repo / source / "labels.txt").read_text().split())
+    heads = [t for t in model.graph.initializer
+             if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and n_classes in t.dims]
+    assert len(heads) == 1, [(t.name, list(t.dims)) for t in heads]
+    heads[0].CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(heads[0]), heads[0].name))
+    onnx.save(model, str(path))
+    cfg = read_model_config(repo / name / "config.pbtxt")
+    cfg.name = name
+    cfg.parameters["precision"].string_value = precision
+    (repo / name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_repository, triton_server_factory):
+    repo = tmp_path_factory.mktemp("parity_repo") / "model_repository"
+    shutil.copytree(tiny_repository, repo)
+    add_corrupted_variant(repo)
+    return triton_server_factory(repo)
+
+
+@pytest.mark.triton
+def test_corrupted_variant_fails_its_gate_honest_ones_pass(served, tiny_dataset, tiny_checkpoint):
+    result = parity.run_parity(served.url_grpc, "grpc", data_path=tiny_dataset, model_path=tiny_checkpoint,
+                               headers=served.api_key_headers)
+    by_model = {v["model"]: v for v in result["variants"]}
+    assert sorted(by_model) == ["dinov2", "dinov2_onnx", "dinov2_onnx_int8", "dinov2_torchscript"]
+    assert result["n_images"] == 12 and result["passed"] is False
+    ens = by_model["dinov2"]
+    assert ens["input"].startswith("encoded image bytes") and ens["default_variant"] == "dinov2_onnx"
+    for name in ("dinov2", "dinov2_onnx", "dinov2_torchscript"):
+        v = by_model[name]
+        assert v["passed"], (name, v["failures"])
+        assert v["precision"] == "fp32" and v["parity"]["top1_agreement"] == 1.0
+        assert v["parity"]["logits"]["max_abs_diff"] < 1e-3
+        assert v["parity"]["embedding"]["cosine_mean"] > 0.9999
+    bad = by_model["dinov2_onnx_int8"]
+    assert bad["precision"] == "int8" and bad["precision_source"] == "config parameter 'precision'"
+    assert bad["gate"]["name"] == "int8" and not bad["passed"]
+    assert bad["parity"]["flipped"] == 12 and any("top-1 agreement" in f for f in bad["failures"])
+    first = bad["parity"]["flipped_examples"][0]
+    assert first["name"].startswith("images/test/") and first["candidate_label"] in ("cat", "dog", "fox")
+    assert bad["parity"]["embedding"]["cosine_mean"] > 0.9999  # only the head was corrupted
+    assert bad["parity"]["deltas"]["accuracy"] is not None
+
+
+@pytest.mark.triton
+def test_cli_exit_codes(served, tiny_dataset, tiny_checkpoint, tmp_path, capsys):
+    common = ["--url", served.url_http, "--protocol", "http", "--data_path", str(tiny_dataset),
+              "--model_path", str(tiny_checkpoint), "--quiet"]
+    out = tmp_path / "parity.json"
+    assert parity.main(common + ["--models", "dinov2_onnx_int8,dinov2", "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "dinov2_onnx_int8" in text and "FAIL" in text and "flipped: images/test/" in text
+    saved = json.loads(out.read_text())
+    assert [v["passed"] for v in saved["variants"]] == [False, True]
+    # the gate can be overridden per model; a served FP32 model can be the reference
+    loose = ["--gates", "dinov2_onnx_int8.min_top1_agreement=none", "int8.max_accuracy_drop=1"]
+    assert parity.main(common + ["--models", "dinov2_onnx_int8,dinov2", "--reference",
+                                 "dinov2_torchscript", "--max-images", "5"] + loose) == 0
+    assert "all gates pass" in capsys.readouterr().out
+    assert parity.main(common + ["--models", "dinov2_onnx,dinov2_nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model(s) ['dinov2_nope'] not ready") and "ready models: dinov2, " in err
