@@ -33,6 +33,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -185,8 +186,40 @@ def run_parity(url: str | None = None, protocol: str = "grpc", *, data_path: str
     per model: precision, gate, parity metrics, failures, error) and the
     reference's own metrics. Raises ParityInputError for bad input.
     """
-    from train.datasets import ManifestError, read_labels, read_manifest
+    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+        return _run_parity(Path(tmp), url, protocol, data_path=data_path, model_path=model_path,
+                           models=models, reference=reference, split=split, max_images=max_images,
+                           gates=gates, batch_size=batch_size, preprocessing=preprocessing,
+                           repository=repository, headers=headers,
+                           max_flipped_listed=max_flipped_listed, timeout_s=timeout_s,
+                           progress=progress)
+
+
+#: above this many bytes the preprocessed split lives in a memory-mapped temp
+#: file instead of RAM (10k images at 224 px are 6 GB)
+IN_MEMORY_LIMIT = 1 << 30
+
+
+def preprocess_all(blobs: Sequence[bytes], names: Sequence[str], pre, tmp: Path) -> np.ndarray:
+    """Encoded images -> float32 [N,3,H,W] with the stored record, once for
+    every variant (memory-mapped when large)."""
     from train.preprocessing import preprocess_source
+
+    shape = (len(blobs), 3, pre.image_size, pre.image_size)
+    if int(np.prod(shape)) * 4 > IN_MEMORY_LIMIT:
+        out = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.float32, shape=shape)
+    else:
+        out = np.empty(shape, np.float32)
+    for i, (b, n) in enumerate(zip(blobs, names)):
+        out[i] = preprocess_source(b, pre, name=n)
+    return out
+
+
+def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_path, models, reference,
+                split, max_images, gates, batch_size, preprocessing, repository, headers,
+                max_flipped_listed, timeout_s, progress) -> dict[str, Any]:
+    """run_parity with a temporary folder for the preprocessed split."""
+    from train.datasets import ManifestError, read_labels, read_manifest
 
     t_start = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
@@ -224,7 +257,7 @@ def run_parity(url: str | None = None, protocol: str = "grpc", *, data_path: str
         raise ParityInputError(str(exc)) from None
     say(f"preprocessing {len(records)} {split} images ({pre.image_size} px)")
     try:
-        pixels = np.stack([preprocess_source(b, pre, name=n) for b, n in zip(blobs, names)])
+        pixels = preprocess_all(blobs, names, pre, tmp)
     except ValueError as exc:
         raise ParityInputError(f"{data_path}: {exc}") from None
 

@@ -11,9 +11,6 @@ import pytest
 from perf import client as pc
 from tests.fixtures.models import CLASSES
 
-# Until tests/conftest.py lists it in its pytest_plugins.
-pytest_plugins = ["tests.fixtures.triton"]
-
 
 # --------------------------------------------------------------------------- no server
 def test_parse_classification_strings():

@@ -11,9 +11,6 @@ import pytest
 from perf import parity
 from train.metrics import GATES, parity_metrics
 
-# Until tests/conftest.py lists it in its pytest_plugins.
-pytest_plugins = ["tests.fixtures.triton"]
-
 
 # --------------------------------------------------------------------------- pure
 @pytest.mark.parametrize("name,expected", [
@@ -129,6 +126,21 @@ def test_report_and_json(tmp_path):
     out = parity.write_json(result, tmp_path / "p" / "parity.json")
     back = json.loads(out.read_text())  # strict JSON: no NaN/Infinity tokens
     assert back["variants"][0]["parity"]["logits"]["max_rel_diff"] == "inf"
+
+
+def test_large_splits_are_memory_mapped(tmp_path, monkeypatch):
+    from tests.fixtures.images import jpeg_bytes, png_bytes
+    from train.preprocessing import PreprocessConfig
+
+    pre = PreprocessConfig(image_size=14, resize_size=16)
+    blobs, names = [png_bytes(seed=1), jpeg_bytes(seed=2)], ["a.png", "b.jpg"]
+    in_ram = parity.preprocess_all(blobs, names, pre, tmp_path)
+    monkeypatch.setattr(parity, "IN_MEMORY_LIMIT", 0)
+    mapped = parity.preprocess_all(blobs, names, pre, tmp_path)
+    assert isinstance(mapped, np.memmap) and not isinstance(in_ram, np.memmap)
+    np.testing.assert_array_equal(mapped, in_ram)
+    with pytest.raises(ValueError, match="bad.png"):
+        parity.preprocess_all([b"junk"], ["bad.png"], pre, tmp_path)
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
