@@ -127,6 +127,7 @@ def parity_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, *,
     return out
 
 
+_EPS = 1e-9
 _HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_roc_macro")
 
 
@@ -146,24 +147,27 @@ class Gate:
         return asdict(self)
 
     def check(self, parity: dict[str, Any]) -> list[str]:
-        """Return the list of failures (empty = pass), each with the numbers."""
+        """Return the list of failures (empty = pass), each with the numbers.
+        A value exactly on a threshold passes (EPS absorbs float rounding such
+        as 0.99 - 1.0 = -0.010000000000000009)."""
+        eps = _EPS
         fails = []
-        if self.min_top1_agreement is not None and not parity["top1_agreement"] >= self.min_top1_agreement:
+        if self.min_top1_agreement is not None and not parity["top1_agreement"] >= self.min_top1_agreement - eps:
             fails.append(f"top-1 agreement {parity['top1_agreement']:.4%} < {self.min_top1_agreement:.2%} "
                          f"({parity['flipped']} of {parity['n']} predictions flipped)")
         if self.min_embedding_cosine is not None:
             cos = parity.get("embedding", {}).get("cosine_mean")
-            if cos is None or not cos >= self.min_embedding_cosine:
+            if cos is None or not cos >= self.min_embedding_cosine - eps:
                 fails.append(f"embedding cosine {cos} < {self.min_embedding_cosine}")
-        if self.min_logit_cosine is not None and not parity["logits"]["cosine_mean"] >= self.min_logit_cosine:
+        if self.min_logit_cosine is not None and not parity["logits"]["cosine_mean"] >= self.min_logit_cosine - eps:
             fails.append(f"logit cosine {parity['logits']['cosine_mean']:.6f} < {self.min_logit_cosine}")
-        if self.max_logit_abs_diff is not None and not parity["logits"]["max_abs_diff"] <= self.max_logit_abs_diff:
+        if self.max_logit_abs_diff is not None and not parity["logits"]["max_abs_diff"] <= self.max_logit_abs_diff + eps:
             fails.append(f"logit max abs diff {parity['logits']['max_abs_diff']:.3g} > {self.max_logit_abs_diff}")
         if self.max_accuracy_drop is not None:
             delta = parity.get("deltas", {}).get("accuracy")
             if delta is None:
                 fails.append("accuracy drop not measurable: no labels given")
-            elif not -delta <= self.max_accuracy_drop:
+            elif not -delta <= self.max_accuracy_drop + eps:
                 fails.append(f"accuracy drop {-delta * 100:.2f} points > {self.max_accuracy_drop * 100:.2f}")
         if parity["logits"].get("non_finite"):
             fails.append("candidate produced NaN/Inf logits")
