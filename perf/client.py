@@ -795,9 +795,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m perf.client",
         description="Classify image files or folders with a DINOv2 model served by Triton "
                     "(top-k labels through the classification extension, optional embeddings).")
-    req = p.add_argument_group("Required")
-    req.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursive)")
+    req = p.add_argument_group("Required (one of)")
+    req.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (recursive)")
+    req.add_argument("--data_path", "--data-path", dest="data_path",
+                     help="a prepared data folder: classify its --split and print the accuracy "
+                          "against the manifest's labels")
     opt = p.add_argument_group("Optional")
+    opt.add_argument("--split", default="test", choices=("train", "val", "test"),
+                     help="with --data_path: which split (default: %(default)s)")
+    opt.add_argument("--quiet", action="store_true", help="no line per image, only the summary")
     opt.add_argument("--url", default=None,
                      help="Triton address host:port (default localhost:8001 for grpc, "
                           "localhost:8000 for http)")
@@ -844,6 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size {args.batch_size}: must be >= 1")
     if args.concurrency < 1:
         parser.error(f"--concurrency {args.concurrency}: must be >= 1")
+    if bool(args.paths) == bool(args.data_path):
+        parser.error("give image PATHs or --data_path (not both)")
     try:
         headers = read_api_key(None, args.api_key_file)
         pre = labels = None
@@ -873,9 +881,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    truth: dict[str, int] = {}
+    paths = list(args.paths)
+    if args.data_path:
+        from train.datasets import read_manifest
+
+        try:
+            records = read_manifest(args.data_path, split=args.split)
+        except Exception as exc:  # noqa: BLE001 - bad data folder: one line, exit 2
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        paths = [str(r.file(args.data_path)) for r in records]
+        truth = {path: r.label for path, r in zip(paths, records)}
     try:
         with clf:
-            preds = clf.classify_paths(args.paths, args.top_k, embeddings=bool(args.embeddings))
+            preds = clf.classify_paths(paths, args.top_k, embeddings=bool(args.embeddings))
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -883,7 +903,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = 0
     for pred in preds:
         if pred.ok:
-            print(json.dumps(pred.to_dict()) if args.json else _format(pred))
+            if not args.quiet:
+                print(json.dumps(pred.to_dict()) if args.json else _format(pred))
         else:
             failed += 1
             print(f"error: {pred.path}: {pred.error}", file=sys.stderr)
@@ -896,9 +917,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = out.with_name(out.name.removesuffix(".npy") + ".files.txt")
         names.write_text("".join(p.path + "\n" for p in good), encoding="utf-8")
         print(f"saved {len(good)} embeddings to {out} (file names: {names})", file=sys.stderr)
+    if truth:
+        scored = [p for p in preds if p.ok and p.path in truth]
+        correct = sum(p.top[0][1] == truth[p.path] for p in scored)
+        acc = correct / len(scored) if scored else float("nan")
+        print(f"{args.model} over {args.protocol} at {clf_url(args.url, args.protocol)}: accuracy "
+              f"{acc:.2%} ({correct}/{len(scored)}) on the {args.split} split of {args.data_path}")
     if failed:
         print(f"{failed} of {len(preds)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def clf_url(url: str | None, protocol: str) -> str:
+    return url or ("localhost:8001" if protocol == "grpc" else "localhost:8000")
 
 
 if __name__ == "__main__":
