@@ -72,7 +72,7 @@ def summary_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows.append({"variant": "eager (pytorch)", "status": "baseline", "model": "-", "version": "-",
                      "size_mb": "-", "top1": "100%", "cos": "1", "acc": _fmt_acc(manifest),
                      "lat": f"{eager['batch1']['median_ms']:.2f}",
-                     "thr": _thr(eager), "note": ""})
+                     "thr": _thr(eager), "secs": "-", "note": ""})
     for name, v in (manifest.get("variants") or {}).items():
         h = v.get("headline") or {}
         bench = v.get("benchmark")
@@ -93,6 +93,9 @@ def summary_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
             "acc": f"{h['accuracy']:.3f}" if isinstance(h.get("accuracy"), float) else "-",
             "lat": f"{bench['batch1']['median_ms']:.2f}" if bench else "-",
             "thr": _thr(bench) if bench else "-",
+            "secs": "/".join(f"{x:.1f}" if isinstance(x, (int, float)) else "-" for x in (
+                v.get("build_seconds"), (v.get("verification") or {}).get("seconds"),
+                v.get("benchmark_seconds"))) if v.get("build_seconds") is not None else "-",
             "note": " | ".join(n for n in notes if n),
         })
     return rows
@@ -109,7 +112,8 @@ def _fmt_acc(manifest: Mapping[str, Any]) -> str:
 
 COLUMNS = [("variant", "variant"), ("status", "status"), ("version", "ver"), ("size_mb", "MB"),
            ("top1", "top-1 agree"), ("cos", "emb cos min"), ("acc", "accuracy"),
-           ("lat", "b1 ms (p50)"), ("thr", "b8 img/s"), ("note", "note")]
+           ("lat", "b1 ms (p50)"), ("thr", "b8 img/s"),
+           ("secs", "build/verify/bench s"), ("note", "note")]
 
 
 def format_summary(manifest: Mapping[str, Any], *, rich: bool | None = None) -> str:

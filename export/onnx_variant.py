@@ -115,6 +115,22 @@ def export_onnx(module, example, path: Path, *, opset: int = 18, exporter: str =
             raise ValueError(f"--onnx-exporter {exporter!r}: choose 'dynamo' or 'legacy'")
 
 
+def pin_static_dims(path: Path, dims: dict, *, external_data: bool = False) -> None:
+    """Set the non-batch dims of the named graph outputs to static values."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for out in model.graph.output:
+        if out.name in dims:
+            for d, value in zip(out.type.tensor_type.shape.dim[1:], dims[out.name]):
+                d.ClearField("dim_param")
+                d.dim_value = int(value)
+    if external_data:
+        onnx.save(model, str(path), save_as_external_data=True, location=Path(path).name + ".data")
+    else:
+        onnx.save(model, str(path))
+
+
 def build(ctx, path: Path) -> dict:
     import onnx
     import torch
@@ -125,6 +141,11 @@ def build(ctx, path: Path) -> dict:
     external = n_bytes > EXTERNAL_DATA_BYTES
     export_onnx(ctx.export_module(), ctx.example_input(2), path, opset=opset, exporter=exporter,
                 external_data=external)
+    if exporter == "legacy":
+        # The legacy exporter leaves the concatenated embedding width symbolic
+        # ("Concatembedding_dim_1"); the contract (and TensorRT) wants it static.
+        pin_static_dims(path, {"logits": [ctx.num_classes], "embedding": [ctx.embed_dim]},
+                        external_data=external)
     # Validate from the file (the >2 GiB path needs the path form of the checker).
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path), load_external_data=False)
