@@ -1,0 +1,202 @@
+"""perf/report.py: report generation from a results dict built here (the
+shape perf.run writes), the recommendation rule and the CLI that
+re-generates a report from a stored results.json."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+
+from perf import report as rp
+
+# img/s per (batch, concurrency): int8 is the fastest but fails its gate,
+# fp16 passes but is slower than its parent onnx.
+SPEED = {"dinov2_onnx": 20.0, "dinov2_onnx_fp16": 15.0, "dinov2_onnx_int8": 30.0, "dinov2": 12.0}
+PARITY = {"dinov2_onnx": (1.0, 0.0, True), "dinov2_onnx_fp16": (1.0, 0.0, True),
+          "dinov2_onnx_int8": (0.90, -0.05, False), "dinov2": (1.0, 0.0, True)}
+
+
+def _grid(base: float, bss=(1, 8), threads=(1, 2)):
+    return [{"batch_size": b, "threads": t, "requests": 10, "wall_s": 1.0,
+             "images_per_s": base * (1 + 0.1 * b) * (1 + 0.05 * t), "p50_ms": 10.0 * b / t, "p90_ms": 11.0 * b,
+             "p95_ms": 12.0 * b, "p99_ms": 13.0 * b} for b in bss for t in threads]
+
+
+def _ip_variant(name, model_name, precision, parent, base, *, export_pass=True):
+    grid = _grid(base)
+    return {"name": name, "label": name, "precision": precision, "platform": "onnxruntime_onnx", "parent": parent,
+            "model_name": model_name, "gate": precision, "artifact": f"/x/{name}", "file_bytes": 4_000_000,
+            "status": "OK", "reason": None,
+            "export": {"status": "OK" if export_pass else "GATE_FAILED", "gate_passed": export_pass,
+                       "gate_failures": [] if export_pass else ["batch 8: top-1 agreement 90% < 99%"],
+                       "headline": {"top1_agreement": 1.0 if export_pass else 0.9, "accuracy": 0.8,
+                                    "accuracy_drop": 0.0 if export_pass else 0.05, "logits_max_abs_diff": 1e-5}},
+            "benchmark": {"latency": {str(c["batch_size"]): c for c in grid if c["threads"] == 1}, "grid": grid},
+            "memory": {"baseline_rss_bytes": 500e6, "after_load_rss_bytes": 520e6, "loaded_model_bytes": 20e6,
+                       "peak_rss_bytes": 600e6, "peak_over_baseline_bytes": 100e6},
+            "efficiency": {"best": {"achieved_gflops": 100.0, "fraction_of_fp32_peak": 0.4},
+                           **({"caveat": "INT8 vs FP32 peak"} if precision == "int8" else {})},
+            "bytes_moved": {"input_bytes_per_image": 602112, "output_bytes_per_image": 3112,
+                            "per_batch_size": {"8": {"weight_bytes_per_image": 5e5}}}}
+
+
+def _point(model, proto, bs, conc, thr):
+    return {"model": model, "protocol": proto, "batch_size": bs, "concurrency": conc, "status": "OK",
+            "csv": f"{model}.csv", "command": "perf_analyzer ...",
+            "metrics": {"concurrency": conc, "throughput_infer_per_s": thr, "client_send_us": 50,
+                        "network_server_send_recv_us": 300, "server_queue_us": 400 * conc,
+                        "server_compute_input_us": 30, "server_compute_infer_us": 40000 * bs / 8,
+                        "server_compute_output_us": 20, "client_recv_us": 5, "p50_latency_us": 45000 * conc,
+                        "p90_latency_us": 50000 * conc, "p95_latency_us": 52000 * conc, "p99_latency_us": 60000 * conc}}
+
+
+def make_results(*, server=True, parity=True, pretrained=False) -> dict:
+    ip = {"pytorch": _ip_variant("pytorch", None, "fp32", None, 14.0),
+          "onnx": _ip_variant("onnx", "dinov2_onnx", "fp32", "pytorch", 16.0),
+          "onnx_fp16": _ip_variant("onnx_fp16", "dinov2_onnx_fp16", "fp16", "onnx", 12.0),
+          "onnx_int8": _ip_variant("onnx_int8", "dinov2_onnx_int8", "int8", "onnx", 25.0, export_pass=False),
+          "tensorrt": {"name": "tensorrt", "label": "TensorRT", "precision": "fp16", "platform": "tensorrt_plan",
+                       "parent": "onnx", "model_name": None, "status": "SKIPPED",
+                       "reason": "not in the export manifest: TensorRT needs an NVIDIA GPU and TensorRT"}}
+    ip["pytorch"]["platform"] = "pytorch_eager"
+    ip["pytorch"]["export"] = {}
+    res = {
+        "schema_version": 1, "run_id": "test-run", "created": "2026-11-27T00:00:00+00:00", "git_revision": "abc",
+        "machine": {"cpu_model": "Test CPU", "usable_cores": 2, "logical_cores": 2, "memory_total_bytes": 24 * 2**30,
+                    "gpus": [], "cpu_flags": ["avx2"], "os": "Linux", "python": "3.11"},
+        "versions": {"torch": "2.14.1"}, "settings": {"window_ms": 10000},
+        "model": {"checkpoint": "models/model_final.pth", "arch": "vits14", "img_size": 224, "num_classes": 10,
+                  "weights_source": "file dinov2_vits14_pretrain.pth" if pretrained else "random init (test)",
+                  "pretrained": pretrained},
+        "in_process": {"settings": {"batch_sizes": [1, 8], "threads": [1, 2], "seconds": 5, "warmup": 10,
+                                    "torch_threads": 2, "isolated_processes": True},
+                       "flops": {"gflops": 12.25, "method": "counter"},
+                       "matmul_peak": {"gflops": 270.0, "threads": 2, "size": 2048},
+                       "input_data": {"source": "test split", "synthetic": False}, "variants": ip, "skipped": []},
+        "skipped": [{"what": "in-process TensorRT", "reason": "needs an NVIDIA GPU and TensorRT"}],
+        "errors": [],
+    }
+    if server:
+        pts = [_point(m, proto, bs, c, thr * (1 + 0.2 * bs / 8) * (1 + 0.1 * c))
+               for m, thr in SPEED.items() for proto in ("grpc", "http") for bs in (1, 8) for c in (1, 2)]
+        res["perf_analyzer"] = {"settings": {"window_ms": 10000, "stability_pct": 20, "max_trials": 10,
+                                             "measurement_mode": "time_windows", "protocols": ["grpc", "http"],
+                                             "batch_sizes": [1, 8], "concurrency": [1, 2]},
+                                "input_data": {"source": "test split"}, "points": pts,
+                                "failures": [{"model": "dinov2_preprocess", "reason": "perf_analyzer on model "
+                                              "'dinov2_preprocess' ... failed (unstable)"}],
+                                "skipped": [], "model_configs": {}}
+        res["server"] = {"url": "localhost:8001", "metadata": {"version": "2.51.0"},
+                         "memory": {"peak_process_tree": {"pid": 1, "processes": 5, "total_rss_bytes": 2e9,
+                                                          "server_rss_bytes": 1e8},
+                                    "peak_per_model_rss_bytes": {m: 3e8 for m in SPEED},
+                                    "peak_host_used_bytes": 5e9, "peak_gpu_used_bytes": {}, "errors": []}}
+    if parity:
+        res["parity"] = {"url": "localhost:8001", "protocol": "grpc", "n_images": 100, "split": "test",
+                         "reference": {"kind": "eager", "metrics": {"accuracy": 0.8}},
+                         "variants": [{"model": m, "precision": "int8" if "int8" in m else "fp32",
+                                       "gate": {"name": "int8" if "int8" in m else "fp32"}, "passed": ok,
+                                       "failures": [] if ok else ["top-1 agreement 90.0000% < 99.00%"],
+                                       "error": None,
+                                       "parity": {"n": 100, "top1_agreement": agree, "flipped": round((1 - agree) * 100),
+                                                  "deltas": {"accuracy": d}, "candidate_metrics": {"accuracy": 0.8 + d},
+                                                  "logits": {"max_abs_diff": 1e-4}, "embedding": {"cosine_mean": 0.9999}}}
+                                      for m, (agree, d, ok) in PARITY.items()]}
+    return res
+
+
+def test_report_files_and_recommendation(tmp_path):
+    out = rp.generate_report(make_results(), tmp_path)
+    rec = out["recommendation"]
+    # int8 is the fastest through the server but fails its gate: never recommended
+    assert rec["variant"] == "dinov2_onnx" and rec["source"] == "server"
+    assert any(r["variant"] == "dinov2_onnx_int8" and "gate FAILED" in r["reason"] for r in rec["rejected"])
+    assert [r["variant"] for r in rec["ranking"]] == ["dinov2_onnx", "dinov2_onnx_fp16"]
+    rows = {r["key"]: r for r in out["rows"]}
+    assert rows["dinov2_onnx_int8"]["gate"]["source"] == "live parity through Triton"
+    assert rows["dinov2_onnx_fp16"]["slower_than_parent"] and "dinov2_onnx" in rows["dinov2_onnx_fp16"]["slower_than_parent"][0]
+    assert not rows["dinov2_onnx"]["slower_than_parent"]
+    assert rows["dinov2"]["kind"] == "ensemble" and rows["pytorch"]["kind"] == "baseline"
+    assert rows["tensorrt"]["status"] == "SKIPPED"
+
+    md = out["md"].read_text()
+    assert "Deploy `dinov2_onnx`" in md
+    assert "NOT pretrained weights: accuracy numbers are not representative" in md
+    assert "SLOWER than its parent dinov2_onnx" in md
+    assert "TensorRT needs an NVIDIA GPU" in md
+    assert "Server queue" in md and "Test CPU" in md
+    for plot in ("throughput_vs_p99.png", "accuracy_vs_throughput.png", "size_memory.png", "latency_breakdown.png"):
+        assert (tmp_path / plot).stat().st_size > 1000
+        assert f"]({plot})" in md
+    page = out["html"].read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert not re.search(r"""(src|href)=["'](https?:|//|[^"'#d])""", page), "external asset in report.html"
+    assert "NOT pretrained weights" in page and "<table>" in page
+    stored = json.loads(out["json"].read_text())  # strict JSON
+    assert stored["recommendation"]["variant"] == "dinov2_onnx" and len(stored["rows"]) == len(out["rows"])
+
+
+def test_pretrained_weights_have_no_banner(tmp_path):
+    out = rp.generate_report(make_results(pretrained=True), tmp_path)
+    assert "NOT pretrained" not in out["md"].read_text()
+
+
+def test_gate_failing_variants_are_never_recommended(tmp_path):
+    res = make_results()
+    for v in res["parity"]["variants"]:
+        if v["model"] != "dinov2_onnx_int8":
+            v["passed"], v["failures"] = False, ["logit cosine 0.9 < 0.999"]
+    out = rp.generate_report(res, tmp_path)
+    assert out["recommendation"]["variant"] is None
+    assert "No variant recommended" in out["md"].read_text()
+
+
+def test_latency_budget_and_operating_point(tmp_path):
+    res = make_results()
+    res["operating_point"] = {"batch_size": 1, "concurrency": 1, "protocol": "http", "max_p99_ms": 1.0}
+    out = rp.generate_report(res, tmp_path)
+    rec = out["recommendation"]
+    assert rec["variant"] is None and rec["operating_point"]["protocol"] == "http"
+    assert all("over the budget" in r["reason"] or "gate FAILED" in r["reason"] or "SKIPPED" in r["reason"]
+               for r in rec["rejected"])
+
+
+def test_in_process_only_uses_the_export_verdicts(tmp_path):
+    out = rp.generate_report(make_results(server=False, parity=False), tmp_path)
+    rec = out["recommendation"]
+    # in process: int8 (25 img/s base) is fastest but its export gate failed; onnx beats fp16
+    assert rec["source"] == "in_process" and rec["variant"] == "dinov2_onnx"
+    rows = {r["key"]: r for r in out["rows"]}
+    assert rows["dinov2_onnx_int8"]["gate"] == {"passed": False, "failures": ["batch 8: top-1 agreement 90% < 99%"],
+                                                "source": "export verification (in process)", "name": "int8"}
+    assert not (tmp_path / "latency_breakdown.png").exists()
+    assert (tmp_path / "throughput_vs_p99.png").exists()
+
+
+def test_cli_regenerates_from_results_json(tmp_path, capsys):
+    first = rp.generate_report(make_results(), tmp_path / "a")
+    code = rp.main(["--results", str(first["json"]), "--out", str(tmp_path / "b"), "--batch-size", "1",
+                    "--concurrency", "1"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "recommended: dinov2_onnx" in text and str(tmp_path / "b" / "report.md") in text
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert again["operating_point"]["batch_size"] == 1 and again["recommendation"]["variant"] == "dinov2_onnx"
+    assert (tmp_path / "b" / "report.html").is_file()
+
+
+def test_cli_bad_results_file(tmp_path, capsys):
+    assert rp.main(["--results", str(tmp_path / "nope.json")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
+    assert rp.main(["--results", str(tmp_path / "x.json")]) == 2
+    assert "not a perf results.json" in capsys.readouterr().err
+
+
+def test_summarize_does_not_modify_its_input():
+    res = make_results()
+    before = copy.deepcopy(res)
+    rp.summarize(res)
+    assert res == before
