@@ -49,11 +49,30 @@ def benchmark_runner(runner: Callable, images: np.ndarray, *, seconds: float = 4
     reps = -(-throughput_batch // len(images))
     batch = np.ascontiguousarray(np.concatenate([images] * reps)[:throughput_batch])
     one = np.ascontiguousarray(images[:1])
+    load_before = _load()
     t1 = _time_calls(runner, one, seconds / 2, warmup=warmup, min_iters=min_iters)
     tn = _time_calls(runner, batch, seconds / 2, warmup=warmup, min_iters=min_iters)
+    load = [load_before, _load()]
+    busy = busy_host(load)
     return {"batch1": _stats(t1, 1), f"batch{throughput_batch}": _stats(tn, throughput_batch),
             "throughput_batch": throughput_batch, "seconds_budget": seconds,
-            "warmup_calls": warmup, "threads": thread_info()}
+            "warmup_calls": warmup, "threads": thread_info(), "host_load_1min": load, "busy_host": busy}
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def busy_host(load: list) -> bool:
+    """Other processes competed for the CPU: the 1-minute load exceeded what
+    this benchmark's own threads explain (cpu_count) by half the cores. With
+    OpenMP thread pools, contention inflates latencies by 10-50x (measured
+    here), so such numbers must not be trusted."""
+    cpus = os.cpu_count() or 1
+    return any(x is not None and x > 1.5 * cpus for x in load)
 
 
 def thread_info() -> dict[str, Any]:
@@ -83,6 +102,12 @@ def compare(current: Mapping[str, Any] | None, baseline: Mapping[str, Any] | Non
     if thr < 1 - margin:
         slower.append(f"batch-{tb} throughput {current[key]['img_per_s']:.1f} vs "
                       f"{baseline[key]['img_per_s']:.1f} img/s")
+    detail = (f"slower than {baseline_name}: " + "; ".join(slower)) if slower else None
+    busy = bool(current.get("busy_host") or baseline.get("busy_host"))
+    if detail and busy:
+        loads = [x for x in (current.get("host_load_1min") or []) + (baseline.get("host_load_1min") or [])
+                 if x is not None]
+        detail += (f" (UNRELIABLE: the host was busy, 1-min load up to {max(loads):.1f} on "
+                   f"{os.cpu_count()} cores; rerun on an idle machine)")
     return {"baseline": baseline_name, "batch1_speedup": round(lat, 3), f"batch{tb}_speedup": round(thr, 3),
-            "slower_than_parent": bool(slower),
-            "detail": (f"slower than {baseline_name}: " + "; ".join(slower)) if slower else None}
+            "slower_than_parent": bool(slower), "busy_host": busy, "detail": detail}

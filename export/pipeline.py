@@ -228,6 +228,11 @@ def _run(model, record, model_path: Path, repository: Path, data_path, order, ad
     t = time.perf_counter()
     baseline = benchmark_runner(eager_runner(model), es.pixel_values, seconds=opts["bench_seconds"])
     timings["baseline_benchmark_s"] = time.perf_counter() - t
+    if baseline and baseline.get("busy_host"):
+        msg = (f"the host is busy (1-min load {max(x for x in baseline['host_load_1min'] if x is not None):.1f} "
+               f"on {os.cpu_count()} cores): benchmark numbers and slower-than-parent flags are unreliable")
+        log.warning(msg)
+        warnings.append(msg)
     if baseline:
         log.info("eager PyTorch baseline: batch 1 %.2f ms (p50), batch %d %.1f img/s",
                  baseline["batch1"]["median_ms"], baseline["throughput_batch"],
