@@ -467,6 +467,9 @@ def run_production_benchmark(model_path: str | os.PathLike, *, repository: str |
 
     used_threads = torch_threads or torch.get_num_threads()
     say(f"matmul peak ({used_threads} threads) ...")
+    # Measured before AND after the variants, the higher one kept: on a shared
+    # machine a single snapshot can land in a busy moment and make every
+    # variant look like it beats the hardware.
     peak = matmul_peak(used_threads) if measure_peak else None
     weights_source = str(record.get("weights_source") or "unknown")
     result: dict[str, Any] = {
@@ -517,6 +520,15 @@ def run_production_benchmark(model_path: str | os.PathLike, *, repository: str |
                                                embed_dim=embed_dim, weight_bytes=spec.file_bytes,
                                                batch_sizes=batch_sizes, gflops_per_image=flops["gflops"])
             result["variants"][spec.name] = entry
+    if measure_peak:
+        again = matmul_peak(used_threads)
+        peak = max(peak, again, key=lambda p: p["gflops"])
+        peak["measurements_gflops"] = [result["matmul_peak"]["gflops"], again["gflops"]]
+        result["matmul_peak"] = peak
+        for spec in specs:
+            entry = result["variants"][spec.name]
+            if entry.get("status") == "OK" and entry.get("benchmark"):
+                entry["efficiency"] = efficiency(entry["benchmark"], flops["gflops"], peak["gflops"], spec.precision)
     return result
 
 

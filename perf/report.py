@@ -479,6 +479,11 @@ def build_blocks(results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], 
     if inp.get("synthetic"):
         b.append(("banner", "Inputs were SYNTHETIC (no --data_path): speed is representative, accuracy is not "
                             "measured on real images."))
+    over = [r["key"] for r in rows if ((r.get("in_process") or {}).get("efficiency") or 0) > 1.0]
+    if over:
+        b.append(("banner", f"{', '.join(over)} measured ABOVE the FP32 matmul peak: the machine was busier while "
+                            "the peak was measured than during the benchmark (shared cores). The efficiency "
+                            "column is unreliable for this run."))
     errors = results.get("errors") or []
     for e in errors:
         b.append(("banner", f"ERROR: {e}"))
