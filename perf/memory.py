@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import sys
 import threading
-import time
 import urllib.request
 from typing import Any, Iterable, Mapping
 

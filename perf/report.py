@@ -29,7 +29,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 EAGER = "pytorch"
 ENSEMBLE_MODELS = ("dinov2",)
