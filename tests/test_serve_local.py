@@ -21,8 +21,6 @@ import pytest
 from serve import local_server as ls
 from tests.fixtures.triton import TINY_IMAGE, tiny_config, tiny_reference
 
-# Until tests/conftest.py lists it in its pytest_plugins.
-pytest_plugins = ["tests.fixtures.triton"]
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_MODELS = ["tiny_onnx", "tiny_torchscript"]
