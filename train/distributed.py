@@ -45,11 +45,23 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group cleanly. DDP wrappers sit in reference cycles;
+    if one is only collected during interpreter shutdown, a gloo worker thread
+    still alive then tries to take the GIL and the process aborts
+    ("terminate called without an active exception"). So: drain pending work,
+    collect the cycles, destroy the group, all while Python is fully alive."""
     if info.enabled:
+        import gc
+
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.barrier()
+            finally:
+                gc.collect()
+                dist.destroy_process_group()
+                gc.collect()
 
 
 def barrier(info: DistInfo) -> None:

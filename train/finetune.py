@@ -219,6 +219,37 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to the Hugging Face endpoint?"""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def prefer_hub_cache_when_offline(weights: str) -> None:
+    """Offline, huggingface_hub retries for about a minute before failing.
+    When the endpoint is unreachable, switch it to offline mode (the local
+    cache still works) so a missing download fails in seconds with our
+    WeightsError message instead."""
+    if weights == "random" or Path(weights).suffix in (".pth", ".pt", ".safetensors", ".bin") \
+            or Path(weights).exists() or os.environ.get("HF_HUB_OFFLINE"):
+        return
+    if _hub_reachable():
+        return
+    log.warning("the Hugging Face hub is unreachable: --weights %s will only use the local cache", weights)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    mod = sys.modules.get("huggingface_hub.constants")
+    if mod is not None:  # already imported: the constant was read at import time
+        mod.HF_HUB_OFFLINE = True
+
+
 def resolve_workers(n: int) -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1)) if n < 0 else n
 
@@ -230,7 +261,7 @@ def _setup_logging(output: Path | None, is_main: bool) -> list[logging.Handler]:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = []
     root = logging.getLogger("train")
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    root.setLevel(logging.INFO if is_main else logging.ERROR)  # rank 0 speaks for all
     if not any(getattr(h, "_finetune", False) for h in root.handlers):
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
@@ -316,11 +347,11 @@ def _num_batches(n: int, batch_size: int, world: int, max_batches: int) -> int:
     return min(nb, max_batches) if max_batches else nb
 
 
-def finetune(cfg: FinetuneConfig, *, step_callback: Callable[[Any], None] | None = None) -> dict[str, Any]:
+def finetune(cfg: FinetuneConfig, *, step_callback: Callable[[Any, Any], None] | None = None) -> dict[str, Any]:
     """Train as configured; returns the metrics written to metrics.json (on every rank).
 
-    step_callback(train_state) runs after each optimizer step (after any
-    mid-epoch checkpoint), e.g. to stop a run in tests."""
+    step_callback(train_state, model) runs after each optimizer step (after
+    any mid-epoch checkpoint), e.g. to stop a run or inject a fault in tests."""
     import torch
 
     from train.distributed import cleanup, init_distributed
@@ -396,6 +427,8 @@ def _finetune(cfg: FinetuneConfig, device, dist, step_callback) -> dict[str, Any
             log.info("--no-resume: ignoring %s (it is replaced at the end of the first epoch)", ckpt_path)
 
         # ---- model
+        if not ckpt:
+            prefer_hub_cache_when_offline(cfg.weights)
         engine.seed_everything(cfg.seed)
         built = build_model(cfg.arch, weights="random" if ckpt else cfg.weights,
                             num_classes=len(class_names), img_size=cfg.img_size, head=cfg.head,
@@ -488,7 +521,7 @@ def _finetune(cfg: FinetuneConfig, device, dist, step_callback) -> dict[str, Any
             if cfg.save_every_steps and st.step % cfg.save_every_steps == 0:
                 save_training_state(f"step {st.step}")
             if step_callback is not None:
-                step_callback(st)
+                step_callback(st, model)
 
         def plain_record(metrics: dict[str, Any], **extra) -> dict[str, Any]:
             return make_record(setup.export_model(), arch=cfg.arch, img_size=cfg.img_size,
