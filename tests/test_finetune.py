@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -328,9 +329,18 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_data, tmp_path):
               "--no-progress", "--lr", "1e-3", "--warmup-epochs", "0.5"]
     ddp_out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--standalone", "-m", "train.finetune", *common, "--output_path", str(ddp_out),
-                        "--batch-size", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    # Own session: on a timeout the whole group (torchrun + workers) is killed, no orphans.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--standalone", "-m", "train.finetune", *common, "--output_path", str(ddp_out),
+                             "--batch-size", "4"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun with 2 CPU processes did not finish in 150 s")
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p.name for p in ddp_out.iterdir()} == OUTPUTS
     log = (ddp_out / "train.log").read_text()
