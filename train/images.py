@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Union
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview]
 
@@ -63,5 +63,8 @@ def open_rgb(source: ImageSource, *, name: str | None = None) -> Image.Image:
         raise
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"{label}: file not found") from exc
+    except UnidentifiedImageError as exc:
+        # PIL's own message embeds the repr of the file object; say what matters.
+        raise ImageDecodeError(f"{label}: not a decodable image (unrecognised image format)") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{label}: not a decodable image ({exc})") from exc
