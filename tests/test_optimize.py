@@ -76,7 +76,7 @@ def test_fp16_variant_verified_fp32_io_and_kept_layers(optimized, tiny_dataset):
     info = v["build_info"]
     kept = info["conversion"]["fp32_nodes_by_op"]
     assert kept.get("LayerNormalization", 0) >= 5 and kept.get("Softmax", 0) == 2   # 2 blocks: 2x2 + final norm
-    assert info["keep_fp32_nodes"] and kept.get("Gemm") == 1                         # the head
+    assert len(info["keep_fp32_nodes"]) == 2 and kept.get("Gemm") == 1 and kept.get("Conv") == 1  # head, patch embed
     assert info["range_check_on"] == "4 train images"
     x = np.random.default_rng(0).standard_normal((3, 3, 28, 28)).astype(np.float32)
     logits, emb = _run(path, x)
