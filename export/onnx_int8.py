@@ -544,14 +544,22 @@ def build(ctx, path: Path) -> dict:
     base: dict[str, Path] = {}
     runs: dict[str, dict] = {}
 
+    failed: dict[str, Exception] = {}
+
     def base_model(method: str):
+        if method in failed:   # one failed calibration is not retried by every later attempt
+            raise failed[method]
         if method not in base:
             out = work / f"base_{method}.onnx"
             log.info("onnx_int8: calibrating %d nodes on %d train images (%s, ModelOpt)...",
                      len(candidates), len(calib), method)
-            runs[method] = run_modelopt_quantize(
-                fp32, out, calib_npy, candidates, calib_method=method, dq_only=dq_only,
-                calib_eps=str(option(opts, "int8_calib_eps")), timeout_s=float(option(opts, "int8_timeout_s")))
+            try:
+                runs[method] = run_modelopt_quantize(
+                    fp32, out, calib_npy, candidates, calib_method=method, dq_only=dq_only,
+                    calib_eps=str(option(opts, "int8_calib_eps")), timeout_s=float(option(opts, "int8_timeout_s")))
+            except Int8Error as exc:
+                failed[method] = exc
+                raise
             base[method] = out
         return onnx.load(str(base[method]))
 
@@ -617,7 +625,8 @@ def build(ctx, path: Path) -> dict:
         "onnxruntime": onnxruntime.__version__,
         "scheme": "explicit Q/DQ, int8 symmetric, per-channel weights, per-tensor activations",
         "dq_only": dq_only,
-        "calibration": {"images": int(len(calib)), "split": "train", "method": chosen["config"]["calib_method"],
+        "calibration": {"images": int(len(calib)),
+                        "split": ",".join(sorted(getattr(ctx, "calibration_splits", None) or {"train"})), "method": chosen["config"]["calib_method"],
                         "requested_images": int(option(opts, "calib_size")), "load_seconds": round(calib_load_s, 2)},
         "quantized_nodes": len(qnodes), "quantized_by_role": role_counts, "blocks": depth,
         "kept_fp32": "LayerNorm, Softmax, GELU, residual Adds, attention matmuls, patch embedding, head "

@@ -334,3 +334,13 @@ def test_ladder_order_and_lazy_sensitivity():
                                                 ("calibration max, most conservative", "max")]
     assert rest[5][3] == {7, 3, 11, 0, 5, 1} and len(calls) == 4
     assert [s[3] for s in ladder(2, ["max"], sensitivity)][2:] == [{7}]
+
+
+def test_modelopt_worker_failure_is_reported_with_its_log(tmp_path):
+    from export.onnx_int8 import Int8Error, run_modelopt_quantize
+
+    (tmp_path / "m.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(Int8Error, match=r"(?s)exit 2.*--calib .*missing\.npy: file not found"):
+        run_modelopt_quantize(tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "missing.npy", ["n"],
+                              calib_method="entropy", timeout_s=120)
+    assert not (tmp_path / "out.onnx").exists()
