@@ -115,8 +115,11 @@ class ExportContext:
         # the manifest and the tests can check no held-out image was used.
         self.calibration_files: list[str] = []
         self.calibration_splits: set[str] = set()
-        self._eval_set: EvalSet | None = None
-        self._reference: tuple[np.ndarray, np.ndarray] | None = None
+        # Cached per purpose: "verify" uses the test split (val as fallback);
+        # "search" (choosing a quantization config) uses val, so the numbers
+        # the verification reports come from images the search never saw.
+        self._eval_sets: dict[str, EvalSet] = {}
+        self._references: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._records = None
 
     # -- shape facts ------------------------------------------------------
@@ -202,16 +205,21 @@ class ExportContext:
         self.calibration_splits.update(r.split for r in picked)
         return self._load(picked)
 
-    def eval_set(self) -> EvalSet:
+    def eval_set(self, purpose: str = "verify") -> EvalSet:
         """The held-out images every variant is verified on (cached): the test
         split, else val (warned); random tensors (loudly warned, no label
         metrics) when there is no data folder. At most options['eval_size']
-        images, chosen with a fixed seed and kept in manifest order."""
-        if self._eval_set is None:
-            self._eval_set = self._make_eval_set()
-        return self._eval_set
+        images, chosen with a fixed seed and kept in manifest order.
+        purpose="search": the val split (test as fallback), for choosing
+        between configurations without touching the verification images."""
+        if purpose not in ("verify", "search"):
+            raise ValueError(f"eval_set purpose {purpose!r}: 'verify' or 'search'")
+        if purpose not in self._eval_sets:
+            order = ("test", "val") if purpose == "verify" else ("val", "test")
+            self._eval_sets[purpose] = self._make_eval_set(order)
+        return self._eval_sets[purpose]
 
-    def _make_eval_set(self) -> EvalSet:
+    def _make_eval_set(self, order: tuple[str, str] = ("test", "val")) -> EvalSet:
         limit = int(self.options.get("eval_size") or DEFAULT_EVAL_SIZE)
         if self.data_path is None:
             n = min(limit, SYNTHETIC_EVAL_SIZE)
@@ -224,17 +232,17 @@ class ExportContext:
             return EvalSet(x, None, [f"random-{i}" for i in range(n)], "random", True, [msg])
         records = self._manifest()
         notes = []
-        split = "test"
-        chosen = [r for r in records if r.split == "test"]
+        split = order[0]
+        chosen = [r for r in records if r.split == split]
         if not chosen:
-            split = "val"
-            chosen = [r for r in records if r.split == "val"]
-            msg = (f"{self.data_path / 'manifest.csv'} has no test split; verifying on the val split "
-                   f"(it may have guided training choices)")
+            split = order[1]
+            chosen = [r for r in records if r.split == split]
+            msg = (f"{self.data_path / 'manifest.csv'} has no {order[0]} split; using the {split} split "
+                   f"instead" + (" (it may have guided training choices)" if split == "val" else ""))
             log.warning(msg)
             notes.append(msg)
         if not chosen:
-            raise DataUnavailable(f"{self.data_path / 'manifest.csv'}: no test or val images to verify on")
+            raise DataUnavailable(f"{self.data_path / 'manifest.csv'}: no test or val images to evaluate on")
         if len(chosen) > limit:
             rng = np.random.default_rng(0)
             keep = sorted(rng.permutation(len(chosen))[:limit].tolist())
@@ -245,21 +253,21 @@ class ExportContext:
         return EvalSet(x, labels, [r.path for r in chosen], split, False, notes)
 
     # -- reference and evaluation ----------------------------------------------
-    def reference_outputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Eager FP32 (logits, embedding) on eval_set(), cached."""
-        if self._reference is None:
-            self._reference = run_batched(eager_runner(self.model), self.eval_set().pixel_values,
-                                          self.max_batch_size)
-        return self._reference
+    def reference_outputs(self, purpose: str = "verify") -> tuple[np.ndarray, np.ndarray]:
+        """Eager FP32 (logits, embedding) on eval_set(purpose), cached."""
+        if purpose not in self._references:
+            self._references[purpose] = run_batched(eager_runner(self.model), self.eval_set(purpose).pixel_values,
+                                                    self.max_batch_size)
+        return self._references[purpose]
 
-    def evaluate(self, runner: Runner, *, batch_size: int | None = None) -> dict[str, Any]:
-        """Run `runner` over eval_set() in batches (max_batch_size by default)
-        and return train.metrics.parity_metrics against the eager reference,
-        with label metrics when the set is labelled."""
+    def evaluate(self, runner: Runner, *, batch_size: int | None = None, purpose: str = "verify") -> dict[str, Any]:
+        """Run `runner` over eval_set(purpose) in batches (max_batch_size by
+        default) and return train.metrics.parity_metrics against the eager
+        reference, with label metrics when the set is labelled."""
         from train.metrics import parity_metrics
 
-        es = self.eval_set()
-        ref_lo, ref_em = self.reference_outputs()
+        es = self.eval_set(purpose)
+        ref_lo, ref_em = self.reference_outputs(purpose)
         lo, em = run_batched(runner, es.pixel_values, batch_size or self.max_batch_size)
         return parity_metrics(ref_lo, lo, ref_embedding=ref_em, cand_embedding=em,
                               labels=es.labels, names=es.names)

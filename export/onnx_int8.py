@@ -594,7 +594,7 @@ def build(ctx, path: Path) -> dict:
 
     gate = search_gate(_VARIANT, opts)
     t = time.perf_counter()
-    result = run_search(make_candidates(), evaluate=lambda p: ctx.evaluate(ort_runner(p)), gate=gate,
+    result = run_search(make_candidates(), evaluate=lambda p: ctx.evaluate(ort_runner(p), purpose="search"), gate=gate,
                         work_dir=work / "attempts", max_attempts=max_attempts)
     search_s = time.perf_counter() - t
     chosen = result.chosen_attempt
