@@ -61,6 +61,10 @@ run_container() {
   else
     load=("--load-model=*")
   fi
+  # Derived image: the pinned Triton image + Pillow for the preprocessing model.
+  local image="dinov2-triton-serve:${TRITON_CONTAINER_TAG}"
+  docker build -q -t "$image" --build-arg "TRITON_IMAGE=${TRITON_CONTAINER_IMAGE}" -f serve/Dockerfile serve >/dev/null ||
+    die "could not build $image from ${TRITON_CONTAINER_IMAGE} (serve/Dockerfile)"
   mkdir -p logs
   local key_file=logs/triton-container.api_key key
   key=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
@@ -72,7 +76,7 @@ run_container() {
     -p "${BIND_ADDRESS}:${HTTP_PORT}:8000" -p "${BIND_ADDRESS}:${GRPC_PORT}:8001" \
     -p "${BIND_ADDRESS}:${METRICS_PORT}:8002" \
     -v "$(cd "$repo" && pwd)":/models:ro \
-    "$TRITON_CONTAINER_IMAGE" \
+    "$image" \
     tritonserver --model-repository=/models --model-control-mode=explicit "${load[@]}" \
     --exit-on-error=false \
     "--http-restricted-api=model-repository:triton-api-key=${key}" \
