@@ -200,8 +200,6 @@ def validate_config(cfg: FinetuneConfig) -> None:
     need(cfg.save_every_steps >= 0, f"--save-every-steps {cfg.save_every_steps}: must be >= 0")
     need(cfg.num_workers >= -1, f"--num-workers {cfg.num_workers}: must be >= 0 (or -1 for automatic)")
     need(cfg.seed >= 0, f"--seed {cfg.seed}: must be >= 0")
-    need(cfg.attention == "sdpa" or cfg.device != "cpu",
-         "--attention xformers has no CPU kernels; use --attention sdpa on CPU")
 
 
 def effective_lr(cfg: FinetuneConfig) -> float:
@@ -363,6 +361,8 @@ def finetune(cfg: FinetuneConfig, *, step_callback: Callable[[Any, Any], None] |
         check_amp(cfg.amp, device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.attention == "xformers" and device.type != "cuda":
+        raise ConfigError("--attention xformers has no CPU kernels; use --attention sdpa on CPU")
     dist = init_distributed(device.type)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
@@ -711,34 +711,34 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {d.mode})")
     g.add_argument("--cache-features", dest="cache_features", action="store_true", default=S,
                    help="--mode linear: compute backbone embeddings once (no augmentation) and train the head on them")
-    g.add_argument("--layer-decay", dest="layer_decay", type=float, default=S,
+    g.add_argument("--layer-decay", dest="layer_decay", type=float, default=S, metavar="X",
                    help=f"layer-wise lr decay per block, 1 = off (default: {d.layer_decay})")
-    g.add_argument("--lora-rank", dest="lora_rank", type=int, default=S, help=f"(default: {d.lora_rank})")
-    g.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=S, help=f"(default: {d.lora_alpha})")
-    g.add_argument("--lora-dropout", dest="lora_dropout", type=float, default=S,
+    g.add_argument("--lora-rank", dest="lora_rank", type=int, default=S, metavar="N", help=f"(default: {d.lora_rank})")
+    g.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=S, metavar="X", help=f"(default: {d.lora_alpha})")
+    g.add_argument("--lora-dropout", dest="lora_dropout", type=float, default=S, metavar="X",
                    help=f"(default: {d.lora_dropout})")
     g.add_argument("--unfreeze-blocks", dest="unfreeze_blocks", type=int, default=S, metavar="N",
                    help=f"--mode lastn: train the last N blocks + final norm + head (default: {d.unfreeze_blocks})")
     g.add_argument("--lp-epochs", dest="lp_epochs", type=int, default=S, metavar="K",
                    help=f"linear-probe warm start: K head-only epochs before full/lora/lastn (default: {d.lp_epochs})")
-    g.add_argument("--lp-lr", dest="lp_lr", type=float, default=S, help=f"lr of the warm start (default: {d.lp_lr})")
+    g.add_argument("--lp-lr", dest="lp_lr", type=float, default=S, metavar="X", help=f"lr of the warm start (default: {d.lp_lr})")
     g = p.add_argument_group("Optimisation")
-    g.add_argument("--epochs", type=int, default=S, help=f"(default: {d.epochs}, plus --lp-epochs)")
-    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=S,
+    g.add_argument("--epochs", type=int, default=S, metavar="N", help=f"(default: {d.epochs}, plus --lp-epochs)")
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=S, metavar="N",
                    help=f"per process (default: {d.batch_size})")
-    g.add_argument("--lr", type=float, default=S,
+    g.add_argument("--lr", type=float, default=S, metavar="X",
                    help="peak AdamW lr of the head (default by mode: "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    g.add_argument("--min-lr", dest="min_lr", type=float, default=S, help=f"cosine floor (default: {d.min_lr})")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
+    g.add_argument("--min-lr", dest="min_lr", type=float, default=S, metavar="X", help=f"cosine floor (default: {d.min_lr})")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, metavar="X",
                    help=f"AdamW weight decay, not on norms/biases/tokens (default: {d.weight_decay})")
-    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S,
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S, metavar="X",
                    help=f"linear warm-up, per step (default: {d.warmup_epochs})")
-    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=S,
+    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=S, metavar="X",
                    help=f"(default: {d.label_smoothing})")
-    g.add_argument("--accum-steps", dest="accum_steps", type=int, default=S,
+    g.add_argument("--accum-steps", dest="accum_steps", type=int, default=S, metavar="N",
                    help=f"gradient accumulation (default: {d.accum_steps})")
-    g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S,
+    g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S, metavar="X",
                    help=f"max gradient norm, 0 = off (default: {d.clip_grad})")
     g.add_argument("--amp", choices=AMPS, default=S,
                    help=f"mixed precision; fp16 needs a GPU (default: {d.amp})")
@@ -746,12 +746,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g.add_argument("--no-augment", dest="no_augment", action="store_true", default=S,
                    help="train on the evaluation preprocessing (no random crop/flip)")
-    g.add_argument("--seed", type=int, default=S, help=f"(default: {d.seed})")
+    g.add_argument("--seed", type=int, default=S, metavar="N", help=f"(default: {d.seed})")
     g = p.add_argument_group("Run")
     g.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML with any of these options (keys with _ or -); flags override it")
     g.add_argument("--device", choices=DEVICES, default=S, help=f"(default: {d.device})")
-    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=S,
+    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=S, metavar="N",
                    help="DataLoader workers per process (default: min(8, CPUs - 1))")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=S,
                    help="continue from OUTPUT/checkpoint_last.pth if present (default: on)")
