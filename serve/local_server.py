@@ -9,6 +9,8 @@ module builds a backend directory::
                                 triton_python_backend_stub (3.11)
     <backend_dir>/onnxruntime/model.py   <- serve/backends/onnxruntime/model.py
     <backend_dir>/pytorch/model.py       <- serve/backends/pytorch/model.py
+    <backend_dir>/standin_common.py      <- serve/backends/standin_common.py
+                                            (both model.py load it from one folder up)
 
 Triton maps ``platform: "onnxruntime_onnx"`` to the backend ``onnxruntime``
 and ``pytorch_libtorch`` to ``pytorch``; finding no ``libtriton_<name>.so``
@@ -123,6 +125,7 @@ def build_backend_dir(cache_dir: str | os.PathLike | None = None,
         "python/triton_python_backend_stub": install.stub,
         "onnxruntime/model.py": STANDIN_BACKENDS / "onnxruntime" / "model.py",
         "pytorch/model.py": STANDIN_BACKENDS / "pytorch" / "model.py",
+        "standin_common.py": STANDIN_BACKENDS / "standin_common.py",
     }
     digest = hashlib.sha256()
     for rel, src in sorted(sources.items()):

@@ -267,12 +267,15 @@ def test_standin_refuses_a_config_that_does_not_match_the_graph(pb_utils, tiny_m
         _load_standin("onnxruntime", model_dir, "renamed")
 
 
-def test_standin_backends_share_the_same_helpers():
-    def shared(backend):
+def test_standin_backends_share_one_helper_module(tmp_path):
+    common = ROOT / "serve" / "backends" / "standin_common.py"
+    for backend in ("onnxruntime", "pytorch"):
         text = (ROOT / "serve" / "backends" / backend / "model.py").read_text()
-        return text[text.index("class TensorSpec"):text.index("# --- end of shared part")]
-
-    assert shared("onnxruntime") == shared("pytorch")
+        assert "common.StandinModel" in text and "def run_batched" not in text
+    # the stub loads it from one folder above model.py: the backend dir must carry it there
+    backend_dir = ls.build_backend_dir(cache_dir=tmp_path)
+    assert (backend_dir / "standin_common.py").read_bytes() == common.read_bytes()
+    assert (backend_dir / "onnxruntime" / "model.py").is_file()
 
 
 # --------------------------------------------------------------------------- real server
