@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,10 +32,10 @@ import numpy as np
 
 import export.onnx_variant  # noqa: F401 - registers the parent variant `onnx` first
 from export.registry import SkipVariant, Variant, register
+from export.worker import run_worker
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
 # patch_embed: the first op reads the FP32 pixels; in FP16 it flipped 1 of 300
 # near-tie predictions of a ViT-S/14 at 112 px, for about 1% of the FLOPs.
 DEFAULT_KEEP_FP32 = "LayerNormalization,Softmax,head,patch_embed"
@@ -138,26 +135,15 @@ def run_convert(onnx_path: Path, output: Path, *, keep_ops: Sequence[str], keep_
     nodes_file = output.with_suffix(".keep_nodes.json")
     nodes_file.write_text(json.dumps(list(keep_nodes)))
     log_path = output.with_suffix(".log")
-    cmd = [sys.executable, "-m", "export.onnx_fp16", "--onnx", str(onnx_path), "--output", str(output),
-           "--keep-ops", ",".join(keep_ops), "--keep-nodes", str(nodes_file), "--data-max", str(data_max)]
+    args = ["--onnx", str(onnx_path), "--output", str(output), "--keep-ops", ",".join(keep_ops),
+            "--keep-nodes", str(nodes_file), "--data-max", str(data_max)]
     if range_data is not None:
-        cmd += ["--range-data", str(range_data)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    t = time.perf_counter()
-    with open(log_path, "w") as fh:
-        try:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env,
-                                  timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            raise Fp16Error(f"FP16 conversion timed out after {timeout_s:.0f} s (fp16_timeout_s); "
-                            f"log: {log_path}") from None
-    lines = log_path.read_text(errors="replace").splitlines()
-    if proc.returncode != 0 or not output.is_file():
-        tail = "\n".join(lines[-15:])
-        raise Fp16Error(f"ModelOpt AutoCast failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    summary = next((json.loads(line) for line in reversed(lines) if line.startswith("{")), {})
-    summary["seconds"] = round(time.perf_counter() - t, 2)
+        args += ["--range-data", str(range_data)]
+    run = run_worker("export.onnx_fp16", args, output=output, log_path=log_path, timeout_s=timeout_s,
+                     error=Fp16Error, what="ModelOpt AutoCast", timeout_what="FP16 conversion",
+                     timeout_option="fp16_timeout_s")
+    summary = next((json.loads(line) for line in reversed(run.lines) if line.startswith("{")), {})
+    summary["seconds"] = round(run.seconds, 2)
     return summary
 
 
@@ -202,18 +188,11 @@ def _option(options: Mapping[str, Any], key: str):
 def build(ctx, path: Path) -> dict:
     import onnx
 
-    from export.onnx_int8 import link_or_copy
+    from export.onnx_int8 import fp32_work_copy
     from export.onnx_variant import check_io
     import modelopt  # noqa: F401 - fail here, clearly, when ModelOpt is not installed
 
-    fp32_artifact = ctx.artifacts.get("onnx")
-    if fp32_artifact is None or not Path(fp32_artifact).is_file():
-        raise Fp16Error("the FP32 `onnx` artifact is missing: build the onnx variant first")
-    work = Path(ctx.work_dir) / "onnx_fp16"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    fp32 = work / "fp32.onnx"
-    link_or_copy(Path(fp32_artifact), fp32)
+    work, fp32 = fp32_work_copy(ctx, "onnx_fp16", Fp16Error)
     keep_spec = str(_option(ctx.options, "fp16_keep_fp32"))
     keep_ops, keep_nodes = resolve_keep_list(onnx.load(str(fp32), load_external_data=False), keep_spec)
 
@@ -247,10 +226,8 @@ def build(ctx, path: Path) -> dict:
             "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)}
 
 
-def load_runner(path: Path):
-    from export.onnx_variant import ort_runner
-
-    return ort_runner(path)
+# an ONNX Runtime CPU session, as for the FP32 `onnx` variant
+load_runner = export.onnx_variant.load_runner
 
 
 VARIANT = register(Variant(

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -45,10 +44,10 @@ import numpy as np
 
 import export.onnx_variant  # noqa: F401 - registers the parent variant `onnx` first
 from export.registry import Variant, register
+from export.worker import run_worker
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("patch_embed", "qkv", "proj", "fc1", "fc2", "attn_qk", "attn_v", "head", "other")
 WEIGHT_ROLES = ("qkv", "proj", "fc1", "fc2")
 DEFAULT_ROLES = WEIGHT_ROLES
@@ -306,24 +305,12 @@ def run_modelopt_quantize(onnx_path: Path, output: Path, calib_npy: Path, nodes:
     nodes_file = output.with_suffix(".nodes.json")
     nodes_file.write_text(json.dumps(list(nodes)))
     log_path = Path(log_path or output.with_suffix(".log"))
-    cmd = [sys.executable, "-m", "export.onnx_int8", "--onnx", str(onnx_path), "--output", str(output),
-           "--calib", str(calib_npy), "--nodes", str(nodes_file), "--calib-method", calib_method,
-           "--calib-eps", calib_eps, "--mode", mode] + (["--dq-only"] if dq_only else ["--no-dq-only"])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    t = time.perf_counter()
-    with open(log_path, "w") as fh:
-        try:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env,
-                                  timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            raise Int8Error(f"ModelOpt quantization timed out after {timeout_s:.0f} s "
-                            f"(int8_timeout_s); log: {log_path}") from None
-    seconds = time.perf_counter() - t
-    if proc.returncode != 0 or not output.is_file():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise Int8Error(f"ModelOpt quantization failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    return {"seconds": round(seconds, 2)}
+    args = ["--onnx", str(onnx_path), "--output", str(output), "--calib", str(calib_npy),
+            "--nodes", str(nodes_file), "--calib-method", calib_method, "--calib-eps", calib_eps,
+            "--mode", mode] + (["--dq-only"] if dq_only else ["--no-dq-only"])
+    run = run_worker("export.onnx_int8", args, output=output, log_path=log_path, timeout_s=timeout_s,
+                     error=Int8Error, what="ModelOpt quantization", timeout_option="int8_timeout_s")
+    return {"seconds": round(run.seconds, 2)}
 
 
 def quantize_file(onnx_path: str, output: str, calib: np.ndarray, nodes: Sequence[str], *,
@@ -427,6 +414,20 @@ def link_or_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(s, d)
 
 
+def fp32_work_copy(ctx, name: str, error: type[Exception]) -> tuple[Path, Path]:
+    """A fresh ``<work_dir>/<name>`` and in it ``fp32.onnx``, a copy (link_or_copy)
+    of the FP32 `onnx` artifact; raises ``error`` when that artifact is missing."""
+    fp32_artifact = ctx.artifacts.get("onnx")
+    if fp32_artifact is None or not Path(fp32_artifact).is_file():
+        raise error("the FP32 `onnx` artifact is missing: build the onnx variant first")
+    work = Path(ctx.work_dir) / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    fp32 = work / "fp32.onnx"
+    link_or_copy(Path(fp32_artifact), fp32)
+    return work, fp32
+
+
 def _ort_outputs(path: Path, x: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     from export.context import run_batched
     from export.onnx_variant import ort_runner
@@ -517,15 +518,7 @@ def build(ctx, path: Path) -> dict:
     dq_only = as_bool(option(opts, "int8_dq_only"), "int8_dq_only")
     search = as_bool(option(opts, "int8_search"), "int8_search")
     max_attempts = int(option(opts, "int8_max_attempts")) if search else 1
-    fp32_artifact = ctx.artifacts.get("onnx")
-    if fp32_artifact is None or not Path(fp32_artifact).is_file():
-        raise Int8Error("the FP32 `onnx` artifact is missing: build the onnx variant first")
-
-    work = Path(ctx.work_dir) / "onnx_int8"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    fp32 = work / "fp32.onnx"
-    link_or_copy(Path(fp32_artifact), fp32)
+    work, fp32 = fp32_work_copy(ctx, "onnx_int8", Int8Error)
     fp32_model = onnx.load(str(fp32))
     originals = {i.name: i for i in fp32_model.graph.initializer}
     roles = node_roles(fp32_model)
@@ -640,10 +633,8 @@ def build(ctx, path: Path) -> dict:
     }
 
 
-def load_runner(path: Path):
-    from export.onnx_variant import ort_runner
-
-    return ort_runner(path)
+# an ONNX Runtime CPU session, as for the FP32 `onnx` variant
+load_runner = export.onnx_variant.load_runner
 
 
 _VARIANT = register(Variant(
