@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -283,6 +282,8 @@ def _log_weights_banner(source: str) -> None:
         log.warning("#  WEIGHTS: %s", source)
         log.warning("#  This backbone is NOT pretrained: accuracy says nothing about DINOv2.")
         log.warning("#  Use --weights hub (online) or --weights /path/dinov2_<arch>_pretrain.pth.")
+        log.warning("#  Training from scratch? Layer decay and low lr protect pretrained features;")
+        log.warning("#  here --layer-decay 1.0 --lr 1e-3 --no-augment learn faster in short runs.")
         log.warning(bar)
     else:
         log.info("weights: %s", source)
