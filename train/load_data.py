@@ -363,7 +363,6 @@ def check_image_file(path: Path) -> tuple[str | None, str | None]:
         msg = str(exc)
         prefix = f"{path}: "
         msg = msg[len(prefix):] if msg.startswith(prefix) else msg
-        msg = re.sub(r"<_io\.\w+ name=(['\"])(.*?)\1>", r"\1\2\1", msg)  # file-object repr
         return None, msg.replace(str(path), path.name)
     try:
         with Image.open(path) as im:
