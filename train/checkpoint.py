@@ -79,6 +79,11 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; a checkpoint must stay readable by other users
+        # (a serving container, a colleague) like any file written with open().
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
