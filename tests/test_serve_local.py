@@ -482,3 +482,42 @@ def test_cli_start_status_stop(tiny_model_repository, tmp_path):
         assert ls.ports_in_use([http, grpc, metrics]) == []
     finally:
         ls.stop_server(pid_file, timeout=10)
+
+
+@pytest.mark.triton
+def test_oversize_body_is_refused_with_4xx_and_server_keeps_serving(triton_server, tiny_classifier):
+    """A body carrying far more data than its declared shape (8 MB for a
+    [1,3,8,8] tensor) is refused with HTTP 400 / gRPC INVALID_ARGUMENT that
+    names the input; the server stays live and keeps answering."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    declared = [1, *TINY_IMAGE]
+    payload = np.zeros(2_000_000, np.float32).tobytes()          # 8 MB, declared 192 values
+    header = json.dumps({"inputs": [{"name": "pixel_values", "shape": declared, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(payload)}}]}).encode()
+    req = urllib.request.Request(f"http://{triton_server.url_http}/v2/models/tiny_onnx/infer",
+                                 data=header + payload, method="POST",
+                                 headers={"Inference-Header-Content-Length": str(len(header)),
+                                          "Content-Type": "application/octet-stream"})
+    with pytest.raises(urllib.error.HTTPError) as excinfo:
+        urllib.request.urlopen(req, timeout=30)
+    assert 400 <= excinfo.value.code < 500
+    body = excinfo.value.read().decode()
+    assert "pixel_values" in body, body
+
+    client = grpcclient.InferenceServerClient(triton_server.url_grpc)
+    inp = grpcclient.InferInput("pixel_values", declared, "FP32")
+    inp.set_data_from_numpy(_images(1))
+    inp._raw_content = payload  # what a buggy or hostile client sends: more bytes than the shape
+    with pytest.raises(InferenceServerException) as gexc:
+        client.infer("tiny_onnx", [inp])
+    assert "INVALID_ARGUMENT" in str(gexc.value.status()) and "pixel_values" in gexc.value.message()
+
+    assert client.is_server_live() and client.is_server_ready()
+    logits, _ = _infer(grpcclient, client, "tiny_onnx", _images(1, seed=3))
+    np.testing.assert_allclose(logits, tiny_reference(tiny_classifier, _images(1, seed=3))[0], atol=ATOL)
