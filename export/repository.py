@@ -218,23 +218,21 @@ def copy_into(staging: str | os.PathLike, items: Iterable[tuple[str | os.PathLik
         shutil.copyfile(src, dst)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    """Best-effort fsync of a file (or, with O_DIRECTORY, a folder's entries)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, flags)
     except OSError:
         return
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    _fsync(path)
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
