@@ -385,12 +385,15 @@ def make_plots(results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], ou
         acc_rows.append((r, name, thr, y, kind))
     if acc_rows:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r, name, thr, y, kind in acc_rows:
+        # Variants often share a delta (0.00): stagger labels, sorted by speed,
+        # so neighbours do not print on top of each other.
+        for i, (r, name, thr, y, kind) in enumerate(sorted(acc_rows, key=lambda t: t[2])):
             ok = r["gate"]["passed"]
             ax.scatter([thr], [y], s=80, marker="o" if ok else "X", color="tab:green" if ok else "tab:red",
                        edgecolor="black", zorder=3)
             ax.annotate(name + ("" if ok else " (gate FAIL)"), (thr, y), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+                        xytext=(5, 6 + 11 * (i % 4)), fontsize=8,
+                        arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
         ax.axhline(0, color="grey", lw=0.8)
         kinds = {k for *_, k in acc_rows}
         ax.set_ylabel("accuracy delta vs FP32 (points)" if kinds == {"delta"} else
