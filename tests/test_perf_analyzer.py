@@ -24,7 +24,14 @@ def _have_perf_analyzer() -> bool:
         return False
 
 
-needs_pa = pytest.mark.skipif(not _have_perf_analyzer(), reason="perf_analyzer binary not installed")
+@pytest.fixture
+def perf_analyzer_installed():
+    # perf_analyzer is installed by scripts/setup_env.sh; a missing one is a broken environment, not a reason to skip.
+    if not _have_perf_analyzer():
+        pytest.fail("perf_analyzer binary not found: run scripts/setup_env.sh (tritonclient==2.50.0 ships it)")
+
+
+needs_pa = pytest.mark.usefixtures("perf_analyzer_installed")
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -133,7 +140,7 @@ def test_environment_puts_cudart_on_the_library_path():
     env = pa.perf_analyzer_env({"LD_LIBRARY_PATH": "/x"})
     dirs = pa._cuda_runtime_lib_dirs()
     if not dirs:
-        pytest.skip("nvidia-cuda-runtime-cu12 not installed")
+        pytest.fail("nvidia-cuda-runtime-cu12 not installed: run scripts/setup_env.sh")
     parts = env["LD_LIBRARY_PATH"].split(":")
     assert parts[-1] == "/x" and any(Path(p, "libcudart.so.12").exists() for p in parts)
     # idempotent: calling it on its own result adds nothing
