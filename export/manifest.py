@@ -5,7 +5,6 @@ Written atomically into the repository after every run (also when variants
 failed), so the report and serving stages read one file."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,14 +16,6 @@ from export.repository import atomic_write_text
 MANIFEST_FILE = "export_manifest.json"
 FORMAT_VERSION = 1
 STATUSES = ("OK", "FAILED", "SKIPPED", "GATE_FAILED")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def jsonable(obj: Any) -> Any:

@@ -207,7 +207,8 @@ def _run(model, record, model_path: Path, repository: Path, data_path, order, ad
          work_dir: Path, timings, t_start, versions, git_rev) -> dict[str, Any]:
     from export.benchmark import benchmark_runner
     from export.context import DataUnavailable, ExportContext, eager_runner
-    from export.manifest import MANIFEST_FILE, sha256_file, write_manifest
+    from export.manifest import MANIFEST_FILE, write_manifest
+    from train.checksums import sha256_file
     from train.datasets import ManifestError
     from train.metrics import classification_metrics
 
@@ -310,7 +311,7 @@ def _tail(exc: BaseException, lines: int = 6) -> str:
 def _export_variant(ctx, name: str, repository: Path, opts, thresholds, manifest, ckpt_sha: str,
                     run_id: str, baseline) -> dict[str, Any]:
     from export.benchmark import benchmark_runner, compare
-    from export.manifest import sha256_file
+    from train.checksums import sha256_file
     from export.registry import REGISTRY, SkipVariant, describe
     from export.repository import StagedVersion
     from export.triton_config import classifier_config, validate_config

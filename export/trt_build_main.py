@@ -386,13 +386,9 @@ def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, pr
 
 
 def _sha256(path) -> str:
-    import hashlib
+    from train.checksums import sha256_file  # stdlib only: fine inside the TensorRT container
 
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 # ---------------------------------------------------------------------------

@@ -8,11 +8,12 @@ when it is created."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Sequence
+
+from train.checksums import sha256_file
 
 MANIFEST_FILE = "manifest.csv"
 LABELS_FILE = "labels.txt"
@@ -130,15 +131,12 @@ def verify_checksums(data_path: str | Path, records: Sequence[Record] | None = N
     for r in records:
         f = r.file(data_path)
         try:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            digest = sha256_file(f)
         except OSError as exc:
             problems.append(f"{r.path}: cannot read ({exc.strerror or exc})")
             continue
-        if h.hexdigest() != r.sha256:
-            problems.append(f"{r.path}: sha256 {h.hexdigest()} differs from the manifest "
+        if digest != r.sha256:
+            problems.append(f"{r.path}: sha256 {digest} differs from the manifest "
                             f"({r.sha256}); the source file changed since load_data ran")
     if problems and raise_on_error:
         shown = "\n  ".join(problems[:20])

@@ -11,7 +11,6 @@ size, so exported graphs contain no run-time interpolation (FIELD_NOTES 1).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from train.checksums import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +170,6 @@ def _load_strict(backbone: nn.Module, sd: Mapping[str, torch.Tensor], source: st
             f"e.g. {unexpected[:5]}). Check --arch (with/without registers, size).")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
@@ -219,7 +212,7 @@ def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: i
             raise WeightsError(f"{weights}: checkpoint cannot be converted to {timm_arch} "
                                f"({type(exc).__name__}: {str(exc)[:200]}). Check --arch.") from exc
         _load_strict(backbone, converted, weights)
-        source = f"file {Path(weights).resolve()} ({layout} layout, sha256 {_sha256(Path(weights))[:16]})"
+        source = f"file {Path(weights).resolve()} ({layout} layout, sha256 {sha256_file(weights)[:16]})"
     else:
         import timm
 
@@ -304,10 +297,7 @@ def model_from_record(record: Mapping[str, Any], *, attention: str = "sdpa") -> 
     built = build_model(record["arch"], weights="random", num_classes=int(record["num_classes"]),
                         img_size=int(record["img_size"]), head=record["head"], attention=attention,
                         backbone_overrides=record.get("backbone_overrides") or None)
-    missing, unexpected = built.model.load_state_dict(record["state_dict"], strict=False)
-    if missing or unexpected:
-        raise WeightsError(f"checkpoint state_dict does not match {record['arch']}: missing {list(missing)[:5]}, "
-                           f"unexpected {list(unexpected)[:5]}")
+    _load_strict(built.model, record["state_dict"], f"checkpoint state_dict ({record['arch']})")
     return built.model
 
 
