@@ -112,11 +112,12 @@ def train_transform(cfg: PreprocessConfig, *, augment: bool = True):
     import torch
     from torchvision import transforms as T
 
+    if not augment:
+        return eval_transform(cfg)
+
     def to_tensor(img):
         return torch.from_numpy(normalize(img, cfg))
 
-    if not augment:
-        return T.Compose([T.Lambda(lambda im: resize_and_crop(im, cfg)), T.Lambda(to_tensor)])
     return T.Compose([
         T.RandomResizedCrop(cfg.image_size, scale=(0.6, 1.0),
                             interpolation=getattr(T.InterpolationMode, cfg.interpolation.upper())),
