@@ -921,15 +921,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         scored = [p for p in preds if p.ok and p.path in truth]
         correct = sum(p.top[0][1] == truth[p.path] for p in scored)
         acc = correct / len(scored) if scored else float("nan")
-        print(f"{args.model} over {args.protocol} at {clf_url(args.url, args.protocol)}: accuracy "
+        print(f"{args.model} over {args.protocol} at {clf.url}: accuracy "
               f"{acc:.2%} ({correct}/{len(scored)}) on the {args.split} split of {args.data_path}")
     if failed:
         print(f"{failed} of {len(preds)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0
-
-
-def clf_url(url: str | None, protocol: str) -> str:
-    return url or ("localhost:8001" if protocol == "grpc" else "localhost:8000")
 
 
 if __name__ == "__main__":
