@@ -237,3 +237,22 @@ def test_cli(server, reference, tiny_dataset, tmp_path, capsys):
     rc = pc.main(["--url", server.url_grpc, "--json", "--top-k", "1", str(reference["files"][0])])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["top"][0]["label"] in CLASSES
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_cli_accuracy_of_a_prepared_split(server, reference, tiny_dataset, protocol, capsys):
+    """--data_path/--split: classifies the split through the ensemble and
+    prints the accuracy against the manifest labels (same as eager's)."""
+    from train.datasets import read_manifest
+
+    labels = np.array([r.label for r in read_manifest(tiny_dataset, "test")])
+    correct = int((reference["logits"].argmax(1) == labels).sum())
+    rc = pc.main(["--url", _url(server, protocol), "--protocol", protocol, "--data_path", str(tiny_dataset),
+                  "--split", "test", "--quiet"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1, out
+    assert f"({correct}/{len(labels)})" in out[0] and "on the test split" in out[0]
+    with pytest.raises(SystemExit) as exc:   # paths and --data_path together: a usage error
+        pc.main(["--url", _url(server, protocol), "--protocol", protocol, "--data_path", str(tiny_dataset), "x.png"])
+    assert exc.value.code == 2
