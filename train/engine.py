@@ -214,8 +214,10 @@ def train_one_epoch(*, model: nn.Module, loader: Iterable, n_batches: int, optim
     if progress and dist.is_main:
         from tqdm import tqdm
 
+        # disable=None: a bar only on a terminal; a log file or CI gets the
+        # one summary line per epoch instead of a carriage-return per batch.
         bar = tqdm(total=n_batches, initial=start, desc=desc, unit="batch", dynamic_ncols=True,
-                   leave=False, mininterval=1.0)
+                   leave=False, mininterval=1.0, disable=None)
     t0 = time.perf_counter()
     time_at_start = state.epoch_time_s
     images_this_session = 0
@@ -298,7 +300,8 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset, *, batch_size: 
     if progress and dist.is_main:
         from tqdm import tqdm
 
-        it = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, mininterval=1.0)
+        it = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, mininterval=1.0,
+                  disable=None)  # terminal only (see train_one_epoch)
     for x, y in it:
         with autocast(device, amp):
             out = fn(x.to(device, non_blocking=True))
