@@ -18,6 +18,7 @@
 #   IMAGE_FOLDER, PER_CLASS, TEST_PER_CLASS, IMG_SIZE, ARCH, MODE, EPOCHS,
 #   LP_EPOCHS, LR, BATCH_SIZE, WEIGHTS, VARIANTS, PERF_PROTOCOLS,
 #   PERF_CONCURRENCY, PERF_BATCH_SIZES, PERF_WINDOW_MS, SKIP_PERF=1, FORCE,
+#   TRAIN_EXTRA / EXPORT_EXTRA (more flags for python -m train.finetune / export),
 #   DATA, MODELS, REPO, LOGS, STATE (stage stamps, default runs/pipeline)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -131,8 +132,9 @@ if [ "$WEIGHTS" = random ]; then
 else
   RECIPE=(--lr "${LR:-1e-4}" --layer-decay 0.75 --warmup-epochs 1 --lp-epochs "${LP_EPOCHS:-1}")
 fi
+# shellcheck disable=SC2206  # TRAIN_EXTRA / EXPORT_EXTRA are word-split on purpose
 TRAIN_ARGS=(--arch "$ARCH" --weights "$WEIGHTS" --img-size "$IMG_SIZE" --mode "$MODE"
-            --epochs "$EPOCHS" --batch-size "$BATCH_SIZE" "${RECIPE[@]}")
+            --epochs "$EPOCHS" --batch-size "$BATCH_SIZE" "${RECIPE[@]}" ${TRAIN_EXTRA:-})
 train_stamp=(--input "$DATA/manifest.csv" --input "$DATA/labels.txt" "${weights_stamp[@]}"
              --param "args=${TRAIN_ARGS[*]}" --output "$MODELS/model_final.pth")
 stage "train: $ARCH, mode=$MODE, ${EPOCHS} epochs, ${IMG_SIZE}px, weights=$WEIGHTS, recipe: ${RECIPE[*]}"
@@ -154,7 +156,8 @@ else
 fi
 
 # ---------------------------------------------------------------- 3. export
-EXPORT_ARGS=(--variants "$VARIANTS" --max-batch-size 8)
+# shellcheck disable=SC2206
+EXPORT_ARGS=(--variants "$VARIANTS" --max-batch-size 8 ${EXPORT_EXTRA:-})
 export_stamp=(--input "$MODELS/model_final.pth" --input "$DATA/manifest.csv"
               --param "args=${EXPORT_ARGS[*]}" --output "$REPO/export_manifest.json")
 stage "export: $VARIANTS"
