@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent environment setup for this repository on Debian 12 / Python 3.11.
 # - Debian packages: dataset-fashion-mnist (embedded default data set),
-#   libb64-0d (perf_analyzer), libpython3.11 (Triton's Python backend stub).
+#   libb64-0d (perf_analyzer), libpython3.11 (Triton's Python backend stub),
+#   and the linter that scripts/test.sh runs on the shell scripts (shellcheck).
 # - A virtual environment at .venv/ with the exact versions of
 #   requirements/lock-cpu.txt. A second run only checks and returns.
 # Nothing is downloaded at run time by the pipeline itself.
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[setup] %s\n' "$*"; }
 
 need_apt=()
-for pkg in dataset-fashion-mnist libb64-0d libpython3.11; do
+for pkg in dataset-fashion-mnist libb64-0d libpython3.11 shellcheck; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
