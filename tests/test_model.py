@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.fixtures.models import TINY, TINY_IMG, tiny_model, to_official_layout
-from train.model import (ARCHS, WeightsError, build_model, checkpoint_layout, load_classifier,
-                         load_weights_file, read_checkpoint)
+from train.model import ARCHS, WeightsError, build_model, load_classifier, read_checkpoint
+from train.weight_layouts import layout_of, read_weights
 
 
 def _features(model, x):
@@ -24,7 +24,7 @@ def test_official_layout_loads_strictly_and_matches(tmp_path, arch):
     class position folded into cls_token)."""
     original = tiny_model(arch, seed=1)
     official = to_official_layout(original.backbone.state_dict())
-    assert checkpoint_layout(official) == "official"
+    assert layout_of(official) == "official"
     path = tmp_path / f"dinov2_{arch}_pretrain.pth"
     torch.save(official, path)
 
@@ -117,7 +117,7 @@ def test_weights_only_load_refuses_malicious_pickle(tmp_path):
         with pytest.raises(WeightsError, match=path.name):
             read_checkpoint(path)
         with pytest.raises(WeightsError, match=path.name):
-            load_weights_file(path)
+            read_weights(path)
         with pytest.raises(WeightsError, match=path.name):
             load_classifier(path)
         with pytest.raises(WeightsError, match=path.name):
@@ -137,3 +137,70 @@ def test_load_classifier_roundtrip(tiny_checkpoint):
         logits, emb = model.forward_with_embedding(x)
         assert torch.equal(model(x), logits)
     assert logits.shape == (3, len(record["class_names"]))
+
+
+def test_img_size_must_be_a_multiple_of_the_patch(tmp_path):
+    with pytest.raises(ValueError, match="img_size 100: must be a positive multiple of the patch size 14"):
+        build_model("vits14", weights="random", num_classes=3, img_size=100, backbone_overrides=TINY)
+
+
+def test_hub_weights_are_resampled_with_the_official_interpolation(monkeypatch):
+    """--weights hub: timm downloads the 518 px checkpoint; the grid is then
+    resampled here (official method), not by timm's own load-time resize.
+    The download is replaced by a random 518 px model (no network in tests)."""
+    import timm
+
+    from train.pos_embed import OFFICIAL_PLAIN, resample_grid
+
+    real_create = timm.create_model
+    downloaded = {}
+
+    def fake_create(name, pretrained=False, **kwargs):
+        if not pretrained:
+            return real_create(name, **kwargs)
+        assert kwargs["img_size"] == 518       # asked for the checkpoint's own grid
+        torch.manual_seed(5)
+        model = real_create(name, **kwargs)
+        with torch.no_grad():
+            model.pos_embed.normal_()
+        downloaded["pos_embed"] = model.pos_embed.detach().clone()
+        return model
+
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    built = build_model("vits14", weights="hub", num_classes=3, img_size=224, backbone_overrides=TINY)
+    assert built.weights_source.startswith("hub ") and built.pos_embed_resampling == OFFICIAL_PLAIN
+    grid = downloaded["pos_embed"][:, 1:]
+    expected = resample_grid(grid, (16, 16), OFFICIAL_PLAIN)
+    got = built.model.backbone.pos_embed.detach()
+    assert torch.equal(got[:, :1], downloaded["pos_embed"][:, :1])
+    assert torch.equal(got[:, 1:], expected)
+
+
+def test_weights_folder_errors_name_the_folder(tmp_path):
+    folder = tmp_path / "dinov2-small"
+    folder.mkdir()
+    with pytest.raises(WeightsError, match="dinov2-small: a folder must hold a Hugging Face model"):
+        build_model("vits14", weights=str(folder), num_classes=3, img_size=TINY_IMG, backbone_overrides=TINY)
+    from safetensors.torch import save_file
+
+    save_file({"embeddings.cls_token": torch.zeros(1, 1, TINY["embed_dim"])}, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsError, match="dinov2-small: config.json missing"):
+        build_model("vits14", weights=str(folder), num_classes=3, img_size=TINY_IMG, backbone_overrides=TINY)
+    (folder / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(WeightsError, match=r"config\.json: field 'model_type' is 'vit'"):
+        build_model("vits14", weights=str(folder), num_classes=3, img_size=TINY_IMG, backbone_overrides=TINY)
+
+
+def test_unknown_transformers_keys_are_refused(tmp_path):
+    """A transformers file with keys that are no part of a DINOv2 backbone
+    (here a pooler) is an error, never a partial load."""
+    from safetensors.torch import save_file
+
+    backbone = tiny_model("vits14").backbone
+    sd = {"embeddings.cls_token": backbone.cls_token.detach(),
+          "encoder.layer.0.norm1.weight": torch.ones(TINY["embed_dim"]),
+          "pooler.dense.weight": torch.zeros(2, 2)}
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError, match=r"model\.safetensors: 1 keys of the transformers layout.*pooler"):
+        build_model("vits14", weights=str(path), num_classes=3, img_size=TINY_IMG, backbone_overrides=TINY)

@@ -1,13 +1,18 @@
 """DINOv2 backbones (timm) with a classification head, one weight loader.
 
 Weights come from exactly one of: a hub id (timm / Hugging Face, needs a
-network), an official facebookresearch checkpoint file
-(`dinov2_vits14_pretrain.pth` layout), a local timm-layout .pth/.safetensors
-file, or `random`. Every source is converted in `convert_state_dict` and loaded
-with `strict=True`: a partial load is an error, never a log line.
+network), a local file or folder in any of the layouts users have (the
+official facebookresearch `dinov2_vits14_pretrain.pth`, a Hugging Face
+`Dinov2Model` folder or its `model.safetensors`, timm's own keys), or
+`random`. Every source is converted in `train.weight_layouts.
+to_backbone_state_dict` and loaded with `strict=True`: a partial load is an
+error, never a log line.
 
 The position embedding is resampled once, at build time, to the fixed input
-size, so exported graphs contain no run-time interpolation (FIELD_NOTES 1).
+size with exactly the official model's run-time interpolation for the
+architecture (train/pos_embed.py), so the backbone reproduces the official
+`forward_features` at that size and exported graphs contain no run-time
+interpolation.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from train.checksums import sha256_file
+from train.artifact_io import sha256_bytes, sha256_file
+from train.pos_embed import official_method
+from train.weight_layouts import RawWeights, WeightsError, read_weights, to_backbone_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,9 @@ ARCHS: dict[str, str] = {
     "vitl14_reg4": "vit_large_patch14_reg4_dinov2",
     "vitg14_reg4": "vit_giant_patch14_reg4_dinov2",
 }
+PATCH_SIZE = 14
+# Every official DINOv2 checkpoint stores a 37x37 position grid (518 px).
+NATIVE_IMG_SIZE = 518
 # The official checkpoints, for the error message that says how to get weights.
 OFFICIAL_URLS = {
     name: f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{name.removesuffix('_reg4')}/dinov2_{name}_pretrain.pth"
@@ -42,10 +52,6 @@ OFFICIAL_URLS = {
 }
 HEADS = ("cls_mean", "cls", "mean")
 CHECKPOINT_FORMAT_VERSION = 1
-
-
-class WeightsError(RuntimeError):
-    """Weights could not be found, read or loaded strictly; says how to fix it."""
 
 
 def resolve_arch(arch: str) -> str:
@@ -106,6 +112,9 @@ class DinoV2Classifier(nn.Module):
 class BuildResult:
     model: DinoV2Classifier
     weights_source: str   # human-readable, recorded in every output and log
+    # how pretrained position embeddings are brought to img_size (train/pos_embed.py
+    # names; the official method of the arch), recorded in the checkpoint
+    pos_embed_resampling: str
 
 
 def _create_backbone(timm_arch: str, img_size: int, **overrides: Any) -> nn.Module:
@@ -115,44 +124,6 @@ def _create_backbone(timm_arch: str, img_size: int, **overrides: Any) -> nn.Modu
     # the graph never interpolates it at run time.
     return timm.create_model(timm_arch, pretrained=False, num_classes=0, img_size=img_size,
                              dynamic_img_size=False, **overrides)
-
-
-def _unwrap_checkpoint(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    """Accept a bare state dict or the usual wrappers (model/state_dict/teacher)."""
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{source}: expected a state dict, got {type(obj).__name__}")
-    for key in ("state_dict", "model", "teacher"):
-        if key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise WeightsError(f"{source}: no tensors found in the checkpoint")
-    for prefix in ("module.", "teacher.", "backbone."):
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def checkpoint_layout(sd: Mapping[str, torch.Tensor]) -> str:
-    """'official' (facebookresearch/dinov2) or 'timm'."""
-    official = "mask_token" in sd or "register_tokens" in sd or any(".mlp.w12." in k for k in sd)
-    return "official" if official else "timm"
-
-
-def convert_state_dict(sd: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """The one place checkpoint keys are converted to this timm backbone.
-
-    timm's `checkpoint_filter_fn` recognises the official layout (drops
-    `mask_token`, renames `register_tokens`, splits SwiGLU `w12`) and resamples
-    the position embedding to the backbone's fixed grid.
-    """
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    sd = dict(sd)
-    sd.pop("head.weight", None)
-    sd.pop("head.bias", None)
-    return checkpoint_filter_fn(sd, backbone)
 
 
 def _load_strict(backbone: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
@@ -170,56 +141,42 @@ def _load_strict(backbone: nn.Module, sd: Mapping[str, torch.Tensor], source: st
             f"e.g. {unexpected[:5]}). Check --arch (with/without registers, size).")
 
 
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"--weights {path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            # weights_only: a checkpoint must never execute code on load.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise WeightsError(f"--weights {path}: cannot be read as weights ({exc})") from exc
-    return _unwrap_checkpoint(obj, str(path))
-
-
 def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: int,
                 img_size: int = 224, head: str = "cls_mean", attention: str = "sdpa",
                 backbone_overrides: Mapping[str, Any] | None = None) -> BuildResult:
     """Build a DINOv2 classifier.
 
-    weights: "random" | a local .pth/.pt/.safetensors file (official or timm
-    layout) | "hub" (timm's default pretrained tag for the arch) | a hub id
-    such as "timm/vit_small_patch14_dinov2.lvd142m" (needs network access).
+    weights: "random" | a local file (.pth/.pt/.bin/.safetensors) or Hugging
+    Face model folder, in the official, transformers or timm layout | "hub"
+    (timm's default pretrained tag for the arch) | a hub id such as
+    "timm/vit_small_patch14_dinov2.lvd142m" (needs network access).
+    img_size: a multiple of 14; pretrained position embeddings are resampled
+    to it once, here, with the official interpolation of the arch.
     backbone_overrides: extra timm kwargs (tests use depth/embed_dim for tiny models).
     """
     timm_arch = resolve_arch(arch)
+    if not isinstance(img_size, int) or img_size <= 0 or img_size % PATCH_SIZE:
+        raise ValueError(f"img_size {img_size!r}: must be a positive multiple of the patch size "
+                         f"{PATCH_SIZE} (e.g. 112, 224, 518)")
     overrides = dict(backbone_overrides or {})
     if weights == "random":
         backbone = _create_backbone(timm_arch, img_size, **overrides)
         source = "random init (NOT pretrained: accuracy will be far below a DINOv2 fine-tune)"
     elif Path(weights).suffix in (".pth", ".pt", ".safetensors", ".bin") or Path(weights).exists():
         backbone = _create_backbone(timm_arch, img_size, **overrides)
-        sd = load_weights_file(weights)
-        layout = checkpoint_layout(sd)
-        try:
-            converted = convert_state_dict(sd, backbone)
-        except (RuntimeError, ValueError, KeyError) as exc:  # e.g. a position embedding of another width
-            raise WeightsError(f"{weights}: checkpoint cannot be converted to {timm_arch} "
-                               f"({type(exc).__name__}: {str(exc)[:200]}). Check --arch.") from exc
-        _load_strict(backbone, converted, weights)
-        source = f"file {Path(weights).resolve()} ({layout} layout, sha256 {sha256_file(weights)[:16]})"
+        raw = read_weights(weights)
+        layout = _load_pretrained(backbone, raw, str(weights))
+        what = "folder" if raw.path.is_dir() else "file"
+        source = (f"{what} {raw.path.resolve()} ({layout} layout, sha256 {_weights_digest(raw.files)[:16]})")
     else:
         import timm
 
         hub_id = None if weights == "hub" else weights
         try:
-            backbone = timm.create_model(
-                timm_arch, pretrained=True, num_classes=0, img_size=img_size,
+            # Built at the checkpoint's own 518 px grid (no timm resampling),
+            # then converted like a local file, so the official interpolation applies.
+            native = timm.create_model(
+                timm_arch, pretrained=True, num_classes=0, img_size=NATIVE_IMG_SIZE,
                 dynamic_img_size=False,
                 **({"pretrained_cfg_overlay": {"hf_hub_id": hub_id.removeprefix("hf-hub:")}} if hub_id else {}),
                 **overrides)
@@ -230,15 +187,40 @@ def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: i
                 f"({type(exc).__name__}: {str(exc)[:200]}). Offline? Download the official checkpoint "
                 f"on a connected machine ({OFFICIAL_URLS.get(short, 'see facebookresearch/dinov2')}) and pass "
                 f"--weights /path/to/file.pth, or pass --weights random for a smoke test.") from exc
+        backbone = _create_backbone(timm_arch, img_size, **overrides)
+        raw = RawWeights(dict(native.state_dict()), Path(hub_id or timm_arch), [])
+        del native
+        _load_pretrained(backbone, raw, f"--weights {weights}")
         source = f"hub {hub_id or timm_arch + ' (timm default pretrained tag)'}"
     if attention == "xformers":
         enable_xformers(backbone)
     elif attention != "sdpa":
         raise ValueError(f"--attention {attention!r}: choose 'sdpa' or 'xformers'")
     model = DinoV2Classifier(backbone, num_classes=num_classes, head=head)
+    resampling = official_method(backbone.num_reg_tokens)   # what weight_layouts applied
     log.info("built %s (%s head, %d classes, %d px) with weights: %s",
              timm_arch, head, num_classes, img_size, source)
-    return BuildResult(model=model, weights_source=source)
+    return BuildResult(model=model, weights_source=source, pos_embed_resampling=resampling)
+
+
+def _load_pretrained(backbone: nn.Module, raw: RawWeights, source: str) -> str:
+    """Convert (train.weight_layouts) and load strictly; returns the layout."""
+    try:
+        converted, layout = to_backbone_state_dict(raw, backbone)
+    except (RuntimeError, ValueError, KeyError) as exc:  # e.g. a position embedding of another width
+        if isinstance(exc, WeightsError):
+            raise
+        raise WeightsError(f"{source}: checkpoint cannot be converted to this architecture "
+                           f"({type(exc).__name__}: {str(exc)[:200]}). Check --arch.") from exc
+    _load_strict(backbone, converted, source)
+    return layout
+
+
+def _weights_digest(files: list[Path]) -> str:
+    """sha256 of the weights file (of the shards' digests for a sharded folder)."""
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return sha256_bytes("".join(sha256_file(f) for f in files).encode())
 
 
 def enable_xformers(backbone: nn.Module) -> None:
