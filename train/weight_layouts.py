@@ -32,7 +32,12 @@ from train.pos_embed import official_method, resample_grid
 
 #: files a Hugging Face model folder may hold its weights in, in preference order
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-HF_MODEL_TYPES = {"dinov2": 0, "dinov2_with_registers": None}   # registers: from config
+HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+# transformers' Dinov2Config / Dinov2WithRegistersConfig defaults: what
+# transformers itself assumes for a field that a config.json leaves out
+HF_CONFIG_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                      "patch_size": 14, "num_channels": 3, "layer_norm_eps": 1e-6, "use_swiglu_ffn": False,
+                      "qkv_bias": True, "hidden_act": "gelu"}
 
 
 class WeightsError(RuntimeError):
@@ -276,9 +281,8 @@ def _timm_resample(sd: Mapping[str, Any], backbone) -> dict[str, Any]:
     pos = out.get("pos_embed")
     if pos is not None:
         prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
-        head, grid = pos[:, :prefix], pos[:, prefix:]
-        out["pos_embed"] = torch.cat([head, _resample_to(grid, backbone)], dim=1) if prefix else \
-            _resample_to(grid, backbone)
+        grid = _resample_to(pos[:, prefix:], backbone)
+        out["pos_embed"] = torch.cat([pos[:, :prefix], grid], dim=1) if prefix else grid
     return out
 
 
@@ -290,7 +294,9 @@ def check_hf_config(config: Mapping[str, Any], backbone, source: str) -> None:
 
     block = backbone.blocks[0]
     swiglu = not isinstance(getattr(block.mlp, "act", None), nn.GELU)
-    registers = int(config.get("num_register_tokens", 0)) if config.get("model_type") != "dinov2" else 0
+    got = {**HF_CONFIG_DEFAULTS, **config}
+    # Dinov2Model has no registers; Dinov2WithRegistersConfig defaults to 4
+    got["num_register_tokens"] = 0 if config["model_type"] == "dinov2" else config.get("num_register_tokens", 4)
     expected = {
         "hidden_size": backbone.embed_dim,
         "num_hidden_layers": len(backbone.blocks),
@@ -302,12 +308,8 @@ def check_hf_config(config: Mapping[str, Any], backbone, source: str) -> None:
         "num_register_tokens": getattr(backbone, "num_reg_tokens", 0),
         "qkv_bias": block.attn.qkv.bias is not None,
     }
-    got = {k: config.get(k) for k in expected}
-    got["num_register_tokens"] = registers
-    got["use_swiglu_ffn"] = bool(config.get("use_swiglu_ffn", False))
-    if not swiglu:
+    if not swiglu:   # transformers' SwiGLU ignores hidden_act (always SiLU)
         expected["hidden_act"] = "gelu"
-        got["hidden_act"] = config.get("hidden_act")
     for field, want in expected.items():
         have = got[field]
         if isinstance(have, (list, tuple)) and field == "patch_size":
