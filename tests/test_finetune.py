@@ -15,9 +15,12 @@ import torch
 import yaml
 
 from tests.fixtures.models import TINY, TINY_IMG, tiny_model
+from train.checkpoint import read_checkpoint
 from train.engine import NonFiniteError
-from train.finetune import ConfigError, FinetuneConfig, finetune, load_config_file, resolve_config
-from train.model import WeightsError, load_classifier
+from train.finetune_config import ConfigError, FinetuneConfig, load_config_file, resolve_config
+from train.model import load_classifier
+from train.records import RecordError
+from train.trainer import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
@@ -83,9 +86,10 @@ def test_resume_is_exact(tiny_data, tmp_path, accum_steps, num_workers):
     stop = steps_per_epoch + 1                          # in the middle of epoch 2
     with pytest.raises(_Stop):
         finetune(cfg, step_callback=stop_at(stop))
-    ckpt = torch.load(out / "checkpoint_last.pth", weights_only=True)   # weights_only must work
-    assert ckpt["train_state"]["step"] == stop and ckpt["train_state"]["epoch"] == 1
-    assert ckpt["train_state"]["batch_in_epoch"] == accum_steps
+    torch.load(out / "checkpoint_last.pth", weights_only=True)          # weights_only must work
+    pos = read_checkpoint(out / "checkpoint_last.pth").training.train_state
+    assert pos["step"] == stop and pos["epoch"] == 1
+    assert pos["batch_in_epoch"] == accum_steps
     assert not (out / "model_final.pth").exists()
 
     metrics = finetune(cfg)                             # resume (the default)
@@ -117,7 +121,7 @@ def test_resume_refuses_malicious_checkpoint(tiny_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     torch.save({"state_dict": RunsShell()}, out / "checkpoint_last.pth")
-    with pytest.raises(WeightsError, match="checkpoint_last.pth.*--no-resume"):
+    with pytest.raises(RecordError, match="checkpoint_last.pth.*--no-resume"):
         finetune(tiny_cfg(tiny_data, out, epochs=1))
     assert not marker.exists()
 
@@ -138,9 +142,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_pat
     msg = str(info.value)
     assert "non-finite loss (nan) at epoch 2, step 5" in msg
     assert "lower --lr" in msg and "checkpoint_last.pth" in msg
-    ckpt = torch.load(out / "checkpoint_last.pth", weights_only=True)
-    assert ckpt["train_state"]["epoch"] == 1 and ckpt["train_state"]["step"] == 3
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    ckpt = read_checkpoint(out / "checkpoint_last.pth")
+    assert ckpt.training.train_state["epoch"] == 1 and ckpt.training.train_state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt.state_dict.values() if v.is_floating_point())
     assert not (out / "model_final.pth").exists()
 
 
@@ -169,10 +173,10 @@ def test_lora_merges_into_a_plain_checkpoint(tiny_data, tmp_path):
     out = tmp_path / "run"
     finetune(tiny_cfg(tiny_data, out, mode="lora", lora_rank=2, lora_alpha=4, lr=1e-2))
     model, record = load_classifier(out / "model_final.pth")   # strict, plain keys
-    assert record["mode"] == "lora" and record["lora"]["lora_rank"] == 2
-    assert not [k for k in record["state_dict"] if "lora" in k or "base_layer" in k]
+    assert record.mode == "lora" and record.lora["lora_rank"] == 2
+    assert not [k for k in record.state_dict if "lora" in k or "base_layer" in k]
     start = tiny_model(num_classes=3, seed=0).state_dict()
-    sd = record["state_dict"]
+    sd = record.state_dict
     assert not torch.equal(start["backbone.blocks.0.attn.qkv.weight"], sd["backbone.blocks.0.attn.qkv.weight"])
     assert torch.equal(start["backbone.blocks.0.mlp.fc1.weight"], sd["backbone.blocks.0.mlp.fc1.weight"])
 
@@ -291,10 +295,12 @@ def test_cli_smoke_run_writes_all_outputs(tiny_data, tmp_path):
     assert "NOT pretrained" in metrics["weights_source"]
     assert "NOT pretrained" in r.stderr and "NOT pretrained" in (out / "train.log").read_text()
     model, record = load_classifier(out / "model_final.pth")
-    assert "NOT pretrained" in record["weights_source"]
-    assert record["preprocessing"]["image_size"] == TINY_IMG and record["class_names"] == ["cat", "dog", "fox"]
-    assert record["metrics"]["test"]["accuracy"] == metrics["test"]["accuracy"]
-    assert torch.load(out / "checkpoint_last.pth", weights_only=True)["weights_source"] == metrics["weights_source"]
+    assert "NOT pretrained" in record.weights_source and record.pretrained is False
+    assert record.schema_version == 2 and record.epochs_trained == 2
+    assert record.image_size == TINY_IMG and record.class_names == ["cat", "dog", "fox"]
+    assert record.metrics["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert read_checkpoint(out / "checkpoint_last.pth").weights_source == metrics["weights_source"]
+    assert read_checkpoint(out / "model_best.pth").best_epoch in (1, 2)
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["epochs"] == 2 and config["run"]["git_revision"] and "torch" in config["run"]["versions"]
     # the saved config.yaml is itself a valid --config file
@@ -356,3 +362,62 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_data, tmp_path):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"DDP differs in {k}")
     single = json.loads((single_out / "metrics.json").read_text())
     assert metrics["test"]["n"] == single["test"]["n"] == 6
+
+
+def test_arch_names_match_the_model_factory():
+    from train.finetune_config import ARCH_NAMES
+    from train.model import ARCHS
+
+    assert ARCH_NAMES == tuple(ARCHS)
+
+
+def test_phase_change_frees_the_previous_ddp_wrapper(tmp_path, monkeypatch):
+    """Linear-probe warm start -> full: the DDP wrapper built for the head-only
+    phase is destroyed before the next one is built (its reducer would keep
+    hooks and gradient buckets on the shared parameters)."""
+    import gc
+    import weakref
+
+    import torch.distributed as tdist
+
+    from train.distributed import DistInfo
+    from train.trainer import Trainer
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        trainer = Trainer.__new__(Trainer)          # only the wrapping state, no data or model building
+        module = tiny_model().train()
+        trainer.dist, trainer.device = DistInfo(rank=0, world_size=2), torch.device("cpu")
+        trainer.trained_module = trainer.wrapped = module
+        trainer.wrapped_phase = None
+        for p in module.parameters():
+            p.requires_grad_(False)
+        module.head.requires_grad_(True)
+        trainer.wrap_for_phase(True)
+        first = weakref.ref(trainer.wrapped)
+        assert first() is not None and first().module is module
+        trainer.wrap_for_phase(True)                # same phase: same wrapper
+        assert trainer.wrapped is first()
+        module.requires_grad_(True)
+        import train.distributed as distributed
+
+        real_wrap, alive_when_rewrapping = distributed.wrap_ddp, []
+
+        def spy(*args, **kw):
+            alive_when_rewrapping.append(first() is not None)
+            return real_wrap(*args, **kw)
+
+        monkeypatch.setattr(distributed, "wrap_ddp", spy)
+        gc.disable()          # only the trainer's own collection may free the old wrapper
+        try:
+            trainer.wrap_for_phase(False)
+        finally:
+            gc.enable()
+        assert alive_when_rewrapping == [False], "the linear-probe DDP wrapper was alive when re-wrapping"
+        out = trainer.wrapped(torch.randn(2, 3, TINY_IMG, TINY_IMG))
+        out.sum().backward()
+        assert module.backbone.blocks[0].attn.qkv.weight.grad is not None
+    finally:
+        trainer.wrapped = None
+        gc.collect()
+        tdist.destroy_process_group()

@@ -13,22 +13,40 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures.images import (cmyk_jpeg_bytes, exif_rotated_jpeg_bytes, grey_png_bytes,
-                                   jpeg_bytes, make_class_tree, palette_png_bytes, png16_bytes,
-                                   png_bytes, rgba_png_bytes, tree_digest, truncated_jpeg_bytes,
-                                   write)
-from train.datasets import (ManifestDataset, ManifestError, read_labels, read_manifest,
-                            verify_checksums)
+from tests.fixtures.images import (
+    cmyk_jpeg_bytes,
+    exif_rotated_jpeg_bytes,
+    grey_png_bytes,
+    jpeg_bytes,
+    make_class_tree,
+    palette_png_bytes,
+    png16_bytes,
+    png_bytes,
+    rgba_png_bytes,
+    tree_digest,
+    truncated_jpeg_bytes,
+    write,
+)
+from train.data_sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    DatasetError,
+    class_dir_names,
+    default_test_per_class,
+    read_idx,
+    safe_dir_name,
+    split_counts,
+)
+from train.datasets import ManifestDataset, ManifestError, read_labels, read_manifest, verify_checksums
 from train.images import ImageDecodeError, open_rgb
-from train.load_data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DatasetError,
-                             class_dir_names, default_test_per_class, prepare_dataset, read_idx,
-                             safe_dir_name, split_counts)
+from train.load_data import prepare_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_FMNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
 @pytest.fixture
 def fmnist_installed():
-    # The embedded default data set is installed by scripts/setup_env.sh; a missing one is a broken environment, not a reason to skip.
+    # The embedded default data set is installed by scripts/setup_env.sh; a missing
+    # one is a broken environment, not a reason to skip.
     if not HAVE_FMNIST:
         pytest.fail(f"{FASHION_MNIST_DIR} absent: run scripts/setup_env.sh (apt-get install dataset-fashion-mnist)")
 
@@ -131,7 +149,7 @@ def test_image_folder_rejects_broken_files_and_keeps_odd_ones(tmp_path):
     summary = run(out, image_folder=src, seed=0)
 
     assert tree_digest(src) == before, "the source tree must not be modified"
-    reasons = {r["path"]: r["reason"] for r in summary["rejected"]}
+    reasons = {r.path: r.reason for r in summary.rejected}
     assert set(reasons) == {"dog/empty.jpg", "dog/truncated.jpg", "dog/text.png",
                             "dog/really_png.jpg"}
     assert reasons["dog/empty.jpg"] == "empty file (0 bytes)"
@@ -140,14 +158,14 @@ def test_image_folder_rejects_broken_files_and_keeps_odd_ones(tmp_path):
     # the rejected entry names the file (its key); the reason carries no file-object repr
     assert "unrecognised image format" in reasons["dog/text.png"] and "<_io" not in reasons["dog/text.png"]
     assert reasons["dog/really_png.jpg"] == "extension .jpg but content is PNG"
-    skipped = {s["path"]: s["reason"] for s in summary["skipped"]}
+    skipped = {s.path: s.reason for s in summary.skipped}
     assert skipped["dog/.DS_Store"] == "hidden file"
     assert "not an image extension" in skipped["dog/notes.txt"]
     assert skipped["stray.jpg"] == "not inside a class folder"
 
     # everything is in summary.json too
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["rejected"] == summary["rejected"]
+    assert on_disk["rejected"] == [r.model_dump() for r in summary.rejected]
     assert on_disk["source"]["layout"] == "single"
 
     rows = manifest_rows(out)
@@ -155,7 +173,7 @@ def test_image_folder_rejects_broken_files_and_keeps_odd_ones(tmp_path):
     assert {"cmyk.jpg", "deep16.png", "palette.png", "alpha.png", "rotated.jpg",
             "sub__nested.png"} <= names
     assert not names & {"empty.jpg", "truncated.jpg", "text.png", "really_png.jpg"}
-    assert sum(summary["split_sizes"].values()) == len(rows) == 10 + 4
+    assert sum(summary.split_sizes.values()) == len(rows) == 10 + 4
     for r in rows:
         link = out / r["path"]
         assert link.is_symlink() and os.path.isabs(os.readlink(link))
@@ -194,8 +212,8 @@ def test_too_few_images_for_a_split_is_an_error(tmp_path):
     with pytest.raises(DatasetError, match=r"class 'dog' has only 2 usable"):
         run(tmp_path / "data", image_folder=src)
     summary = run(tmp_path / "data", image_folder=src, val_fraction=0.0)
-    assert summary["counts"]["val"] == {"cat": 0, "dog": 0}
-    assert summary["counts"]["test"]["dog"] == 1
+    assert summary.counts["val"] == {"cat": 0, "dog": 0}
+    assert summary.counts["test"]["dog"] == 1
 
 
 def test_stratified_split_is_deterministic(tmp_path):
@@ -213,9 +231,9 @@ def test_stratified_split_is_deterministic(tmp_path):
     assert m1 == m2 == m3
     assert m1 != m4
     for s in (s1, s4):
-        assert s["counts"]["train"] == {"a": 14, "b": 14, "c": 9}
-        assert s["counts"]["val"] == {"a": 3, "b": 3, "c": 2}
-        assert s["counts"]["test"] == {"a": 3, "b": 3, "c": 2}
+        assert s.counts["train"] == {"a": 14, "b": 14, "c": 9}
+        assert s.counts["val"] == {"a": 3, "b": 3, "c": 2}
+        assert s.counts["test"] == {"a": 3, "b": 3, "c": 2}
     # every usable file in exactly one split
     paths = [Path(r["path"]).name + r["class_name"] for r in manifest_rows(tmp_path / "d1")]
     assert len(paths) == len(set(paths)) == sum(classes.values())
@@ -225,7 +243,7 @@ def test_per_class_subset_of_image_folder(tmp_path):
     src = make_class_tree(tmp_path / "src", {"a": 30, "b": 30})
     s = run(tmp_path / "data", image_folder=src, per_class=10)
     for c in ("a", "b"):
-        assert sum(s["counts"][sp][c] for sp in ("train", "val", "test")) == 10
+        assert sum(s.counts[sp][c] for sp in ("train", "val", "test")) == 10
 
 
 def test_labels_order_is_sorted_folder_names(tmp_path):
@@ -246,8 +264,8 @@ def test_pre_split_tree_is_detected_and_kept(tmp_path):
     before = tree_digest(src)
     s = run(tmp_path / "data", image_folder=src)
     assert tree_digest(src) == before
-    assert s["source"]["layout"] == "pre-split"
-    assert s["counts"] == {"train": {"cat": 5, "dog": 4}, "val": {"cat": 2, "dog": 2},
+    assert s.source.layout == "pre-split"
+    assert s.counts == {"train": {"cat": 5, "dog": 4}, "val": {"cat": 2, "dog": 2},
                            "test": {"cat": 1, "dog": 3}}
     for r in manifest_rows(tmp_path / "data"):
         assert f"/{r['split']}/" in os.readlink(tmp_path / "data" / r["path"])
@@ -258,10 +276,10 @@ def test_pre_split_tree_without_val_carves_it_from_train(tmp_path):
     make_class_tree(src / "train", {"cat": 10, "dog": 10})
     make_class_tree(src / "test", {"cat": 2, "dog": 2}, seed=2)
     s = run(tmp_path / "data", image_folder=src)
-    assert s["counts"]["val"] == {"cat": 2, "dog": 2}   # round(10 * 0.15)
-    assert s["counts"]["train"] == {"cat": 8, "dog": 8}
-    assert s["counts"]["test"] == {"cat": 2, "dog": 2}
-    assert any("carved" in n for n in s["notes"])
+    assert s.counts["val"] == {"cat": 2, "dog": 2}   # round(10 * 0.15)
+    assert s.counts["train"] == {"cat": 8, "dog": 8}
+    assert s.counts["test"] == {"cat": 2, "dog": 2}
+    assert any("carved" in n for n in s.notes)
 
 
 def test_pre_split_class_mismatch_and_mixed_layout_are_errors(tmp_path):
@@ -365,11 +383,11 @@ def test_fashion_mnist_per_class_subset(fmnist_small):
     from PIL import Image
 
     out, s = fmnist_small
-    assert s["source"]["type"] == "fashion-mnist" and s["rejected"] == []
+    assert s.source.type == "fashion-mnist" and s.rejected == []
     # 6 per class from the train file: val = round(6 * 0.15 / 0.85) = 1, train 5;
     # test from t10k: max(1, round(6 * 0.15 / 0.85)) = 1
     for c in FASHION_MNIST_CLASSES:
-        assert (s["counts"]["train"][c], s["counts"]["val"][c], s["counts"]["test"][c]) == (5, 1, 1)
+        assert (s.counts["train"][c], s.counts["val"][c], s.counts["test"][c]) == (5, 1, 1)
     assert read_labels(out) == list(FASHION_MNIST_CLASSES)
     assert (out / "images" / "train" / "T-shirt_top").is_dir()
     records = read_manifest(out)

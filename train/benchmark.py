@@ -146,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for size in args.img_size:
         for mode in args.modes:
-            print(f"measuring {args.arch} {mode} at {size} px, batch {args.batch_size} ...", file=sys.stderr, flush=True)
+            print(f"measuring {args.arch} {mode} at {size} px, batch {args.batch_size} ...", file=sys.stderr,
+                  flush=True)
             try:
                 rows.append(run_isolated(arch=args.arch, img_size=size, batch_size=args.batch_size,
                                          steps=args.steps, warmup=args.warmup, mode=mode, amp=args.amp,

@@ -1,6 +1,6 @@
 """Read the data folder written by `python -m train.load_data` (contract:
-docs/architecture.md, "Stage 1"): the manifest, the labels and a map-style
-dataset for torch's DataLoader.
+train/data_folder.py, docs/architecture.md "Stage 1"): the manifest, the
+labels and a map-style dataset for torch's DataLoader.
 
 Importing this module is cheap (no torch): `read_labels` and `read_manifest`
 are also used by export and serving code. `ManifestDataset` imports torch
@@ -13,12 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Sequence
 
-from train.checksums import sha256_file
+from train.artifact_io import sha256_file
+from train.data_folder import LABELS_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, SPLITS
 
-MANIFEST_FILE = "manifest.csv"
-LABELS_FILE = "labels.txt"
-MANIFEST_COLUMNS = ("path", "label", "class_name", "split", "sha256")
-SPLITS = ("train", "val", "test")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -28,7 +25,7 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
-class Record:
+class ManifestRow:
     path: str          # relative to the data folder, POSIX separators
     label: int
     class_name: str
@@ -61,7 +58,7 @@ def read_labels(data_path: str | Path) -> list[str]:
     return names
 
 
-def read_manifest(data_path: str | Path, split: str | Iterable[str] | None = None) -> list[Record]:
+def read_manifest(data_path: str | Path, split: str | Iterable[str] | None = None) -> list[ManifestRow]:
     """All rows of manifest.csv (or those of `split`), validated against
     labels.txt. Raises ManifestError naming the file and line of a bad row."""
     data_path = Path(data_path)
@@ -73,7 +70,7 @@ def read_manifest(data_path: str | Path, split: str | Iterable[str] | None = Non
         unknown = wanted - set(SPLITS)
         if unknown:
             raise ValueError(f"split {sorted(unknown)}: choose from {SPLITS}")
-    records: list[Record] = []
+    records: list[ManifestRow] = []
     seen: dict[str, int] = {}
     try:
         fh = open(f, newline="", encoding="utf-8")
@@ -115,11 +112,11 @@ def read_manifest(data_path: str | Path, split: str | Iterable[str] | None = Non
                 raise ManifestError(f"{where}: path {path!r} already listed on line {seen[path]}")
             seen[path] = line
             if wanted is None or row_split in wanted:
-                records.append(Record(path, label, class_name, row_split, sha))
+                records.append(ManifestRow(path, label, class_name, row_split, sha))
     return records
 
 
-def verify_checksums(data_path: str | Path, records: Sequence[Record] | None = None, *,
+def verify_checksums(data_path: str | Path, records: Sequence[ManifestRow] | None = None, *,
                      split: str | None = None, raise_on_error: bool = True) -> list[str]:
     """Hash every listed file and compare with the manifest. Returns the list of
     problems (missing file, dangling link, changed content); raises

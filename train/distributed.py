@@ -64,6 +64,18 @@ def cleanup(info: DistInfo) -> None:
                 gc.collect()
 
 
+def wrap_ddp(module: torch.nn.Module, device: torch.device):
+    """A DistributedDataParallel wrapper of ``module``. DDP fixes the set of
+    trained parameters when it is built: when that set changes, drop every
+    reference to the old wrapper and gc.collect() before wrapping again (its
+    reducer keeps autograd hooks and gradient buckets on the shared
+    parameters until it is destroyed, and DDP objects sit in reference
+    cycles; see train.trainer.Trainer.wrap_for_phase)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         import torch.distributed as dist

@@ -20,14 +20,18 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from train.artifact_io import sha256_bytes, sha256_file
+from train.checkpoint import HEADS
 from train.pos_embed import official_method
 from train.weight_layouts import RawWeights, WeightsError, read_weights, to_backbone_state_dict
+
+if TYPE_CHECKING:
+    from train.checkpoint import CheckpointRecord
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,6 @@ OFFICIAL_URLS = {
     name: f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{name.removesuffix('_reg4')}/dinov2_{name}_pretrain.pth"
     for name in ARCHS
 }
-HEADS = ("cls_mean", "cls", "mean")
-CHECKPOINT_FORMAT_VERSION = 1
 
 
 def resolve_arch(arch: str) -> str:
@@ -249,43 +251,25 @@ def enable_xformers(backbone: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Trained checkpoints (model_final.pth and friends)
+# Trained checkpoints (model_final.pth and friends): train/checkpoint.py
+# holds the record, its writer and its reader.
 # ----------------------------------------------------------------------------
-REQUIRED_RECORD_KEYS = ("format_version", "arch", "img_size", "num_classes", "head",
-                        "class_names", "preprocessing", "state_dict")
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load with weights_only=True (refuses pickled code) + field checks."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: checkpoint not found (train first: python -m train.finetune ...)")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"{path}: refused or unreadable checkpoint ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(record, dict):
-        raise WeightsError(f"{path}: not a checkpoint written by this tool")
-    missing = [k for k in REQUIRED_RECORD_KEYS if k not in record]
-    if missing:
-        raise WeightsError(f"{path}: checkpoint lacks fields {missing}; was it written by train.finetune?")
-    if record["format_version"] > CHECKPOINT_FORMAT_VERSION:
-        raise WeightsError(f"{path}: checkpoint format {record['format_version']} is newer than this "
-                           f"tool understands ({CHECKPOINT_FORMAT_VERSION}); upgrade the tool")
-    return record
-
-
-def model_from_record(record: Mapping[str, Any], *, attention: str = "sdpa") -> DinoV2Classifier:
-    built = build_model(record["arch"], weights="random", num_classes=int(record["num_classes"]),
-                        img_size=int(record["img_size"]), head=record["head"], attention=attention,
-                        backbone_overrides=record.get("backbone_overrides") or None)
-    _load_strict(built.model, record["state_dict"], f"checkpoint state_dict ({record['arch']})")
+def model_from_record(record: "CheckpointRecord", *, attention: str = "sdpa") -> DinoV2Classifier:
+    """Rebuild the classifier a CheckpointRecord describes and load its weights strictly."""
+    built = build_model(record.arch, weights="random", num_classes=record.num_classes,
+                        img_size=record.image_size, head=record.head, attention=attention,
+                        backbone_overrides=record.backbone_overrides or None)
+    _load_strict(built.model, record.state_dict, f"checkpoint state_dict ({record.arch})")
     return built.model
 
 
 def load_classifier(path: str | os.PathLike, *, attention: str = "sdpa"
-                    ) -> tuple[DinoV2Classifier, dict[str, Any]]:
-    """Rebuild a trained classifier from a checkpoint; returns (model in eval mode, record)."""
+                    ) -> tuple[DinoV2Classifier, "CheckpointRecord"]:
+    """Rebuild a trained classifier from a checkpoint; returns (model in eval
+    mode, CheckpointRecord). A bad file raises train.records.RecordError, weights
+    that do not fit the architecture WeightsError."""
+    from train.checkpoint import read_checkpoint
+
     record = read_checkpoint(path)
     model = model_from_record(record, attention=attention).eval()
     return model, record
