@@ -4,16 +4,16 @@
 
 The engine build itself is export/trt_build_main.py (standard library only,
 so it also runs alone inside the NVIDIA TensorRT container): one profile
-with max = max_batch_size (FIELD_NOTES 7), LayerNorm/Softmax/reductions/head
-pinned FP32, the installed TensorRT checked against the pinned Triton
-container's (FIELD_NOTES 2), and the version, GPU name and compute capability
-stamped into the build info and config.pbtxt parameters.
+with max = max_batch_size, LayerNorm/Softmax/reductions/head pinned FP32,
+the installed TensorRT checked against the pinned Triton container's, and
+the version, GPU name and compute capability stamped into the build info and
+config.pbtxt parameters.
 
 Without TensorRT or a CUDA GPU (this CPU machine) build() raises SkipVariant
 "not built: needs an NVIDIA GPU and TensorRT (...)": no file is written,
 never a placeholder. The runner deserializes the plan with trt.Runtime and
-runs it on torch CUDA tensors, so the pipeline verifies every engine against
-eager FP32 on the GPU before publishing it (FIELD_NOTES 4).
+runs it on CUDA buffers on a stream of its own, so the pipeline verifies
+every engine against eager FP32 on the GPU before publishing it.
 
 Options (ExportContext.options, `--set KEY=VALUE`): trt_opt_batch (default:
 max_batch_size), trt_workspace_gb, trt_builder_optimization_level,
@@ -24,6 +24,7 @@ trt_versions_file.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,16 +32,16 @@ from typing import Any, Mapping
 
 import export.onnx_int8  # noqa: F401 - registers the parents `onnx` and `onnx_int8` first
 from export.registry import SkipVariant, Variant, register
-from export.trt_build_main import (DEFAULT_FP32_LAYERS, FP8_MIN_COMPUTE_CAPABILITY, NEEDS_GPU, VERSIONS_FILE,
+from export.trt_build_main import (DEFAULT_FP32_LAYERS, FP8_MIN_COMPUTE_CAPABILITY, INPUT_NAME, VERSIONS_FILE,
                                    EngineBuildError, TensorRTUnavailable, VersionMismatch, build_engine,
-                                   build_plan, check_version, gpu_info, import_tensorrt, pinned_versions,
-                                   read_versions_file, versions_match)
+                                   build_plan, check_version, gpu_info, import_tensorrt, versions_match)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_engine", "build_plan", "check_version", "gpu_info", "import_tensorrt", "pinned_versions",
-           "read_versions_file", "versions_match", "engine_runner", "TRT_DEFAULTS"]
+__all__ = ["build_engine", "build_plan", "check_version", "gpu_info", "import_tensorrt", "versions_match",
+           "engine_runner", "plan_is_version_compatible", "TRT_DEFAULTS"]
 
+OUTPUT_NAMES = ("logits", "embedding")
 TRT_DEFAULTS: dict[str, Any] = {
     "trt_opt_batch": None,                       # None: max_batch_size
     "trt_workspace_gb": None,                    # None: TensorRT's default (the device memory)
@@ -51,6 +52,11 @@ TRT_DEFAULTS: dict[str, Any] = {
     "trt_allow_version_mismatch": False,
     "trt_versions_file": str(VERSIONS_FILE),
 }
+# Plans built in this process -> were they built version-compatible? The
+# runner that verifies them right after the build needs to know (a
+# version-compatible plan deserializes only with host code allowed).
+_BUILT_VERSION_COMPATIBLE: dict[str, bool] = {}
+_VC_PARAM = re.compile(r'key:\s*"version_compatible"\s*value\s*\{\s*string_value:\s*"(true|false)"')
 
 
 def _opt(options: Mapping[str, Any], key: str):
@@ -62,6 +68,14 @@ def _bool(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
+
+
+def _parent_onnx(ctx, source: str) -> Path:
+    path = ctx.artifacts.get(source)
+    if path is None or not Path(path).is_file():
+        raise EngineBuildError(f"the `{source}` artifact is missing: build the {source} variant first "
+                               f"(python -m export --variants {source},...)")
+    return Path(path)
 
 
 def _build(ctx, path: Path, *, precision: str, source: str, onnx_path: Path | None = None) -> dict:
@@ -76,12 +90,11 @@ def _build(ctx, path: Path, *, precision: str, source: str, onnx_path: Path | No
         gpu_info()
     except TensorRTUnavailable as exc:
         raise SkipVariant(str(exc)) from None
-    onnx_path = onnx_path or ctx.artifacts.get(source)
-    if onnx_path is None or not Path(onnx_path).is_file():
-        raise EngineBuildError(f"the `{source}` artifact is missing: build the {source} variant first")
+    onnx_path = onnx_path or _parent_onnx(ctx, source)
     workspace = _opt(o, "trt_workspace_gb")
     level = _opt(o, "trt_builder_optimization_level")
     cache = _opt(o, "trt_timing_cache")
+    version_compatible = _bool(_opt(o, "trt_version_compatible"))
     # Build into the work dir and move: a failed build leaves nothing in the staging folder.
     tmp_plan = Path(ctx.work_dir) / f"{precision}_engine" / "model.plan"
     try:
@@ -90,13 +103,14 @@ def _build(ctx, path: Path, *, precision: str, source: str, onnx_path: Path | No
                           fp32_layers=str(_opt(o, "trt_fp32_layers")),
                           workspace_gb=None if workspace is None else float(workspace),
                           builder_optimization_level=None if level is None else int(level),
-                          version_compatible=_bool(_opt(o, "trt_version_compatible")),
+                          version_compatible=version_compatible,
                           timing_cache=(cache or None),
                           allow_version_mismatch=_bool(_opt(o, "trt_allow_version_mismatch")),
                           versions_file=_opt(o, "trt_versions_file"))
     except (TensorRTUnavailable, VersionMismatch) as exc:
         raise SkipVariant(str(exc) if str(exc).startswith("not built") else f"not built: {exc}") from None
     shutil.move(str(tmp_plan), str(path))
+    _BUILT_VERSION_COMPATIBLE[str(Path(path).resolve())] = version_compatible
     info["source_variant"] = source
     info["max_batch_size"] = max_batch
     return info
@@ -115,11 +129,12 @@ def build_trt_fp8(ctx, path: Path) -> dict:
     INT8) then a TensorRT FP8 engine. Skipped below compute capability 8.9."""
     import numpy as np
 
-    from export.onnx_int8 import (DEFAULT_ROLES, link_or_copy, node_roles, option, run_modelopt_quantize,
-                                  select_nodes)
+    from export.modelopt_worker import run_modelopt_quantize
+    from export.onnx_int8 import option
+    from export.onnx_variant import fp32_work_copy
+    from export.quant_graph import DEFAULT_ROLES, node_roles, select_nodes
 
     # The same check _build makes, first: no calibration work on a host that cannot build.
-
     try:
         import_tensorrt()
         gpu = gpu_info()
@@ -128,13 +143,9 @@ def build_trt_fp8(ctx, path: Path) -> dict:
     if tuple(gpu["cc"]) < FP8_MIN_COMPUTE_CAPABILITY:
         raise SkipVariant(f"not built: FP8 needs compute capability >= 8.9 (Ada/Hopper); this GPU is "
                           f"{gpu['gpu_name']} (compute capability {gpu['compute_capability']})")
+    work, fp32 = fp32_work_copy(ctx, TRT_FP8, EngineBuildError)
     import onnx
 
-    work = Path(ctx.work_dir) / "trt_fp8"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    fp32 = work / "fp32.onnx"
-    link_or_copy(Path(ctx.artifacts["onnx"]), fp32)
     nodes = select_nodes(node_roles(onnx.load(str(fp32), load_external_data=False)), DEFAULT_ROLES)
     calib = ctx.calibration_images(int(option(ctx.options, "calib_size")), seed=0)
     np.save(work / "calib.npy", np.ascontiguousarray(calib, dtype=np.float32))
@@ -152,52 +163,141 @@ def build_trt_fp8(ctx, path: Path) -> dict:
 # ---------------------------------------------------------------------------
 # runner
 # ---------------------------------------------------------------------------
-def engine_runner(path: Path):
-    """Deserialize a plan with trt.Runtime and run it on torch CUDA tensors.
-    SkipVariant where TensorRT or a CUDA GPU is missing."""
-    try:
-        trt = import_tensorrt()
-        gpu_info()
+def plan_is_version_compatible(path: Path) -> bool:
+    """Whether the plan at `path` was built version-compatible: known for
+    plans built in this process; for a published plan
+    (<model>/<version>/model.plan) read from the model's config.pbtxt
+    parameter `version_compatible` (stamped at export). Otherwise False: a
+    standard plan, deserialized without host code."""
+    path = Path(path)
+    known = _BUILT_VERSION_COMPATIBLE.get(str(path.resolve()))
+    if known is not None:
+        return known
+    config = path.parent.parent / "config.pbtxt"
+    if config.is_file():
+        m = _VC_PARAM.search(config.read_text(errors="replace"))
+        if m:
+            return m.group(1) == "true"
+    return False
+
+
+class TorchCudaDevice:
+    """CUDA buffers and a stream of the runner's own, through torch.
+
+    Why not torch's current stream: that is the legacy default stream
+    (handle 0) unless someone changed it, and enqueueV3 on the legacy
+    default stream makes TensorRT add device-wide synchronisation around
+    every execution."""
+
+    def __init__(self):
         import torch
-    except TensorRTUnavailable as exc:
-        raise SkipVariant(str(exc).replace("not built", "cannot run")) from None
-    logger = trt.Logger(trt.Logger.WARNING)
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-    if engine is None:
-        raise EngineBuildError(f"{path}: TensorRT {trt.__version__} could not deserialize this plan (built with "
-                               f"another TensorRT version or for another GPU? FIELD_NOTES 2)")
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    max_batch = int(engine.get_tensor_profile_shape("pixel_values", 0)[2][0])
-    torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32}
-    device = torch.device("cuda", torch.cuda.current_device())
 
-    def run_chunk(x):
-        inp = torch.from_numpy(x).to(device)
-        context.set_input_shape("pixel_values", tuple(inp.shape))
-        context.set_tensor_address("pixel_values", inp.data_ptr())
+        if not torch.cuda.is_available():
+            raise SkipVariant("cannot run: needs an NVIDIA GPU and TensorRT (torch.cuda sees no GPU)")
+        self.torch = torch
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+
+    @property
+    def stream_handle(self) -> int:
+        return int(self.stream.cuda_stream)
+
+    def upload(self, array):
+        with self.torch.cuda.stream(self.stream):
+            return self.torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    def empty(self, shape, dtype: str):
+        with self.torch.cuda.stream(self.stream):
+            return self.torch.empty(tuple(shape), dtype=getattr(self.torch, dtype), device=self.device)
+
+    def pointer(self, buffer) -> int:
+        return int(buffer.data_ptr())
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def download(self, buffer):
+        return buffer.float().cpu().numpy()
+
+
+class EngineRunner:
+    """float32 pixel_values [N,3,H,W] -> (logits, embedding) through a
+    deserialized engine; inputs larger than the profile max run in chunks."""
+
+    def __init__(self, engine, trt, device, path: Path):
+        self.engine, self.trt, self.device, self.path = engine, trt, device, Path(path)
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise EngineBuildError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        if sorted(names) != sorted((INPUT_NAME, *OUTPUT_NAMES)):
+            raise EngineBuildError(f"{path}: engine tensors {names}, expected {[INPUT_NAME, *OUTPUT_NAMES]}")
+        if engine.get_tensor_dtype(INPUT_NAME) != trt.float32:
+            raise EngineBuildError(f"{path}: {INPUT_NAME} is {engine.get_tensor_dtype(INPUT_NAME)}, expected float32")
+        lo, _opt_shape, hi = engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+        self.dtypes = {trt.float32: "float32", trt.float16: "float16", trt.int32: "int32"}
+
+    def _run_chunk(self, x):
+        ctx, dev = self.context, self.device
+        shape = tuple(int(d) for d in x.shape)
+        inp = dev.upload(x)
+        # set_input_shape returns False for a shape outside the profile; going
+        # on would run the engine on stale shapes.
+        if not ctx.set_input_shape(INPUT_NAME, shape):
+            raise RuntimeError(f"{self.path}: TensorRT rejected input shape {shape} for {INPUT_NAME} "
+                               f"(profile batch {self.min_batch}..{self.max_batch})")
+        unresolved = list(ctx.infer_shapes() or [])
+        if unresolved:
+            raise RuntimeError(f"{self.path}: TensorRT cannot infer the shapes of {unresolved} for input {shape}")
+        ctx.set_tensor_address(INPUT_NAME, dev.pointer(inp))
         outs = {}
-        for name in names:
-            if name == "pixel_values":
-                continue
-            shape = tuple(context.get_tensor_shape(name))
-            outs[name] = torch.empty(shape, dtype=torch_dtype[engine.get_tensor_dtype(name)], device=device)
-            context.set_tensor_address(name, outs[name].data_ptr())
-        stream = torch.cuda.current_stream(device)
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"{path}: TensorRT execution failed")
-        stream.synchronize()
-        return (outs["logits"].float().cpu().numpy(), outs["embedding"].float().cpu().numpy())
+        for name in OUTPUT_NAMES:
+            out_shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            dtype = self.engine.get_tensor_dtype(name)
+            if any(d < 0 for d in out_shape) or dtype not in self.dtypes:
+                raise RuntimeError(f"{self.path}: output {name} has shape {out_shape} / dtype {dtype}")
+            outs[name] = dev.empty(out_shape, self.dtypes[dtype])
+            ctx.set_tensor_address(name, dev.pointer(outs[name]))
+        if not ctx.execute_async_v3(dev.stream_handle):
+            raise RuntimeError(f"{self.path}: TensorRT execution failed for input {shape}")
+        dev.synchronize()
+        return dev.download(outs["logits"]), dev.download(outs["embedding"])
 
-    def run(x):
+    def __call__(self, x):
         import numpy as np
 
         x = np.ascontiguousarray(x, dtype=np.float32)
-        parts = [run_chunk(x[i:i + max_batch]) for i in range(0, len(x), max_batch)]
+        parts = [self._run_chunk(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    run.engine = engine
-    return run
+
+
+def engine_runner(path: Path, *, allow_host_code: bool | None = None, trt_module=None, device=None) -> EngineRunner:
+    """Deserialize a plan with trt.Runtime and return a runner on CUDA
+    buffers (`device`: TorchCudaDevice unless given). Host code is allowed
+    only for version-compatible plans (`allow_host_code`, default:
+    plan_is_version_compatible). SkipVariant where TensorRT or a CUDA GPU is missing."""
+    path = Path(path)
+    try:
+        trt = trt_module or import_tensorrt()
+        if device is None:
+            gpu_info()
+    except TensorRTUnavailable as exc:
+        raise SkipVariant(str(exc).replace("not built", "cannot run")) from None
+    device = device if device is not None else TorchCudaDevice()
+    host_code = plan_is_version_compatible(path) if allow_host_code is None else bool(allow_host_code)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    if host_code:
+        # A version-compatible plan carries a lean runtime (host code); trust it
+        # only because this project built it.
+        runtime.engine_host_code_allowed = True
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        hint = ("" if host_code else "; if it was built version-compatible, its config.pbtxt parameter "
+                                     "version_compatible must say \"true\"")
+        raise EngineBuildError(f"{path}: TensorRT {trt.__version__} could not deserialize this plan (built with "
+                               f"another TensorRT version or for another GPU architecture?{hint})")
+    return EngineRunner(engine, trt, device, path)
 
 
 TRT_FP16 = register(Variant(

@@ -2,41 +2,53 @@
 container: `python -m export.trt_build_main --onnx model.onnx --plan model.plan
 --precision fp16 --max-batch 8` (scripts/build_engines.sh runs it there).
 
-Imports only the standard library at module level (the container has
-TensorRT's Python bindings, not this project's dependencies). The export
+Imports only the standard library and this project's stdlib-only helpers
+(serve.release_pin, train.artifact_io) at module level: the container has
+TensorRT's Python bindings, not this project's dependencies. The export
 variants (`export.tensorrt_engine`) call the same functions.
 
 - `build_engine(..., trt_module=...)` takes the `tensorrt` module as a
   parameter, so its logic (profile, precision flags, FP32-pinned layers,
-  timing cache) is unit-tested against a recording fake where TensorRT
-  cannot be installed (tests/test_tensorrt_build.py).
+  timing cache) is unit-tested against a fake where TensorRT cannot be
+  installed (tests/test_tensorrt_build.py).
 - One optimization profile for `pixel_values`: min batch 1, opt, and max =
   max_batch_size exactly; a larger max wastes memory, a smaller one makes
-  Triton fail with "expected the shape of dimension 0 to be between 1 and 1"
-  (FIELD_NOTES 7).
+  Triton fail with "expected the shape of dimension 0 to be between 1 and 1".
 - LayerNorm (normalization layers), Softmax, reductions and the final head
-  are pinned to FP32 with OBEY_PRECISION_CONSTRAINTS (FIELD_NOTES 3, 5).
-- The installed TensorRT must equal the TensorRT of the pinned Triton
-  container (scripts/triton_version.sh): a plan only loads in the version
-  that built it, on the GPU architecture it was built for (FIELD_NOTES 2).
-  The version, GPU name and compute capability are stamped into the info.
+  are pinned to FP32 with OBEY_PRECISION_CONSTRAINTS: in FP16 they lose the
+  accuracy the gates demand.
+- Versions: a standard plan loads only in the exact TensorRT (all four
+  version parts) that built it, on the GPU architecture it was built for. The
+  installed TensorRT must therefore equal the pinned container's
+  (scripts/triton_version.sh). A version-compatible plan (VERSION_COMPATIBLE,
+  it embeds a lean runtime) loads in the same or a later TensorRT of the same
+  major version, but only where the runtime allows host code:
+  `IRuntime.engine_host_code_allowed = True` here, and
+  `--backend-config=tensorrt,version-compatible=true` in Triton
+  (scripts/serve.sh container passes it when the repository holds such plans).
+- TensorRT 11 removed weakly typed builds (BuilderFlag.FP16/INT8 and the
+  precision constraints); this builder targets the TensorRT 10 of the pin
+  and says so instead of failing on a missing attribute.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from serve.release_pin import PIN_FILE, PinError, ReleasePin, load_pin
+from train.artifact_io import atomic_write_bytes, atomic_write_text, dumps_json, sha256_file
+
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-VERSIONS_FILE = ROOT / "scripts" / "triton_version.sh"
+VERSIONS_FILE = PIN_FILE
 INPUT_NAME = "pixel_values"
 HEAD_OUTPUT = "logits"
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
@@ -46,6 +58,14 @@ DEFAULT_FP32_LAYERS = ("normalization", "softmax", "reduce", "head")
 NEEDS_GPU = "not built: needs an NVIDIA GPU and TensorRT"
 # FP8 tensor cores: Ada (8.9) and Hopper (9.0) or newer.
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+# First TensorRT major without weakly typed networks (BuilderFlag.FP16/INT8 removed).
+STRONGLY_TYPED_ONLY_MAJOR = 11
+# Where the timing cache lives unless --timing-cache says otherwise;
+# scripts/build_engines.sh mounts a host folder there so `docker run --rm`
+# does not throw the cache away with the container.
+CACHE_ENV = "DINOV2_TRITON_CACHE"
+NVIDIA_SMI_QUERY = ("nvidia-smi", "--query-gpu=index,name,compute_cap,driver_version,memory.total",
+                    "--format=csv,noheader,nounits")
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -57,11 +77,11 @@ class EngineBuildError(RuntimeError):
 
 
 class VersionMismatch(RuntimeError):
-    """Installed TensorRT differs from the pinned Triton container's."""
+    """Installed TensorRT cannot build a plan that the pinned Triton container loads."""
 
 
 # ---------------------------------------------------------------------------
-# environment: TensorRT, GPU, version pin
+# environment: TensorRT, GPU
 # ---------------------------------------------------------------------------
 def import_tensorrt():
     """The `tensorrt` module, or TensorRTUnavailable with the exact reason."""
@@ -72,94 +92,156 @@ def import_tensorrt():
     return trt
 
 
-def gpu_info(device: int = 0) -> dict[str, Any]:
-    """{"gpu_name", "compute_capability" ("9.0"), "cc": (9, 0), "source"}; tries
-    torch, then cuda-python. TensorRTUnavailable when no CUDA GPU is visible."""
-    problems = []
+def _gpu_record(index: int, name: str, major: int, minor: int, memory_bytes: int | None) -> dict[str, Any]:
+    return {"index": index, "name": name, "compute_capability": f"{major}.{minor}", "cc": (major, minor),
+            "total_memory_bytes": memory_bytes}
+
+
+def _gpus_from_torch(problems: list[str]) -> list[dict] | None:
     try:
         import torch
-
-        if torch.cuda.is_available() and torch.cuda.device_count() > device:
-            p = torch.cuda.get_device_properties(device)
-            return {"gpu_name": p.name, "compute_capability": f"{p.major}.{p.minor}", "cc": (p.major, p.minor),
-                    "total_memory_bytes": int(p.total_memory), "source": "torch.cuda"}
-        problems.append("torch.cuda sees no GPU")
     except ImportError:
         problems.append("torch not installed")
+        return None
+    if not torch.cuda.is_available():
+        problems.append("torch.cuda sees no GPU")
+        return None
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(_gpu_record(i, p.name, p.major, p.minor, int(p.total_memory)))
+    return out
+
+
+def _gpus_from_cuda_python(problems: list[str]) -> list[dict] | None:
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
         try:
             from cuda import cudart  # older cuda-python layout
         except ImportError:
-            cudart = None
             problems.append("cuda-python not installed")
-    if cudart is not None:
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) == 0 and count > device:
-            err, props = cudart.cudaGetDeviceProperties(device)
-            if int(err) == 0:
-                name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
-                return {"gpu_name": name, "compute_capability": f"{props.major}.{props.minor}",
-                        "cc": (props.major, props.minor), "total_memory_bytes": int(props.totalGlobalMem),
-                        "source": "cuda-python"}
+            return None
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count < 1:
         problems.append(f"CUDA runtime reports no GPU ({err})")
-    raise TensorRTUnavailable(f"{NEEDS_GPU} (no CUDA GPU visible: {'; '.join(problems)})")
+        return None
+    out = []
+    for i in range(count):
+        err, props = cudart.cudaGetDeviceProperties(i)
+        if int(err) != 0:
+            problems.append(f"cudaGetDeviceProperties({i}) failed ({err})")
+            return None
+        name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+        out.append(_gpu_record(i, name, props.major, props.minor, int(props.totalGlobalMem)))
+    return out
 
 
-def read_versions_file(path: str | os.PathLike = VERSIONS_FILE) -> dict[str, str]:
-    """KEY=VALUE lines of scripts/triton_version.sh (comments, `export` and
-    ${VAR} references handled); {} when the file does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    values: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip() if not raw.strip().startswith("#") else ""
-        line = line.removeprefix("export ").strip()
-        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
+def nvidia_smi_gpus(run: Callable = subprocess.run) -> tuple[list[dict], str | None]:
+    """GPUs and the driver version from `nvidia-smi` (present wherever the
+    NVIDIA driver is, including containers started with --gpus). Raises
+    TensorRTUnavailable with nvidia-smi's own message when it fails."""
+    if shutil.which(NVIDIA_SMI_QUERY[0]) is None:
+        raise TensorRTUnavailable(f"{NEEDS_GPU} (nvidia-smi not found)")
+    try:
+        proc = run(list(NVIDIA_SMI_QUERY), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TensorRTUnavailable(f"{NEEDS_GPU} (nvidia-smi failed: {exc})") from None
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout or "").strip().splitlines()
+        raise TensorRTUnavailable(f"{NEEDS_GPU} (nvidia-smi exit {proc.returncode}: {msg[0] if msg else ''})")
+    gpus, driver = [], None
+    for line in proc.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5:
+            raise TensorRTUnavailable(f"{NEEDS_GPU} (unexpected nvidia-smi line {line!r})")
+        index, name, cap, driver, mem = parts
+        m = re.fullmatch(r"(\d+)\.(\d+)", cap)
         if not m:
-            continue
-        value = m.group(2).strip().strip('"').strip("'")
-        value = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda g: values.get(g.group(1) or g.group(2), ""), value)
-        values[m.group(1)] = value
-    return values
+            raise TensorRTUnavailable(f"{NEEDS_GPU} (nvidia-smi compute_cap {cap!r}: driver too old to report it?)")
+        mem_bytes = int(float(mem) * (1 << 20)) if re.fullmatch(r"[\d.]+", mem) else None
+        gpus.append(_gpu_record(int(index), name, int(m.group(1)), int(m.group(2)), mem_bytes))
+    if not gpus:
+        raise TensorRTUnavailable(f"{NEEDS_GPU} (nvidia-smi lists no GPU)")
+    return gpus, driver
 
 
-def pinned_versions(path: str | os.PathLike = VERSIONS_FILE) -> dict[str, str | None]:
-    v = read_versions_file(path)
-    return {"tensorrt": v.get("TRITON_TENSORRT_VERSION"), "container_tag": v.get("TRITON_CONTAINER_TAG"),
-            "triton_server": v.get("TRITON_SERVER_VERSION"), "cuda": v.get("TRITON_CUDA_VERSION"),
-            "file": str(path), "found": bool(v)}
+def gpu_info(device: int = 0, *, run: Callable = subprocess.run) -> dict[str, Any]:
+    """{"gpu_name", "compute_capability" ("9.0"), "cc": (9, 0), "total_memory_bytes",
+    "driver_version", "source", "gpus": [...], "compatible_gpu_ids": [...]}.
+
+    Tries torch, then cuda-python, then nvidia-smi (the TensorRT container may
+    have neither Python package). compatible_gpu_ids are the visible GPUs of
+    the same name and compute capability as `device`: the ones a plan built
+    on `device` can run on. TensorRTUnavailable when no CUDA GPU is visible."""
+    problems: list[str] = []
+    driver = None
+    source = "torch.cuda"
+    gpus = _gpus_from_torch(problems)
+    if gpus is None:
+        source = "cuda-python"
+        gpus = _gpus_from_cuda_python(problems)
+    if gpus is None:
+        source = "nvidia-smi"
+        try:
+            gpus, driver = nvidia_smi_gpus(run)
+        except TensorRTUnavailable as exc:
+            problems.append(str(exc).replace(f"{NEEDS_GPU} ", "").strip("()"))
+            raise TensorRTUnavailable(f"{NEEDS_GPU} (no CUDA GPU visible: {'; '.join(problems)})") from None
+    elif shutil.which(NVIDIA_SMI_QUERY[0]):
+        try:  # the driver version only: it decides which CUDA runtimes can load
+            driver = nvidia_smi_gpus(run)[1]
+        except TensorRTUnavailable as exc:
+            log.warning("driver version unknown: %s", exc)
+    if not 0 <= device < len(gpus):
+        raise TensorRTUnavailable(f"{NEEDS_GPU} (GPU {device} requested, {len(gpus)} visible)")
+    me = gpus[device]
+    return {"gpu_name": me["name"], "compute_capability": me["compute_capability"], "cc": me["cc"],
+            "total_memory_bytes": me["total_memory_bytes"], "driver_version": driver, "source": source,
+            "device": device, "gpus": gpus,
+            "compatible_gpu_ids": [g["index"] for g in gpus if g["name"] == me["name"] and g["cc"] == me["cc"]]}
 
 
-def versions_match(installed: str, pinned: str) -> bool:
-    """Compare the components both give (at least major.minor.patch):
-    '10.5.0' matches '10.5.0.18'; '10.5.0.18' does not match '10.5.0.26'."""
-    a = [p for p in re.split(r"[.+]", installed.strip()) if p]
-    b = [p for p in re.split(r"[.+]", pinned.strip()) if p]
-    n = max(3, min(len(a), len(b)))
-    return a[:n] == b[:n]
+# ---------------------------------------------------------------------------
+# the version pin
+# ---------------------------------------------------------------------------
+def _numeric_parts(version: str) -> list[int] | None:
+    parts = version.strip().split(".")
+    if len(parts) < 4 or not all(p.isdigit() for p in parts[:4]):
+        return None
+    return [int(p) for p in parts[:4]]
 
 
-def check_version(installed: str, pins: Mapping[str, Any], *, allow_mismatch: bool = False) -> dict[str, Any]:
-    """Raise VersionMismatch (a plan would not load in the pinned Triton) unless
-    allowed; returns what was compared, for the build info."""
-    pinned = pins.get("tensorrt")
-    tag = pins.get("container_tag")
-    out = {"installed": installed, "pinned": pinned, "triton_container_tag": tag, "match": None}
-    if not pinned:
-        out["note"] = (f"no TRITON_TENSORRT_VERSION in {pins.get('file')}: cannot check the plan against the "
-                       f"Triton container; it loads only in TensorRT {installed}")
-        log.warning("%s", out["note"])
-        return out
-    out["match"] = versions_match(installed, pinned)
-    if not out["match"]:
-        msg = (f"installed TensorRT {installed} differs from TensorRT {pinned} in the pinned Triton container "
-               f"{tag or '?'} ({pins.get('file')}); a plan only loads in the TensorRT version that built it "
-               f"(FIELD_NOTES 2). Build inside nvcr.io/nvidia/tensorrt:{tag or '<YY.MM>'}-py3 "
-               f"(scripts/build_engines.sh), install tensorrt=={pinned}, or allow the mismatch "
-               f"(--allow-version-mismatch / --set trt_allow_version_mismatch=true)")
+def versions_match(installed: str, pinned: str, *, version_compatible: bool = False) -> bool:
+    """Can a plan built by TensorRT `installed` load in TensorRT `pinned`?
+
+    Standard plan: only when all four version parts are equal ('10.13.3' does
+    not prove it is '10.13.3.9'). Version-compatible plan: when the major
+    versions are equal and `installed` is not newer than `pinned`."""
+    a, b = _numeric_parts(installed), _numeric_parts(pinned)
+    if a is None or b is None:
+        return False
+    if version_compatible:
+        return a[0] == b[0] and a <= b
+    return a == b
+
+
+def check_version(installed: str, pin: ReleasePin, *, version_compatible: bool = False,
+                  allow_mismatch: bool = False) -> dict[str, Any]:
+    """Raise VersionMismatch (the plan would not load in the pinned Triton)
+    unless allowed; returns what was compared, for the build info."""
+    ok = versions_match(installed, pin.tensorrt, version_compatible=version_compatible)
+    out = {"installed": installed, "pinned": pin.tensorrt, "triton_container_tag": pin.container_tag,
+           "version_compatible": version_compatible, "match": ok,
+           "pinned_unverified": pin.is_unverified("TRITON_TENSORRT_VERSION")}
+    if not ok:
+        rule = ("a version-compatible plan loads only in the same TensorRT major, same or later version"
+                if version_compatible else "a standard plan loads only in the exact TensorRT (all four version "
+                                           "parts) that built it")
+        msg = (f"installed TensorRT {installed} cannot build a plan for TensorRT {pin.tensorrt} of the pinned "
+               f"Triton container {pin.container_tag} ({pin.file}): {rule}. Build inside "
+               f"{pin.tensorrt_image} (scripts/build_engines.sh), install TensorRT {pin.tensorrt}, or allow the "
+               f"mismatch (--allow-version-mismatch / --set trt_allow_version_mismatch=true)")
         if not allow_mismatch:
             raise VersionMismatch(msg)
         out["note"] = "MISMATCH allowed: " + msg
@@ -167,16 +249,30 @@ def check_version(installed: str, pins: Mapping[str, Any], *, allow_mismatch: bo
     return out
 
 
+def cache_dir() -> Path:
+    """The project's cache folder: $DINOV2_TRITON_CACHE, else $XDG_CACHE_HOME
+    (or ~/.cache)/dinov2-triton."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dinov2-triton"
+
+
 def default_timing_cache(trt_version: str, gpu: Mapping[str, Any]) -> Path:
     """One timing cache per TensorRT version and GPU (caches are not portable)."""
     gpu_tag = re.sub(r"[^A-Za-z0-9]+", "-", str(gpu.get("gpu_name", "gpu"))).strip("-").lower()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dinov2-triton" / "tensorrt"
-    return base / f"timing-trt{trt_version}-{gpu_tag}-cc{gpu.get('compute_capability', '?')}.cache"
+    return cache_dir() / "tensorrt" / f"timing-trt{trt_version}-{gpu_tag}-cc{gpu.get('compute_capability', '?')}.cache"
 
 
 # ---------------------------------------------------------------------------
 # the engine build (trt injected)
 # ---------------------------------------------------------------------------
+def trt_major(trt_module) -> int:
+    try:
+        return int(str(getattr(trt_module, "__version__", "0")).split(".")[0])
+    except ValueError:
+        return 0
+
+
 def parse_fp32_layers(value: str | Iterable[str], trt_module=None) -> tuple[str, ...]:
     items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
     if trt_module is not None:
@@ -256,12 +352,18 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     opt_batch = max_batch if opt_batch is None else int(opt_batch)
     if not min_batch <= opt_batch <= max_batch:
         raise ValueError(f"opt batch {opt_batch}: must be within {min_batch}..{max_batch} (max = max_batch_size)")
+    major = trt_major(trt)
+    if major >= STRONGLY_TYPED_ONLY_MAJOR or not hasattr(trt.BuilderFlag, "FP16"):
+        raise EngineBuildError(
+            f"TensorRT {getattr(trt, '__version__', '?')} has no weakly typed builds (BuilderFlag.FP16/INT8 and "
+            f"precision constraints were removed in TensorRT {STRONGLY_TYPED_ONLY_MAJOR}); this builder targets "
+            f"TensorRT 10 as pinned in {PIN_FILE.name}: build in the pinned TensorRT container")
     t0 = time.perf_counter()
     logger = logger or trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
     # TensorRT 10 networks are always explicit-batch; 8.x needs the flag.
-    if int(str(getattr(trt, "__version__", "10")).split(".")[0]) < 10:
+    if major < 10:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -297,6 +399,9 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         if pinned:
             flag("OBEY_PRECISION_CONSTRAINTS")
     if version_compatible:
+        # The plan embeds a lean runtime (host code): it loads in later TensorRT
+        # 10.x runtimes that allow host code (engine_runner, Triton's
+        # --backend-config=tensorrt,version-compatible=true).
         flag("VERSION_COMPATIBLE")
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
@@ -323,14 +428,9 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         raise EngineBuildError(f"TensorRT failed to build the {precision} engine for {onnx_path} "
                                f"(see the TensorRT log above)")
     data = bytes(serialized)
-    plan_path = Path(plan_path)
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan_path.with_name(plan_path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, plan_path)
+    atomic_write_bytes(plan_path, data)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
         cache_info["saved_bytes"] = cache_path.stat().st_size
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     return {"tensorrt_version": str(getattr(trt, "__version__", "?")), "precision": precision,
@@ -353,8 +453,9 @@ def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, pr
                get_gpu: Callable[[], Mapping[str, Any]] = gpu_info) -> dict[str, Any]:
     """Everything around build_engine: import TensorRT, find the GPU, check
     the version pin, build, and stamp version/GPU/compute capability into the
-    returned info (also under "config_parameters" for config.pbtxt).
-    Raises TensorRTUnavailable (skip), VersionMismatch or EngineBuildError."""
+    returned info (also under "config_parameters" for config.pbtxt, and the
+    GPUs the plan can run on under "instance_gpus").
+    Raises TensorRTUnavailable (skip), VersionMismatch, PinError or EngineBuildError."""
     trt = import_trt()
     gpu = dict(get_gpu())
     if precision == "fp8" and tuple(gpu.get("cc", (0, 0))) < FP8_MIN_COMPUTE_CAPABILITY:
@@ -362,8 +463,9 @@ def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, pr
             f"not built: FP8 needs compute capability >= {'.'.join(map(str, FP8_MIN_COMPUTE_CAPABILITY))} "
             f"(Ada/Hopper); this GPU is {gpu.get('gpu_name')} (compute capability {gpu.get('compute_capability')})")
     installed = str(trt.__version__)
-    pins = pinned_versions(versions_file)
-    version_check = check_version(installed, pins, allow_mismatch=allow_version_mismatch)
+    pin = load_pin(versions_file)
+    version_check = check_version(installed, pin, version_compatible=version_compatible,
+                                  allow_mismatch=allow_version_mismatch)
     kinds = parse_fp32_layers(fp32_layers, trt)
     cache = default_timing_cache(installed, gpu) if timing_cache == "auto" else timing_cache
     info = build_engine(onnx_path, plan_path, trt_module=trt, precision=precision, max_batch=max_batch,
@@ -374,21 +476,19 @@ def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, pr
     info["gpu_name"] = gpu.get("gpu_name")
     info["compute_capability"] = gpu.get("compute_capability")
     info["gpu_info_source"] = gpu.get("source")
+    info["driver_version"] = gpu.get("driver_version")
     info["version_check"] = version_check
     info["onnx"] = str(onnx_path)
-    info["onnx_sha256"] = _sha256(onnx_path)
+    info["onnx_sha256"] = sha256_file(onnx_path)
+    # A plan runs only on the GPU architecture it was built for: Triton places
+    # instances on these GPUs only (config.pbtxt instance_group.gpus).
+    info["instance_gpus"] = list(gpu.get("compatible_gpu_ids") or [gpu.get("device", 0)])
     info["config_parameters"] = {
         "tensorrt_version": installed, "gpu_name": str(gpu.get("gpu_name")),
         "compute_capability": str(gpu.get("compute_capability")),
         "version_compatible": str(bool(version_compatible)).lower(),
-        **({"triton_container_tag": pins["container_tag"]} if pins.get("container_tag") else {})}
+        "triton_container_tag": pin.container_tag}
     return info
-
-
-def _sha256(path) -> str:
-    from train.checksums import sha256_file  # stdlib only: fine inside the TensorRT container
-
-    return sha256_file(path)
 
 
 # ---------------------------------------------------------------------------
@@ -399,15 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m export.trt_build_main",
         description="Build a TensorRT plan from this project's ONNX model (pixel_values -> logits, embedding) "
                     "with one dynamic-batch profile (min 1, max = Triton max_batch_size) and FP32-pinned "
-                    "LayerNorm/Softmax/reductions/head. Refuses a TensorRT that differs from the pinned Triton "
-                    "container's (scripts/triton_version.sh).",
+                    "LayerNorm/Softmax/reductions/head. Refuses a TensorRT whose plans the pinned Triton "
+                    "container cannot load (scripts/triton_version.sh).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     req = p.add_argument_group("Required")
     req.add_argument("--onnx", required=True, help="input ONNX (FP32 for fp16; the Q/DQ onnx_int8 model for int8)")
     req.add_argument("--plan", required=True, help="engine file to write (model.plan)")
     opt = p.add_argument_group("Optional")
     opt.add_argument("--precision", choices=("fp16", "int8", "fp8", "fp32"), default="fp16")
-    opt.add_argument("--max-batch", type=int, default=8, help="profile max = Triton max_batch_size (FIELD_NOTES 7)")
+    opt.add_argument("--max-batch", type=int, default=8, help="profile max = Triton max_batch_size")
     opt.add_argument("--opt-batch", type=int, default=None, help="profile opt batch (default: --max-batch)")
     opt.add_argument("--fp32-layers", default=",".join(DEFAULT_FP32_LAYERS),
                      help="layer kinds pinned to FP32: trt.LayerType names and/or 'head'; '' pins nothing")
@@ -415,12 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--builder-optimization-level", type=int, choices=range(6), default=None,
                      help="TensorRT builder optimization level (TensorRT default 3)")
     opt.add_argument("--version-compatible", action="store_true",
-                     help="build a version-compatible plan (loads in later TensorRT 10.x; slower)")
+                     help="build a version-compatible plan (loads in later TensorRT 10.x that allow host code; "
+                          "Triton needs --backend-config=tensorrt,version-compatible=true)")
     opt.add_argument("--timing-cache", default="auto",
-                     help="timing cache file ('auto': per TensorRT version and GPU under ~/.cache; '' disables)")
+                     help=f"timing cache file ('auto': per TensorRT version and GPU under ${CACHE_ENV} or "
+                          f"~/.cache/dinov2-triton; '' disables)")
     opt.add_argument("--allow-version-mismatch", action="store_true",
-                     help="build even when TensorRT differs from scripts/triton_version.sh")
-    opt.add_argument("--versions-file", default=str(VERSIONS_FILE), help="the Triton version pin")
+                     help="build even when the pinned Triton container could not load the plan")
+    opt.add_argument("--versions-file", default=str(VERSIONS_FILE), help="the release pin")
     opt.add_argument("--info-json", default=None, help="also write the build info here (default: <plan>.json)")
     return p
 
@@ -441,14 +543,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                           builder_optimization_level=args.builder_optimization_level,
                           version_compatible=args.version_compatible, timing_cache=args.timing_cache or None,
                           allow_version_mismatch=args.allow_version_mismatch, versions_file=args.versions_file)
-    except (TensorRTUnavailable, VersionMismatch, ValueError) as exc:
+    except (TensorRTUnavailable, VersionMismatch, PinError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except EngineBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     out = Path(args.info_json or f"{args.plan}.json")
-    out.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    atomic_write_text(out, dumps_json(info))
     print(f"{args.plan}: TensorRT {info['tensorrt_version']} {args.precision} engine for {info['gpu_name']} "
           f"(compute capability {info['compute_capability']}), profile {info['profile']}, "
           f"{info['fp32_pinned_layers']} layers pinned FP32, {info['plan_bytes'] / 1e6:.1f} MB, "

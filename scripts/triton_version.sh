@@ -1,30 +1,70 @@
 # shellcheck shell=bash
-# The ONE place that pins the NVIDIA Triton release used on GPU hosts.
-# Sourced by scripts/serve.sh; Python reads it with
-# serve.local_server.container_versions(). Keep plain KEY=VALUE lines.
+# shellcheck disable=SC2034  # read by the scripts that source this file
+# The ONE pin of the NVIDIA GPU release this project targets. Sourced by
+# scripts/serve.sh, scripts/build_engines.sh and scripts/gpu_acceptance.sh;
+# Python reads it with serve.release_pin.load_pin() (the only parser).
+# Plain KEY=VALUE lines; ${KEY} may refer to a key defined above it.
+# The Python packages of the GPU environment are pinned in
+# requirements/lock-gpu.txt; tests/test_gpu_stack.py fails when the two
+# disagree (CUDA major, Python, TensorRT, tritonclient).
 #
-# The local CPU server is the tritonserver binary shipped in
-# nvidia-pytriton==0.7.0; the container below is the same server release,
-# so one model repository behaves the same in both places.
+# Every figure carries its source. "UNVERIFIED" marks a figure that could
+# not be read from NVIDIA's own text; the command after it confirms it on
+# a GPU host with docker (scripts/gpu_acceptance.sh runs those commands and
+# prints the result next to the pin).
 
-# Triton server release. Verified: the local binary answers GET /v2 with
-# "version": "2.51.0" (and pytriton's changelog: "Triton Inference Server
-# embedded in wheel: 2.51.0").
-TRITON_SERVER_VERSION=2.51.0
-# NGC container tag of that release (Triton 2.N.0 ships as container
-# YY.MM; 2.51.0 -> 24.10). Consistent with the numbering, not confirmed
-# from NVIDIA's text here.
-TRITON_CONTAINER_TAG=24.10
+# NGC release YY.MM of the Triton container (nvcr.io/nvidia/tritonserver) and
+# of the TensorRT container the engines are built in (nvcr.io/nvidia/tensorrt):
+# the same YY.MM ships the same TensorRT. 25.10: the newest release whose
+# facts could be read here with TensorRT 10 (2026 releases may carry
+# TensorRT 11, which removed the weakly typed builds export/trt_build_main.py
+# uses; see README "GPU release").
+TRITON_CONTAINER_TAG=25.10
 TRITON_CONTAINER_IMAGE="nvcr.io/nvidia/tritonserver:${TRITON_CONTAINER_TAG}-py3"
+TENSORRT_CONTAINER_IMAGE="nvcr.io/nvidia/tensorrt:${TRITON_CONTAINER_TAG}-py3"
 
-# What that container carries. Export TensorRT engines with the SAME
-# TensorRT version (a plan only loads in the TensorRT that built it).
-# Verified: Triton release notes 24.10, "Release 24.10 is based on CUDA 12.6.2".
-TRITON_CUDA_VERSION=12.6.2
-# UNVERIFIED (not confirmed from the 24.10 release notes / frameworks
-# support matrix here; check `docker run ... ls /usr/lib/x86_64-linux-gnu/libnvinfer*`).
-TRITON_TENSORRT_VERSION=10.5.0.18
-# UNVERIFIED (onnxruntime backend of r24.10).
-TRITON_ONNXRUNTIME_VERSION=1.19.2
-# UNVERIFIED (libtorch of the pytorch backend of r24.10).
-TRITON_PYTORCH_VERSION=2.5.0a0+e000cf0
+# Triton server version in that container. UNVERIFIED: from the release
+# numbering (24.10 = 2.51.0; no 25.07 release; 26.05 = 2.69.0) and the
+# tritonclient 2.62.0 wheel on PyPI (built 2025-10-29). Confirm:
+#   docker run --rm nvcr.io/nvidia/tritonserver:25.10-py3 cat /opt/tritonserver/TRITON_VERSION
+TRITON_SERVER_VERSION=2.62.0
+
+# CUDA of the container. Verified: Triton release notes 25.10
+# (docs.nvidia.com/deeplearning/triton-inference-server/release-notes/rel-25-10.html):
+# "Release 25.10 is based on CUDA 13.0.2.006 which requires NVIDIA Driver
+# release 575 or later" (data center GPUs: R470/R525/R535/R545 forward
+# compatibility), and "supports CUDA compute capability 7.5 and later"
+# (Turing, Ampere, Hopper, Ada Lovelace, Blackwell).
+TRITON_CUDA_VERSION=13.0.2.006
+TRITON_MIN_DRIVER=575
+TRITON_MIN_COMPUTE_CAPABILITY=7.5
+
+# TensorRT of the container, full version (a standard plan loads only in the
+# exact TensorRT that built it). UNVERIFIED: NVIDIA's Triton compatibility
+# matrix lists TensorRT 10.13.3.9 for the CUDA 13.0.2.006 containers of that
+# generation (tritonserver:25.11/25.12-trtllm-python-py3); the -py3 image is
+# not listed there. Confirm:
+#   docker run --rm nvcr.io/nvidia/tensorrt:25.10-py3 python3 -c "import tensorrt; print(tensorrt.__version__)"
+#   docker run --rm nvcr.io/nvidia/tritonserver:25.10-py3 bash -c 'ls /usr/lib/x86_64-linux-gnu/libnvinfer.so.*'
+TRITON_TENSORRT_VERSION=10.13.3.9
+
+# ONNX Runtime of the container's onnxruntime backend. Verified: Triton
+# compatibility matrix, "ONNX Runtime Versions": 25.10 -> 1.23.1
+# (docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/introduction/compatibility.html).
+TRITON_ONNXRUNTIME_VERSION=1.23.1
+
+# Python of the containers (major.minor). UNVERIFIED for the -py3 images:
+# every 25.xx Triton container in the compatibility matrix (trtllm, vllm) has
+# Python 3.12.3 (Ubuntu 24.04). Confirm:
+#   docker run --rm nvcr.io/nvidia/tensorrt:25.10-py3 python3 --version
+TRITON_PYTHON_VERSION=3.12
+
+# The local CPU server is NOT this release: it is the tritonserver binary in
+# nvidia-pytriton==0.7.0, the newest one pip can install. Verified: the local
+# binary answers GET /v2 with "version": "2.51.0" (pytriton changelog: "Triton
+# Inference Server embedded in wheel: 2.51.0").
+LOCAL_TRITON_SERVER_VERSION=2.51.0
+
+# Keys above that are UNVERIFIED (scripts/gpu_acceptance.sh checks them when
+# docker is present).
+UNVERIFIED_KEYS="TRITON_SERVER_VERSION TRITON_TENSORRT_VERSION TRITON_PYTHON_VERSION"

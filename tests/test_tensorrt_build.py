@@ -1,16 +1,24 @@
-"""TensorRT engine build logic against a recording fake of the `tensorrt`
+"""TensorRT engine build and run logic against a fake of the `tensorrt`
 module (TensorRT cannot be installed on the CPU machines), the version pin,
 the GPU stamping, and the SKIPPED path of the TensorRT variants without
-TensorRT. The fake lives only in this file. A real build runs where a GPU
-and TensorRT are present (marker `gpu`)."""
+TensorRT. The fake lives only in this file and behaves like TensorRT 10
+where the code has been wrong before: a version-compatible plan
+deserializes only with `engine_host_code_allowed`, `set_input_shape` returns
+False outside the profile, the stream handle of every execution is
+recorded (0 = the legacy default stream), and TensorRT 11 has no weakly
+typed builder flags. A real build runs where a GPU and TensorRT are present
+(marker `gpu`)."""
 from __future__ import annotations
 
 import enum
 import json
+import os
+import stat
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from export import trt_build_main as tbm
@@ -237,7 +245,8 @@ class Builder:
     def build_serialized_network(self, network, config):
         if self.fail or FAKE_STATE["fail_build"]:
             return None
-        return memoryview(b"PLAN:" + ",".join(f.name for f in config.flags).encode())
+        max_batch = config.profiles[0].shapes["pixel_values"][2][0]
+        return memoryview(b"PLAN:" + ",".join(f.name for f in config.flags).encode() + f";max={max_batch}".encode())
 
 
 class Logger:
@@ -247,21 +256,145 @@ class Logger:
         self.level = level
 
 
-FAKE_STATE = {"fail_build": False}
+FAKE_STATE = {"fail_build": False, "reject_shapes": False}
+NUM_CLASSES, EMBED = 3, 4
+
+
+class Runtime:
+    """TensorRT 10 semantics: a version-compatible plan embeds host code
+    (the lean runtime) and deserializes only when engine_host_code_allowed
+    was set to True first (default False); otherwise None (TensorRT logs)."""
+
+    def __init__(self, logger):
+        self.engine_host_code_allowed = False
+
+    def deserialize_cuda_engine(self, blob):
+        blob = bytes(blob)
+        if not blob.startswith(b"PLAN:"):
+            return None
+        flags, _, max_part = blob[5:].partition(b";max=")
+        if b"VERSION_COMPATIBLE" in flags and not self.engine_host_code_allowed:
+            return None
+        return Engine(int(max_part or 8))
+
+
+class Engine:
+    def __init__(self, max_batch):
+        self.max_batch = max_batch
+        self.names = ["pixel_values", "logits", "embedding"]
+        self.contexts = []
+
+    num_io_tensors = property(lambda self: len(self.names))
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_dtype(self, name):
+        return DataType.FLOAT
+
+    def get_tensor_profile_shape(self, name, profile):
+        assert name == "pixel_values" and profile == 0
+        return (1, 3, IMG, IMG), (self.max_batch, 3, IMG, IMG), (self.max_batch, 3, IMG, IMG)
+
+    def create_execution_context(self):
+        self.contexts.append(Context(self))
+        return self.contexts[-1]
+
+
+def fake_outputs(x):
+    """What the fake engine computes: per-image channel means (logits) and
+    [mean, std, min, max] (embedding)."""
+    flat = x.reshape(len(x), 3, -1)
+    return flat.mean(2), np.stack([x.reshape(len(x), -1).mean(1), x.reshape(len(x), -1).std(1),
+                                   x.reshape(len(x), -1).min(1), x.reshape(len(x), -1).max(1)], 1)
+
+
+class Context:
+    def __init__(self, engine):
+        self.engine, self.shape, self.addresses = engine, None, {}
+        self.streams, self.shapes_seen = [], []
+
+    def set_input_shape(self, name, shape):
+        if FAKE_STATE["reject_shapes"] or not 1 <= shape[0] <= self.engine.max_batch:
+            return False          # TensorRT: outside the profile -> False, state unchanged
+        self.shape = tuple(shape)
+        self.shapes_seen.append(self.shape)
+        return True
+
+    def infer_shapes(self):
+        return [] if self.shape else ["pixel_values"]
+
+    def get_tensor_shape(self, name):
+        b = self.shape[0] if self.shape else -1
+        return {"pixel_values": self.shape, "logits": (b, NUM_CLASSES), "embedding": (b, EMBED)}[name]
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def execute_async_v3(self, stream_handle):
+        self.streams.append(stream_handle)
+        x = FakeDevice.buffers[self.addresses["pixel_values"]]
+        logits, emb = fake_outputs(x)
+        FakeDevice.buffers[self.addresses["logits"]][...] = logits
+        FakeDevice.buffers[self.addresses["embedding"]][...] = emb
+        return True
+
+
+class FakeDevice:
+    """Host arrays standing in for CUDA buffers; pointers are dict keys."""
+
+    buffers: dict = {}
+    stream_handle = 0x5EED        # a stream of the runner's own, not 0 (the legacy default stream)
+
+    def __init__(self):
+        self.syncs = 0
+
+    def _register(self, array):
+        ptr = 0x1000 + len(FakeDevice.buffers)
+        FakeDevice.buffers[ptr] = array
+        return ptr, array
+
+    def upload(self, array):
+        return self._register(np.array(array, copy=True))
+
+    def empty(self, shape, dtype):
+        return self._register(np.full(shape, np.nan, dtype=dtype))
+
+    def pointer(self, buffer):
+        return buffer[0]
+
+    def synchronize(self):
+        self.syncs += 1
+
+    def download(self, buffer):
+        return buffer[1].astype(np.float32)
 
 
 def fake_trt(version="10.5.0.18"):
     return types.SimpleNamespace(
         __version__=version, Logger=Logger, Builder=Builder, OnnxParser=OnnxParser, LayerType=LayerType,
-        BuilderFlag=BuilderFlag, MemoryPoolType=MemoryPoolType,
+        BuilderFlag=BuilderFlag, MemoryPoolType=MemoryPoolType, Runtime=Runtime,
         NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag,
         float32=DataType.FLOAT, float16=DataType.HALF, int8=DataType.INT8, int32=DataType.INT32)
+
+
+class BuilderFlag11(enum.Enum):
+    """TensorRT 11: the weak-typing flags are gone."""
+    VERSION_COMPATIBLE = 6
+
+
+def fake_trt11(version="11.1.0.106"):
+    trt = fake_trt(version)
+    trt.BuilderFlag = BuilderFlag11
+    return trt
 
 
 @pytest.fixture(autouse=True)
 def _reset():
     Builder.instances.clear()
+    FakeDevice.buffers.clear()
     FAKE_STATE["fail_build"] = False
+    FAKE_STATE["reject_shapes"] = False
 
 
 def _onnx(tmp_path, text="GRAPH") -> Path:
@@ -298,7 +431,7 @@ def test_fp16_engine_profile_flags_and_fp32_pins(tmp_path):
     for name in ("qkv", "attn_qk", "attn_v", "patch_embed", "residual", "concat"):
         assert not layers[name].precision_set, f"{name} must stay free to run in FP16"
     assert set(info["fp32_pinned_layer_names"]) == pinned and info["fp32_pinned_layers"] == 6
-    assert plan.read_bytes() == b"PLAN:FP16,OBEY_PRECISION_CONSTRAINTS"
+    assert plan.read_bytes() == b"PLAN:FP16,OBEY_PRECISION_CONSTRAINTS;max=8"
     assert info["plan_bytes"] == plan.stat().st_size and info["tensorrt_version"] == "10.5.0.18"
     assert not list(plan.parent.glob("*.tmp"))
 
@@ -353,27 +486,42 @@ def test_build_errors_write_nothing(tmp_path):
 
 
 # --------------------------------------------------------------------------- version pin + stamping
-def test_versions_file_parsing(tmp_path, repo_root):
-    f = tmp_path / "triton_version.sh"
-    f.write_text('# comment\nTRITON_CONTAINER_TAG=24.10\nexport TRITON_TENSORRT_VERSION="10.5.0.18"  # note\n'
-                 'TRITON_CONTAINER_IMAGE="nvcr.io/nvidia/tritonserver:${TRITON_CONTAINER_TAG}-py3"\n')
-    v = tbm.read_versions_file(f)
-    assert v["TRITON_TENSORRT_VERSION"] == "10.5.0.18"
-    assert v["TRITON_CONTAINER_IMAGE"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
-    assert tbm.read_versions_file(tmp_path / "missing.sh") == {}
-    real = tbm.pinned_versions(repo_root / "scripts" / "triton_version.sh")
-    assert real["found"] and real["tensorrt"] and real["container_tag"]
-    assert tbm.versions_match("10.5.0", "10.5.0.18") and tbm.versions_match("10.5.0.18", "10.5.0.18")
-    assert not tbm.versions_match("10.6.0.26", "10.5.0.18") and not tbm.versions_match("10.5.0.17", "10.5.0.18")
+def test_versions_match_needs_the_full_version_for_standard_plans():
+    # A standard plan loads only in the exact TensorRT that built it: "10.5.0"
+    # does not prove it is 10.5.0.18.
+    assert tbm.versions_match("10.5.0.18", "10.5.0.18")
+    assert not tbm.versions_match("10.5.0", "10.5.0.18")
+    assert not tbm.versions_match("10.5.0.17", "10.5.0.18") and not tbm.versions_match("10.6.0.26", "10.5.0.18")
+    assert not tbm.versions_match("10.5.0.18.post1x", "10.5.0.19")
+    # version-compatible: same major, built by the same or an older TensorRT than the runtime's
+    assert tbm.versions_match("10.4.0.26", "10.5.0.18", version_compatible=True)
+    assert tbm.versions_match("10.5.0.18", "10.5.0.18", version_compatible=True)
+    assert not tbm.versions_match("10.6.0.26", "10.5.0.18", version_compatible=True)
+    assert not tbm.versions_match("9.9.0.1", "10.5.0.18", version_compatible=True)
 
 
-def _build_plan(tmp_path, *, version="10.5.0.18", cc=(9, 0), precision="fp16", **kw):
+PIN_TEXT = """TRITON_CONTAINER_TAG=24.10
+TRITON_CONTAINER_IMAGE="nvcr.io/nvidia/tritonserver:${TRITON_CONTAINER_TAG}-py3"
+TENSORRT_CONTAINER_IMAGE="nvcr.io/nvidia/tensorrt:${TRITON_CONTAINER_TAG}-py3"
+TRITON_SERVER_VERSION=2.51.0
+TRITON_CUDA_VERSION=12.6.2
+TRITON_MIN_DRIVER=560
+TRITON_MIN_COMPUTE_CAPABILITY=6.0
+TRITON_TENSORRT_VERSION=10.5.0.18
+TRITON_ONNXRUNTIME_VERSION=1.19.2
+TRITON_PYTHON_VERSION=3.10
+LOCAL_TRITON_SERVER_VERSION=2.51.0
+"""
+H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "cc": (9, 0), "source": "test",
+        "device": 0, "compatible_gpu_ids": [0, 1]}
+
+
+def _build_plan(tmp_path, *, version="10.5.0.18", cc=(9, 0), precision="fp16", trt=None, **kw):
     pins = tmp_path / "triton_version.sh"
-    pins.write_text("TRITON_CONTAINER_TAG=24.10\nTRITON_TENSORRT_VERSION=10.5.0.18\n")
-    gpu = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": f"{cc[0]}.{cc[1]}", "cc": cc,
-           "source": "test"}
+    pins.write_text(PIN_TEXT)
+    gpu = {**H100, "compute_capability": f"{cc[0]}.{cc[1]}", "cc": cc}
     return tbm.build_plan(_onnx(tmp_path), tmp_path / "model.plan", precision=precision, max_batch=8,
-                          timing_cache=None, versions_file=pins, import_trt=lambda: fake_trt(version),
+                          timing_cache=None, versions_file=pins, import_trt=lambda: trt or fake_trt(version),
                           get_gpu=lambda: gpu, **kw)
 
 
@@ -384,16 +532,36 @@ def test_build_plan_stamps_version_gpu_and_compute_capability(tmp_path):
                                          "triton_container_tag": "24.10"}
     assert info["gpu_name"] == "NVIDIA H100 80GB HBM3" and info["compute_capability"] == "9.0"
     assert info["version_check"]["match"] is True and len(info["onnx_sha256"]) == 64
+    assert info["instance_gpus"] == [0, 1]     # the GPUs of the build GPU's kind only
     json.dumps(info)   # goes into the manifest
 
 
 def test_version_mismatch_refused_unless_allowed(tmp_path):
-    with pytest.raises(tbm.VersionMismatch, match=r"10\.6\.0\.26 differs from TensorRT 10\.5\.0\.18.*24\.10"):
+    with pytest.raises(tbm.VersionMismatch, match=r"10\.6\.0\.26 cannot build a plan for TensorRT 10\.5\.0\.18.*24\.10"):
         _build_plan(tmp_path, version="10.6.0.26")
+    with pytest.raises(tbm.VersionMismatch, match="exact TensorRT"):
+        _build_plan(tmp_path, version="10.5.0")
     assert not (tmp_path / "model.plan").exists()
     info = _build_plan(tmp_path, version="10.6.0.26", allow_version_mismatch=True)
     assert info["version_check"]["match"] is False and "MISMATCH allowed" in info["version_check"]["note"]
     assert (tmp_path / "model.plan").is_file()
+
+
+def test_version_compatible_plan_from_an_older_tensorrt(tmp_path):
+    with pytest.raises(tbm.VersionMismatch):
+        _build_plan(tmp_path, version="10.4.0.26")
+    info = _build_plan(tmp_path, version="10.4.0.26", version_compatible=True)
+    assert info["version_check"]["match"] is True and "VERSION_COMPATIBLE" in info["builder_flags"]
+    assert info["config_parameters"]["version_compatible"] == "true"
+    with pytest.raises(tbm.VersionMismatch, match="same TensorRT major"):
+        _build_plan(tmp_path, version="10.6.0.26", version_compatible=True)
+
+
+def test_tensorrt_11_is_refused_clearly(tmp_path):
+    with pytest.raises(tbm.EngineBuildError, match="no weakly typed builds"):
+        tbm.build_engine(_onnx(tmp_path), tmp_path / "m.plan", trt_module=fake_trt11(), precision="fp16",
+                         max_batch=8)
+    assert not (tmp_path / "m.plan").exists()
 
 
 def test_fp8_needs_ada_or_hopper(tmp_path):
@@ -401,6 +569,140 @@ def test_fp8_needs_ada_or_hopper(tmp_path):
         _build_plan(tmp_path, cc=(8, 0), precision="fp8")
     info = _build_plan(tmp_path, cc=(9, 0), precision="fp8")
     assert "FP8" in info["builder_flags"]
+
+
+# --------------------------------------------------------------------------- GPU discovery
+NVIDIA_SMI_OUT = "0, NVIDIA A10G, 8.6, 575.57.08, 23028\n1, NVIDIA A10G, 8.6, 575.57.08, 23028\n2, Tesla T4, 7.5, 575.57.08, 15360\n"
+
+
+@pytest.fixture
+def only_nvidia_smi(tmp_path, monkeypatch):
+    """Neither torch nor cuda-python importable (as in the TensorRT
+    container), a working nvidia-smi on PATH."""
+    for name in ("torch", "cuda", "cuda.bindings"):
+        monkeypatch.setitem(sys.modules, name, None)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n"
+                   "case \"$*\" in *--query-gpu=index,name,compute_cap,driver_version,memory.total*) ;; "
+                   "*) echo bad args >&2; exit 9 ;; esac\n"
+                   f"printf '{NVIDIA_SMI_OUT}'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return smi
+
+
+def test_gpu_info_falls_back_to_nvidia_smi(only_nvidia_smi):
+    info = tbm.gpu_info()
+    assert info["source"] == "nvidia-smi" and info["gpu_name"] == "NVIDIA A10G"
+    assert info["cc"] == (8, 6) and info["compute_capability"] == "8.6" and info["driver_version"] == "575.57.08"
+    assert info["compatible_gpu_ids"] == [0, 1] and len(info["gpus"]) == 3
+    assert info["total_memory_bytes"] == 23028 << 20
+    t4 = tbm.gpu_info(2)
+    assert t4["cc"] == (7, 5) and t4["compatible_gpu_ids"] == [2]
+
+
+def test_gpu_info_reports_every_failed_source(only_nvidia_smi):
+    only_nvidia_smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the "
+                               "NVIDIA driver' >&2\nexit 9\n")
+    with pytest.raises(tbm.TensorRTUnavailable) as exc:
+        tbm.gpu_info()
+    msg = str(exc.value)
+    assert msg.startswith("not built: needs an NVIDIA GPU and TensorRT (no CUDA GPU visible:")
+    assert "torch not installed" in msg and "cuda-python not installed" in msg
+    assert "could not communicate with the NVIDIA driver" in msg
+
+
+# --------------------------------------------------------------------------- the engine runner
+def _plan(tmp_path, *, max_batch=4, version_compatible=False, name="model.plan"):
+    plan = tmp_path / name
+    tbm.build_engine(_onnx(tmp_path), plan, trt_module=fake_trt(), precision="fp16", max_batch=max_batch,
+                     version_compatible=version_compatible)
+    return plan
+
+
+def test_runner_uses_its_own_stream_and_splits_large_inputs(tmp_path):
+    from export.tensorrt_engine import engine_runner
+
+    dev = FakeDevice()
+    run = engine_runner(_plan(tmp_path, max_batch=4), trt_module=fake_trt(), device=dev)
+    x = np.random.default_rng(0).standard_normal((6, 3, IMG, IMG)).astype(np.float32)
+    logits, emb = run(x)
+    ref_logits, ref_emb = fake_outputs(x)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-6)
+    np.testing.assert_allclose(emb, ref_emb, rtol=1e-5)
+    ctx = run.context
+    assert ctx.shapes_seen == [(4, 3, IMG, IMG), (2, 3, IMG, IMG)]
+    # every execution on the runner's stream, never the legacy default stream (handle 0)
+    assert ctx.streams == [FakeDevice.stream_handle] * 2 and 0 not in ctx.streams
+    assert dev.syncs == 2
+
+
+def test_runner_stops_when_tensorrt_rejects_the_shape(tmp_path):
+    from export.tensorrt_engine import engine_runner
+
+    run = engine_runner(_plan(tmp_path), trt_module=fake_trt(), device=FakeDevice())
+    FAKE_STATE["reject_shapes"] = True
+    with pytest.raises(RuntimeError, match=r"rejected input shape \(2, 3, 28, 28\).*profile batch 1\.\.4"):
+        run(np.zeros((2, 3, IMG, IMG), np.float32))
+    assert run.context.streams == [], "nothing may run on a rejected shape"
+
+
+def test_version_compatible_plans_deserialize_with_host_code_allowed(tmp_path):
+    from export.tensorrt_engine import engine_runner, plan_is_version_compatible
+
+    trt = fake_trt()
+    model_dir = tmp_path / "dinov2_trt_fp16"
+    (model_dir / "1").mkdir(parents=True)
+    vc = _plan(model_dir / "1", version_compatible=True)
+    # without host code TensorRT refuses a version-compatible plan
+    with pytest.raises(tbm.EngineBuildError, match="could not deserialize"):
+        engine_runner(vc, trt_module=trt, device=FakeDevice(), allow_host_code=False)
+    assert engine_runner(vc, trt_module=trt, device=FakeDevice(), allow_host_code=True)
+    # a published plan: its config.pbtxt says it is version-compatible
+    assert not plan_is_version_compatible(vc)
+    (model_dir / "config.pbtxt").write_text('name: "dinov2_trt_fp16"\nparameters {\n  key: "version_compatible"\n'
+                                            '  value {\n    string_value: "true"\n  }\n}\n')
+    assert plan_is_version_compatible(vc)
+    run = engine_runner(vc, trt_module=trt, device=FakeDevice())
+    assert run(np.ones((1, 3, IMG, IMG), np.float32))[0].shape == (1, NUM_CLASSES)
+    # a standard plan never gets host code
+    std = _plan(tmp_path, name="std.plan")
+    assert not plan_is_version_compatible(std)
+    assert engine_runner(std, trt_module=trt, device=FakeDevice())
+
+
+def test_variant_build_records_version_compatibility_for_its_runner(tmp_path, monkeypatch):
+    from export import tensorrt_engine as te
+
+    pins = tmp_path / "triton_version.sh"
+    pins.write_text(PIN_TEXT)
+    monkeypatch.setattr(te, "import_tensorrt", lambda: fake_trt())
+    monkeypatch.setattr(te, "gpu_info", lambda: dict(H100))
+    ctx = types.SimpleNamespace(options={"trt_version_compatible": "true", "trt_versions_file": str(pins),
+                                         "trt_timing_cache": ""},
+                                max_batch_size=4, work_dir=tmp_path / "work", artifacts={"onnx": _onnx(tmp_path)})
+    out = tmp_path / "staged" / "1" / "model.plan"
+    out.parent.mkdir(parents=True)
+    real_build_plan = te.build_plan
+    monkeypatch.setattr(te, "build_plan", lambda *a, **kw: real_build_plan(
+        *a, **kw, import_trt=lambda: fake_trt(), get_gpu=lambda: dict(H100)))
+    info = te.build_trt_fp16(ctx, out)
+    assert info["version_compatible"] is True and out.is_file()
+    assert te.plan_is_version_compatible(out)
+    assert te.engine_runner(out, trt_module=fake_trt(), device=FakeDevice())
+
+
+def test_missing_parent_artifact_is_a_clear_error(tmp_path, monkeypatch):
+    from export import tensorrt_engine as te
+
+    monkeypatch.setattr(te, "import_tensorrt", lambda: fake_trt())
+    monkeypatch.setattr(te, "gpu_info", lambda: dict(H100))
+    ctx = types.SimpleNamespace(options={}, max_batch_size=8, work_dir=tmp_path / "work", artifacts={})
+    for build, parent in ((te.build_trt_fp16, "onnx"), (te.build_trt_int8, "onnx_int8"), (te.build_trt_fp8, "onnx")):
+        with pytest.raises(tbm.EngineBuildError, match=f"`{parent}` artifact is missing"):
+            build(ctx, tmp_path / "model.plan")
 
 
 # --------------------------------------------------------------------------- no TensorRT here: SKIPPED
