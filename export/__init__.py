@@ -10,10 +10,10 @@ model_repository/README.md.
 
 Importing this package is cheap (no torch): heavy imports live inside functions.
 """
-from export.registry import REGISTRY, SkipVariant, Variant, get_variant, load_builtin_variants, register
+from export.registry import SkipVariant, Variant, build_order, get_variant, model_name, register, variant_names
 
-__all__ = ["REGISTRY", "SkipVariant", "Variant", "get_variant", "load_builtin_variants", "register",
-           "run_export"]
+__all__ = ["SkipVariant", "Variant", "build_order", "get_variant", "model_name", "register", "run_export",
+           "variant_names"]
 
 
 def run_export(*args, **kwargs):

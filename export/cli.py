@@ -10,11 +10,18 @@ import logging
 import sys
 from typing import Sequence
 
-KNOWN_VARIANTS_HELP = ("torchscript, onnx (built in); onnx_fp16, onnx_int8, trt_fp16, trt_int8 when "
-                       "their modules are present; 'all' = every registered variant")
+THRESHOLDS_NOTE = "note: --thresholds is deprecated; use --gates (same SCOPE.FIELD=VALUE entries)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from export.gates import FLAG, override_help
+    from export.modelopt_worker import CALIB_METHODS
+    from export.registry import default_variants, ensemble_candidates, get_variant, variant_names
+
+    names = variant_names()
+    variants_help = "comma-separated, or 'all': " + "; ".join(
+        f"{n} ({get_variant(n).precision}, {get_variant(n).platform}"
+        + (f", from {get_variant(n).parent})" if get_variant(n).parent else ")") for n in names)
     p = argparse.ArgumentParser(
         prog="python -m export",
         description="Export a fine-tuned DINOv2 checkpoint to a Triton model repository: build each "
@@ -29,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--data_path", "--data-path", default=None,
                      help="data folder from train.load_data: test split for verification, train split "
                           "for calibration (without it: random tensors, no accuracy)")
-    opt.add_argument("--variants", default="torchscript,onnx", help=f"comma-separated: {KNOWN_VARIANTS_HELP}")
+    opt.add_argument("--variants", default=",".join(default_variants()), help=variants_help)
     opt.add_argument("--max-batch-size", "--max_batch_size", type=int, default=8,
                      help="config max_batch_size (= TensorRT profile max) and the verification batch")
     opt.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
@@ -41,19 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="instance_group kind (KIND_CPU / KIND_GPU); TensorRT models are always KIND_GPU")
     opt.add_argument("--preferred-batch-sizes", default="4,8", help="dynamic_batching preferred_batch_size list")
     opt.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic_batching max queue delay")
-    opt.add_argument("--thresholds", nargs="*", default=[], metavar="SCOPE.FIELD=VALUE",
-                     help="gate overrides, e.g. fp16.min_top1_agreement=0.99 onnx_int8.max_accuracy_drop=0.02 "
-                          "batch.max_rel_diff=1e-3 (VALUE 'none' disables a check)")
+    opt.add_argument(FLAG, dest="gates", nargs="*", default=[], metavar="SCOPE.FIELD=VALUE",
+                     help=override_help() + ", e.g. fp16.min_top1_agreement=0.99 batch.max_rel_diff=1e-3")
+    opt.add_argument("--thresholds", dest="thresholds", nargs="*", default=None, metavar="SCOPE.FIELD=VALUE",
+                     help=f"deprecated spelling of {FLAG}")
     opt.add_argument("--allow-failed-gates", action="store_true",
                      help="publish variants that fail their gate (marked GATE_FAILED in the manifest)")
-    opt.add_argument("--default-variant", default="onnx", help="classifier the dinov2 ensemble calls")
+    opt.add_argument("--default-variant", default=None, choices=names,
+                     help="classifier the dinov2 ensemble calls (default: the first published of "
+                          f"{', '.join(ensemble_candidates())})")
     opt.add_argument("--eval-size", type=int, default=256, help="max held-out images used for verification")
     opt.add_argument("--bench-seconds", type=float, default=4.0,
                      help="in-process benchmark time per variant (0 disables)")
     opt.add_argument("--keep-versions", type=int, default=2, help="versions kept per model")
     opt.add_argument("--calib-size", type=int, default=512,
                      help="INT8 calibration images, drawn from the train split only (capped at its size)")
-    opt.add_argument("--calib-method", default="entropy", choices=("entropy", "max"),
+    opt.add_argument("--calib-method", default="entropy", choices=CALIB_METHODS,
                      help="INT8 calibration method (ModelOpt ONNX PTQ)")
     opt.add_argument("--accuracy-budget", type=float, default=0.01,
                      help="INT8 gate's allowed accuracy drop vs FP32 (0.01 = 1 point); when the "
@@ -89,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
-    from export.manifest import format_summary
+    from export.manifest import format_summary, manifest_path
     from export.pipeline import ExportInputError, run_export
 
     try:
@@ -97,13 +107,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    gates = list(args.gates)
+    if args.thresholds is not None:
+        print(THRESHOLDS_NOTE, file=sys.stderr)
+        gates += args.thresholds
     try:
         manifest = run_export(
             args.model_path, args.repository, data_path=args.data_path, variants=args.variants,
             max_batch_size=args.max_batch_size, opset=args.opset, onnx_exporter=args.onnx_exporter,
             instances=args.instances, preprocess_instances=args.preprocess_instances, device=args.device,
             preferred_batch_sizes=args.preferred_batch_sizes, max_queue_delay_us=args.max_queue_delay_us,
-            thresholds=args.thresholds, allow_failed_gates=args.allow_failed_gates,
+            gates=gates, allow_failed_gates=args.allow_failed_gates,
             default_variant=args.default_variant, eval_size=args.eval_size, bench_seconds=args.bench_seconds,
             keep_versions=args.keep_versions, calib_size=args.calib_size, calib_method=args.calib_method,
             accuracy_budget=args.accuracy_budget, log_dir=args.log_dir, work_dir=args.work_dir, **extra)
@@ -115,5 +129,5 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     print(format_summary(manifest))
-    print(f"manifest: {manifest['repository']}/export_manifest.json")
-    return int(manifest["exit_code"])
+    print(f"manifest: {manifest_path(manifest.repository)}")
+    return int(manifest.exit_code)

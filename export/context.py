@@ -9,17 +9,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from export.registry import Runner, SkipVariant
+
 if TYPE_CHECKING:
+    from train.checkpoint import CheckpointRecord
     from train.model import DinoV2Classifier
     from train.preprocessing import PreprocessConfig
 
 log = logging.getLogger(__name__)
-
-Runner = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 DEFAULT_EVAL_SIZE = 256
 SYNTHETIC_EVAL_SIZE = 16
@@ -93,19 +94,17 @@ class ExportContext:
     """Shared state of one export run, handed to every `Variant.build`.
 
     Attributes: model (eager FP32 DinoV2Classifier, eval, CPU), record (the
-    checkpoint dict), preprocessing (PreprocessConfig from the record),
+    train.checkpoint.CheckpointRecord), preprocessing (its PreprocessConfig),
     data_path, work_dir (scratch, deleted after the run), artifacts
     (variant name -> published artifact file), options (all CLI options).
     """
 
-    def __init__(self, model: "DinoV2Classifier", record: Mapping[str, Any], *,
+    def __init__(self, model: "DinoV2Classifier", record: "CheckpointRecord", *,
                  data_path: str | Path | None, work_dir: str | Path,
                  options: Mapping[str, Any] | None = None) -> None:
-        from train.preprocessing import PreprocessConfig
-
         self.model = model
         self.record = record
-        self.preprocessing: PreprocessConfig = PreprocessConfig.from_dict(record["preprocessing"])
+        self.preprocessing: "PreprocessConfig" = record.preprocessing
         self.data_path = Path(data_path) if data_path is not None else None
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -121,19 +120,20 @@ class ExportContext:
         self._eval_sets: dict[str, EvalSet] = {}
         self._references: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._records = None
+        self.data_summary = None   # train.data_folder.DataSummary, read with the manifest
 
     # -- shape facts ------------------------------------------------------
     @property
     def image_size(self) -> int:
-        return int(self.record["img_size"])
+        return self.record.image_size
 
     @property
     def num_classes(self) -> int:
-        return int(self.record["num_classes"])
+        return self.record.num_classes
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.record["class_names"])
+        return list(self.record.class_names)
 
     @property
     def embed_dim(self) -> int:
@@ -162,11 +162,20 @@ class ExportContext:
     # -- data ---------------------------------------------------------------
     def _manifest(self):
         if self._records is None:
+            from train.data_folder import read_summary
             from train.datasets import read_labels, read_manifest
+            from train.records import RecordError
 
             if self.data_path is None:
                 raise DataUnavailable("no --data_path given")
             labels = read_labels(self.data_path)
+            try:  # the data stage's record: the folder is one train.load_data wrote, whole
+                self.data_summary = read_summary(self.data_path)
+            except RecordError as exc:
+                raise DataUnavailable(str(exc)) from None
+            if self.data_summary.classes != labels:
+                raise DataUnavailable(f"{self.data_path / 'summary.json'} lists classes {self.data_summary.classes}, "
+                                      f"labels.txt {labels}: the data folder is inconsistent; rerun train.load_data")
             if labels != self.class_names:
                 raise DataUnavailable(
                     f"{self.data_path / 'labels.txt'} lists classes {labels}, but the checkpoint "
@@ -186,8 +195,6 @@ class ExportContext:
         """n preprocessed images (float32 [n,3,H,W]) drawn at random (seeded)
         from the TRAIN split only. Fewer when the split is smaller (warned).
         Raises SkipVariant when there is no data folder to calibrate on."""
-        from export.registry import SkipVariant
-
         if self.data_path is None:
             raise SkipVariant("not built: calibration needs real training images; pass --data_path")
         train = [r for r in self._manifest() if r.split == "train"]

@@ -4,7 +4,8 @@ outputs kept FP32 (keep_io_types) so clients and the ensemble never change.
 
 Kept in FP32 (FIELD_NOTES 3): LayerNormalization and Softmax (overflow and
 accumulation in large ViTs), the classification head (the last Gemm/MatMul
-producing `logits`), the patch embedding (the Conv reading the pixels), and any node whose inputs/outputs exceed `data_max`
+producing `logits`), the patch embedding (the Conv reading the pixels), and
+any node whose inputs/outputs exceed `data_max`
 (512 by default) on a few training images, which AutoCast measures with
 ONNX Runtime before converting. The list is configurable with
 `--set fp16_keep_fp32=LayerNormalization,Softmax,head,patch_embed,<node-name regex>`.
@@ -30,7 +31,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-import export.onnx_variant  # noqa: F401 - registers the parent variant `onnx` first
+from export.onnx_variant import check_io, fp32_work_copy, ort_runner
+from export.quant_graph import node_roles
 from export.registry import SkipVariant, Variant, register
 from export.worker import run_worker
 
@@ -57,8 +59,6 @@ def resolve_keep_list(model, entries: str | Sequence[str]) -> tuple[list[str], l
     An entry is an ONNX op type, 'head' / 'patch_embed' (found by role), or a
     regex searched in node names; an entry that matches nothing is an error."""
     import onnx
-
-    from export.onnx_int8 import node_roles
 
     if isinstance(entries, str):
         entries = [e.strip() for e in entries.split(",")]
@@ -186,13 +186,10 @@ def _option(options: Mapping[str, Any], key: str):
 
 
 def build(ctx, path: Path) -> dict:
+    import modelopt  # noqa: F401 - fail here, clearly, when ModelOpt is not installed
     import onnx
 
-    from export.onnx_int8 import fp32_work_copy
-    from export.onnx_variant import check_io
-    import modelopt  # noqa: F401 - fail here, clearly, when ModelOpt is not installed
-
-    work, fp32 = fp32_work_copy(ctx, "onnx_fp16", Fp16Error)
+    work, fp32 = fp32_work_copy(ctx, VARIANT, Fp16Error)
     keep_spec = str(_option(ctx.options, "fp16_keep_fp32"))
     keep_ops, keep_nodes = resolve_keep_list(onnx.load(str(fp32), load_external_data=False), keep_spec)
 
@@ -226,13 +223,10 @@ def build(ctx, path: Path) -> dict:
             "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)}
 
 
-# an ONNX Runtime CPU session, as for the FP32 `onnx` variant
-load_runner = export.onnx_variant.load_runner
-
-
 VARIANT = register(Variant(
     name="onnx_fp16", platform="onnxruntime_onnx", filename="model.onnx", precision="fp16",
-    build=build, load_runner=load_runner, parent="onnx", gate="fp16",
+    # an ONNX Runtime CPU session, as for the FP32 parent
+    build=build, load_runner=ort_runner, parent="onnx", gate="fp16",
     description="ONNX FP16 (ModelOpt AutoCast; LayerNorm, Softmax, patch embedding and head kept FP32; "
                 "FP32 I/O), "
                 "ONNX Runtime backend"))

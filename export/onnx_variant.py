@@ -5,13 +5,15 @@ and of the TensorRT engines.
 Exporter: torch.onnx's dynamo exporter (default). Measured here on the DINOv2
 wrapper it gives half the nodes of the legacy TorchScript exporter, fuses
 LayerNormalization (opset >= 17, what TensorRT maps to its normalization
-layer: FIELD_NOTES 3) and keeps the embedding width static. Only the batch
-axis is dynamic: the position embedding was resampled to the fixed size at
-build time (FIELD_NOTES 1). `--onnx-exporter legacy` selects dynamo=False."""
+layer) and keeps the embedding width static. Only the batch axis is
+dynamic: the position embedding was resampled to the fixed size at build
+time. `--onnx-exporter legacy` selects dynamo=False."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def export_onnx(module, example, path: Path, *, opset: int = 18, exporter: str =
 
     path = Path(path)
     if opset < MIN_OPSET:
-        raise ValueError(f"--opset {opset}: needs >= {MIN_OPSET} (LayerNormalization; FIELD_NOTES 3)")
+        raise ValueError(f"--opset {opset}: needs >= {MIN_OPSET} (LayerNormalization)")
     with torch.no_grad(), _quiet_exporter():
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
@@ -183,7 +185,41 @@ def ort_runner(path: Path, *, providers=("CPUExecutionProvider",), intra_op_thre
     return run
 
 
+# ---------------------------------------------------------------------------
+# work copies for the variants built from this one (onnx_fp16, onnx_int8, trt_fp8)
+# ---------------------------------------------------------------------------
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Work on a copy: ModelOpt writes helper files beside its input, and the
+    input here is the published FP32 model."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for s, d in ((src, dst), (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data"))):
+        if not s.exists():
+            continue
+        if d.exists():
+            d.unlink()
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copyfile(s, d)
+
+
+def fp32_work_copy(ctx, variant, error: type[Exception]) -> tuple[Path, Path]:
+    """A fresh ``<work_dir>/<variant.name>`` and in it ``fp32.onnx``, a copy
+    (link_or_copy) of the artifact of ``variant.parent`` (the FP32 graph);
+    raises ``error`` when that artifact is missing."""
+    source = variant.parent
+    fp32_artifact = ctx.artifacts.get(source)
+    if fp32_artifact is None or not Path(fp32_artifact).is_file():
+        raise error(f"the FP32 `{source}` artifact is missing: build the {source} variant first")
+    work = Path(ctx.work_dir) / variant.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    fp32 = work / "fp32.onnx"
+    link_or_copy(Path(fp32_artifact), fp32)
+    return work, fp32
+
+
 ONNX = register(Variant(
     name="onnx", platform="onnxruntime_onnx", filename="model.onnx", precision="fp32",
-    build=build, load_runner=load_runner, gate="fp32",
+    build=build, load_runner=load_runner, gate="fp32", default=True, ensemble_rank=0,
     description="ONNX FP32 (opset 18, dynamic batch), ONNX Runtime backend"))

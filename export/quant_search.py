@@ -1,7 +1,6 @@
-"""Mixed precision under an accuracy budget (FIELD_NOTES 5 and "what no tool
-offers"): try candidate quantization configurations from the most aggressive
-(fastest) to the most conservative and stop at the first one whose parity
-with eager FP32 passes the gate.
+"""Mixed precision under an accuracy budget: try candidate quantization
+configurations from the most aggressive (fastest) to the most conservative
+and stop at the first one whose parity with eager FP32 passes the gate.
 
 The search is generic: a candidate is a label, a JSON-able description and a
 `make(path)` function that writes the ONNX file; `evaluate(path)` returns
@@ -10,14 +9,13 @@ expensive step that only later candidates need (per-block sensitivity) runs
 only when the cheaper ones failed. Every attempt is recorded (config, parity
 numbers, pass/fail, failures, seconds) whether or not one passes.
 
-Which gate: the variant's gate with the run's --thresholds applied (the same
-`export.verify.resolve_gate` the pipeline verifies with), tightened by
---accuracy-budget when that is stricter than the gate's max_accuracy_drop. So
-the search never settles on a configuration the pipeline would then reject.
+Which gate: the variant's gate with the run's --gates and --accuracy-budget
+applied, resolved by export.gates exactly as the pipeline's verification
+resolves it. So the search never settles on a configuration the pipeline
+would then reject.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -78,31 +76,18 @@ def _score(summary: Mapping[str, Any]) -> tuple:
 
 
 def search_gate(variant, options: Mapping[str, Any]):
-    """The gate the search must meet: the pipeline's gate for `variant` with
-    --thresholds applied, and max_accuracy_drop tightened to --accuracy-budget
-    when the budget is stricter."""
-    from export.registry import REGISTRY
-    from export.verify import parse_thresholds, resolve_gate
-    from train.metrics import GATES
+    """The gate the search must meet: exactly the one the pipeline verifies
+    `variant` with (the run's --gates and --accuracy-budget applied)."""
+    from export.gates import parse_gate_overrides, resolve_gate, with_accuracy_budget
+    from export.registry import gate_scopes
 
-    entries = options.get("thresholds") or ()
-    if isinstance(entries, str):
-        entries = [entries]
-    overrides = parse_thresholds(entries, scopes=set(REGISTRY) | set(GATES) | {variant.name})
-    gate = resolve_gate(variant, overrides)
-    budget = options.get("accuracy_budget")
-    if budget is not None:
-        budget = float(budget)
-        if budget < 0:
-            raise ValueError(f"--accuracy-budget {budget}: must be >= 0 (0.01 = 1 accuracy point)")
-        if gate.max_accuracy_drop is None or budget < gate.max_accuracy_drop:
-            gate = dataclasses.replace(gate, max_accuracy_drop=budget, name=f"{gate.name}+budget")
-    return gate
+    overrides = parse_gate_overrides(options.get("gates") or (), scopes=gate_scopes() | {variant.name})
+    return resolve_gate(variant, with_accuracy_budget(overrides, options.get("accuracy_budget")))
 
 
 def run_search(candidates: Iterable[Candidate], *, evaluate: Callable[[Path], Mapping[str, Any]], gate,
                work_dir: Path, max_attempts: int | None = None) -> SearchResult:
-    """Try candidates in order until one passes `gate` (train.metrics.Gate),
+    """Try candidates in order until one passes `gate` (export.gates.Gate),
     the candidates run out, or max_attempts were made. Returns every attempt;
     `chosen` is the passing attempt, else the best failing one. A candidate
     whose make/evaluate raises is recorded as an error and the search goes on."""

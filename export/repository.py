@@ -8,9 +8,9 @@ non-numeric sub-folders, whereas any folder at the repository's top level is
 taken for a model (a stale top-level staging folder would make the server
 fail to start); and the rename stays on one filesystem, so it is atomic.
 
-config.pbtxt and labels.txt are replaced (temp file + os.replace) only after
-the version folder is in place; old versions beyond `keep` are removed only
-after that. An interrupted export leaves at most a staging folder, which the
+config.pbtxt and labels.txt are replaced (train.artifact_io's atomic writes)
+only after the version folder is in place; old versions beyond `keep` are
+removed only after that. An interrupted export leaves at most a staging folder, which the
 next run removes (`clean_stale_staging`); the version being served is never
 modified. One export at a time per repository (`RepositoryLock`)."""
 from __future__ import annotations
@@ -21,7 +21,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
+
+from train.artifact_io import atomic_write_bytes, atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +51,6 @@ def version_dirs(model_dir: str | os.PathLike) -> list[int]:
 def latest_version(model_dir: str | os.PathLike) -> int | None:
     versions = version_dirs(model_dir)
     return versions[-1] if versions else None
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write via a temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -188,7 +168,7 @@ class StagedVersion:
             os.rename(self.path, target)   # atomic: the version appears complete or not at all
         except OSError as exc:
             raise RepositoryError(f"cannot publish {self.path} as {target}: {exc}") from exc
-        _fsync_dir(self.model_dir)
+        fsync_dir(self.model_dir)
         self.version, self.published_path = version, target
         for name, data in (files or {}).items():
             atomic_write_bytes(self.model_dir / name, data)
@@ -210,29 +190,13 @@ def prune_versions(model_dir: str | os.PathLike, *, keep: int) -> list[int]:
     return old
 
 
-def copy_into(staging: str | os.PathLike, items: Iterable[tuple[str | os.PathLike, str]]) -> None:
-    """Copy (src, relative destination) pairs into a staging folder."""
-    for src, rel in items:
-        dst = Path(staging) / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-
-
-def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
-    """Best-effort fsync of a file (or, with O_DIRECTORY, a folder's entries)."""
+def _fsync_file(path: Path) -> None:
+    """fsync a staged file before the rename publishes it (best effort)."""
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    _fsync(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -36,31 +36,104 @@ def _ctx(checkpoint, data_path, tmp_path, **options):
 
 
 # --------------------------------------------------------------------------- registry
-def test_registry_api(monkeypatch, tmp_path):
-    assert list(REGISTRY)[:2] == ["torchscript", "onnx"]
+def _variant(name, parent=None, precision="fp32"):
+    return Variant(name, "onnxruntime_onnx", "model.onnx", precision, build=None, load_runner=None,
+                   parent=parent, gate=precision)
+
+
+def test_registry_api():
+    names = registry.variant_names()
+    assert names[:2] == ["torchscript", "onnx"]
     onnx = get_variant("onnx")
-    assert onnx.model_name == "dinov2_onnx" and onnx.filename == "model.onnx"
-    assert get_variant("torchscript").platform == "pytorch_libtorch"
+    assert onnx.model_name == registry.model_name("onnx") == registry.model_name(onnx) == "dinov2_onnx"
+    assert onnx.filename == "model.onnx" and get_variant("torchscript").platform == "pytorch_libtorch"
+    assert registry.default_variants() == ["torchscript", "onnx"]
+    assert registry.ensemble_candidates() == ["onnx", "torchscript"]
+    assert {"int8", "onnx_int8", "dinov2_onnx_int8"} <= registry.gate_scopes()
     with pytest.raises(KeyError, match="unknown variant 'nope'.*torchscript"):
         get_variant("nope")
-    with pytest.raises(ValueError, match="parent 'not_there' is not registered"):
-        registry.register(Variant("orphan", "onnxruntime_onnx", "model.onnx", "fp16", build=None,
-                                  load_runner=None, parent="not_there", gate="fp16"))
     with pytest.raises(ValueError, match="platform"):
         Variant("x", "tensorflow", "model.savedmodel", "fp32", build=None, load_runner=None)
-    # a missing optional module is fine; an ImportError inside an existing one is not hidden
-    monkeypatch.setattr(registry, "OPTIONAL_MODULES", ("export._no_such_variant_module",))
-    load_builtin_variants()
+    with pytest.raises(ValueError, match="gate 'fp64' not in export.gates.GATES"):
+        Variant("x", "onnxruntime_onnx", "model.onnx", "fp32", build=None, load_runner=None, gate="fp64")
+
+
+def test_build_order_follows_declared_parents_not_registration_order(monkeypatch):
+    # children declared before their parents, as a module imported first would
+    monkeypatch.setattr(registry, "REGISTRY", {})
+    for v in (_variant("c", parent="b", precision="int8"), _variant("b", parent="a", precision="fp16"),
+              _variant("a"), _variant("z")):
+        registry.register(v)
+    assert registry.build_order(["c"]) == ["a", "b", "c"]
+    assert registry.build_order(["z", "b"]) == ["a", "b", "z"]
+    assert registry.build_order(registry.REGISTRY) == ["a", "b", "c", "z"]
+    registry.register(_variant("orphan", parent="not_there"))
+    with pytest.raises(ValueError, match="variant orphan: parent 'not_there' is not registered"):
+        registry.build_order(["orphan"])
+    registry.register(_variant("p", parent="q"))
+    registry.register(_variant("q", parent="p"))
+    with pytest.raises(ValueError, match="p -> q -> p: the parents form a cycle"):
+        registry.build_order(["p"])
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['nope'\]"):
+        registry.build_order(["nope"])
+
+
+def test_variant_modules_table(monkeypatch, tmp_path):
+    """A missing optional module is fine; an ImportError inside an existing one is not hidden."""
+    monkeypatch.setattr(registry, "REGISTRY", dict(REGISTRY))
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "VARIANT_MODULES", (("export._no_such_variant_module", False),))
+    assert registry.load_builtin_variants() == REGISTRY
     (tmp_path / "broken_variant_mod.py").write_text("import a_dependency_that_is_not_installed\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "OPTIONAL_MODULES", ("broken_variant_mod",))
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "VARIANT_MODULES", (("broken_variant_mod", False),))
     with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
-        load_builtin_variants()
+        registry.load_builtin_variants()
+    monkeypatch.setattr(registry, "VARIANT_MODULES", (("export._no_such_variant_module", True),))
+    with pytest.raises(ModuleNotFoundError):
+        registry.load_builtin_variants()
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports (module level and inside functions)."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def test_export_has_no_import_circle_and_never_imports_perf():
+    mods = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+            for f in (ROOT / "export").rglob("*.py")}
+    edges = {m: {d for d in _imports(f) if d in mods and d != m} for m, f in mods.items()}
+    assert not {m: sorted(d for d in _imports(f) if d.split(".")[0] == "perf") for m, f in mods.items()
+                if any(d.split(".")[0] == "perf" for d in _imports(f))}, "export must not import perf"
+
+    def reaches(start, goal, seen):
+        for d in edges[start] - seen:
+            if d == goal or reaches(d, goal, seen | {d}):
+                return True
+        return False
+    circles = sorted(m for m in mods if reaches(m, m, set()))
+    assert not circles, f"import circles through {circles}"
 
 
 # --------------------------------------------------------------------------- the tiny export
 def test_tiny_export_verified_and_published(tiny_repository):
-    manifest = json.loads((tiny_repository / "export_manifest.json").read_text())
+    from export.manifest import read_export_manifest
+
+    raw = json.loads((tiny_repository / "export_manifest.json").read_text())
+    assert raw["schema_version"] == 1 and "format_version" not in raw
+    assert read_export_manifest(tiny_repository).variants["onnx"].status == "OK"
+    assert raw["pretrained"] is False            # the checkpoint's boolean, not a guess from text
+    manifest = raw
     assert manifest["exit_code"] == 0
     assert manifest["eval_set"]["split"] == "test" and manifest["eval_set"]["labelled"]
     assert len(manifest["source_checkpoint"]["sha256"]) == 64
@@ -97,6 +170,51 @@ def test_tiny_export_verified_and_published(tiny_repository):
     assert int.from_bytes(warm[:4], "little") == len(warm) - 4 and warm[5:8] == b"PNG"
     assert (tiny_repository / "dinov2" / "1").is_dir()
     assert not [p for p in tiny_repository.rglob(".staging-*")]
+
+
+def test_export_manifest_record_reader(tiny_repository, tmp_path):
+    """One reader: old files (format_version 1) still load; a bad file fails
+    with one line naming the file and the field."""
+    from export.manifest import ExportManifest, read_export_manifest, write_export_manifest
+    from train.records import RecordError
+
+    raw = json.loads((tiny_repository / "export_manifest.json").read_text())
+    m = read_export_manifest(tiny_repository / "export_manifest.json")
+    assert isinstance(m, ExportManifest) and m.preprocess_config().image_size == m.img_size == 28
+    assert list(m.published()) == ["torchscript", "onnx"] and m.ensemble.classifier == "dinov2_onnx"
+    # round trip through the one writer is lossless
+    write_export_manifest(m, tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == raw
+
+    def reads(data, name="export_manifest.json"):
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        return read_export_manifest(path)
+
+    old = {k: v for k, v in raw.items() if k not in ("schema_version", "pretrained")}
+    migrated = reads({**old, "format_version": 1}, "old.json")
+    assert migrated.schema_version == 1 and migrated.pretrained is None
+    assert migrated.variants["onnx"] == m.variants["onnx"]
+    cases = [
+        ({k: v for k, v in raw.items() if k != "img_size"}, "field 'img_size': missing (required)"),
+        ({**raw, "schema_version": 7}, "field 'schema_version': 7 is newer than this code reads (1)"),
+        (old, "field 'schema_version': missing"),
+        ({**raw, "num_classes": "three"}, "field 'num_classes': Input should be a valid integer"),
+        ({**raw, "variants": {**raw["variants"], "onnx": {**raw["variants"]["onnx"], "status": "FINE"}}},
+         "field 'variants.onnx.status': Input should be 'OK', 'FAILED', 'SKIPPED' or 'GATE_FAILED'"),
+        ({**raw, "img_size": 56}, "img_size 56 differs from preprocessing.image_size 28"),
+        ({**raw, "surprise": 1}, "field 'surprise': unknown field"),
+    ]
+    for data, message in cases:
+        with pytest.raises(RecordError) as info:
+            reads(data)
+        text = str(info.value)
+        assert text.startswith(f"{tmp_path / 'export_manifest.json'}: ") and message in text, text
+        assert "\n" not in text
+    assert "regenerate it with: python -m export" in str(pytest.raises(RecordError, reads, old).value)
+    with pytest.raises(FileNotFoundError, match="no such export manifest"):
+        read_export_manifest(tmp_path / "nothing_here")
+    assert read_export_manifest(tmp_path / "nothing_here", missing_ok=True) is None
 
 
 def test_onnx_graph_contract(tiny_repository):
@@ -151,40 +269,44 @@ def test_failed_verification_publishes_nothing(tiny_checkpoint, tiny_dataset, tm
     repo = tmp_path / "repo"
     manifest = run_export(tiny_checkpoint, repo, data_path=tiny_dataset, variants="torchscript",
                           bench_seconds=0)
-    v = manifest["variants"]["torchscript"]
-    assert v["status"] == "GATE_FAILED" and not v["published"] and v["version"] is None
-    assert "top-1 agreement" in v["reason"] and "flipped" in v["reason"]
-    assert v["verification"]["batch_sizes"]["8"]["top1_agreement"] < 0.999
-    assert v["verification"]["batch_sizes"]["8"]["flipped_examples"][0]["name"].startswith("images/test/")
-    assert manifest["exit_code"] == 1
+    v = manifest.variants["torchscript"]
+    assert v.status == "GATE_FAILED" and not v.published and v.version is None
+    assert "top-1 agreement" in v.reason and "flipped" in v.reason
+    assert v.verification.batch_sizes["8"]["top1_agreement"] < 0.999
+    assert v.verification.batch_sizes["8"]["flipped_examples"][0]["name"].startswith("images/test/")
+    assert manifest.exit_code == 1
     assert not (repo / "dinov2_torchscript").exists()   # no version, no empty model folder
-    assert manifest["ensemble"]["status"] == "SKIPPED" and not (repo / "dinov2").exists()
+    assert manifest.ensemble.status == "SKIPPED" and not (repo / "dinov2").exists()
     on_disk = json.loads((repo / "export_manifest.json").read_text())
-    assert on_disk["variants"]["torchscript"]["gate_failures"] == v["gate_failures"]
+    assert on_disk["variants"]["torchscript"]["gate_failures"] == v.gate_failures
 
     # --allow-failed-gates publishes it, marked, and the run is accepted
     manifest = run_export(tiny_checkpoint, repo, data_path=tiny_dataset, variants="torchscript",
                           bench_seconds=0, allow_failed_gates=True)
-    v = manifest["variants"]["torchscript"]
-    assert v["status"] == "GATE_FAILED" and v["published"] and v["version"] == 1
-    assert manifest["exit_code"] == 0
+    v = manifest.variants["torchscript"]
+    assert v.status == "GATE_FAILED" and v.published and v.version == 1
+    assert manifest.exit_code == 0
 
 
-def test_impossible_threshold_fails_through_cli(tiny_checkpoint, tiny_dataset, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--gates", "--thresholds"])
+def test_impossible_gate_fails_through_cli(flag, tiny_checkpoint, tiny_dataset, tmp_path, capsys):
     from export.cli import main
 
     repo = tmp_path / "repo"
     rc = main(["--model_path", str(tiny_checkpoint), "--repository", str(repo), "--data_path",
                str(tiny_dataset), "--variants", "torchscript", "--bench-seconds", "0", "-q",
-               "--thresholds", "torchscript.min_logit_cosine=1.5", "fp32.min_top1_agreement=1.0"])
+               flag, "dinov2_torchscript.min_logit_cosine=1.5", "fp32.min_top1_agreement=1.0"])
     assert rc == 1
+    captured = capsys.readouterr()
+    assert ("--thresholds is deprecated; use --gates" in captured.err) == (flag == "--thresholds")
     manifest = json.loads((repo / "export_manifest.json").read_text())
     v = manifest["variants"]["torchscript"]
     assert v["status"] == "GATE_FAILED" and not v["published"]
     assert any("logit cosine" in f and "< 1.5" in f for f in v["gate_failures"])
     assert v["verification"]["gate"]["min_logit_cosine"] == 1.5
     assert v["verification"]["gate"]["min_top1_agreement"] == 1.0
-    assert "GATE_FAILED" in capsys.readouterr().out
+    assert v["gate"] == "fp32+overrides"
+    assert "GATE_FAILED" in captured.out
 
 
 def test_batch_size_dependent_outputs_fail(tiny_checkpoint, tiny_dataset, tmp_path):
@@ -197,26 +319,44 @@ def test_batch_size_dependent_outputs_fail(tiny_checkpoint, tiny_dataset, tmp_pa
     def batch_dependent(x):
         lo, em = eager(x)
         return lo + 0.05 * np.abs(lo).max() * (len(x) > 1), em
-    result = verify_variant(ctx, REGISTRY["onnx"], batch_dependent, thresholds={})
+    result = verify_variant(ctx, REGISTRY["onnx"], batch_dependent, gates={})
     assert not result["passed"]
     assert any("batch 1 vs batch 8" in f for f in result["failures"])
-    ok = verify_variant(ctx, REGISTRY["onnx"], eager, thresholds={})
+    ok = verify_variant(ctx, REGISTRY["onnx"], eager, gates={})
     assert ok["passed"], ok["failures"]
 
 
-def test_thresholds_parsing():
-    from export.verify import ThresholdError, parse_thresholds, resolve_gate
+def test_gate_overrides_one_parser_one_order():
+    from export.gates import GATES, GateError, batch_tolerance, parse_gate_overrides, resolve_gate
+    from export.registry import gate_scopes
 
-    scopes = {"fp32", "fp16", "int8", "onnx", "torchscript"}
-    th = parse_thresholds(["fp32.min_top1_agreement=0.99", "onnx.max_accuracy_drop=none",
-                           "batch.max_rel_diff=1e-3"], scopes=scopes)
-    gate = resolve_gate(REGISTRY["onnx"], th)
-    assert gate.min_top1_agreement == 0.99 and gate.max_accuracy_drop is None
+    ov = parse_gate_overrides(["fp32.min_top1_agreement=0.99, onnx.max_accuracy_drop=none",
+                               "dinov2_onnx.min_logit_cosine = 0.5", "batch.max_rel_diff=1e-3"],
+                              scopes=gate_scopes())
+    assert ov == {"fp32": {"min_top1_agreement": 0.99}, "onnx": {"max_accuracy_drop": None},
+                  "dinov2_onnx": {"min_logit_cosine": 0.5}, "batch": {"max_rel_diff": 1e-3}}
+    gate = resolve_gate(REGISTRY["onnx"], ov)   # precision, then variant name, then model name
+    assert (gate.min_top1_agreement, gate.max_accuracy_drop, gate.min_logit_cosine) == (0.99, None, 0.5)
+    assert gate.name == "fp32+overrides" and GATES["fp32"].min_top1_agreement == 0.999
     assert resolve_gate(REGISTRY["torchscript"], {}).min_top1_agreement == 0.999
-    for bad in ("fp32.min_top1_agreement", "nope.min_top1_agreement=1", "fp32.speed=1",
-                "fp32.min_top1_agreement=abc"):
-        with pytest.raises(ThresholdError, match="--thresholds"):
-            parse_thresholds([bad], scopes=scopes)
+    assert resolve_gate("dinov2_onnx", ov, precision="fp32").min_logit_cosine == 0.5
+    assert resolve_gate("dinov2_x_bf16", precision="bf16").name == "fp32"   # no bf16 gate: fp32's
+    assert batch_tolerance("fp32", ov) == {"max_rel_diff": 1e-3, "min_top1_agreement": 1.0}
+    assert batch_tolerance("int8")["max_rel_diff"] == 5e-2
+    result = gate.evaluate({"n": 4, "top1_agreement": 0.75, "flipped": 1, "embedding": {"cosine_mean": 1.0},
+                            "logits": {"cosine_mean": 0.4, "max_abs_diff": 1.0}})
+    assert not result.passed and result.to_dict()["gate"]["name"] == gate.name
+    assert [f.split(" ")[0] for f in result.failures] == ["top-1", "logit"]
+    for bad, message in (("fp32.min_top1_agreement", "expected SCOPE.FIELD=VALUE"),
+                         ("nope.min_top1_agreement=1", "unknown scope 'nope'"),
+                         ("fp32.speed=1", "unknown field 'speed'"),
+                         ("batch.min_logit_cosine=1", "unknown field 'min_logit_cosine'"),
+                         ("fp32.min_top1_agreement=abc", "'abc' is not a number"),
+                         ("fp32.min_top1_agreement=-1", "finite number >= 0")):
+        with pytest.raises(GateError, match=f"^--gates '{bad}': .*{message}"):
+            parse_gate_overrides([bad], scopes=gate_scopes())
+    with pytest.raises(GateError, match="unknown field 'max_rel_diff'"):   # perf.parity has no batch check
+        parse_gate_overrides(["batch.max_rel_diff=1"], batch_scope=False)
 
 
 # --------------------------------------------------------------------------- publishing
@@ -226,7 +366,7 @@ def test_versions_interrupted_publish_and_stale_staging(tiny_checkpoint, tiny_da
 
     repo = tmp_path / "repo"
     kw = dict(data_path=tiny_dataset, variants="torchscript", bench_seconds=0)
-    assert run_export(tiny_checkpoint, repo, **kw)["variants"]["torchscript"]["version"] == 1
+    assert run_export(tiny_checkpoint, repo, **kw).variants["torchscript"].version == 1
     model_dir = repo / "dinov2_torchscript"
     before = _tree_digest(model_dir)
 
@@ -246,16 +386,19 @@ def test_versions_interrupted_publish_and_stale_staging(tiny_checkpoint, tiny_da
     (stale / "model.pt").write_bytes(b"half")
     m2 = run_export(tiny_checkpoint, repo, **kw)
     assert not stale.exists()
-    assert m2["variants"]["torchscript"]["version"] == 2
+    assert m2.variants["torchscript"].version == 2
     assert repository.version_dirs(model_dir) == [1, 2]
     assert _tree_digest(model_dir / "1") == {k[2:]: v for k, v in before.items() if k.startswith("1/")}
-    m3 = run_export(tiny_checkpoint, repo, **kw)   # keep_versions=2: version 1 goes
-    assert m3["variants"]["torchscript"]["version"] == 3
+    m3 = run_export(tiny_checkpoint, repo, **kw, default_variant="onnx")   # keep_versions=2: version 1 goes
+    assert m3.variants["torchscript"].version == 3
     assert repository.version_dirs(model_dir) == [2, 3]
     assert repository.version_dirs(repo / "dinov2_preprocess") == [2, 3]
     cfg = (repo / "dinov2" / "config.pbtxt").read_text()
     assert 'model_name: "dinov2_torchscript"' in cfg    # --default-variant onnx not built: fallback
-    assert any("default-variant onnx" in w for w in m3["warnings"])
+    assert any("--default-variant onnx was not published" in w for w in m3.warnings)
+    assert m3.ensemble.classifier == "dinov2_torchscript"
+    # without --default-variant the registry's preference decides, without a warning
+    assert "preferred ensemble variant" in m2.ensemble.classifier_reason and not m2.warnings
 
 
 def test_parent_failure_skips_child(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
@@ -272,11 +415,12 @@ def test_parent_failure_skips_child(tiny_checkpoint, tiny_dataset, tmp_path, mon
                                                       parent="torchscript", gate="fp16"))
     manifest = run_export(tiny_checkpoint, tmp_path / "repo", data_path=tiny_dataset, variants="ts_child",
                           bench_seconds=0)
-    assert manifest["added_as_parents"] == ["torchscript"]
-    ts, child = manifest["variants"]["torchscript"], manifest["variants"]["ts_child"]
-    assert ts["status"] == "FAILED" and "exporter exploded" in ts["reason"]
-    assert child["status"] == "SKIPPED" and "parent torchscript FAILED" in child["reason"]
-    assert manifest["exit_code"] == 1
+    assert manifest.added_as_parents == ["torchscript"]
+    assert list(manifest.variants) == ["torchscript", "ts_child"]
+    ts, child = manifest.variants["torchscript"], manifest.variants["ts_child"]
+    assert ts.status == "FAILED" and "exporter exploded" in ts.reason and "RuntimeError" in ts.error
+    assert child.status == "SKIPPED" and "parent torchscript FAILED" in child.reason
+    assert manifest.exit_code == 1
 
 
 def test_skip_variant_reason_keeps_exit_zero(tiny_checkpoint, tmp_path, monkeypatch):
@@ -286,11 +430,11 @@ def test_skip_variant_reason_keeps_exit_zero(tiny_checkpoint, tmp_path, monkeypa
         raise SkipVariant("not built: needs an NVIDIA GPU and TensorRT")
     monkeypatch.setitem(REGISTRY, "torchscript", dataclasses.replace(REGISTRY["torchscript"], build=needs_gpu))
     manifest = run_export(tiny_checkpoint, tmp_path / "repo", variants="torchscript", bench_seconds=0)
-    v = manifest["variants"]["torchscript"]
-    assert v["status"] == "SKIPPED" and v["reason"] == "not built: needs an NVIDIA GPU and TensorRT"
-    assert manifest["exit_code"] == 0
-    assert manifest["eval_set"]["synthetic"]  # no --data_path: loud random-input verification
-    assert any("RANDOM" in w for w in manifest["warnings"])
+    v = manifest.variants["torchscript"]
+    assert v.status == "SKIPPED" and v.reason == "not built: needs an NVIDIA GPU and TensorRT"
+    assert manifest.exit_code == 0
+    assert manifest.eval_set.synthetic  # no --data_path: loud random-input verification
+    assert any("RANDOM" in w for w in manifest.warnings)
 
 
 # --------------------------------------------------------------------------- data access
@@ -318,7 +462,7 @@ def test_eval_set_falls_back_to_val(tiny_checkpoint, tiny_dataset, tmp_path, cap
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data, symlinks=True)
     lines = (data / "manifest.csv").read_text().splitlines()
-    (data / "manifest.csv").write_text("\n".join(l for l in lines if ",test," not in l) + "\n")
+    (data / "manifest.csv").write_text("\n".join(line for line in lines if ",test," not in line) + "\n")
     ctx = _ctx(tiny_checkpoint, data, tmp_path)
     es = ctx.eval_set()
     assert es.split == "val" and len(es) == 6 and "no test split" in es.notes[0]
@@ -364,11 +508,11 @@ def _fake_pb_utils():
 
 def test_preprocess_model_matches_reference_and_isolates_bad_requests(tiny_checkpoint):
     from tests.fixtures.images import jpeg_bytes, png_bytes
-    from train.model import read_checkpoint
-    from train.preprocessing import PreprocessConfig, preprocess_source
+    from train.checkpoint import read_checkpoint
+    from train.preprocessing import preprocess_source
 
     mod = _load_preprocess_module(ROOT / "export" / "preprocess_model" / "model.py", "_pre_src")
-    cfg = PreprocessConfig.from_dict(read_checkpoint(tiny_checkpoint)["preprocessing"])
+    cfg = read_checkpoint(tiny_checkpoint).preprocessing
     good = [png_bytes((40, 31), seed=1), jpeg_bytes((33, 50), seed=2)]
     out = mod.preprocess_images(np.array([[g] for g in good], dtype=object), cfg)
     np.testing.assert_array_equal(out, np.stack([preprocess_source(g, cfg) for g in good]))
@@ -420,7 +564,8 @@ def test_benchmark_and_slower_flag():
     (["--model_path", "/nonexistent/model_final.pth"], "checkpoint not found"),
     (["--model_path", "CKPT", "--variants", "torchscript,tensorflow"], "unknown ['tensorflow']"),
     (["--model_path", "CKPT", "--preferred-batch-sizes", "4,16"], "--preferred-batch-sizes [16]"),
-    (["--model_path", "CKPT", "--thresholds", "fp32.min_top1=1"], "unknown field 'min_top1'"),
+    (["--model_path", "CKPT", "--gates", "fp32.min_top1=1"], "unknown field 'min_top1'"),
+    (["--model_path", "CKPT", "--accuracy-budget", "-1"], "--accuracy-budget -1.0: must be"),
     (["--model_path", "CKPT", "--opset", "13"], "--opset 13"),
     (["--model_path", "CKPT", "--data_path", "/nonexistent/data"], "--data_path /nonexistent/data"),
 ])

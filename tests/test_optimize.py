@@ -6,16 +6,14 @@ is missing. ModelOpt itself runs in child processes."""
 from __future__ import annotations
 
 import csv
-import json
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from export.gates import GATES, Gate
 from export.quant_search import Candidate, parity_summary, run_search, search_gate
-from train.metrics import GATES, Gate
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -32,7 +30,7 @@ def _export(checkpoint, dataset, repo, variants, **options):
 def optimized(tmp_path_factory, tiny_checkpoint, tiny_dataset):
     repo = tmp_path_factory.mktemp("opt") / "model_repository"
     manifest = _export(tiny_checkpoint, tiny_dataset, repo, "onnx_fp16,onnx_int8,trt_fp16,trt_int8")
-    return repo, manifest
+    return repo, manifest.to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +38,8 @@ def impossible(tmp_path_factory, tiny_checkpoint, tiny_dataset):
     """Thresholds no model can meet (cosine > 1): every gate fails."""
     repo = tmp_path_factory.mktemp("impossible") / "model_repository"
     manifest = _export(tiny_checkpoint, tiny_dataset, repo, "onnx_fp16,onnx_int8",
-                       thresholds=["fp16.min_logit_cosine=1.5", "onnx_int8.min_logit_cosine=1.5"])
-    return repo, manifest
+                       gates=["fp16.min_logit_cosine=1.5", "onnx_int8.min_logit_cosine=1.5"])
+    return repo, manifest.to_dict()
 
 
 def _io(path: Path):
@@ -87,7 +85,7 @@ def test_fp16_variant_verified_fp32_io_and_kept_layers(optimized, tiny_dataset):
 def test_int8_variant_calibrated_on_train_split_only(optimized, tiny_dataset):
     import onnx
 
-    from export.onnx_int8 import node_roles, quantized_nodes
+    from export.quant_graph import node_roles, quantized_nodes
 
     repo, manifest = optimized
     v = manifest["variants"]["onnx_int8"]
@@ -190,7 +188,7 @@ EXPECTED_ROLES = ([("patch_embed", None)]
 def test_node_roles_from_module_names_and_structure(tiny_onnx, exporter):
     import onnx
 
-    from export.onnx_int8 import node_roles, select_nodes
+    from export.quant_graph import node_roles, select_nodes
 
     model = onnx.load(str(tiny_onnx[exporter]))
     assert [(r.role, r.block) for r in node_roles(model)] == EXPECTED_ROLES
@@ -209,7 +207,7 @@ def test_node_roles_from_module_names_and_structure(tiny_onnx, exporter):
 def test_strip_qdq_restores_fp32_exactly(optimized, tmp_path):
     import onnx
 
-    from export.onnx_int8 import quantized_nodes, strip_qdq
+    from export.quant_graph import quantized_nodes, strip_qdq
 
     repo, _ = optimized
     fp32_path = repo / "dinov2_onnx" / "1" / "model.onnx"
@@ -232,7 +230,7 @@ def test_parse_roles_and_keep_lists(tiny_onnx):
     import onnx
 
     from export.onnx_fp16 import resolve_keep_list
-    from export.onnx_int8 import parse_roles
+    from export.quant_graph import parse_roles
 
     assert parse_roles("qkv,proj,mha") == ("qkv", "proj", "attn_qk", "attn_v")
     with pytest.raises(ValueError, match="unknown role 'attention'"):
@@ -303,14 +301,26 @@ def test_search_limits_duplicates_and_errors(tmp_path):
     assert res.attempts[0]["error"] == "RuntimeError: boom" and res.chosen == 1
 
 
-def test_search_gate_applies_thresholds_and_budget():
-    variant = types.SimpleNamespace(name="onnx_int8", gate="int8")
-    g = search_gate(variant, {"thresholds": ["int8.min_top1_agreement=0.95"], "accuracy_budget": 0.005})
+def test_search_gate_is_the_verification_gate():
+    from export.gates import parse_gate_overrides, resolve_gate, with_accuracy_budget
+    from export.registry import gate_scopes, get_variant
+
+    variant = get_variant("onnx_int8")
+    g = search_gate(variant, {"gates": ["int8.min_top1_agreement=0.95"], "accuracy_budget": 0.005})
     assert g.min_top1_agreement == 0.95 and g.max_accuracy_drop == 0.005
-    g = search_gate(variant, {"accuracy_budget": 0.05})   # a looser budget never loosens the gate
-    assert g.max_accuracy_drop == GATES["int8"].max_accuracy_drop
-    g = search_gate(variant, {"thresholds": ["onnx_int8.max_accuracy_drop=none"], "accuracy_budget": 0.02})
-    assert g.max_accuracy_drop == 0.02
+    assert search_gate(variant, {"accuracy_budget": 0.01}) == GATES["int8"]   # the default budget
+    for opts in ({"accuracy_budget": 0.05}, {"gates": ["int8.max_accuracy_drop=0.002"], "accuracy_budget": 0.05},
+                 {"gates": ["onnx_int8.max_accuracy_drop=none"], "accuracy_budget": 0.02}):
+        # exactly what the pipeline verifies with (export.pipeline.run_export resolves the same way)
+        verify = resolve_gate(variant, with_accuracy_budget(parse_gate_overrides(opts.get("gates"),
+                                                                                 scopes=gate_scopes()),
+                                                            opts["accuracy_budget"]))
+        assert search_gate(variant, opts) == verify
+    assert search_gate(variant, {"accuracy_budget": 0.05}).max_accuracy_drop == 0.05
+    assert search_gate(variant, {"gates": ["int8.max_accuracy_drop=0.002"],
+                                 "accuracy_budget": 0.05}).max_accuracy_drop == 0.002   # explicit wins
+    assert search_gate(variant, {"gates": ["onnx_int8.max_accuracy_drop=none"],
+                                 "accuracy_budget": 0.02}).max_accuracy_drop is None
     with pytest.raises(ValueError, match="accuracy-budget"):
         search_gate(variant, {"accuracy_budget": -1})
     assert parity_summary(_parity(0.99))["accuracy_delta"] == pytest.approx(-0.01)
@@ -337,7 +347,8 @@ def test_ladder_order_and_lazy_sensitivity():
 
 
 def test_modelopt_worker_failure_is_reported_with_its_log(tmp_path):
-    from export.onnx_int8 import Int8Error, run_modelopt_quantize
+    from export.modelopt_worker import run_modelopt_quantize
+    from export.quant_graph import Int8Error
 
     (tmp_path / "m.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(Int8Error, match=r"(?s)exit 2.*--calib .*missing\.npy: file not found"):

@@ -6,8 +6,15 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from export.registry import get_variant, load_builtin_variants
-from export.triton_config import (ConfigError, classifier_config, ensemble_config, parse_config,
-                                  preprocess_config, to_text, validate_config)
+from export.triton_config import (
+    ConfigError,
+    classifier_config,
+    ensemble_config,
+    parse_config,
+    preprocess_config,
+    to_text,
+    validate_config,
+)
 
 load_builtin_variants()
 

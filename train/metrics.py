@@ -5,7 +5,6 @@ parity client all call these functions, so a number means the same thing in
 every report. Metric definitions are scikit-learn's."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -127,57 +126,7 @@ def parity_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, *,
     return out
 
 
-_EPS = 1e-9
 _HEADLINE = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_roc_macro")
 
-
-@dataclass
-class Gate:
-    """Pass/fail thresholds of a variant against the FP32 reference.
-    None disables a check. Deltas are in absolute units (0.01 = 1 point)."""
-    min_top1_agreement: float | None = None
-    min_embedding_cosine: float | None = None
-    min_logit_cosine: float | None = None
-    max_accuracy_drop: float | None = None
-    max_logit_abs_diff: float | None = None
-    name: str = "custom"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def check(self, parity: dict[str, Any]) -> list[str]:
-        """Return the list of failures (empty = pass), each with the numbers.
-        A value exactly on a threshold passes (EPS absorbs float rounding such
-        as 0.99 - 1.0 = -0.010000000000000009)."""
-        eps = _EPS
-        fails = []
-        if self.min_top1_agreement is not None and not parity["top1_agreement"] >= self.min_top1_agreement - eps:
-            fails.append(f"top-1 agreement {parity['top1_agreement']:.4%} < {self.min_top1_agreement:.2%} "
-                         f"({parity['flipped']} of {parity['n']} predictions flipped)")
-        if self.min_embedding_cosine is not None:
-            cos = parity.get("embedding", {}).get("cosine_mean")
-            if cos is None or not cos >= self.min_embedding_cosine - eps:
-                fails.append(f"embedding cosine {cos} < {self.min_embedding_cosine}")
-        if self.min_logit_cosine is not None and not parity["logits"]["cosine_mean"] >= self.min_logit_cosine - eps:
-            fails.append(f"logit cosine {parity['logits']['cosine_mean']:.6f} < {self.min_logit_cosine}")
-        if self.max_logit_abs_diff is not None and not parity["logits"]["max_abs_diff"] <= self.max_logit_abs_diff + eps:
-            fails.append(f"logit max abs diff {parity['logits']['max_abs_diff']:.3g} > {self.max_logit_abs_diff}")
-        if self.max_accuracy_drop is not None:
-            delta = parity.get("deltas", {}).get("accuracy")
-            if delta is None:
-                fails.append("accuracy drop not measurable: no labels given")
-            elif not -delta <= self.max_accuracy_drop + eps:
-                fails.append(f"accuracy drop {-delta * 100:.2f} points > {self.max_accuracy_drop * 100:.2f}")
-        if parity["logits"].get("non_finite"):
-            fails.append("candidate produced NaN/Inf logits")
-        return fails
-
-
-# Default gates (issue: FP16 >= 99.9% top-1 and cosine >= 0.999; INT8 >= 99% and <= 1 point).
-GATES = {
-    "fp32": Gate(name="fp32", min_top1_agreement=0.999, min_embedding_cosine=0.9999),
-    "fp16": Gate(name="fp16", min_top1_agreement=0.999, min_embedding_cosine=0.999),
-    "int8": Gate(name="int8", min_top1_agreement=0.99, max_accuracy_drop=0.01),
-    "fp8": Gate(name="fp8", min_top1_agreement=0.99, max_accuracy_drop=0.01),
-}
+# The accuracy gates (Gate, GATES: pass/fail thresholds per precision) live in
+# export/gates.py: only export and perf judge variants.
