@@ -1,15 +1,22 @@
-"""perf/report.py: report generation from a results dict built here (the
-shape perf.run writes), the recommendation rule and the CLI that
-re-generates a report from a stored results.json."""
+"""perf/report.py, perf/ranking.py, perf/plots.py and perf/results.py: the
+report generated from a results record built here (the shape perf.run
+writes), the recommendation rule, the PerfResults reader/writer, the golden
+report of a stored results.json, and the CLI that re-generates a report."""
 from __future__ import annotations
 
-import copy
+import difflib
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from perf import report as rp
+from perf.ranking import summarize
+from perf.results import GateVerdict, PerfResults, read_results, write_results
+from train.records import RecordError
+
+DATA = Path(__file__).parent / "data"
 
 # img/s per (batch, concurrency): int8 is the fastest but fails its gate,
 # fp16 passes but is slower than its parent onnx.
@@ -20,12 +27,14 @@ PARITY = {"dinov2_onnx": (1.0, 0.0, True), "dinov2_onnx_fp16": (1.0, 0.0, True),
 
 def _grid(base: float, bss=(1, 8), threads=(1, 2)):
     return [{"batch_size": b, "threads": t, "requests": 10, "wall_s": 1.0,
-             "images_per_s": base * (1 + 0.1 * b) * (1 + 0.05 * t), "p50_ms": 10.0 * b / t, "p90_ms": 11.0 * b,
-             "p95_ms": 12.0 * b, "p99_ms": 13.0 * b} for b in bss for t in threads]
+             "images_per_s": base * (1 + 0.1 * b) * (1 + 0.05 * t),
+             "requests_per_s": base * (1 + 0.1 * b) * (1 + 0.05 * t) / b, "p50_ms": 10.0 * b / t,
+             "p90_ms": 11.0 * b, "p95_ms": 12.0 * b, "p99_ms": 13.0 * b} for b in bss for t in threads]
 
 
 def _ip_variant(name, model_name, precision, parent, base, *, export_pass=True):
     grid = _grid(base)
+    best = max(grid, key=lambda c: c["images_per_s"])
     return {"name": name, "label": name, "precision": precision, "platform": "onnxruntime_onnx", "parent": parent,
             "model_name": model_name, "gate": precision, "artifact": f"/x/{name}", "file_bytes": 4_000_000,
             "status": "OK", "reason": None,
@@ -33,13 +42,21 @@ def _ip_variant(name, model_name, precision, parent, base, *, export_pass=True):
                        "gate_failures": [] if export_pass else ["batch 8: top-1 agreement 90% < 99%"],
                        "headline": {"top1_agreement": 1.0 if export_pass else 0.9, "accuracy": 0.8,
                                     "accuracy_drop": 0.0 if export_pass else 0.05, "logits_max_abs_diff": 1e-5}},
-            "benchmark": {"latency": {str(c["batch_size"]): c for c in grid if c["threads"] == 1}, "grid": grid},
+            "benchmark": {"latency": {str(c["batch_size"]): {k: v for k, v in c.items() if k != "threads"}
+                                      for c in grid if c["threads"] == 1}, "grid": grid,
+                          "settings": {"batch_sizes": [1, 8], "threads": [1, 2], "seconds": 5.0, "warmup": 10,
+                                       "min_requests": 3}},
             "memory": {"baseline_rss_bytes": 500e6, "after_load_rss_bytes": 520e6, "loaded_model_bytes": 20e6,
                        "peak_rss_bytes": 600e6, "peak_over_baseline_bytes": 100e6},
-            "efficiency": {"best": {"achieved_gflops": 100.0, "fraction_of_fp32_peak": 0.4},
+            "efficiency": {"gflops_per_image": 12.25, "fp32_peak_gflops": 270.0,
+                           "best": {"batch_size": best["batch_size"], "threads": best["threads"],
+                                    "achieved_gflops": 100.0, "fraction_of_fp32_peak": 0.4},
+                           "cells": [], "max_images_per_s_at_fp32_peak": 270.0 / 12.25,
                            **({"caveat": "INT8 vs FP32 peak"} if precision == "int8" else {})},
             "bytes_moved": {"input_bytes_per_image": 602112, "output_bytes_per_image": 3112,
-                            "per_batch_size": {"8": {"weight_bytes_per_image": 5e5}}}}
+                            "weight_bytes_per_batch": 4_000_000,
+                            "per_batch_size": {"8": {"weight_bytes_per_image": 5e5,
+                                                     "total_bytes_per_image": 605224 + 5e5, "flops_per_byte": 11.1}}}}
 
 
 def _point(model, proto, bs, conc, thr):
@@ -57,34 +74,40 @@ def make_results(*, server=True, parity=True, pretrained=False) -> dict:
           "onnx": _ip_variant("onnx", "dinov2_onnx", "fp32", "pytorch", 16.0),
           "onnx_fp16": _ip_variant("onnx_fp16", "dinov2_onnx_fp16", "fp16", "onnx", 12.0),
           "onnx_int8": _ip_variant("onnx_int8", "dinov2_onnx_int8", "int8", "onnx", 25.0, export_pass=False),
-          "tensorrt": {"name": "tensorrt", "label": "TensorRT", "precision": "fp16", "platform": "tensorrt_plan",
-                       "parent": "onnx", "model_name": None, "status": "SKIPPED",
+          "trt_fp16": {"name": "trt_fp16", "label": "TensorRT FP16", "precision": "fp16", "platform": "tensorrt_plan",
+                       "parent": "onnx", "model_name": "dinov2_trt_fp16", "gate": "fp16", "artifact": None,
+                       "file_bytes": None, "status": "SKIPPED",
                        "reason": "not in the export manifest: TensorRT needs an NVIDIA GPU and TensorRT"}}
     ip["pytorch"]["platform"] = "pytorch_eager"
     ip["pytorch"]["export"] = {}
+    model = {"checkpoint": "models/model_final.pth", "arch": "vits14", "img_size": 224, "num_classes": 10,
+             "weights_source": "file dinov2_vits14_pretrain.pth" if pretrained else "random init (test)",
+             "pretrained": pretrained}
     res = {
         "schema_version": 1, "run_id": "test-run", "created": "2026-11-27T00:00:00+00:00", "git_revision": "abc",
         "machine": {"cpu_model": "Test CPU", "usable_cores": 2, "logical_cores": 2, "memory_total_bytes": 24 * 2**30,
                     "gpus": [], "cpu_flags": ["avx2"], "os": "Linux", "python": "3.11"},
         "versions": {"torch": "2.14.1"}, "settings": {"window_ms": 10000},
-        "model": {"checkpoint": "models/model_final.pth", "arch": "vits14", "img_size": 224, "num_classes": 10,
-                  "weights_source": "file dinov2_vits14_pretrain.pth" if pretrained else "random init (test)",
-                  "pretrained": pretrained},
-        "in_process": {"settings": {"batch_sizes": [1, 8], "threads": [1, 2], "seconds": 5, "warmup": 10,
-                                    "torch_threads": 2, "isolated_processes": True},
-                       "flops": {"gflops": 12.25, "method": "counter"},
-                       "matmul_peak": {"gflops": 270.0, "threads": 2, "size": 2048},
-                       "input_data": {"source": "test split", "synthetic": False}, "variants": ip, "skipped": []},
-        "skipped": [{"what": "in-process TensorRT", "reason": "needs an NVIDIA GPU and TensorRT"}],
+        "model": model,
+        "in_process": {"settings": {"batch_sizes": [1, 8], "threads": [1, 2], "seconds": 5.0, "warmup": 10,
+                                    "torch_threads": 2, "isolated_processes": True, "n_samples": 32,
+                                    "repository": "model_repository", "data_path": "data"},
+                       "model": dict(model, embed_dim=384),
+                       "flops": {"flops": 12_250_000_000, "gflops": 12.25, "image_size": 224, "method": "counter"},
+                       "matmul_peak": {"gflops": 270.0, "gflops_median": 260.0, "threads": 2, "size": 2048,
+                                       "dtype": "float32", "repeats": 10},
+                       "input_data": {"source": "test split", "n": 32, "synthetic": False}, "variants": ip,
+                       "skipped": []},
+        "skipped": [{"what": "in-process TensorRT FP16", "reason": "needs an NVIDIA GPU and TensorRT"}],
         "errors": [],
     }
     if server:
         pts = [_point(m, proto, bs, c, thr * (1 + 0.2 * bs / 8) * (1 + 0.1 * c))
                for m, thr in SPEED.items() for proto in ("grpc", "http") for bs in (1, 8) for c in (1, 2)]
-        res["perf_analyzer"] = {"settings": {"window_ms": 10000, "stability_pct": 20, "max_trials": 10,
+        res["perf_analyzer"] = {"settings": {"window_ms": 10000, "stability_pct": 20.0, "max_trials": 10,
                                              "measurement_mode": "time_windows", "protocols": ["grpc", "http"],
                                              "batch_sizes": [1, 8], "concurrency": [1, 2]},
-                                "input_data": {"source": "test split"}, "points": pts,
+                                "input_data": {"source": "test split", "n": 32, "synthetic": False}, "points": pts,
                                 "failures": [{"model": "dinov2_preprocess", "reason": "perf_analyzer on model "
                                               "'dinov2_preprocess' ... failed (unstable)"}],
                                 "skipped": [], "model_configs": {}}
@@ -100,28 +123,35 @@ def make_results(*, server=True, parity=True, pretrained=False) -> dict:
                                        "gate": {"name": "int8" if "int8" in m else "fp32"}, "passed": ok,
                                        "failures": [] if ok else ["top-1 agreement 90.0000% < 99.00%"],
                                        "error": None,
-                                       "parity": {"n": 100, "top1_agreement": agree, "flipped": round((1 - agree) * 100),
-                                                  "deltas": {"accuracy": d}, "candidate_metrics": {"accuracy": 0.8 + d},
-                                                  "logits": {"max_abs_diff": 1e-4}, "embedding": {"cosine_mean": 0.9999}}}
+                                       "parity": {"n": 100, "top1_agreement": agree,
+                                                  "flipped": round((1 - agree) * 100), "deltas": {"accuracy": d},
+                                                  "candidate_metrics": {"accuracy": 0.8 + d},
+                                                  "logits": {"max_abs_diff": 1e-4},
+                                                  "embedding": {"cosine_mean": 0.9999}}}
                                       for m, (agree, d, ok) in PARITY.items()]}
     return res
 
 
-def test_report_files_and_recommendation(tmp_path):
-    out = rp.generate_report(make_results(), tmp_path)
-    rec = out["recommendation"]
-    # int8 is the fastest through the server but fails its gate: never recommended
-    assert rec["variant"] == "dinov2_onnx" and rec["source"] == "server"
-    assert any(r["variant"] == "dinov2_onnx_int8" and "gate FAILED" in r["reason"] for r in rec["rejected"])
-    assert [r["variant"] for r in rec["ranking"]] == ["dinov2_onnx", "dinov2_onnx_fp16"]
-    rows = {r["key"]: r for r in out["rows"]}
-    assert rows["dinov2_onnx_int8"]["gate"]["source"] == "live parity through Triton"
-    assert rows["dinov2_onnx_fp16"]["slower_than_parent"] and "dinov2_onnx" in rows["dinov2_onnx_fp16"]["slower_than_parent"][0]
-    assert not rows["dinov2_onnx"]["slower_than_parent"]
-    assert rows["dinov2"]["kind"] == "ensemble" and rows["pytorch"]["kind"] == "baseline"
-    assert rows["tensorrt"]["status"] == "SKIPPED"
+def _report(res: dict, out):
+    return rp.generate_report(PerfResults.from_dict(res, source="make_results()"), out)
 
-    md = out["md"].read_text()
+
+def test_report_files_and_recommendation(tmp_path):
+    out = _report(make_results(), tmp_path)
+    rec = out.recommendation
+    # int8 is the fastest through the server but fails its gate: never recommended
+    assert rec.variant == "dinov2_onnx" and rec.source == "server"
+    assert any(r.variant == "dinov2_onnx_int8" and "gate FAILED" in r.reason for r in rec.rejected)
+    assert [r.variant for r in rec.ranking] == ["dinov2_onnx", "dinov2_onnx_fp16"]
+    rows = {r.key: r for r in out.rows}
+    assert rows["dinov2_onnx_int8"].gate.source == "live parity through Triton"
+    slower = rows["dinov2_onnx_fp16"].slower_than_parent
+    assert slower and "dinov2_onnx" in slower[0]
+    assert not rows["dinov2_onnx"].slower_than_parent
+    assert rows["dinov2"].kind == "ensemble" and rows["pytorch"].kind == "baseline"
+    assert rows["dinov2_trt_fp16"].status == "SKIPPED"
+
+    md = out.md.read_text()
     assert "Deploy `dinov2_onnx`" in md
     assert "NOT pretrained weights: accuracy numbers are not representative" in md
     assert "SLOWER than its parent dinov2_onnx" in md
@@ -130,17 +160,25 @@ def test_report_files_and_recommendation(tmp_path):
     for plot in ("throughput_vs_p99.png", "accuracy_vs_throughput.png", "size_memory.png", "latency_breakdown.png"):
         assert (tmp_path / plot).stat().st_size > 1000
         assert f"]({plot})" in md
-    page = out["html"].read_text()
+    page = out.html.read_text()
     assert page.count("data:image/png;base64,") == 4
     assert not re.search(r"""(src|href)=["'](https?:|//|[^"'#d])""", page), "external asset in report.html"
     assert "NOT pretrained weights" in page and "<table>" in page
-    stored = json.loads(out["json"].read_text())  # strict JSON
-    assert stored["recommendation"]["variant"] == "dinov2_onnx" and len(stored["rows"]) == len(out["rows"])
+    stored = json.loads(out.json.read_text())  # strict JSON
+    assert stored["recommendation"]["variant"] == "dinov2_onnx" and len(stored["rows"]) == len(out.rows)
+    assert read_results(out.json).recommendation == rec
 
 
 def test_pretrained_weights_have_no_banner(tmp_path):
-    out = rp.generate_report(make_results(pretrained=True), tmp_path)
-    assert "NOT pretrained" not in out["md"].read_text()
+    md = _report(make_results(pretrained=True), tmp_path).md.read_text()
+    assert "NOT pretrained" not in md and "UNKNOWN whether" not in md
+
+
+def test_unknown_pretrained_is_said(tmp_path):
+    res = make_results()
+    res["model"]["pretrained"] = None   # model info from an export manifest that does not record it
+    md = _report(res, tmp_path).md.read_text()
+    assert "UNKNOWN whether the weights were pretrained" in md and "NOT pretrained" not in md
 
 
 def test_gate_failing_variants_are_never_recommended(tmp_path):
@@ -148,55 +186,118 @@ def test_gate_failing_variants_are_never_recommended(tmp_path):
     for v in res["parity"]["variants"]:
         if v["model"] != "dinov2_onnx_int8":
             v["passed"], v["failures"] = False, ["logit cosine 0.9 < 0.999"]
-    out = rp.generate_report(res, tmp_path)
-    assert out["recommendation"]["variant"] is None
-    assert "No variant recommended" in out["md"].read_text()
+    out = _report(res, tmp_path)
+    assert out.recommendation.variant is None
+    assert "No variant recommended" in out.md.read_text()
 
 
 def test_latency_budget_and_operating_point(tmp_path):
     res = make_results()
     res["operating_point"] = {"batch_size": 1, "concurrency": 1, "protocol": "http", "max_p99_ms": 1.0}
-    out = rp.generate_report(res, tmp_path)
-    rec = out["recommendation"]
-    assert rec["variant"] is None and rec["operating_point"]["protocol"] == "http"
-    assert all("over the budget" in r["reason"] or "gate FAILED" in r["reason"] or "SKIPPED" in r["reason"]
-               for r in rec["rejected"])
+    rec = _report(res, tmp_path).recommendation
+    assert rec.variant is None and rec.operating_point.protocol == "http"
+    assert rec.rejected and all("over the budget" in r.reason or "gate FAILED" in r.reason or "SKIPPED" in r.reason
+                                for r in rec.rejected)
 
 
 def test_in_process_only_uses_the_export_verdicts(tmp_path):
-    out = rp.generate_report(make_results(server=False, parity=False), tmp_path)
-    rec = out["recommendation"]
+    out = _report(make_results(server=False, parity=False), tmp_path)
+    rec = out.recommendation
     # in process: int8 (25 img/s base) is fastest but its export gate failed; onnx beats fp16
-    assert rec["source"] == "in_process" and rec["variant"] == "dinov2_onnx"
-    rows = {r["key"]: r for r in out["rows"]}
-    assert rows["dinov2_onnx_int8"]["gate"] == {"passed": False, "failures": ["batch 8: top-1 agreement 90% < 99%"],
-                                                "source": "export verification (in process)", "name": "int8"}
+    assert rec.source == "in_process" and rec.variant == "dinov2_onnx"
+    rows = {r.key: r for r in out.rows}
+    assert rows["dinov2_onnx_int8"].gate == GateVerdict(passed=False, failures=["batch 8: top-1 agreement 90% < 99%"],
+                                                        source="export verification (in process)", name="int8")
     assert not (tmp_path / "latency_breakdown.png").exists()
     assert (tmp_path / "throughput_vs_p99.png").exists()
 
 
 def test_cli_regenerates_from_results_json(tmp_path, capsys):
-    first = rp.generate_report(make_results(), tmp_path / "a")
-    code = rp.main(["--results", str(first["json"]), "--out", str(tmp_path / "b"), "--batch-size", "1",
+    first = _report(make_results(), tmp_path / "a")
+    code = rp.main(["--results", str(first.json), "--out", str(tmp_path / "b"), "--batch-size", "1",
                     "--concurrency", "1"])
     assert code == 0
     text = capsys.readouterr().out
     assert "recommended: dinov2_onnx" in text and str(tmp_path / "b" / "report.md") in text
-    again = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert again["operating_point"]["batch_size"] == 1 and again["recommendation"]["variant"] == "dinov2_onnx"
+    again = read_results(tmp_path / "b" / "results.json")
+    assert again.operating_point.batch_size == 1 and again.recommendation.variant == "dinov2_onnx"
+    assert again.recommendation.operating_point.concurrency == 1
     assert (tmp_path / "b" / "report.html").is_file()
+
+
+def test_golden_report_of_a_stored_results_json(tmp_path):
+    """tests/data/perf_results_v1_server.json was written by the perf.report of
+    commit 81348c4 (before the record existed) from make_results(), and
+    perf_report_v1_server.md is the report.md it rendered then. Reading the
+    old file and rendering it again must give the same page, number for
+    number. (A deliberate change of the report's text: regenerate both files
+    with generate_report(PerfResults.from_dict(make_results()), ...).)"""
+    out = rp.generate_report(read_results(DATA / "perf_results_v1_server.json"), tmp_path)
+    want = (DATA / "perf_report_v1_server.md").read_text()
+    got = out.md.read_text()
+    assert got == want, "\n".join(difflib.unified_diff(want.splitlines(), got.splitlines(), "golden", "now",
+                                                       lineterm="", n=1))
+
+
+def test_real_in_process_results_json_still_reads(tmp_path):
+    """perf_results_v1_inprocess.json: a real `python -m perf.run` (in process
+    only, tiny model, no server) of commit 81348c4, the old TensorRT
+    placeholder entry included."""
+    res = read_results(DATA / "perf_results_v1_inprocess.json")
+    assert res.schema_version == 1 and res.model.pretrained is False
+    assert res.in_process.variants["onnx"].benchmark.grid[0].images_per_s > 0
+    out = rp.generate_report(res, tmp_path)
+    assert out.recommendation.variant == res.recommendation.variant == "dinov2_onnx"
+    assert [r.key for r in out.rows] == [r.key for r in res.rows]
+
+
+def test_results_round_trip_and_strict_json(tmp_path):
+    res = PerfResults.from_dict(make_results())
+    res.in_process.variants["onnx"].benchmark.grid[0].p99_ms = float("nan")
+    path = write_results(tmp_path / "results.json", res)
+    assert '"p99_ms": "nan"' in path.read_text()   # strict JSON has no NaN
+    back = read_results(path)
+    p99 = back.in_process.variants["onnx"].benchmark.grid[0].p99_ms
+    assert p99 != p99   # NaN again
+    assert back.model_dump(exclude={"in_process"}) == res.model_dump(exclude={"in_process"})
+    with pytest.raises(TypeError, match="expected PerfResults"):
+        write_results(tmp_path / "x.json", make_results())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("machine"), "field 'machine': missing (required)"),
+    (lambda d: d["in_process"]["variants"]["onnx"]["benchmark"]["grid"][0].update(images_per_s="fast"),
+     "field 'in_process.variants.onnx.benchmark.grid[0].images_per_s': Input should be a valid number"),
+    (lambda d: d["model"].update(pretrained="maybe"), "field 'model.pretrained'"),
+    (lambda d: d.update(schema_version=99), "field 'schema_version': 99 is newer than this code reads (1)"),
+    (lambda d: d.pop("schema_version"), "field 'schema_version': missing"),
+    (lambda d: d.update(surprise=1), "field 'surprise': unknown field"),
+])
+def test_bad_results_fail_with_one_line_naming_file_and_field(tmp_path, edit, message):
+    data = make_results()
+    edit(data)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(RecordError) as exc:
+        read_results(path)
+    text = str(exc.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
 
 
 def test_cli_bad_results_file(tmp_path, capsys):
     assert rp.main(["--results", str(tmp_path / "nope.json")]) == 2
-    assert "file not found" in capsys.readouterr().err
+    assert f"{tmp_path / 'nope.json'}: no such perf results.json" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert rp.main(["--results", str(tmp_path / "bad.json")]) == 2
+    assert "not valid JSON (line 1" in capsys.readouterr().err
     (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
     assert rp.main(["--results", str(tmp_path / "x.json")]) == 2
-    assert "not a perf results.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "x.json: field 'schema_version': missing" in err and "python -m perf.run" in err
 
 
 def test_summarize_does_not_modify_its_input():
-    res = make_results()
-    before = copy.deepcopy(res)
-    rp.summarize(res)
-    assert res == before
+    res = PerfResults.from_dict(make_results())
+    before = res.model_dump()
+    summarize(res)
+    assert res.model_dump() == before

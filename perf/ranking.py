@@ -1,0 +1,282 @@
+"""The ranking policy: one row per variant, the operating point, the
+recommendation and the slower-than-parent flags.
+
+    summarize(results)   -> [VariantRow]  (in process + served + parity + export, per variant)
+    recommend(rows, op)  -> Recommendation
+
+Recommendation rule: among the deployable variants (the Triton models, not
+the eager PyTorch baseline, not the ensemble/preprocessing wrappers) that pass
+ALL their gates, the one with the highest throughput at the operating point
+(batch size, concurrency, protocol; measured through the server when the
+sweep ran, in process otherwise), optionally under a p99 latency budget.
+
+A variant that should be faster than its parent (lower precision, compiled)
+but was measured slower at the same point is flagged: shipping it for speed
+would be a mistake, whatever its precision suggests.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from perf.results import (
+    EAGER,
+    GateVerdict,
+    InProcessVariant,
+    OperatingPoint,
+    ParityVariant,
+    PerfResults,
+    Ranked,
+    Recommendation,
+    Rejected,
+    RowAccuracy,
+    RowInProcess,
+    RowServer,
+    SweepPoint,
+    VariantRow,
+)
+
+#: run-to-run noise measured on 2 shared cores; smaller differences are not "slower"
+NOISE_MARGIN = 0.05
+#: perf_analyzer's per-request breakdown (CSV column, label), client send to client receive
+BREAKDOWN = (("client_send_us", "client send"), ("network_server_send_recv_us", "network + server send/recv"),
+             ("server_queue_us", "server queue"), ("server_compute_input_us", "compute input"),
+             ("server_compute_infer_us", "compute infer"), ("server_compute_output_us", "compute output"),
+             ("client_recv_us", "client recv"))
+_KIND_ORDER = {"baseline": 0, "variant": 1, "ensemble": 2, "preprocess": 3}
+
+
+def _ms(us: Any) -> float | None:
+    return us / 1000.0 if isinstance(us, (int, float)) else None
+
+
+def points(results: PerfResults) -> list[SweepPoint]:
+    return list(results.perf_analyzer.points) if results.perf_analyzer else []
+
+
+def inprocess_entry(results: PerfResults, row: VariantRow) -> InProcessVariant | None:
+    """The in-process benchmark entry behind a row (None for served-only rows)."""
+    if results.in_process is None or not row.in_process_name:
+        return None
+    return results.in_process.variants.get(row.in_process_name)
+
+
+def operating_point(results: PerfResults) -> OperatingPoint:
+    """The configured operating point, completed from what was measured:
+    the largest batch size and concurrency (client threads in process), the
+    first protocol."""
+    op = results.operating_point
+    pa = results.perf_analyzer.settings if results.perf_analyzer else None
+    ip = results.in_process.settings if results.in_process else None
+    bss = (pa.batch_sizes if pa else None) or (ip.batch_sizes if ip else None) or [1]
+    conc = (pa.concurrency if pa else None) or (ip.threads if ip else None) or [1]
+    return OperatingPoint(batch_size=op.batch_size or max(bss), concurrency=op.concurrency or max(conc),
+                          protocol=op.protocol or ((pa.protocols if pa else None) or ["grpc"])[0],
+                          max_p99_ms=op.max_p99_ms)
+
+
+def _served_kind(model: str) -> tuple[str, str] | None:
+    """(kind, label) of the wrappers the export publishes besides the variants."""
+    from export.triton_config import ENSEMBLE_MODEL, PREPROCESS_MODEL
+
+    if model == ENSEMBLE_MODEL:
+        return "ensemble", f"{model} (ensemble: server-side preprocessing + classifier)"
+    if model == PREPROCESS_MODEL:
+        return "preprocess", f"{model} (preprocessing only)"
+    return None
+
+
+# ----------------------------------------------------------------------------- rows
+def summarize(results: PerfResults) -> list[VariantRow]:
+    """One row per variant (keyed by its Triton model name, the eager model as
+    'pytorch'), merging in-process, served, parity and export numbers. Does
+    not modify ``results``."""
+    op = operating_point(results)
+    inproc = results.in_process.variants if results.in_process else {}
+    manifest_variants = results.export.variants if results.export else {}
+    parity = {v.model: v for v in (results.parity.variants if results.parity else [])}
+    memory = results.server.memory if results.server else None
+    server_mem = memory.peak_per_model_rss_bytes if memory else {}
+    model_configs = results.perf_analyzer.model_configs if results.perf_analyzer else {}
+    served_models = list(dict.fromkeys([p.model for p in points(results)] + list(parity) + list(model_configs)))
+    rows: dict[str, VariantRow] = {}
+    parent_of: dict[str, str | None] = {}        # row key -> parent as written (variant name)
+    entry_of: dict[str, InProcessVariant] = {}
+    export_of: dict[str, Any] = {}
+
+    def row(key: str) -> VariantRow:
+        return rows.setdefault(key, VariantRow(key=key, label=key))
+
+    name_to_model: dict[str, str] = {EAGER: EAGER}
+    for name, e in inproc.items():
+        key = e.model_name or name
+        name_to_model[name] = key
+        r = row(key)
+        r.label, r.in_process_name, r.model_name = e.label or name, name, e.model_name
+        r.precision, r.file_bytes, r.platform, r.gate_name = e.precision, e.file_bytes, e.platform, e.gate
+        parent_of[key] = e.parent
+        if name == EAGER:
+            r.kind = "baseline"
+        if e.status != "OK":
+            r.status = e.status
+            r.reasons.append(e.reason or "")
+        entry_of[key] = e
+    for name, e in manifest_variants.items():
+        key = e.model_name or name
+        name_to_model.setdefault(name, key)
+        r = row(key)
+        r.model_name = e.model_name
+        r.precision = e.precision or r.precision
+        parent_of[key] = parent_of.get(key) or e.parent or EAGER
+        if r.file_bytes is None:
+            r.file_bytes = e.size_bytes
+        export_of[key] = e
+    for m in served_models:
+        r = row(m)
+        r.served, r.model_name = True, m
+        kind = _served_kind(m)
+        if kind:
+            r.kind, r.label = kind
+    for key, r in rows.items():
+        pn = parent_of.get(key)
+        r.parent = name_to_model.get(pn, pn) if pn else (None if r.kind != "variant" else EAGER)
+        if r.kind == "ensemble":
+            ens = (results.export.ensemble if results.export else None) or {}
+            par = parity.get(key)
+            classifier = ens.get("classifier") or (par.default_variant if par else None)
+            r.parent = name_to_model.get(classifier, classifier) if classifier else None
+        e = entry_of.get(key)
+        _fill_numbers(results, r, op, e, export_of.get(key) or (e.export if e else None), parity.get(key),
+                      server_mem.get(key))
+    _flag_slower(rows, op)
+    return sorted(rows.values(), key=lambda r: (_KIND_ORDER.get(r.kind, 9), r.key))
+
+
+def _inproc_cell(e: InProcessVariant, bs: int, threads: int):
+    for c in e.benchmark.grid if e.benchmark else []:
+        if c.batch_size == bs and c.threads == threads:
+            return c
+    return None
+
+
+def _server_point(results: PerfResults, model: str, op: OperatingPoint) -> SweepPoint | None:
+    """The sweep point at the operating point; when the op batch exceeds this
+    model's max_batch_size, its largest measured batch at that concurrency."""
+    mine = [p for p in points(results) if p.model == model and p.protocol == op.protocol
+            and p.concurrency == op.concurrency]
+    exact = [p for p in mine if p.batch_size == op.batch_size]
+    if exact:
+        return exact[0]
+    return max(mine, key=lambda p: p.batch_size) if mine else None
+
+
+def _fill_numbers(results: PerfResults, r: VariantRow, op: OperatingPoint, e: InProcessVariant | None,
+                  export, par: ParityVariant | None, server_rss: float | None) -> None:
+    if e is not None:
+        bench = e.benchmark
+        lat1 = bench.latency.get("1") if bench else None
+        cell = _inproc_cell(e, op.batch_size, op.concurrency)
+        eff = e.efficiency
+        r.in_process = RowInProcess(
+            b1_p50_ms=lat1.p50_ms if lat1 else None, b1_p99_ms=lat1.p99_ms if lat1 else None,
+            op_images_per_s=cell.images_per_s if cell else None, op_p99_ms=cell.p99_ms if cell else None,
+            best_images_per_s=(max(c.images_per_s or 0 for c in bench.grid) if bench and bench.grid else None),
+            peak_rss_bytes=e.memory.peak_rss_bytes if e.memory else None,
+            loaded_model_bytes=e.memory.loaded_model_bytes if e.memory else None,
+            efficiency=eff.best.fraction_of_fp32_peak if eff else None,
+            efficiency_caveat=eff.caveat if eff else None)
+    if r.served:
+        p = _server_point(results, r.key, op)
+        m = p.metrics if p else {}
+        r.server = RowServer(
+            batch_size=p.batch_size if p else None, concurrency=p.concurrency if p else None,
+            protocol=p.protocol if p else None, op_images_per_s=m.get("throughput_infer_per_s"),
+            op_p50_ms=_ms(m.get("p50_latency_us")), op_p99_ms=_ms(m.get("p99_latency_us")),
+            breakdown_ms={k: _ms(m.get(k)) for k, _ in BREAKDOWN},
+            best_images_per_s=max((q.metrics.get("throughput_infer_per_s") or 0 for q in points(results)
+                                   if q.model == r.key), default=None),
+            rss_bytes=server_rss)
+    # gates: the live parity when it ran, else the export's in-process verification
+    if r.kind == "baseline":
+        r.gate = GateVerdict(passed=True, name=r.gate_name,
+                             source="reference (eager FP32 is what every variant is compared with)")
+    elif par is not None:
+        pm = par.parity or {}
+        failures = list(par.failures) or ([par.error] if par.error else [])
+        r.gate = GateVerdict(passed=bool(par.passed), failures=failures, source="live parity through Triton",
+                             name=par.gate.get("name"))
+        r.accuracy = RowAccuracy(
+            top1_agreement=pm.get("top1_agreement"), flipped=pm.get("flipped"), n=pm.get("n"),
+            accuracy=(pm.get("candidate_metrics") or {}).get("accuracy"),
+            accuracy_delta=(pm.get("deltas") or {}).get("accuracy"),
+            logit_max_abs_diff=(pm.get("logits") or {}).get("max_abs_diff"),
+            embedding_cosine_mean=(pm.get("embedding") or {}).get("cosine_mean"))
+    elif export is not None and export.gate_passed is not None:
+        h = export.headline
+        drop = h.get("accuracy_drop")
+        r.gate = GateVerdict(passed=bool(export.gate_passed), failures=list(export.gate_failures),
+                             source="export verification (in process)", name=r.gate_name)
+        r.accuracy = RowAccuracy(
+            top1_agreement=h.get("top1_agreement"), accuracy=h.get("accuracy"),
+            accuracy_delta=-drop if isinstance(drop, (int, float)) else None,
+            logit_max_abs_diff=h.get("logits_max_abs_diff"), embedding_cosine_min=h.get("embedding_cosine_min"))
+    else:
+        r.gate = GateVerdict(name=r.gate_name)
+
+
+def _flag_slower(rows: Mapping[str, VariantRow], op: OperatingPoint) -> None:
+    """Flag a variant measured slower than its parent (same source, same point)."""
+    for r in rows.values():
+        r.slower_than_parent = []
+        parent = rows.get(r.parent or "")
+        if parent is None or r.kind != "variant":
+            continue
+        for src, label in (("server", "through the server"), ("in_process", "in process")):
+            mine = getattr(r, src).op_images_per_s
+            theirs = getattr(parent, src).op_images_per_s
+            if mine and theirs and mine < theirs * (1 - NOISE_MARGIN):
+                r.slower_than_parent.append(
+                    f"{r.key} is {1 - mine / theirs:.0%} SLOWER than its parent {parent.key} {label} "
+                    f"({mine:.1f} vs {theirs:.1f} img/s at batch {op.batch_size}, "
+                    f"{'concurrency' if src == 'server' else 'threads'} {op.concurrency})")
+
+
+# ----------------------------------------------------------------------------- the recommendation
+def recommend(rows: Sequence[VariantRow], op: OperatingPoint) -> Recommendation:
+    """The fastest deployable variant that passes all its gates at ``op``."""
+    variants = [r for r in rows if r.kind == "variant" and r.model_name]
+    source = "server" if any(r.server.op_images_per_s for r in variants) else "in_process"
+    considered: list[tuple[float, VariantRow]] = []
+    rejected: list[Rejected] = []
+    for r in variants:
+        measured = getattr(r, source)
+        thr, p99 = measured.op_images_per_s, measured.op_p99_ms
+        why = None
+        if r.status != "OK":
+            why = f"{r.status}: {'; '.join(x for x in r.reasons if x)}"
+        elif r.gate.passed is None:
+            why = "no gate verdict (no parity and no export verification)"
+        elif not r.gate.passed:
+            why = "gate FAILED: " + "; ".join(r.gate.failures)
+        elif not thr:
+            why = f"not measured at the operating point ({source})"
+        elif op.max_p99_ms and p99 is not None and p99 > op.max_p99_ms:
+            why = f"p99 {p99:.1f} ms over the budget {op.max_p99_ms} ms"
+        if why:
+            rejected.append(Rejected(variant=r.key, reason=why))
+        else:
+            considered.append((thr, r))
+    considered.sort(key=lambda t: -t[0])
+    ranking = [Ranked(variant=r.key, images_per_s=t) for t, r in considered]
+    if not considered:
+        return Recommendation(source=source, operating_point=op, rejected=rejected, ranking=ranking,
+                              reason="no deployable variant passes all its gates at the operating point")
+    thr, best = considered[0]
+    where = (f"through Triton (perf_analyzer, {op.protocol}, batch {op.batch_size}, concurrency {op.concurrency})"
+             if source == "server" else
+             f"in process (batch {op.batch_size}, {op.concurrency} client threads)")
+    return Recommendation(
+        source=source, operating_point=op, rejected=rejected, ranking=ranking, variant=best.key,
+        label=best.label, images_per_s=thr, p99_ms=getattr(best, source).op_p99_ms,
+        gate_source=best.gate.source, warnings=list(best.slower_than_parent),
+        reason=f"highest throughput ({thr:.1f} img/s) {where} among the variants that pass all their gates "
+               f"({best.gate.source})")
