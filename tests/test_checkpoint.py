@@ -1,6 +1,6 @@
 """The checkpoint record (train/checkpoint.py), the data summary record
 (train/data_folder.py) and the one preprocessing-resolution rule
-(train.preprocessing.resolve_preprocessing), on tiny models and temp files."""
+(train.preprocessing_source.resolve_preprocessing), on tiny models and temp files."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,8 @@ import torch
 from tests.fixtures.models import CLASSES, TINY, TINY_IMG, tiny_model
 from train.checkpoint import CheckpointRecord, make_checkpoint_record, read_checkpoint, save_checkpoint
 from train.model import load_classifier
-from train.preprocessing import PreprocessConfig, PreprocessingError, resolve_preprocessing
+from train.preprocessing import PreprocessConfig
+from train.preprocessing_source import PreprocessingError, resolve_preprocessing
 from train.records import RecordError
 
 PRE = PreprocessConfig(image_size=TINY_IMG, resize_size=TINY_IMG + 4)
