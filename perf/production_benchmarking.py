@@ -1,544 +1,29 @@
-"""In-process benchmark of the fine-tuned model and every exported variant.
+"""``python -m perf.production_benchmarking``: the in-process benchmark of the
+fine-tuned model and every exported variant, as a report.
 
     python -m perf.production_benchmarking --model_path ./models/model_final.pth \\
         [--repository ./model_repository] [--data_path ./data] [--batch-sizes 1,8] \\
         [--threads 1,2,4] [--seconds 5] [--warmup 10] [--url localhost:8001]
 
-For each variant (PyTorch eager FP32 from the checkpoint, then every variant
-of `<repository>/export_manifest.json`: TorchScript, ONNX Runtime FP32 / FP16
-/ INT8, TensorRT where it can run, else SKIPPED with the reason):
-
-- latency distribution (p50/p90/p95/p99 ms) per batch size, one client;
-- throughput under several loads: N client threads sharing ONE loaded
-  model/session, each sending batches back to back for `--seconds`;
-- warm-up calls excluded; inputs are real test-split images when
-  `--data_path` is given (synthetic tensors otherwise, flagged);
-- memory: artifact size, resident memory before/after loading and the peak of
-  the run, each variant in a FRESH spawned process so peaks never mix;
-- compute efficiency: images/s x FLOPs per image vs this machine's measured
-  FP32 matmul peak (for INT8 the FP32 peak is not the INT8 peak: said so);
-- bytes moved per image: input and output tensors, plus the weights read once
-  per batch.
-
-With `--url` the perf_analyzer sweep and the live-endpoint parity run as well
-(that is `python -m perf.run`); the report goes to `--out`.
+A thin CLI over perf.run.run_perf (which runs perf.inprocess.run_inprocess_benchmark
+and writes perf/reports/<run-id>/{report.md, report.html, results.json}).
+With ``--url`` the perf_analyzer sweep and the live-endpoint parity run as
+well, as in ``python -m perf.run`` (which has every flag).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import tempfile
-import threading
-import time
-import traceback
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Sequence
 
-log = logging.getLogger("perf.production_benchmarking")
 
-EAGER = "pytorch"
-LABELS = {
-    "pytorch": "PyTorch eager FP32",
-    "torchscript": "TorchScript FP32",
-    "onnx": "ONNX Runtime FP32",
-    "onnx_fp16": "ONNX Runtime FP16",
-    "onnx_int8": "ONNX Runtime INT8",
-    "trt_fp16": "TensorRT FP16",
-    "trt_int8": "TensorRT INT8",
-}
-TENSORRT_REASON = "needs an NVIDIA GPU and TensorRT (build the engine on a GPU host: python -m export)"
-INT8_PEAK_CAVEAT = ("INT8 math is compared with the FP32 matmul peak; the INT8 (VNNI/AMX/tensor-core) "
-                    "peak is higher, so this is not a fraction of that variant's own limit")
-
-
-class BenchmarkInputError(ValueError):
-    """Bad input for the benchmark (flags, files); the CLI exits 2 with it."""
-
-
-# ----------------------------------------------------------------------------- the core loop
-def percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
-    import numpy as np
-
-    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
-    if not len(ms):
-        return {}
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "std_ms": float(ms.std()), "min_ms": float(ms.min()),
-            "max_ms": float(ms.max())}
-
-
-def make_batches(pixel_values, batch_size: int, n_batches: int = 4) -> list:
-    """Distinct batches of real images (tiled when there are too few), built
-    before the clock starts so slicing never counts as inference time."""
-    import numpy as np
-
-    x = np.asarray(pixel_values, dtype=np.float32)
-    need = batch_size * n_batches
-    reps = -(-need // len(x))
-    tiled = np.concatenate([x] * reps)[:need] if reps > 1 else x[:need]
-    out = [np.ascontiguousarray(tiled[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]
-    return [b for b in out if len(b) == batch_size]
-
-
-def measure_load(runner: Callable, batches: Sequence, *, threads: int, seconds: float,
-                 min_requests: int = 3) -> dict[str, Any]:
-    """`threads` clients share `runner`, each sending batches back to back
-    until `seconds` pass (and at least `min_requests` each). Returns images/s
-    over the wall time and the per-request latency percentiles."""
-    lat: list[list[float]] = [[] for _ in range(threads)]
-    errors: list[BaseException] = []
-    start = threading.Barrier(threads + 1)
-    deadline_box: list[float] = []
-
-    def client(i: int) -> None:
-        start.wait()
-        deadline = deadline_box[0]
-        k = i
-        try:
-            while len(lat[i]) < min_requests or time.perf_counter() < deadline:
-                b = batches[k % len(batches)]
-                t0 = time.perf_counter()
-                runner(b)
-                lat[i].append(time.perf_counter() - t0)
-                k += threads
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            errors.append(exc)
-
-    workers = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(threads)]
-    for w in workers:
-        w.start()
-    t_start = time.perf_counter()
-    deadline_box.append(t_start + seconds)
-    start.wait()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - t_start
-    if errors:
-        raise errors[0]
-    all_lat = [x for per in lat for x in per]
-    bs = len(batches[0])
-    return {"threads": threads, "batch_size": bs, "requests": len(all_lat), "wall_s": wall,
-            "images_per_s": bs * len(all_lat) / wall if wall > 0 else None,
-            "requests_per_s": len(all_lat) / wall if wall > 0 else None,
-            **percentiles_ms(all_lat)}
-
-
-def benchmark_runner(runner: Callable, pixel_values, *, batch_sizes: Sequence[int] = (1, 8),
-                     threads: Sequence[int] = (1, 2, 4), seconds: float = 5.0, warmup: int = 10,
-                     min_requests: int = 3) -> dict[str, Any]:
-    """Latency per batch size (one client) and throughput under `threads`
-    concurrent clients; warm-up calls (per batch size) are excluded.
-
-    Returns {"latency": {"<bs>": {p50_ms.. p99_ms, images_per_s, requests}},
-    "grid": [measure_load() for each batch size x thread count],
-    "settings": {...}}. One client is always measured (it is the latency)."""
-    if seconds <= 0:
-        raise ValueError(f"--seconds {seconds}: must be > 0")
-    loads = sorted(set([1, *threads]))
-    out: dict[str, Any] = {"latency": {}, "grid": [],
-                           "settings": {"batch_sizes": list(batch_sizes), "threads": loads, "seconds": seconds,
-                                        "warmup": warmup, "min_requests": min_requests}}
-    for bs in batch_sizes:
-        batches = make_batches(pixel_values, bs)
-        for i in range(warmup):
-            runner(batches[i % len(batches)])
-        for t in loads:
-            cell = measure_load(runner, batches, threads=t, seconds=seconds, min_requests=min_requests)
-            out["grid"].append(cell)
-            if t == 1:
-                out["latency"][str(bs)] = {k: v for k, v in cell.items() if k not in ("threads",)}
-    return out
-
-
-# ----------------------------------------------------------------------------- variants
-@dataclass
-class VariantSpec:
-    name: str                      # "pytorch" (eager) or an export.registry name
-    label: str
-    precision: str = "fp32"
-    platform: str = "pytorch_eager"
-    parent: str | None = None
-    model_name: str | None = None  # Triton model name
-    gate: str = "fp32"
-    artifact: str | None = None
-    file_bytes: int | None = None
-    status: str = "OK"             # OK | SKIPPED | FAILED (before running)
-    reason: str | None = None
-    export: dict[str, Any] = field(default_factory=dict)  # the manifest's verdict, for the report
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _export_summary(entry: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("status", "reason", "published", "version", "headline", "gate_passed", "gate_failures",
-            "slower_than_parent", "speed", "size_bytes", "sha256", "build_info")
-    out = {k: entry.get(k) for k in keep if k in entry}
-    ver = entry.get("verification") or {}
-    if ver:
-        out["verification_batch_sizes"] = {bs: {k: r.get(k) for k in ("n", "top1_agreement", "flipped", "logits",
-                                                                        "embedding", "deltas")}
-                                           for bs, r in (ver.get("batch_sizes") or {}).items()}
-        out["gate"] = ver.get("gate")
-    return out
-
-
-def read_export_manifest(repository: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(repository) / "export_manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BenchmarkInputError(f"{path}: unreadable export manifest ({exc})") from exc
-
-
-def discover_variants(model_path: str | os.PathLike, repository: str | os.PathLike | None, *,
-                      only: Sequence[str] | None = None) -> list[VariantSpec]:
-    """The eager model plus every variant of the repository's export manifest.
-
-    Variants the export skipped or failed stay in the list with its reason;
-    a published variant whose artifact is missing is FAILED; a TensorRT
-    variant that is not in the manifest is listed as SKIPPED (it is built on
-    GPU hosts only). `only` restricts to these names ("pytorch" = eager)."""
-    from export.registry import REGISTRY, load_builtin_variants
-
-    load_builtin_variants()
-    specs = [VariantSpec(name=EAGER, label=LABELS[EAGER], artifact=str(model_path),
-                         file_bytes=Path(model_path).stat().st_size if Path(model_path).is_file() else None)]
-    manifest = read_export_manifest(repository) if repository else None
-    entries = (manifest or {}).get("variants") or {}
-    for name, e in entries.items():
-        spec = VariantSpec(name=name, label=LABELS.get(name, name), precision=e.get("precision", "fp32"),
-                           platform=e.get("platform", "?"), parent=e.get("parent") or EAGER,
-                           model_name=e.get("model_name"), gate=e.get("gate", "fp32"), export=_export_summary(e))
-        status = e.get("status")
-        if not e.get("published"):
-            spec.status = "SKIPPED" if status == "SKIPPED" else "FAILED" if status == "FAILED" else "SKIPPED"
-            spec.reason = f"export {status}: {e.get('reason') or 'not published'}"
-        else:
-            artifact = _artifact_path(repository, e)
-            spec.artifact = str(artifact)
-            if not artifact.is_file():
-                spec.status, spec.reason = "FAILED", f"{artifact}: published artifact not found"
-            else:
-                spec.file_bytes = int(e.get("size_bytes") or artifact.stat().st_size)
-            if name not in REGISTRY:
-                spec.status, spec.reason = "SKIPPED", (f"variant {name!r} is not registered in this checkout "
-                                                       f"(export.registry); cannot load it in process")
-        specs.append(spec)
-    if not any(REGISTRY.get(n) is not None and REGISTRY[n].platform == "tensorrt_plan" for n in entries) \
-            and not any(e.get("platform") == "tensorrt_plan" for e in entries.values()):
-        specs.append(VariantSpec(name="tensorrt", label="TensorRT FP16/INT8", precision="fp16",
-                                 platform="tensorrt_plan", parent="onnx", status="SKIPPED",
-                                 reason=f"not in the export manifest: TensorRT {TENSORRT_REASON}"))
-    if only:
-        unknown = [n for n in only if n not in {s.name for s in specs}]
-        if unknown:
-            raise BenchmarkInputError(f"--variants {','.join(unknown)}: not found; available: "
-                                      f"{', '.join(s.name for s in specs)}")
-        specs = [s for s in specs if s.name in only]
-    return specs
-
-
-def _artifact_path(repository, entry: Mapping[str, Any]) -> Path:
-    """The published file: the manifest's absolute path if it still exists
-    (same machine), else <repository>/<model>/<version>/<file> (a copied repo)."""
-    filename = entry.get("filename") or "model.onnx"
-    if entry.get("path") and (Path(entry["path"]) / filename).is_file():
-        return Path(entry["path"]) / filename
-    return Path(repository) / str(entry.get("model_name")) / str(entry.get("version")) / filename
-
-
-# ----------------------------------------------------------------------------- worker
-def _load_runner(spec: Mapping[str, Any]) -> Callable:
-    import numpy as np
-
-    if spec["name"] == EAGER:
-        import torch
-
-        from train.model import load_classifier
-
-        model, _ = load_classifier(spec["artifact"])
-
-        def run(x):
-            with torch.inference_mode():
-                lo, em = model.forward_with_embedding(torch.from_numpy(np.ascontiguousarray(x)))
-            return lo.numpy(), em.numpy()
-        return run
-    from export.registry import REGISTRY, load_builtin_variants
-
-    load_builtin_variants()
-    return REGISTRY[spec["name"]].load_runner(Path(spec["artifact"]))
-
-
-def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
-    """Load one variant and benchmark it, in THIS process. The memory numbers
-    are only meaningful in a fresh process (see run_variant)."""
-    import numpy as np
-
-    from perf.memory import peak_rss, reset_peak_rss, rss_now
-
-    result: dict[str, Any] = {"name": job["spec"]["name"], "isolated": bool(job.get("isolated"))}
-    try:
-        import torch
-
-        if job.get("torch_threads"):
-            torch.set_num_threads(int(job["torch_threads"]))
-        # The same libraries are imported before the baseline for every variant,
-        # so "loaded model" = what loading THIS artifact added, not the imports.
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            pass
-        import timm  # noqa: F401
-
-        import train.model  # noqa: F401
-        from export.registry import load_builtin_variants
-
-        load_builtin_variants()
-        x = np.load(job["inputs"])
-        base = rss_now()
-        result["peak_reset"] = reset_peak_rss()
-        t0 = time.perf_counter()
-        runner = _load_runner(job["spec"])
-        result["load_s"] = time.perf_counter() - t0
-        after = rss_now()
-        bench = benchmark_runner(runner, x, batch_sizes=job["batch_sizes"], threads=job["threads"],
-                                 seconds=job["seconds"], warmup=job["warmup"])
-        peak = peak_rss()
-        result.update(status="OK", benchmark=bench, torch_threads=torch.get_num_threads(),
-                      ort_threads=_ort_threads(runner),
-                      memory={"baseline_rss_bytes": base, "after_load_rss_bytes": after,
-                              "loaded_model_bytes": after - base, "peak_rss_bytes": peak,
-                              "peak_over_baseline_bytes": peak - base})
-    except Exception as exc:  # noqa: BLE001 - one variant's failure must not stop the others
-        from export.registry import SkipVariant
-
-        if isinstance(exc, SkipVariant):
-            result.update(status="SKIPPED", reason=str(exc))
-        else:
-            result.update(status="FAILED", reason=f"{type(exc).__name__}: {exc}",
-                          traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:]))
-    return result
-
-
-def _ort_threads(runner) -> dict[str, Any] | None:
-    sess = getattr(runner, "session", None)
-    if sess is None:
-        return None
-    try:
-        opts = sess.get_session_options()
-        return {"intra_op": opts.intra_op_num_threads or "default (all cores)",
-                "inter_op": opts.inter_op_num_threads or "default", "providers": sess.get_providers()}
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _worker_entry(job: dict, result_path: str) -> None:
-    """Spawned-process entry point: run the job, write its JSON result."""
-    logging.basicConfig(level=logging.WARNING)
-    res = run_job({**job, "isolated": True})
-    Path(result_path).write_text(json.dumps(res, default=str))
-
-
-def run_variant(job: Mapping[str, Any], *, isolate: bool = True, timeout_s: float | None = None) -> dict[str, Any]:
-    """Run one variant's benchmark in a fresh spawned process (isolate=True,
-    the default: peaks of different variants never mix, and a crash of one
-    runtime does not take the others down) or in this process."""
-    if not isolate:
-        return run_job(job)
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="perf-worker-") as tmp:
-        result_path = Path(tmp) / "result.json"
-        proc = ctx.Process(target=_worker_entry, args=(dict(job), str(result_path)), daemon=False)
-        proc.start()
-        proc.join(timeout_s)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(10)
-            return {"name": job["spec"]["name"], "status": "FAILED", "isolated": True,
-                    "reason": f"benchmark worker timed out after {timeout_s:.0f} s"}
-        if result_path.is_file():
-            return json.loads(result_path.read_text())
-        code = proc.exitcode
-        why = " (killed: out of memory?)" if code in (-9, 137) else ""
-        return {"name": job["spec"]["name"], "status": "FAILED", "isolated": True,
-                "reason": f"benchmark worker exited with code {code}{why} before writing its result"}
-
-
-# ----------------------------------------------------------------------------- derived numbers
-def efficiency(bench: Mapping[str, Any], gflops_per_image: float | None, peak_gflops: float | None,
-               precision: str) -> dict[str, Any] | None:
-    """Achieved GFLOP/s (images/s x GFLOP/image) and its fraction of the FP32
-    matmul peak, for the best cell of the grid and per cell."""
-    if not gflops_per_image or not bench or not bench.get("grid"):
-        return None
-    cells = []
-    for c in bench["grid"]:
-        ach = (c.get("images_per_s") or 0) * gflops_per_image
-        cells.append({"batch_size": c["batch_size"], "threads": c["threads"], "achieved_gflops": ach,
-                      "fraction_of_fp32_peak": ach / peak_gflops if peak_gflops else None})
-    best = max(cells, key=lambda c: c["achieved_gflops"])
-    out = {"gflops_per_image": gflops_per_image, "fp32_peak_gflops": peak_gflops, "best": best, "cells": cells,
-           "max_images_per_s_at_fp32_peak": peak_gflops / gflops_per_image if peak_gflops else None}
-    if precision in ("int8", "fp8"):
-        out["caveat"] = INT8_PEAK_CAVEAT
-    elif precision == "fp16":
-        out["caveat"] = "FP16 compared with the FP32 peak (a CPU without FP16 math runs it at FP32 speed or slower)"
-    return out
-
-
-def bytes_moved(*, image_size: int, num_classes: int, embed_dim: int, weight_bytes: int | None,
-                batch_sizes: Sequence[int], gflops_per_image: float | None = None) -> dict[str, Any]:
-    """Bytes per image over the wire and from memory. Input: the FP32
-    pixel_values tensor; output: FP32 logits + embedding; weights: read once
-    per batch, so per image = weights / batch size (an upper bound: caches
-    keep some of it). Arithmetic intensity = FLOPs / bytes."""
-    inp = 3 * image_size * image_size * 4
-    outp = (num_classes + embed_dim) * 4
-    per_bs = {}
-    for bs in batch_sizes:
-        w = weight_bytes / bs if weight_bytes else None
-        total = inp + outp + (w or 0)
-        per_bs[str(bs)] = {"weight_bytes_per_image": w, "total_bytes_per_image": total,
-                           "flops_per_byte": (gflops_per_image * 1e9 / total) if gflops_per_image else None}
-    return {"input_bytes_per_image": inp, "output_bytes_per_image": outp, "weight_bytes_per_batch": weight_bytes,
-            "per_batch_size": per_bs}
-
-
-# ----------------------------------------------------------------------------- the whole benchmark
-def _parse_int_list(text: str | Sequence[int], flag: str) -> list[int]:
-    if isinstance(text, (list, tuple)):
-        vals = list(text)
-    else:
-        try:
-            vals = [int(x) for x in str(text).split(",") if x.strip()]
-        except ValueError:
-            raise BenchmarkInputError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,8") from None
-    if not vals or any(v < 1 for v in vals):
-        raise BenchmarkInputError(f"{flag} {text!r}: every value must be >= 1")
-    return sorted(dict.fromkeys(vals))
-
-
-def run_production_benchmark(model_path: str | os.PathLike, *, repository: str | os.PathLike | None = None,
-                             data_path: str | os.PathLike | None = None,
-                             batch_sizes: Sequence[int] = (1, 8), threads: Sequence[int] = (1, 2, 4),
-                             seconds: float = 5.0, warmup: int = 10, variants: Sequence[str] | None = None,
-                             n_samples: int = 32, torch_threads: int | None = None, isolate: bool = True,
-                             measure_peak: bool = True, worker_timeout_s: float | None = None,
-                             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Benchmark every variant in process. Returns the "in_process" part of
-    results.json: {"settings", "model", "flops", "matmul_peak", "input_data",
-    "variants": {name: {...spec, status, reason, benchmark, memory,
-    efficiency, bytes_moved}}, "skipped": [...]}."""
-    import numpy as np
-
-    from perf.perf_analyzer import load_samples
-    from perf.system_info import flops_per_image, matmul_peak
-    from train.model import WeightsError, load_classifier
-
-    say = progress or (lambda m: log.info(m))
-    batch_sizes = _parse_int_list(batch_sizes, "--batch-sizes")
-    threads = _parse_int_list(threads, "--threads")
-    model_path = Path(model_path)
-    try:
-        model, record = load_classifier(model_path)
-    except WeightsError as exc:
-        raise BenchmarkInputError(f"--model_path: {exc}") from None
-    if data_path is not None and not Path(data_path).is_dir():
-        raise BenchmarkInputError(f"--data_path {data_path}: not a folder (python -m train.load_data first)")
-    if repository is not None and not Path(repository).is_dir():
-        raise BenchmarkInputError(f"--repository {repository}: not a folder (python -m export first)")
-    specs = discover_variants(model_path, repository, only=variants)
-    img = int(record["img_size"])
-    flops = flops_per_image(model, img)
-    embed_dim = int(getattr(model, "embed_dim", 0))
-    del model
-    samples = load_samples(data_path, record["preprocessing"], n=max(n_samples, max(batch_sizes)))
-    import torch
-
-    used_threads = torch_threads or torch.get_num_threads()
-    say(f"matmul peak ({used_threads} threads) ...")
-    # Measured before AND after the variants, the higher one kept: on a shared
-    # machine a single snapshot can land in a busy moment and make every
-    # variant look like it beats the hardware.
-    peak = matmul_peak(used_threads) if measure_peak else None
-    weights_source = str(record.get("weights_source") or "unknown")
-    result: dict[str, Any] = {
-        "settings": {"batch_sizes": batch_sizes, "threads": threads, "seconds": seconds, "warmup": warmup,
-                     "torch_threads": used_threads, "isolated_processes": isolate, "n_samples": len(samples.names),
-                     "repository": str(repository) if repository else None, "data_path": str(data_path) if data_path else None},
-        "model": {"checkpoint": str(model_path), "arch": record.get("arch"), "img_size": img,
-                  "num_classes": int(record["num_classes"]), "embed_dim": embed_dim,
-                  "class_names": list(record.get("class_names") or []),
-                  "weights_source": weights_source, "pretrained": not weights_source.lower().startswith("random"),
-                  "preprocessing": record.get("preprocessing"), "checkpoint_metrics": record.get("metrics") or {}},
-        "flops": {k: v for k, v in flops.items() if k != "by_op"} | {"by_op": flops.get("by_op")},
-        "matmul_peak": peak,
-        "input_data": samples.describe(),
-        "variants": {}, "skipped": [],
-    }
-    with tempfile.TemporaryDirectory(prefix="perf-inputs-") as tmp:
-        inputs = Path(tmp) / "pixel_values.npy"
-        np.save(inputs, samples.pixel_values)
-        for spec in specs:
-            entry = spec.to_dict()
-            if spec.status != "OK":
-                result["variants"][spec.name] = entry
-                result["skipped"].append({"what": f"in-process {spec.label}", "reason": spec.reason})
-                say(f"{spec.name}: {spec.status} ({spec.reason})")
-                continue
-            say(f"{spec.name}: benchmarking ({spec.label}) ...")
-            job = {"spec": {"name": spec.name, "artifact": spec.artifact}, "inputs": str(inputs),
-                   "batch_sizes": batch_sizes, "threads": threads, "seconds": seconds, "warmup": warmup,
-                   "torch_threads": used_threads}
-            timeout = worker_timeout_s or (60 + 2.5 * len(batch_sizes) * (len(threads) + 1) * seconds + 30 * warmup)
-            res = run_variant(job, isolate=isolate, timeout_s=timeout)
-            entry["status"] = res.get("status", "FAILED")
-            entry["reason"] = res.get("reason")
-            for k in ("benchmark", "memory", "load_s", "torch_threads", "ort_threads", "isolated", "traceback"):
-                if k in res:
-                    entry[k] = res[k]
-            if entry["status"] == "OK":
-                entry["efficiency"] = efficiency(res["benchmark"], flops["gflops"], peak and peak["gflops"],
-                                                 spec.precision)
-                best = max(res["benchmark"]["grid"], key=lambda c: c["images_per_s"] or 0)
-                say(f"  {spec.name}: batch 1 p50 {res['benchmark']['latency'][str(batch_sizes[0])]['p50_ms']:.2f} ms, "
-                    f"best {best['images_per_s']:.1f} img/s (batch {best['batch_size']}, {best['threads']} threads)")
-            else:
-                result["skipped"].append({"what": f"in-process {spec.label}", "reason": entry["reason"]})
-                say(f"  {spec.name}: {entry['status']}: {entry['reason']}")
-            entry["bytes_moved"] = bytes_moved(image_size=img, num_classes=int(record["num_classes"]),
-                                               embed_dim=embed_dim, weight_bytes=spec.file_bytes,
-                                               batch_sizes=batch_sizes, gflops_per_image=flops["gflops"])
-            result["variants"][spec.name] = entry
-    if measure_peak:
-        again = matmul_peak(used_threads)
-        peak = max(peak, again, key=lambda p: p["gflops"])
-        peak["measurements_gflops"] = [result["matmul_peak"]["gflops"], again["gflops"]]
-        result["matmul_peak"] = peak
-        for spec in specs:
-            entry = result["variants"][spec.name]
-            if entry.get("status") == "OK" and entry.get("benchmark"):
-                entry["efficiency"] = efficiency(entry["benchmark"], flops["gflops"], peak["gflops"], spec.precision)
-    return result
-
-
-# ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m perf.production_benchmarking",
         description="In-process latency/throughput/memory of the fine-tuned model and every exported "
-                    "variant; with --url also the perf_analyzer sweep and live parity (= python -m perf.run). "
-                    "Writes a report under --out.")
+                    "variant; with --url also the perf_analyzer sweep and live parity (python -m perf.run "
+                    "has every option). Writes a report under --out.")
     req = p.add_argument_group("Required")
     req.add_argument("--model_path", required=True, help="the fine-tuned checkpoint (model_final.pth)")
     opt = p.add_argument_group("Optional")
@@ -549,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--threads", default="1,2,4",
                      help="concurrent client threads sharing one model (default: %(default)s)")
     opt.add_argument("--seconds", type=float, default=5.0, help="measurement time per cell (default: %(default)s)")
-    opt.add_argument("--warmup", type=int, default=10, help="warm-up calls per batch size, excluded (default: %(default)s)")
+    opt.add_argument("--warmup", type=int, default=10,
+                     help="warm-up calls per batch size, excluded (default: %(default)s)")
     opt.add_argument("--variants", default="all", help="all, or comma-separated names (pytorch = eager)")
     opt.add_argument("--torch-threads", type=int, default=None, help="intra-op threads (default: torch's)")
     opt.add_argument("--no-isolate", action="store_true",
@@ -567,25 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from perf.run import main as run_main
+    from perf.run import PerfInputError, parse_ints, parse_names, print_run, run_perf
 
-    run_argv = ["--model_path", args.model_path, "--repository", args.repository,
-                "--batch-sizes", args.batch_sizes, "--threads", args.threads, "--seconds", str(args.seconds),
-                "--warmup", str(args.warmup), "--variants", args.variants, "--out", args.out]
-    if args.data_path:
-        run_argv += ["--data_path", args.data_path]
-    if args.torch_threads:
-        run_argv += ["--torch-threads", str(args.torch_threads)]
-    if args.no_isolate:
-        run_argv.append("--no-isolate")
-    if args.url:
-        run_argv += ["--url", args.url] + (["--http-url", args.http_url, "--protocols", "grpc,http"]
-                                           if args.http_url else ["--protocols", "grpc"])
-    if args.json:
-        run_argv += ["--in-process-json", args.json]
-    if args.verbose:
-        run_argv.append("-v")
-    return run_main(run_argv)
+    try:
+        run = run_perf(
+            model_path=args.model_path, repository=args.repository, data_path=args.data_path,
+            url=args.url, http_url=args.http_url, protocols=["grpc", "http"] if args.http_url else ["grpc"],
+            batch_sizes=parse_ints(args.batch_sizes, "--batch-sizes"), threads=parse_ints(args.threads, "--threads"),
+            seconds=args.seconds, warmup=args.warmup, variants=parse_names(args.variants),
+            torch_threads=args.torch_threads, isolate=not args.no_isolate, out=args.out,
+            cli_settings={k: v for k, v in vars(args).items()},
+            progress=(lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else None)
+    except (PerfInputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return print_run(run, in_process_json=args.json)
 
 
 if __name__ == "__main__":

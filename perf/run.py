@@ -23,18 +23,14 @@ repository index needs an API key or is not reachable, the model names
 (--models a,b). Memory of a remote server comes from its metrics endpoint
 only (no process to look at).
 
-results.json (schema_version 1), top level:
-  run_id, created, finished, git_revision, machine, versions, settings,
-  model {checkpoint, arch, img_size, num_classes, weights_source, pretrained},
-  flops, matmul_peak, operating_point {batch_size, concurrency, protocol, max_p99_ms},
-  in_process {settings, model, flops, matmul_peak, input_data, variants{name: {..., benchmark
-      {latency{bs: percentiles}, grid[{batch_size, threads, images_per_s, p50_ms..p99_ms}]},
-      memory, efficiency, bytes_moved}}, skipped},
-  perf_analyzer {settings, input_data, model_configs, points[{model, protocol, batch_size,
-      concurrency, metrics{throughput_infer_per_s, *_us, ...}, csv, command}], failures, skipped},
-  server {url, http_url, metrics_url, metadata, memory}, parity (perf.parity.run_parity's dict),
-  export (the manifest's verdicts), skipped[{what, reason}], errors[str],
-  rows[...] and recommendation{variant, reason, ...} (derived by perf.report).
+results.json is one perf.results.PerfResults record (schema_version 1;
+written by perf.results.write_results, read by perf.results.read_results):
+run_id, created, finished, git_revision, machine, versions, settings (the
+flags), model (the checkpoint, ``pretrained`` included), flops, matmul_peak,
+operating_point, in_process (perf.inprocess), perf_analyzer (the sweep),
+server (addresses, metadata, memory), parity (perf.parity.run_parity),
+export (the manifest's verdicts), skipped, errors, and the rows and
+recommendation perf.report derives (perf.ranking).
 
 Exit codes: 0 done; 1 the report was written but something failed (a sweep
 point, parity, a variant's benchmark); 2 bad input (flags, files).
@@ -44,17 +40,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import shutil
 import sys
 import tempfile
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from export.manifest import ExportManifest
+    from perf.report import Report
+    from perf.results import PerfResults
 
 log = logging.getLogger("perf.run")
 
-SCHEMA_VERSION = 1
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "::1", "[::1]")
 
 
@@ -62,20 +61,16 @@ class PerfInputError(ValueError):
     """Bad flags or files (CLI exit 2)."""
 
 
-def _ints(text: str | Sequence[int], flag: str) -> list[int]:
-    if isinstance(text, (list, tuple)):
-        vals = [int(v) for v in text]
-    else:
-        try:
-            vals = [int(x) for x in str(text).split(",") if x.strip()]
-        except ValueError:
-            raise PerfInputError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2,4") from None
-    if not vals or any(v < 1 for v in vals):
-        raise PerfInputError(f"{flag} {text!r}: every value must be >= 1")
-    return sorted(dict.fromkeys(vals))
+def parse_ints(text: str | Sequence[int], flag: str) -> list[int]:
+    from perf.inprocess import parse_int_list
+
+    try:
+        return parse_int_list(text, flag)
+    except ValueError as exc:
+        raise PerfInputError(str(exc)) from None
 
 
-def _names(text: str | Sequence[str] | None) -> list[str] | None:
+def parse_names(text: str | Sequence[str] | None) -> list[str] | None:
     if text is None or text == "all" or text == ["all"]:
         return None
     items = [text] if isinstance(text, str) else list(text)
@@ -96,64 +91,73 @@ def default_metrics_url(url: str) -> str:
     return f"{host}:8002/metrics"
 
 
-def run_id_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
-
-
-def candidate_models(repository: str | os.PathLike | None, manifest: Mapping[str, Any] | None) -> list[str] | None:
+def candidate_models(repository: str | os.PathLike | None, manifest: "ExportManifest | None"
+                     ) -> list[str] | None:
     """Model names the repository offers: its config.pbtxt folders, plus the
     manifest's published variants, preprocess and ensemble models."""
     names: list[str] = []
-    if manifest:
-        for e in (manifest.get("variants") or {}).values():
-            if e.get("published") and e.get("model_name"):
-                names.append(e["model_name"])
-        for key in ("preprocess", "ensemble"):
-            e = manifest.get(key) or {}
-            if e.get("status") == "OK" and e.get("model_name"):
-                names.append(e["model_name"])
+    if manifest is not None:
+        names += [e.model_name for e in manifest.variants.values() if e.published and e.model_name]
+        for e in (manifest.preprocess, manifest.ensemble):
+            if e is not None and e.status == "OK" and e.model_name:
+                names.append(e.model_name)
     if repository and Path(repository).is_dir():
         names += sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt"))
     return list(dict.fromkeys(names)) or None
 
 
-def export_summary(manifest: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if not manifest:
+def export_summary(manifest: "ExportManifest | None") -> dict[str, Any] | None:
+    """The manifest's verdicts (perf.results.ExportSummary)."""
+    if manifest is None:
         return None
-    keep = ("model_name", "platform", "precision", "parent", "gate", "status", "reason", "published", "version",
-            "size_bytes", "headline", "gate_passed", "gate_failures", "slower_than_parent", "speed")
-    return {"run_id": manifest.get("run_id"), "created": manifest.get("created"),
-            "weights_source": manifest.get("weights_source"), "img_size": manifest.get("img_size"),
-            "eval_set": manifest.get("eval_set"), "reference": manifest.get("reference"),
-            "versions": manifest.get("versions"),
-            "variants": {n: {k: e.get(k) for k in keep if k in e} for n, e in (manifest.get("variants") or {}).items()},
-            "preprocess": manifest.get("preprocess"), "ensemble": manifest.get("ensemble")}
+    keep = {"model_name", "platform", "precision", "parent", "gate", "status", "reason", "published", "version",
+            "size_bytes", "headline", "gate_passed", "gate_failures", "slower_than_parent", "speed"}
+    out = manifest.model_dump(include={"run_id", "created", "weights_source", "img_size", "eval_set", "reference",
+                                       "versions", "preprocess", "ensemble"})
+    out["variants"] = {n: e.model_dump(include=keep) for n, e in manifest.variants.items()}
+    return out
+
+
+def _manifest_model_info(manifest: "ExportManifest") -> dict[str, Any]:
+    """perf.results.ModelInfo from the export manifest (no --model_path)."""
+    return {"checkpoint": manifest.source_checkpoint.path, "arch": manifest.arch, "img_size": manifest.img_size,
+            "num_classes": manifest.num_classes, "class_names": list(manifest.class_names),
+            "weights_source": manifest.weights_source, "pretrained": manifest.pretrained,
+            "preprocessing": manifest.preprocessing}
 
 
 def _model_info(model_path: Path) -> dict[str, Any]:
-    from train.model import read_checkpoint
+    from train.checkpoint import read_checkpoint
 
     rec = read_checkpoint(model_path)
-    ws = str(rec.get("weights_source") or "unknown")
-    return {"checkpoint": str(model_path), "arch": rec.get("arch"), "img_size": rec.get("img_size"),
-            "num_classes": rec.get("num_classes"), "class_names": rec.get("class_names"),
-            "weights_source": ws, "pretrained": not ws.lower().startswith("random"),
-            "preprocessing": rec.get("preprocessing")}
+    return {"checkpoint": str(model_path), "arch": rec.arch, "img_size": rec.image_size,
+            "num_classes": rec.num_classes, "class_names": list(rec.class_names),
+            "weights_source": rec.weights_source, "pretrained": rec.pretrained,
+            "preprocessing": rec.preprocessing.to_dict()}
 
 
-def _server_metadata(url: str, protocol: str, headers: Mapping[str, str] | None) -> dict[str, Any]:
+def _server_metadata(url: str, protocol: str, api_key: str | None) -> dict[str, Any]:
+    """The server's name/version/extensions for the report, or {"error": ...}."""
+    from serve.triton_access import TritonError, connect
+
     try:
-        if protocol == "grpc":
-            import tritonclient.grpc as g
+        with connect(url, protocol, api_key=api_key, timeout_s=10.0) as conn:
+            return conn.server_metadata()
+    except TritonError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
-            md = g.InferenceServerClient(url=url).get_server_metadata(headers=dict(headers or {}), as_json=True)
-        else:
-            import tritonclient.http as h
 
-            md = h.InferenceServerClient(url=url).get_server_metadata(headers=dict(headers or {}))
-        return {"name": md.get("name"), "version": md.get("version"), "extensions": md.get("extensions")}
-    except Exception as exc:  # noqa: BLE001
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+def _ready_models(url: str, protocol: str, candidates: Sequence[str] | None, api_key: str | None) -> list[str]:
+    """READY models among ``candidates`` (or, without candidates, of the
+    repository index, which needs the API key on the local server)."""
+    from serve.triton_access import TritonError, connect
+
+    try:
+        with connect(url, protocol, api_key=api_key, timeout_s=30.0) as conn:
+            return conn.ready_models(candidates)
+    except TritonError as exc:
+        raise PerfInputError(f"cannot list the ready models over {protocol} at {url}: {exc}; or pass the "
+                             f"model names (--models a,b) or --repository") from None
 
 
 def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathLike | None = None,
@@ -164,20 +168,28 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
              n_samples: int = 32, threads: Sequence[int] = (1, 2, 4), seconds: float = 5.0, warmup: int = 10,
              variants: Sequence[str] | None = None, torch_threads: int | None = None, isolate: bool = True,
              in_process: bool = True, parity: bool = True, parity_max_images: int | None = None,
-             gates: Sequence[str] | None = None, headers: Mapping[str, str] | None = None,
+             gates: Sequence[str] | None = None, api_key: str | None = None,
              server_pid: int | None = None, operating_point: Mapping[str, Any] | None = None,
              out: str | os.PathLike = "perf/reports", run_id: str | None = None,
              cli_settings: Mapping[str, Any] | None = None,
-             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the perf stage and write the report; returns generate_report()'s
-    paths plus "results" and "exit_code". Raises PerfInputError for bad input."""
+             progress: Callable[[str], None] | None = None) -> "PerfRun":
+    """Run the perf stage and write the report (perf/reports/<run-id>/...).
+    Raises PerfInputError for bad input (flags, files)."""
+    from export.manifest import read_export_manifest
+    from perf.inprocess import BenchmarkInputError, run_inprocess_benchmark
+    from perf.input_data import load_samples
     from perf.memory import MemorySampler, find_listening_pid
-    from perf.perf_analyzer import (MeasurementSettings, PerfAnalyzerError, list_ready_models, load_samples,
-                                    perf_analyzer_version, run_sweep)
-    from perf.production_benchmarking import BenchmarkInputError, read_export_manifest, run_production_benchmark
+    from perf.perf_analyzer import (
+        MeasurementSettings,
+        PerfAnalyzerError,
+        perf_analyzer_version,
+        run_sweep,
+    )
     from perf.report import generate_report
+    from perf.results import RESULTS_FILE, PerfResults
     from perf.system_info import machine_info, versions
-    from train.checkpoint import git_revision
+    from train.artifact_io import git_revision, new_run_id, utc_now
+    from train.records import RecordError
 
     say = progress or (lambda m: log.info(m))
     model_path = Path(model_path) if model_path else None
@@ -201,50 +213,50 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
         raise PerfInputError("--protocols includes http: give the server's HTTP address with --http-url host:8000")
     settings = settings or MeasurementSettings()
 
-    run_id = run_id or run_id_now()
+    run_id = run_id or new_run_id()
     out_dir = Path(out) / run_id
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PerfInputError(f"--out {out_dir}: already exists and is not empty (choose another --run-id)")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "run_id": run_id,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "schema_version": PerfResults.SCHEMA_VERSION, "run_id": run_id, "created": utc_now(),
         "git_revision": git_revision(), "machine": machine_info(),
         "versions": versions({"perf_analyzer": perf_analyzer_version() or "not found"} if url else None),
         "settings": dict(cli_settings or {}), "operating_point": dict(operating_point or {}),
         "skipped": [], "errors": []}
-    manifest = read_export_manifest(repository) if repository else None
+    try:  # the one reader of export_manifest.json (names the file and the field)
+        manifest = read_export_manifest(repository, missing_ok=True) if repository else None
+    except ValueError as exc:
+        raise PerfInputError(str(exc)) from None
     results["export"] = export_summary(manifest)
     if manifest is None and repository:
         results["skipped"].append({"what": "export manifest",
                                    "reason": f"{Path(repository) / 'export_manifest.json'} not found"})
     if model_path is not None:
-        results["model"] = _model_info(model_path)
-    elif manifest:
-        ws = str(manifest.get("weights_source") or "unknown")
-        results["model"] = {"checkpoint": (manifest.get("source_checkpoint") or {}).get("path"),
-                            "arch": manifest.get("arch"), "img_size": manifest.get("img_size"),
-                            "num_classes": manifest.get("num_classes"), "weights_source": ws,
-                            "pretrained": not ws.lower().startswith("random"),
-                            "preprocessing": manifest.get("preprocessing")}
+        try:
+            results["model"] = _model_info(model_path)
+        except (RecordError, OSError) as exc:
+            raise PerfInputError(f"--model_path: {exc}") from None
+    elif manifest is not None:
+        results["model"] = _manifest_model_info(manifest)
 
     # 1. in process
     if in_process:
         say("== in-process benchmark")
         try:
-            ip = run_production_benchmark(model_path, repository=repository, data_path=data_path,
-                                          batch_sizes=batch_sizes, threads=threads, seconds=seconds,
-                                          warmup=warmup, variants=variants, n_samples=n_samples,
-                                          torch_threads=torch_threads, isolate=isolate, progress=say)
+            ip = run_inprocess_benchmark(model_path, repository=repository, data_path=data_path,
+                                         batch_sizes=batch_sizes, threads=threads, seconds=seconds,
+                                         warmup=warmup, variants=variants, n_samples=n_samples,
+                                         torch_threads=torch_threads, isolate=isolate, progress=say)
         except BenchmarkInputError as exc:
             raise PerfInputError(str(exc)) from None
         results["in_process"] = ip
-        results["model"] = {**results.get("model", {}), **ip["model"]}
-        results["flops"], results["matmul_peak"] = ip["flops"], ip["matmul_peak"]
-        results["skipped"] += ip["skipped"]
-        for name, e in ip["variants"].items():
-            if e.get("status") == "FAILED":
-                results["errors"].append(f"in-process {name}: {e.get('reason')}")
+        results["model"] = ip.model   # the checkpoint's facts plus what loading it told (embed_dim, metrics)
+        results["flops"], results["matmul_peak"] = ip.flops, ip.matmul_peak
+        results["skipped"] += ip.skipped
+        for name, e in ip.variants.items():
+            if e.status == "FAILED":
+                results["errors"].append(f"in-process {name}: {e.reason}")
     else:
         results["skipped"].append({"what": "in-process benchmark", "reason": "--no-in-process"})
 
@@ -254,21 +266,23 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
         cfg_proto = protocols[0]
         metrics_url = metrics_url or default_metrics_url(url)
         results["server"] = {"url": url, "http_url": http_url, "metrics_url": metrics_url,
-                             "metadata": _server_metadata(urls[cfg_proto], cfg_proto, headers)}
-        wanted = _names(models)
+                             "metadata": _server_metadata(urls[cfg_proto], cfg_proto, api_key)}
+        wanted = parse_names(models)
         try:
             if wanted is None:
                 cands = candidate_models(repository, manifest)
-                wanted = list_ready_models(urls[cfg_proto], cfg_proto, cands, headers=headers)
+                wanted = _ready_models(urls[cfg_proto], cfg_proto, cands, api_key)
                 if not wanted:
                     raise PerfInputError(f"no ready models found on {cfg_proto}://{urls[cfg_proto]}"
                                          + (f" among {cands}" if cands else "") + "; pass --models a,b")
         except PerfAnalyzerError as exc:
             raise PerfInputError(str(exc)) from None
-        pre = (results.get("model") or {}).get("preprocessing")
-        if pre is None:
-            raise PerfInputError("the preprocessing record is unknown: pass --model_path or --repository "
-                                 "(export_manifest.json)")
+        from train.preprocessing_source import resolve_preprocessing
+
+        try:  # one order (train.preprocessing_source); checkpoint vs repository disagreeing is an error
+            pre, _ = resolve_preprocessing(model_path=model_path, repository=repository)
+        except ValueError as exc:
+            raise PerfInputError(str(exc)) from None
         samples = load_samples(data_path, pre, n=max(n_samples, max(batch_sizes)))
         host, port = _host_port(url)
         pid = server_pid or (find_listening_pid(port) if host in LOCAL_HOSTS and port else None)
@@ -282,9 +296,9 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
                     urls={p: urls[p] for p in protocols}, models=wanted, protocols=protocols,
                     concurrency=concurrency, batch_sizes=batch_sizes, settings=settings, samples=samples,
                     out_dir=out_dir / "perf_analyzer", metrics_url=metrics_url, keep_going=keep_going,
-                    headers=headers, input_dir=tmp, progress=say)
+                    api_key=api_key, input_dir=tmp, progress=say)
         except PerfAnalyzerError as exc:
-            results["perf_analyzer"] = exc.partial or {"points": [], "failures": [], "skipped": []}
+            results["perf_analyzer"] = exc.partial   # the sweep so far (None: it never started)
             results["errors"].append(f"perf_analyzer sweep stopped (pass --keep-going to continue past "
                                      f"failures): {exc}")
         finally:
@@ -294,7 +308,7 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
             results["skipped"].append({"what": "server process memory",
                                        "reason": "server process not visible from here (remote server?): "
                                                  "only the metrics endpoint's numbers are reported"})
-        pa = results["perf_analyzer"]
+        pa = results["perf_analyzer"] or {}
         results["skipped"] += pa.get("skipped", [])
         for f in pa.get("failures", []):
             if keep_going:
@@ -313,12 +327,14 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
             except ImportError as exc:
                 results["skipped"].append({"what": "live parity", "reason": f"perf.parity unavailable: {exc}"})
             else:
+                from export.triton_config import PREPROCESS_MODEL
+
                 say("== live parity through Triton")
                 try:
                     results["parity"] = run_parity(
                         url, "grpc", data_path=data_path, model_path=model_path,
-                        models=[m for m in wanted if m not in ("dinov2_preprocess",)], gates=gates,
-                        headers=headers, max_images=parity_max_images, repository=repository)
+                        models=[m for m in wanted if m != PREPROCESS_MODEL], gates=gates,
+                        api_key=api_key, max_images=parity_max_images, repository=repository)
                     for v in results["parity"].get("variants", []):
                         if v.get("error"):
                             results["errors"].append(f"parity {v['model']}: {v['error']}")
@@ -328,11 +344,36 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
         results["skipped"].append({"what": "perf_analyzer sweep and live parity",
                                    "reason": "no --url: in-process numbers only"})
 
-    results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    paths = generate_report(results, out_dir)
-    paths["results"] = results
-    paths["exit_code"] = 1 if results["errors"] else 0
-    return paths
+    results["finished"] = utc_now()
+    record = PerfResults.from_dict(results, source=out_dir / RESULTS_FILE)
+    return PerfRun(report=generate_report(record, out_dir), exit_code=1 if record.errors else 0)
+
+
+@dataclass(frozen=True)
+class PerfRun:
+    """What run_perf did: the report it wrote (with the results record) and the CLI's exit code."""
+    report: "Report"
+    exit_code: int
+
+    @property
+    def results(self) -> "PerfResults":
+        return self.report.results
+
+
+def print_run(run: PerfRun, *, in_process_json: str | os.PathLike | None = None) -> int:
+    """The CLI's ending: the summary table, the errors, where the report is;
+    optionally the in-process section as its own JSON file. Returns the exit code."""
+    from perf.report import summary_table
+
+    if in_process_json and run.results.in_process is not None:
+        from train.artifact_io import atomic_write_json
+
+        atomic_write_json(in_process_json, run.results.in_process)
+    print(summary_table(run.report.rows, run.report.recommendation))
+    for e in run.results.errors:
+        print(f"error: {e}", file=sys.stderr)
+    print(f"report: {run.report.md}\n        {run.report.html}\n        {run.report.json}")
+    return run.exit_code
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -407,29 +448,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from perf.perf_analyzer import MeasurementSettings
-    from perf.report import summary_table
 
     try:
         settings = MeasurementSettings(window_ms=args.window_ms, stability_pct=args.stability_pct,
                                        max_trials=args.max_trials, measurement_mode=args.measurement_mode,
                                        collect_metrics=not args.no_collect_metrics, timeout_s=args.point_timeout,
                                        fixed_requests=args.fixed_requests)
-        headers = {}
+        api_key = None
         if args.url:
-            from perf.client import read_api_key
+            from serve.triton_access import read_api_key
 
-            headers = read_api_key(args.api_key, args.api_key_file)
+            api_key = read_api_key(args.api_key, args.api_key_file)
         cli = {k: v for k, v in vars(args).items() if k not in ("api_key",)}
         res = run_perf(
             model_path=args.model_path, repository=args.repository, data_path=args.data_path, url=args.url,
             http_url=args.http_url, metrics_url=args.metrics_url, models=args.models,
             protocols=[x for x in args.protocols.split(",") if x] if args.protocols else None,
-            concurrency=_ints(args.concurrency, "--concurrency"), batch_sizes=_ints(args.batch_sizes, "--batch-sizes"),
+            concurrency=parse_ints(args.concurrency, "--concurrency"),
+            batch_sizes=parse_ints(args.batch_sizes, "--batch-sizes"),
             settings=settings, keep_going=args.keep_going, n_samples=args.samples,
-            threads=_ints(args.threads, "--threads"), seconds=args.seconds, warmup=args.warmup,
-            variants=_names(args.variants), torch_threads=args.torch_threads, isolate=not args.no_isolate,
+            threads=parse_ints(args.threads, "--threads"), seconds=args.seconds, warmup=args.warmup,
+            variants=parse_names(args.variants), torch_threads=args.torch_threads, isolate=not args.no_isolate,
             in_process=not args.no_in_process, parity=not args.no_parity,
-            parity_max_images=args.parity_max_images, gates=args.gates, headers=headers,
+            parity_max_images=args.parity_max_images, gates=args.gates, api_key=api_key,
             server_pid=args.server_pid,
             operating_point={"batch_size": args.op_batch_size, "concurrency": args.op_concurrency,
                              "protocol": args.op_protocol, "max_p99_ms": args.max_p99_ms},
@@ -438,15 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PerfInputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.in_process_json and res["results"].get("in_process"):
-        from perf.report import write_json
-
-        write_json(res["results"]["in_process"], Path(args.in_process_json))
-    print(summary_table(res["rows"], res["recommendation"]))
-    for e in res["results"]["errors"]:
-        print(f"error: {e}", file=sys.stderr)
-    print(f"report: {res['md']}\n        {res['html']}\n        {res['json']}")
-    return res["exit_code"]
+    return print_run(res, in_process_json=args.in_process_json)
 
 
 if __name__ == "__main__":

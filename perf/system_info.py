@@ -81,19 +81,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Library versions (the same list the checkpoints record) + perf_analyzer."""
-    from train.checkpoint import library_versions
+    """Library versions (train.artifact_io's list, which the checkpoints and the
+    export manifest record too, plus the report's own matplotlib and psutil)
+    and ``extra`` (e.g. the perf_analyzer version)."""
+    from train.artifact_io import library_versions
 
-    out = dict(library_versions())
-    import importlib.metadata as md
-
-    for dist in ("nvidia-pytriton", "matplotlib", "psutil"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    out.update(extra or {})
-    return out
+    return {**library_versions(extra=("matplotlib", "psutil")), **(extra or {})}
 
 
 def matmul_peak(threads: int | None = None, *, size: int = 2048, seconds: float = 1.5,

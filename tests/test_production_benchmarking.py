@@ -1,6 +1,7 @@
-"""perf/production_benchmarking.py (in-process benchmark, memory, efficiency)
-and perf/run.py (the perf stage end to end: in process only, and against the
-real local Triton server serving the tiny exported repository)."""
+"""perf/inprocess.py (in-process benchmark, memory, efficiency), its CLI
+perf/production_benchmarking.py, and perf/run.py (the perf stage end to end:
+in process only, and against the real local Triton server serving the tiny
+exported repository)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from perf import production_benchmarking as pb
+from perf import inprocess as pb
+from perf import production_benchmarking
 
 
 def _sleepy_runner(ms: float = 2.0):
@@ -32,7 +34,7 @@ def test_benchmark_runner_percentiles_and_threads():
     res = pb.benchmark_runner(run, x, batch_sizes=[1, 4], threads=[2], seconds=0.15, warmup=3)
     assert res["settings"]["threads"] == [1, 2]         # one client is always measured: it is the latency
     assert set(res["latency"]) == {"1", "4"}
-    for bs, lat in res["latency"].items():
+    for lat in res["latency"].values():
         assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
         assert lat["p50_ms"] >= 1.9                      # the runner sleeps 2 ms: timing is real
         assert lat["requests"] >= 3 and lat["images_per_s"] > 0
@@ -103,13 +105,24 @@ def test_peak_rss_of_a_spawned_worker_is_its_own():
 
 
 def test_discover_variants(tiny_checkpoint, tiny_repository):
+    from export.manifest import read_export_manifest
+    from export.registry import variant_names
+
     specs = {s.name: s for s in pb.discover_variants(tiny_checkpoint, tiny_repository)}
     assert list(specs)[0] == "pytorch" and specs["pytorch"].status == "OK"
     assert specs["onnx"].model_name == "dinov2_onnx" and specs["onnx"].parent == "pytorch"
+    assert specs["onnx"].label == "ONNX Runtime FP32" and specs["torchscript"].label == "TorchScript FP32"
     assert specs["onnx"].artifact.endswith("model.onnx") and specs["onnx"].file_bytes > 0
     assert specs["onnx"].export["gate_passed"] is True
     assert specs["torchscript"].status == "OK"
-    assert specs["tensorrt"].status == "SKIPPED" and "NVIDIA GPU" in specs["tensorrt"].reason
+    # the names are the registry's: every registered variant is listed, the
+    # ones the export did not build as SKIPPED with the reason
+    assert set(specs) == {"pytorch", *variant_names()}
+    exported = set(read_export_manifest(tiny_repository).variants)
+    for name in set(variant_names()) - exported:
+        assert specs[name].status == "SKIPPED" and "not in the export manifest" in specs[name].reason
+    trt = [s for s in specs.values() if s.platform == "tensorrt_plan"]
+    assert trt and all(s.status == "SKIPPED" and "NVIDIA GPU" in s.reason for s in trt)
     only = pb.discover_variants(tiny_checkpoint, tiny_repository, only=["onnx"])
     assert [s.name for s in only] == ["onnx"]
     with pytest.raises(pb.BenchmarkInputError, match="--variants nope"):
@@ -117,45 +130,49 @@ def test_discover_variants(tiny_checkpoint, tiny_repository):
 
 
 @pytest.mark.slow
-def test_run_production_benchmark_isolated(tiny_checkpoint, tiny_repository, tiny_dataset):
-    res = pb.run_production_benchmark(tiny_checkpoint, repository=tiny_repository, data_path=tiny_dataset,
-                                      batch_sizes=[1, 2], threads=[2], seconds=0.2, warmup=2,
-                                      variants=["pytorch", "onnx", "tensorrt"], isolate=True)
-    assert res["input_data"]["synthetic"] is False and "test split" in res["input_data"]["source"]
-    assert res["model"]["pretrained"] is False and res["flops"]["gflops"] > 0
-    assert res["matmul_peak"]["gflops"] > 0
+def test_run_inprocess_benchmark_isolated(tiny_checkpoint, tiny_repository, tiny_dataset):
+    res = pb.run_inprocess_benchmark(tiny_checkpoint, repository=tiny_repository, data_path=tiny_dataset,
+                                     batch_sizes=[1, 2], threads=[2], seconds=0.2, warmup=2,
+                                     variants=["pytorch", "onnx", "trt_fp16"], isolate=True)
+    assert res.input_data.synthetic is False and "test split" in res.input_data.source
+    assert res.model.pretrained is False and res.flops.gflops > 0
+    assert res.matmul_peak.gflops > 0 and len(res.matmul_peak.measurements_gflops) == 2
     for name in ("pytorch", "onnx"):
-        v = res["variants"][name]
-        assert v["status"] == "OK", v.get("reason")
-        assert v["isolated"] is True
-        assert v["benchmark"]["latency"]["1"]["p99_ms"] > 0 and v["benchmark"]["latency"]["2"]["p50_ms"] > 0
-        assert {(c["batch_size"], c["threads"]) for c in v["benchmark"]["grid"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
-        mem = v["memory"]
-        assert 0 < mem["baseline_rss_bytes"] <= mem["peak_rss_bytes"] and mem["peak_over_baseline_bytes"] >= 0
-        assert 0 < v["efficiency"]["best"]["fraction_of_fp32_peak"]
-        assert v["bytes_moved"]["input_bytes_per_image"] == 3 * 28 * 28 * 4
-    assert res["variants"]["tensorrt"]["status"] == "SKIPPED"
-    assert any("TensorRT" in s["what"] for s in res["skipped"])
+        v = res.variants[name]
+        assert v.status == "OK", v.reason
+        assert v.isolated is True
+        assert v.benchmark.latency["1"].p99_ms > 0 and v.benchmark.latency["2"].p50_ms > 0
+        assert {(c.batch_size, c.threads) for c in v.benchmark.grid} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+        mem = v.memory
+        assert 0 < mem.baseline_rss_bytes <= mem.peak_rss_bytes and mem.peak_over_baseline_bytes >= 0
+        assert 0 < v.efficiency.best.fraction_of_fp32_peak
+        assert v.efficiency.fp32_peak_gflops == res.matmul_peak.gflops   # the kept (higher) peak
+        assert v.bytes_moved.input_bytes_per_image == 3 * 28 * 28 * 4
+    assert res.variants["trt_fp16"].status == "SKIPPED"
+    assert any("TensorRT" in s.what for s in res.skipped)
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
-    assert pb.main(["--model_path", str(tmp_path / "missing.pth")]) == 2
+    assert production_benchmarking.main(["--model_path", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth: file not found" in capsys.readouterr().err
 
 
 def test_perf_run_in_process_only(tiny_checkpoint, tiny_repository, tiny_dataset, tmp_path, capsys):
     from perf import run
+    from perf.results import read_results
 
     code = run.main(["--model_path", str(tiny_checkpoint), "--repository", str(tiny_repository),
                      "--data_path", str(tiny_dataset), "--batch-sizes", "1,2", "--threads", "1",
                      "--seconds", "0.1", "--warmup", "1", "--no-isolate", "--out", str(tmp_path), "--run-id", "r1"])
     out = capsys.readouterr().out
     assert code == 0, out
-    res = json.loads((tmp_path / "r1" / "results.json").read_text())
-    assert res["schema_version"] == 1 and "perf_analyzer" not in res and "in_process" in res
-    assert res["recommendation"]["variant"] in ("dinov2_onnx", "dinov2_torchscript")
-    assert res["recommendation"]["source"] == "in_process"
-    assert any("no --url" in s["reason"] for s in res["skipped"])
+    raw = json.loads((tmp_path / "r1" / "results.json").read_text())
+    assert raw["schema_version"] == 1 and raw["perf_analyzer"] is None and raw["in_process"]
+    res = read_results(tmp_path / "r1" / "results.json")
+    assert res.recommendation.variant in ("dinov2_onnx", "dinov2_torchscript")
+    assert res.recommendation.source == "in_process"
+    assert res.model.pretrained is False and res.model.embed_dim > 0
+    assert any("no --url" in s.reason for s in res.skipped)
     assert (tmp_path / "r1" / "report.html").is_file() and "recommended:" in out
     # the same run id twice is refused, not overwritten
     assert run.main(["--model_path", str(tiny_checkpoint), "--repository", str(tiny_repository),
@@ -168,28 +185,30 @@ def test_perf_run_against_the_real_server(tiny_checkpoint, tiny_repository, tiny
                                           tmp_path):
     from perf import run
     from perf.perf_analyzer import MeasurementSettings, find_perf_analyzer
+    from perf.results import read_results
 
     find_perf_analyzer()
     server = triton_server_factory(tiny_repository, load_models=["dinov2_onnx", "dinov2_preprocess", "dinov2"])
-    res = run.run_perf(model_path=tiny_checkpoint, repository=tiny_repository, data_path=tiny_dataset,
-                       url=server.url_grpc, metrics_url=server.url_metrics, models="dinov2_onnx,dinov2",
-                       concurrency=[1], batch_sizes=[2], keep_going=True, in_process=False,
-                       settings=MeasurementSettings(window_ms=1000, fixed_requests=30),
-                       headers=server.api_key_headers, out=tmp_path, run_id="srv")
-    results = res["results"]
-    assert res["exit_code"] == 0, results["errors"]
-    points = {p["model"]: p for p in results["perf_analyzer"]["points"]}
+    run_ = run.run_perf(model_path=tiny_checkpoint, repository=tiny_repository, data_path=tiny_dataset,
+                        url=server.url_grpc, metrics_url=server.url_metrics, models="dinov2_onnx,dinov2",
+                        concurrency=[1], batch_sizes=[2], keep_going=True, in_process=False,
+                        settings=MeasurementSettings(window_ms=1000, fixed_requests=30),
+                        api_key=server.api_key, out=tmp_path, run_id="srv")
+    results = run_.results
+    assert run_.exit_code == 0, results.errors
+    points = {p.model: p for p in results.perf_analyzer.points}
     assert set(points) == {"dinov2_onnx", "dinov2"}
-    assert "--shape=pixel_values:3,28,28" in points["dinov2_onnx"]["command"]
-    assert "--shape=image:1" in points["dinov2"]["command"]      # the ensemble gets encoded test images
-    assert all(p["metrics"]["throughput_infer_per_s"] > 0 for p in points.values())
-    mem = results["server"]["memory"]
-    assert mem["peak_process_tree"]["pid"] == server.pid
-    assert mem["peak_per_model_rss_bytes"].get("dinov2_onnx", 0) > 0
-    par = {v["model"]: v for v in results["parity"]["variants"]}
-    assert par["dinov2_onnx"]["passed"] and par["dinov2"]["passed"]
-    rec = res["recommendation"]
-    assert rec["variant"] == "dinov2_onnx" and rec["source"] == "server"
+    assert "--shape=pixel_values:3,28,28" in points["dinov2_onnx"].command
+    assert "--shape=image:1" in points["dinov2"].command      # the ensemble gets encoded test images
+    assert all(p.metrics["throughput_infer_per_s"] > 0 for p in points.values())
+    mem = results.server.memory
+    assert mem.peak_process_tree["pid"] == server.pid
+    assert mem.peak_per_model_rss_bytes.get("dinov2_onnx", 0) > 0
+    par = {v.model: v for v in results.parity.variants}
+    assert par["dinov2_onnx"].passed and par["dinov2"].passed
+    rec = run_.report.recommendation
+    assert rec.variant == "dinov2_onnx" and rec.source == "server"
+    assert read_results(run_.report.json).recommendation == rec
     assert (tmp_path / "srv" / "latency_breakdown.png").is_file()
     assert list((tmp_path / "srv" / "perf_analyzer" / "csv").glob("dinov2_onnx_grpc_b2_c1.csv"))
     assert not list((tmp_path / "srv").rglob("input_data"))   # the large input JSONs are not kept
