@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from tests.fixtures.models import TINY, TINY_IMG, tiny_model, to_official_layout
-from train.model import ARCHS, WeightsError, build_model, load_classifier, read_checkpoint
+from train.checkpoint import read_checkpoint
+from train.model import ARCHS, WeightsError, build_model, load_classifier
+from train.records import RecordError
 from train.weight_layouts import layout_of, read_weights
 
 
@@ -114,11 +116,11 @@ def test_weights_only_load_refuses_malicious_pickle(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": _Arbitrary()}, odd)
 
     for path in (evil, odd):
-        with pytest.raises(WeightsError, match=path.name):
+        with pytest.raises(RecordError, match=path.name):
             read_checkpoint(path)
         with pytest.raises(WeightsError, match=path.name):
             read_weights(path)
-        with pytest.raises(WeightsError, match=path.name):
+        with pytest.raises(RecordError, match=path.name):
             load_classifier(path)
         with pytest.raises(WeightsError, match=path.name):
             build_model("vits14", weights=str(path), num_classes=3, img_size=TINY_IMG, backbone_overrides=TINY)
@@ -130,13 +132,13 @@ def test_weights_only_load_refuses_malicious_pickle(tmp_path):
 
 def test_load_classifier_roundtrip(tiny_checkpoint):
     model, record = load_classifier(tiny_checkpoint)
-    assert record["arch"] == "vits14" and record["img_size"] == TINY_IMG
-    assert record["backbone_overrides"] == TINY
+    assert record.arch == "vits14" and record.image_size == TINY_IMG
+    assert record.backbone_overrides == TINY
     x = torch.randn(3, 3, TINY_IMG, TINY_IMG)
     with torch.no_grad():
         logits, emb = model.forward_with_embedding(x)
         assert torch.equal(model(x), logits)
-    assert logits.shape == (3, len(record["class_names"]))
+    assert logits.shape == (3, record.num_classes)
 
 
 def test_img_size_must_be_a_multiple_of_the_patch(tmp_path):
@@ -204,3 +206,64 @@ def test_unknown_transformers_keys_are_refused(tmp_path):
     save_file(sd, str(path))
     with pytest.raises(WeightsError, match=r"model\.safetensors: 1 keys of the transformers layout.*pooler"):
         build_model("vits14", weights=str(path), num_classes=3, img_size=TINY_IMG, backbone_overrides=TINY)
+
+
+def _format1_checkpoint(path, *, arch: str, weights_source: str, img_size: int = TINY_IMG):
+    """A model_final.pth as written before typed records and before the
+    official resampling (format_version 1, no pos_embed_resampling)."""
+    from train.preprocessing import PreprocessConfig
+
+    model = tiny_model(arch, img_size=img_size)
+    torch.save({"format_version": 1, "arch": arch, "img_size": img_size, "num_classes": 3, "head": "cls_mean",
+                "class_names": ["a", "b", "c"],
+                "preprocessing": PreprocessConfig(image_size=img_size, resize_size=img_size + 4).to_dict(),
+                "weights_source": weights_source, "backbone_overrides": TINY,
+                "state_dict": model.state_dict(), "metrics": {}, "config": {}, "versions": {},
+                "git_revision": "old"}, path)
+    return path
+
+
+@pytest.mark.parametrize("arch,weights_source,warns", [
+    ("vits14", "file /w/dinov2_vits14_pretrain.pth (official layout, sha256 0)", True),
+    ("vits14_reg4", "file /w/dinov2_vits14_reg4_pretrain.pth (official layout, sha256 0)", False),  # same method
+    ("vits14", "random init (NOT pretrained)", False),                                              # nothing resampled
+])
+def test_checkpoint_before_official_resampling_loads_with_one_warning(tmp_path, caplog, arch, weights_source,
+                                                                      warns):
+    from train.pos_embed import LEGACY_TIMM
+
+    path = _format1_checkpoint(tmp_path / "model_final.pth", arch=arch, weights_source=weights_source)
+    with caplog.at_level("WARNING"):
+        model, record = load_classifier(path)
+    assert record.pos_embed_resampling == LEGACY_TIMM
+    lines = [r.getMessage() for r in caplog.records if "position embeddings" in r.getMessage()]
+    if warns:
+        assert len(lines) == 1 and "\n" not in lines[0]
+        assert str(path) in lines[0] and "old resampling" in lines[0] and LEGACY_TIMM in lines[0]
+    else:
+        assert lines == []
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, TINY_IMG, TINY_IMG)).shape == (1, 3)
+
+
+def test_new_checkpoint_records_the_official_resampling(tmp_path, caplog):
+    from train.checkpoint import make_checkpoint_record, save_checkpoint
+    from train.pos_embed import OFFICIAL_PLAIN, OFFICIAL_REGISTERS
+    from train.preprocessing import PreprocessConfig
+
+    for arch, method in (("vits14", OFFICIAL_PLAIN), ("vits14_reg4", OFFICIAL_REGISTERS)):
+        built = build_model(arch, weights="random", num_classes=3, img_size=TINY_IMG, backbone_overrides=TINY)
+        assert built.pos_embed_resampling == method
+        record = make_checkpoint_record(built.model, arch=arch, class_names=["a", "b", "c"],
+                                        preprocessing=PreprocessConfig(image_size=TINY_IMG, resize_size=32),
+                                        weights_source=built.weights_source, pretrained=True,
+                                        backbone_overrides=TINY, pos_embed_resampling=built.pos_embed_resampling)
+        path = save_checkpoint(record, tmp_path / f"{arch}.pth")
+        with caplog.at_level("WARNING"):
+            assert read_checkpoint(path).pos_embed_resampling == method
+        assert not [r for r in caplog.records if "position embeddings" in r.getMessage()]
+    raw = torch.load(path, weights_only=True)
+    raw["pos_embed_resampling"] = "nearest"
+    torch.save(raw, tmp_path / "bad.pth")
+    with pytest.raises(RecordError, match=r"bad.pth: field 'pos_embed_resampling': .*'nearest' is not one of"):
+        read_checkpoint(tmp_path / "bad.pth")

@@ -19,19 +19,26 @@ Schema history (``schema_version``):
   under ``kind: "training_state"``. Still read: ``_migrate`` checks that the
   duplicated values agree (and refuses the file when they do not) and derives
   ``pretrained`` from the free-text weights source, which is the only place
-  that text is interpreted.
+  that text is interpreted. Its position embeddings were resized with timm's
+  resample (``pos_embed_resampling: "timm_bicubic_antialias"``); the reader
+  warns in one line where that differs from the official DINOv2
+  interpolation (plain arch, pretrained, not 518 px).
 * 2 - this module.
 
 Importing this module does not import torch (``train.model`` imports it)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationInfo, field_validator
 
+from train.pos_embed import LEGACY_TIMM, METHODS, OFFICIAL_GRID_PX, official_method
 from train.preprocessing import PreprocessConfig
 from train.records import Record, RecordError
+
+log = logging.getLogger(__name__)
 
 #: how the embedding fed to the linear head is made (train.model.DinoV2Classifier)
 HEADS = ("cls_mean", "cls", "mean")
@@ -86,6 +93,9 @@ class CheckpointRecord(Record):
     preprocessing: PreprocessingField               # the one image size: preprocessing.image_size
     weights_source: str                             # human-readable, for logs and reports
     pretrained: bool                                # False: random init (accuracy says nothing about DINOv2)
+    # how pretrained position embeddings were resized to the image size
+    # (train.pos_embed.METHODS; since schema 2 the official method of the arch)
+    pos_embed_resampling: str
     backbone_overrides: dict[str, Any] = Field(default_factory=dict)   # extra timm kwargs (tiny test models)
     state_dict: dict[str, Any]                      # plain model keys -> tensors (no peft wrappers)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -118,6 +128,13 @@ class CheckpointRecord(Record):
         bad = [k for k, v in value.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise ValueError(f"values must be tensors; not for {bad[:3]}")
+        return value
+
+    @field_validator("pos_embed_resampling")
+    @classmethod
+    def _known_resampling(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"{value!r} is not one of {list(METHODS)}")
         return value
 
     @field_validator("class_names")
@@ -166,6 +183,8 @@ def _migrate_format_v1(data: dict[str, Any]) -> dict[str, Any]:
         # The one place the free-text source is interpreted: format 1 wrote
         # "random init (...)" for --weights random and nothing else starts so.
         data["pretrained"] = not str(data.get("weights_source", "")).lower().startswith("random")
+    # format 1 was built with timm's load-time resample for every arch
+    data.setdefault("pos_embed_resampling", LEGACY_TIMM)
     if data.pop("kind", None) == "training_state":
         data.pop("epoch", None)   # duplicates of train_state's epoch/step
         data.pop("step", None)
@@ -182,9 +201,14 @@ def make_checkpoint_record(model, *, arch: str, class_names: Sequence[str], prep
                            backbone_overrides: Mapping[str, Any] | None = None, mode: str | None = None,
                            lora: Mapping[str, Any] | None = None, best_epoch: int | None = None,
                            epochs_trained: int | None = None,
-                           training: TrainingResume | Mapping[str, Any] | None = None) -> CheckpointRecord:
+                           training: TrainingResume | Mapping[str, Any] | None = None,
+                           pos_embed_resampling: str | None = None) -> CheckpointRecord:
     """The record of a DinoV2Classifier (weights copied to CPU) with the
-    versions and git revision of this run."""
+    versions and git revision of this run.
+
+    pos_embed_resampling: train.model.BuildResult.pos_embed_resampling, or
+    for a resumed run the resumed record's value; None means the method
+    build_model applies now (the official one for the model's arch)."""
     from train.artifact_io import git_revision, jsonable, library_versions
 
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -196,7 +220,8 @@ def make_checkpoint_record(model, *, arch: str, class_names: Sequence[str], prep
         metrics=jsonable(dict(metrics or {})), config=jsonable(dict(config or {})),
         versions=library_versions(), git_revision=git_revision(), mode=mode,
         lora=jsonable(dict(lora)) if lora else None, best_epoch=best_epoch, epochs_trained=epochs_trained,
-        training=training)
+        training=training,
+        pos_embed_resampling=pos_embed_resampling or official_method(model.backbone.num_reg_tokens))
 
 
 def save_checkpoint(record: CheckpointRecord, path: str | Path) -> Path:
@@ -221,7 +246,19 @@ def read_checkpoint(path: str | Path) -> CheckpointRecord:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure: name the file, one line
         raise RecordError(f"{path}: refused or unreadable checkpoint ({_load_failure(exc)})") from None
-    return CheckpointRecord.from_dict(data, source=path)
+    record = CheckpointRecord.from_dict(data, source=path)
+    if _old_resampling_differs(record):
+        log.warning("%s: made before position embeddings followed the official DINOv2 interpolation; its "
+                    "embeddings follow the old resampling (%s), slightly off the official model's at %d px "
+                    "(fine-tune again for the official ones)", path, LEGACY_TIMM, record.image_size)
+    return record
+
+
+def _old_resampling_differs(record: CheckpointRecord) -> bool:
+    """timm's resample equals the official one for register models, and
+    nothing was resampled for random weights or at the checkpoints' own 518 px."""
+    return (record.pos_embed_resampling == LEGACY_TIMM and record.pretrained
+            and "reg4" not in record.arch and record.image_size != OFFICIAL_GRID_PX)
 
 
 def _load_failure(exc: Exception) -> str:

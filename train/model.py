@@ -27,7 +27,7 @@ from torch import nn
 
 from train.artifact_io import sha256_bytes, sha256_file
 from train.checkpoint import HEADS
-from train.pos_embed import official_method
+from train.pos_embed import OFFICIAL_GRID_PX, official_method
 from train.weight_layouts import RawWeights, WeightsError, read_weights, to_backbone_state_dict
 
 if TYPE_CHECKING:
@@ -47,8 +47,6 @@ ARCHS: dict[str, str] = {
     "vitg14_reg4": "vit_giant_patch14_reg4_dinov2",
 }
 PATCH_SIZE = 14
-# Every official DINOv2 checkpoint stores a 37x37 position grid (518 px).
-NATIVE_IMG_SIZE = 518
 # The official checkpoints, for the error message that says how to get weights.
 OFFICIAL_URLS = {
     name: f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{name.removesuffix('_reg4')}/dinov2_{name}_pretrain.pth"
@@ -178,7 +176,7 @@ def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: i
             # Built at the checkpoint's own 518 px grid (no timm resampling),
             # then converted like a local file, so the official interpolation applies.
             native = timm.create_model(
-                timm_arch, pretrained=True, num_classes=0, img_size=NATIVE_IMG_SIZE,
+                timm_arch, pretrained=True, num_classes=0, img_size=OFFICIAL_GRID_PX,
                 dynamic_img_size=False,
                 **({"pretrained_cfg_overlay": {"hf_hub_id": hub_id.removeprefix("hf-hub:")}} if hub_id else {}),
                 **overrides)

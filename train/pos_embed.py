@@ -33,6 +33,9 @@ OFFICIAL_REGISTERS = "dinov2_bicubic_antialias"
 #: arch); recorded for checkpoints that predate the field
 LEGACY_TIMM = "timm_bicubic_antialias"
 
+#: the grid every official checkpoint stores: 37x37 patches of 14 px
+OFFICIAL_GRID_PX = 518
+
 # name -> (scale-factor offset or None for size=, antialias)
 _METHODS: dict[str, tuple[float | None, bool]] = {
     OFFICIAL_PLAIN: (0.1, False),
