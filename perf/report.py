@@ -81,7 +81,8 @@ def build_blocks(results: PerfResults, rows: Sequence[VariantRow], rec: Recommen
     b += _accuracy_blocks(results, rows)
     b += _memory_blocks(results, rows, op)
     items = [f"{r.key} ({r.status}): {'; '.join(x for x in r.reasons if x)}" for r in rows if r.status != "OK"]
-    items += [f"{s.what}: {s.reason}" for s in results.skipped]
+    said = {x for r in rows if r.status != "OK" for x in r.reasons}   # a skipped variant's row says it already
+    items += [f"{s.what}: {s.reason}" for s in results.skipped if s.reason not in said]
     items = list(dict.fromkeys(items))
     if items:
         b.append(("h2", "Skipped or failed"))

@@ -181,6 +181,15 @@ def test_unknown_pretrained_is_said(tmp_path):
     assert "UNKNOWN whether the weights were pretrained" in md and "NOT pretrained" not in md
 
 
+def test_a_skipped_variant_is_listed_once(tmp_path):
+    res = make_results()
+    reason = res["in_process"]["variants"]["trt_fp16"]["reason"]
+    res["skipped"] = [{"what": "in-process TensorRT FP16", "reason": reason}]   # what perf.run records too
+    md = _report(res, tmp_path).md.read_text()
+    section = md.split("## Skipped or failed")[1].split("\n## ")[0]
+    assert section.count(reason) == 1 and "dinov2_trt_fp16 (SKIPPED)" in section
+
+
 def test_gate_failing_variants_are_never_recommended(tmp_path):
     res = make_results()
     for v in res["parity"]["variants"]:
