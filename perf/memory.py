@@ -1,7 +1,7 @@
 """Memory: peak resident memory of a run, and the server's memory.
 
 - In-process runs measure themselves in a fresh process each
-  (`perf.production_benchmarking` spawns one per variant), so one variant's
+  (`perf.inprocess` spawns one per variant), so one variant's
   peak never mixes with another's: `rss_now()` before loading and
   `peak_rss()` (getrusage ru_maxrss) at the end.
 - The server: on this host, the resident memory of the tritonserver process
@@ -238,21 +238,3 @@ class MemorySampler:
             "metrics": self.last_metrics,
             "errors": list(self.errors),
         }
-
-
-def server_memory_snapshot(*, pid: int | None = None, metrics_url: str | None = None,
-                           models: Iterable[str] = ()) -> dict[str, Any]:
-    """One sample (no load running)."""
-    s = MemorySampler(pid=pid, metrics_url=metrics_url, models=models)
-    s.sample()
-    return s.result()
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

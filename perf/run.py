@@ -7,7 +7,7 @@
 
 Steps (each can be turned off):
 1. in-process benchmark of the eager model and every exported variant
-   (perf.production_benchmarking; each variant in a fresh process);
+   (perf.inprocess; each variant in a fresh process);
 2. perf_analyzer sweep against the server (perf.perf_analyzer): every served
    variant, the ensemble and the preprocessing model, real test-split inputs,
    the server's own shapes and max_batch_size, client and server-side
