@@ -5,46 +5,44 @@ concurrency), so a failing point names itself and the other points still run
 when asked to (`keep_going`). Every point:
 
 - sends REAL inputs: a `--input-data` JSON written from test-split images
-  (preprocessed `pixel_values` for the bare variants, the encoded image file
-  bytes for the ensemble), never perf_analyzer's random tensors;
+  (perf/input_data.py), never perf_analyzer's random tensors;
 - uses the shapes of the server's own model config (`--shape
-  pixel_values:3,H,W`), and batch sizes up to its `max_batch_size` only
-  (FIELD_NOTES 7 and 10);
+  pixel_values:3,H,W`, read through serve.triton_access), and batch sizes up
+  to its `max_batch_size` only;
 - measures in time windows with a stability threshold and a trial limit that
   hold on a 2-core machine (`-p 10000 -s 20` by default, ENVIRONMENT.md);
 - writes a verbose CSV whose client and server-side breakdown (send, network,
   queue, compute input/infer/output, receive, p50..p99) is parsed here.
 
-The input-data JSON format (perf_analyzer docs, "Real Input Data"): one entry
-per batch-1 request, `{"data": [{"<input>": {"b64": "..."}}, ...]}`; a batch
-of b takes b consecutive entries. For FP32 tensors the b64 payload is the
-little-endian row-major bytes. For BYTES tensors perf_analyzer sends the
-decoded b64 payload AS IS, so it must already be Triton's serialized string
-tensor (4-byte little-endian length, then the bytes, per element); a bare
-PNG in b64 is rejected by the server ("expected 1 string elements, got 0"),
-and a `content` string would be sent as text, not as the image bytes.
+The API key: this module reads the model configs with it (through
+serve.triton_access, which sends it as the HTTP header or the prefixed gRPC
+metadata). perf_analyzer itself is never given the key: it calls only the
+inference, metadata, config and statistics APIs, which the local server
+does not restrict; its `-H` flag reaches HTTP requests only (ignored for
+gRPC); and its command line is written to the logs and the report.
 """
 from __future__ import annotations
 
-import base64
 import csv
 import dataclasses
 import importlib.util
-import json
 import logging
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
+from perf.input_data import Samples, shape_args, write_input_data
+# load_samples moved to perf.input_data; still importable from here until
+# perf/run.py and perf/production_benchmarking.py import it from there
+from perf.input_data import load_samples  # noqa: F401
+from train.artifact_io import atomic_write_text
 
 log = logging.getLogger("perf.perf_analyzer")
 
@@ -197,223 +195,23 @@ class MeasurementSettings:
         d["extra_args"] = list(self.extra_args)
         return d
 
-
 # ----------------------------------------------------------------------------- model config
-def _client(url: str, protocol: str, headers: Mapping[str, str] | None = None):
-    if protocol == "grpc":
-        import tritonclient.grpc as grpcclient
+def fetch_model_config(url: str, protocol: str, model: str, *, api_key: str | None = None,
+                       timeout_s: float = 30.0) -> dict[str, Any]:
+    """The served model's config (serve.triton_access.normalise_config's shape).
+    Raises PerfAnalyzerError (kind model_not_found / unreachable / failed)."""
+    from serve.triton_access import ModelNotReady, ServerUnreachable, TritonError, connect
 
-        return grpcclient.InferenceServerClient(url=url)
-    if protocol == "http":
-        import tritonclient.http as httpclient
-
-        return httpclient.InferenceServerClient(url=url)
-    raise ValueError(f"protocol {protocol!r}: choose one of {PROTOCOLS}")
-
-
-def _normalize_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """gRPC's JSON config has int64 dims as strings; make both protocols alike."""
-    def io(entries):
-        return [{"name": e["name"], "data_type": e.get("data_type", "TYPE_INVALID"),
-                 "dims": [int(d) for d in e.get("dims", [])]} for e in entries or []]
-
-    return {"name": cfg.get("name"), "platform": cfg.get("platform", ""), "backend": cfg.get("backend", ""),
-            "max_batch_size": int(cfg.get("max_batch_size", 0) or 0),
-            "input": io(cfg.get("input")), "output": io(cfg.get("output")),
-            "ensemble": bool(cfg.get("ensemble_scheduling"))}
-
-
-def fetch_model_config(url: str, protocol: str, model: str,
-                       headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The served model's config (normalized: name, platform, max_batch_size,
-    input/output name + data_type + dims). Raises PerfAnalyzerError when the
-    server is unreachable or the model is not ready."""
     try:
-        client = _client(url, protocol)
-        if not client.is_model_ready(model, headers=dict(headers or {})):
-            raise PerfAnalyzerError(f"model {model!r} is not ready on {protocol}://{url} (load it first, "
-                                    f"or check the server log)", kind="model_not_found", model=model,
-                                    protocol=protocol)
-        if protocol == "grpc":
-            cfg = client.get_model_config(model, headers=dict(headers or {}), as_json=True)["config"]
-        else:
-            cfg = client.get_model_config(model, headers=dict(headers or {}))
-    except PerfAnalyzerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - tritonclient raises several types
-        raise PerfAnalyzerError(f"cannot read the config of model {model!r} from {protocol}://{url}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                                kind="unreachable", model=model, protocol=protocol) from exc
-    return _normalize_config(cfg)
-
-
-def list_ready_models(url: str, protocol: str, candidates: Iterable[str] | None = None,
-                      headers: Mapping[str, str] | None = None) -> list[str]:
-    """Ready models on the server: `candidates` filtered by readiness, or the
-    repository index when no candidates are given (that API may need the
-    server's API key in `headers`)."""
-    client = _client(url, protocol)
-    if candidates is None:
-        try:
-            index = client.get_model_repository_index(headers=dict(headers or {}),
-                                                      **({"as_json": True} if protocol == "grpc" else {}))
-        except Exception as exc:  # noqa: BLE001
-            raise PerfAnalyzerError(
-                f"cannot list the models of {protocol}://{url} ({str(exc).splitlines()[0]}); the "
-                f"repository index may need an API key: pass the model names (--models a,b) or "
-                f"--repository", kind="unreachable", protocol=protocol) from exc
-        models = index.get("models", []) if isinstance(index, dict) else index
-        return sorted(m["name"] for m in models if m.get("state") == "READY")
-    ready = []
-    for name in candidates:
-        try:
-            if client.is_model_ready(name, headers=dict(headers or {})):
-                ready.append(name)
-        except Exception:  # noqa: BLE001 - a model the server never heard of
-            pass
-    return ready
-
-
-# ----------------------------------------------------------------------------- input data
-@dataclass
-class Samples:
-    """Real inputs for the load generators: preprocessed tensors for the bare
-    variants, the encoded files for the ensemble (what a real client sends)."""
-    pixel_values: np.ndarray                 # float32 [N,3,H,W]
-    encoded: list[bytes]                     # image files as stored (PNG/JPEG...)
-    names: list[str]
-    source: str                              # e.g. "test split of ./data (32 images)" or "synthetic"
-    labels: list[int] | None = None
-    synthetic: bool = False
-
-    def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "n": len(self.names), "synthetic": self.synthetic,
-                "pixel_values_shape": list(self.pixel_values.shape),
-                "mean_encoded_bytes": float(np.mean([len(b) for b in self.encoded])) if self.encoded else None}
-
-
-def load_samples(data_path: str | os.PathLike | None, preprocessing: Mapping[str, Any] | Any, *, n: int = 32,
-                 split: str = "test", seed: int = 0) -> Samples:
-    """n images of `split` (seeded choice, manifest order) from the data folder,
-    preprocessed with the checkpoint's record. Without a data folder: loudly
-    synthetic inputs (noise images), flagged in the report."""
-    from train.preprocessing import PreprocessConfig, preprocess_source
-
-    cfg = preprocessing if isinstance(preprocessing, PreprocessConfig) else PreprocessConfig.from_dict(preprocessing)
-    if data_path is None:
-        return synthetic_samples((3, cfg.image_size, cfg.image_size), n=n, seed=seed,
-                                 encoded_size=cfg.resize_size)
-    from train.datasets import read_manifest
-
-    records = read_manifest(data_path, split)
-    if not records and split == "test":
-        records = read_manifest(data_path, "val")
-        split = "val (no test split)"
-    if not records:
-        raise ValueError(f"{Path(data_path) / 'manifest.csv'}: no {split} images to measure with")
-    rng = np.random.default_rng(seed)
-    if len(records) > n:
-        keep = sorted(rng.permutation(len(records))[:n].tolist())
-        records = [records[i] for i in keep]
-    pix = np.stack([preprocess_source(r.file(data_path), cfg, name=r.path) for r in records]).astype(np.float32)
-    enc = [r.file(data_path).read_bytes() for r in records]
-    return Samples(pix, enc, [r.path for r in records], f"{split} split of {data_path} ({len(records)} images)",
-                   labels=[r.label for r in records])
-
-
-def synthetic_samples(chw: Sequence[int], *, n: int = 16, seed: int = 0, encoded_size: int | None = None) -> Samples:
-    """Random tensors and noise PNGs, for tests and for runs without data."""
-    import io
-
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    pix = rng.standard_normal((n, *chw)).astype(np.float32)
-    side = encoded_size or chw[-1]
-    enc = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
-        enc.append(buf.getvalue())
-    return Samples(pix, enc, [f"random-{i}" for i in range(n)],
-                   f"SYNTHETIC random tensors / noise images ({n}); no --data_path given", synthetic=True)
-
-
-def serialize_bytes_element(data: bytes) -> bytes:
-    """Triton's serialized BYTES element: uint32 little-endian length + bytes."""
-    return struct.pack("<I", len(data)) + data
-
-
-_NUMPY_TYPES = {"TYPE_FP32": "<f4", "TYPE_FP16": "<f2", "TYPE_FP64": "<f8", "TYPE_INT8": "i1",
-                "TYPE_UINT8": "u1", "TYPE_INT32": "<i4", "TYPE_INT64": "<i8"}
-
-
-def write_input_data(path: str | os.PathLike, model_config: Mapping[str, Any], samples: Samples) -> Path:
-    """Write perf_analyzer's --input-data JSON for this model from real samples.
-
-    Tensor inputs get `samples.pixel_values` (checked against the config's
-    dims), BYTES inputs get the encoded images. Raises ValueError naming the
-    model and input when the samples do not fit."""
-    path = Path(path)
-    entries: list[dict[str, Any]] = [{} for _ in range(len(samples.names))]
-    name = model_config.get("name")
-    for inp in model_config["input"]:
-        dtype, dims = inp["data_type"], list(inp["dims"])
-        if dtype in ("TYPE_STRING", "BYTES"):
-            count = int(np.prod(dims)) if dims else 1
-            if count != 1:
-                raise ValueError(f"model {name}: BYTES input {inp['name']} has dims {dims}; only one "
-                                 f"encoded image per item is supported")
-            for e, img in zip(entries, samples.encoded):
-                e[inp["name"]] = {"b64": base64.b64encode(serialize_bytes_element(img)).decode("ascii")}
-        elif dtype in _NUMPY_TYPES:
-            want = [d if d > 0 else s for d, s in zip(dims, samples.pixel_values.shape[1:])]
-            if len(dims) != samples.pixel_values.ndim - 1 or list(samples.pixel_values.shape[1:]) != want:
-                raise ValueError(
-                    f"model {name}: input {inp['name']} expects dims {dims} but the samples are "
-                    f"{list(samples.pixel_values.shape[1:])} (image size of the checkpoint's preprocessing "
-                    f"record vs the served config); measure the model the checkpoint was exported from")
-            arr = samples.pixel_values.astype(_NUMPY_TYPES[dtype])
-            for e, a in zip(entries, arr):
-                e[inp["name"]] = {"b64": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")}
-        else:
-            raise ValueError(f"model {name}: input {inp['name']} has type {dtype}, not supported here")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"data": entries}))
-    return path
-
-
-def shape_args(model_config: Mapping[str, Any], samples: Samples | None = None) -> list[str]:
-    """`--shape name:dims` for every tensor input, from the server's config
-    (variable dims filled from the samples), so the load matches the config."""
-    args = []
-    for inp in model_config["input"]:
-        dims = list(inp["dims"])
-        if inp["data_type"] in ("TYPE_STRING", "BYTES"):
-            dims = [d if d > 0 else 1 for d in dims]
-        elif any(d < 0 for d in dims):
-            if samples is None:
-                raise ValueError(f"model {model_config.get('name')}: input {inp['name']} has variable dims "
-                                 f"{dims}; give samples to fill them")
-            dims = [d if d > 0 else s for d, s in zip(dims, samples.pixel_values.shape[1:])]
-        args.append(f"--shape={inp['name']}:{','.join(str(d) for d in dims)}")
-    return args
-
-
-def bytes_per_item(model_config: Mapping[str, Any], samples: Samples | None = None) -> dict[str, float]:
-    """Bytes on the wire per image: inputs (tensors or the encoded file) and outputs."""
-    size = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_FP64": 8, "TYPE_INT8": 1, "TYPE_UINT8": 1,
-            "TYPE_INT32": 4, "TYPE_INT64": 8}
-    def total(entries, is_input):
-        n = 0.0
-        for e in entries:
-            if e["data_type"] in ("TYPE_STRING", "BYTES"):
-                if is_input and samples is not None and samples.encoded:
-                    n += float(np.mean([len(b) + 4 for b in samples.encoded]))
-                continue
-            n += size.get(e["data_type"], 4) * float(np.prod([max(d, 1) for d in e["dims"]]))
-        return n
-    return {"input_bytes": total(model_config["input"], True), "output_bytes": total(model_config["output"], False)}
+        with connect(url, protocol, api_key=api_key, timeout_s=timeout_s) as conn:
+            return conn.model_config(model)
+    except ModelNotReady as exc:
+        raise PerfAnalyzerError(f"{exc}; load it first or leave it out of --models", kind="model_not_found",
+                                model=model, protocol=protocol) from None
+    except TritonError as exc:
+        kind = "unreachable" if isinstance(exc, ServerUnreachable) else "failed"
+        raise PerfAnalyzerError(f"cannot read the config of model {model!r} over {protocol}: {exc}", kind=kind,
+                                model=model, protocol=protocol) from None
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -553,14 +351,14 @@ def run_point(*, model: str, url: str, protocol: str, batch_size: int, concurren
                               timeout=settings.point_timeout())
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        log_path.write_text(command + "\n\n" + out)
+        atomic_write_text(log_path, command + "\n\n" + out)
         raise PerfAnalyzerError(f"{where}: timeout after {settings.point_timeout():.0f} s. Hint: "
                                 f"{_HINTS['timeout']}", kind="timeout", output=out, **ctx) from exc
     except OSError as exc:
         raise PerfAnalyzerError(f"{where}: cannot start {binary}: {exc}", kind="not_installed", **ctx) from exc
     wall = time.monotonic() - t0
     output = (proc.stdout or "") + (("\n" + proc.stderr) if proc.stderr else "")
-    log_path.write_text(command + "\n\n" + output)
+    atomic_write_text(log_path, command + "\n\n" + output)
     # A failing run can still exit 0 (e.g. a worker error with some requests
     # answered): trust the messages first, then the exit code and the CSV.
     kind, message = classify_failure(output, proc.returncode)
@@ -597,7 +395,7 @@ def run_sweep(*, urls: Mapping[str, str], models: Sequence[str], protocols: Sequ
               concurrency: Sequence[int] = (1, 2, 4), batch_sizes: Sequence[int] = (1, 8),
               settings: MeasurementSettings | None = None, samples: Samples, out_dir: str | os.PathLike,
               metrics_url: str | None = None, keep_going: bool = False,
-              headers: Mapping[str, str] | None = None, input_dir: str | os.PathLike | None = None,
+              api_key: str | None = None, input_dir: str | os.PathLike | None = None,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure every (model, protocol, batch size, concurrency) point.
 
@@ -610,8 +408,12 @@ def run_sweep(*, urls: Mapping[str, str], models: Sequence[str], protocols: Sequ
     The --input-data JSON files go to `input_dir` (default out_dir/input_data;
     they are large: ~0.8 MB per 224 px image), the CSVs and logs to out_dir/csv.
 
+    The model configs are read over the first protocol (with ``api_key``, if
+    the server restricts its config API); perf_analyzer runs without it.
+
     Returns {"settings", "input_data", "model_configs", "points",
-    "failures", "skipped"}; each point is run_point()'s dict."""
+    "failures", "skipped"}; each point is run_point()'s dict and each config
+    is serve.triton_access.normalise_config()'s shape."""
     settings = settings or MeasurementSettings()
     progress = progress or (lambda msg: log.info(msg))
     out_dir = Path(out_dir)
@@ -643,7 +445,7 @@ def run_sweep(*, urls: Mapping[str, str], models: Sequence[str], protocols: Sequ
     config_proto = protocols[0]
     for model in models:
         try:
-            cfg = fetch_model_config(urls[config_proto], config_proto, model, headers=headers)
+            cfg = fetch_model_config(urls[config_proto], config_proto, model, api_key=api_key)
         except PerfAnalyzerError as exc:
             fail(exc)
             continue

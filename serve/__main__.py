@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_start(args) -> int:
     from serve import local_server as ls
+    from serve.triton_access import API_KEY_HEADER, GRPC_API_KEY_HEADER
 
     running = ls.handle_from_pid_file(args.pid_file)
     if running is not None:
@@ -101,7 +102,8 @@ def cmd_start(args) -> int:
     for name, why in handle.plan.skipped.items():
         print(f"  model {name}: not loaded: {why}")
     print(f"  log     {handle.log_file}\n"
-          f"  api key {handle.api_key_file} (header {ls.API_KEY_HEADER})\n"
+          f"  api key {handle.api_key_file} (HTTP header {API_KEY_HEADER}, gRPC metadata "
+          f"{GRPC_API_KEY_HEADER})\n"
           f"  stop    python -m serve stop --pid-file {args.pid_file}")
     if failed and args.require_all:
         handle.stop()

@@ -1,5 +1,6 @@
-"""perf.client: parsing and input handling without a server, then the REAL
-local Triton server (one per module) serving the tiny exported repository."""
+"""perf.classifier / perf.client_inputs / the perf.client CLI: parsing and
+input handling without a server, then the REAL local Triton server (one per
+module) serving the tiny exported repository."""
 from __future__ import annotations
 
 import json
@@ -8,24 +9,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from perf import classifier as pcl
 from perf import client as pc
+from perf import client_inputs as pin
+from serve import triton_access as ta
 from tests.fixtures.models import CLASSES
 
 
 # --------------------------------------------------------------------------- no server
 def test_parse_classification_strings():
     entries = np.array([[b"3.5:2:fox", b"-1.25:0:cat"], [b"0.5:1", b"0.25:7"]], dtype=object)
-    rows = pc.parse_classification(entries, labels=CLASSES)
+    rows = pcl.parse_classification(entries, labels=CLASSES)
     assert rows[0] == [("fox", 2, 3.5), ("cat", 0, -1.25)]
     assert rows[1] == [("dog", 1, 0.5), ("7", 7, 0.25)]  # no label file: local labels, else index
-    assert pc.parse_classification(np.array([b"1:0:a:b"], dtype=object))[0] == [("a:b", 0, 1.0)]
+    assert pcl.parse_classification(np.array([b"1:0:a:b"], dtype=object))[0] == [("a:b", 0, 1.0)]
     with pytest.raises(ValueError, match="score:index"):
-        pc.parse_classification(np.array([[b"nonsense"]], dtype=object))
+        pcl.parse_classification(np.array([[b"nonsense"]], dtype=object))
 
 
 def test_topk_from_logits():
     logits = np.array([[0.1, 2.0, -1.0], [3.0, 3.0, 1.0]], np.float32)
-    top = pc.topk_from_logits(logits, 5, CLASSES)
+    top = pcl.topk_from_logits(logits, 5, CLASSES)
     assert [t[1] for t in top[0]] == [1, 0, 2] and len(top[1]) == 3
     assert top[1][0][:2] == ("cat", 0)  # ties keep class order
 
@@ -36,36 +40,36 @@ def test_find_images(tmp_path):
         (tmp_path / rel).write_bytes(b"x")
     (tmp_path / "empty").mkdir()
     explicit = tmp_path / "a" / "notes.txt"
-    files, problems = pc.find_images([tmp_path / "a", explicit, tmp_path / "missing", tmp_path / "empty"])
+    files, problems = pin.find_images([tmp_path / "a", explicit, tmp_path / "missing", tmp_path / "empty"])
     assert files == [tmp_path / "a/b/y.jpg", tmp_path / "a/x.PNG", explicit]
-    assert [Path(p.path).name for p in problems] == ["missing", "empty"]
-    assert problems[0].error == "no such file or folder" and "no image files" in problems[1].error
+    assert [Path(path).name for path, _ in problems] == ["missing", "empty"]
+    assert problems[0][1] == "no such file or folder" and "no image files" in problems[1][1]
 
 
 def test_load_preprocessing_sources(tmp_path, tiny_checkpoint):
     from train.preprocessing import PreprocessConfig
 
     cfg = PreprocessConfig(image_size=28, resize_size=32)
-    assert pc.load_preprocessing(model_path=tiny_checkpoint) == cfg
+    assert pin.load_preprocessing(model_path=tiny_checkpoint) == cfg
     f = tmp_path / "preprocessing.json"
     f.write_text(json.dumps(cfg.to_dict()))
-    assert pc.load_preprocessing(preprocessing=f) == cfg
+    assert pin.load_preprocessing(preprocessing=f) == cfg
     repo = tmp_path / "repo"
     (repo / "dinov2_preprocess" / "1").mkdir(parents=True)
     (repo / "export_manifest.json").write_text(json.dumps({"preprocessing": cfg.to_dict()}))
-    assert pc.load_preprocessing(repository=repo) == cfg  # falls back to the manifest
+    assert pin.load_preprocessing(repository=repo) == cfg  # falls back to the manifest
     (repo / "dinov2_preprocess" / "1" / "preprocessing.json").write_text(
         json.dumps(PreprocessConfig(image_size=14, resize_size=16).to_dict()))
-    assert pc.load_preprocessing(repository=repo).image_size == 14  # the model folder wins
+    assert pin.load_preprocessing(repository=repo).image_size == 14  # the model folder wins
     with pytest.raises(ValueError, match="--model-path"):
-        pc.load_preprocessing()
+        pin.load_preprocessing()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"image_size": 30}))
     with pytest.raises(ValueError, match=r"bad\.json.*multiple of"):
-        pc.load_preprocessing(preprocessing=bad)
+        pin.load_preprocessing(preprocessing=bad)
     (tmp_path / "empty_repo").mkdir()
     with pytest.raises(ValueError, match="neither"):
-        pc.load_preprocessing(repository=tmp_path / "empty_repo")
+        pin.load_preprocessing(repository=tmp_path / "empty_repo")
 
 
 def _free_port() -> int:
@@ -77,8 +81,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_server_not_reachable(protocol, tmp_path, capsys):
     url = f"127.0.0.1:{_free_port()}"  # nothing listens there
-    with pytest.raises(pc.ServerUnreachable) as info:
-        pc.TritonClassifier(url, protocol, timeout_s=5)
+    with pytest.raises(ta.ServerUnreachable) as info:
+        pcl.TritonClassifier(url, protocol, timeout_s=5)
     msg = str(info.value)
     assert msg.startswith(f"cannot reach Triton at {url} (is the server running? scripts/serve.sh local)")
     assert "\n" not in msg
@@ -102,10 +106,10 @@ def reference(tiny_checkpoint, tiny_dataset):
 
     from train.datasets import read_manifest
     from train.model import load_classifier
-    from train.preprocessing import PreprocessConfig, preprocess_source
+    from train.preprocessing import preprocess_source
 
     model, record = load_classifier(tiny_checkpoint)
-    cfg = PreprocessConfig.from_dict(record["preprocessing"])
+    cfg = record.preprocessing
     files = [r.file(tiny_dataset) for r in read_manifest(tiny_dataset, "test")]
     assert {f.suffix for f in files} == {".png", ".jpg"}
     x = np.stack([preprocess_source(f, cfg) for f in files])
@@ -121,12 +125,12 @@ def _url(server, protocol):
 @pytest.mark.triton
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_ensemble_classifies_jpeg_and_png_like_eager(server, reference, protocol):
-    with pc.TritonClassifier(_url(server, protocol), protocol, "dinov2") as clf:
+    with pcl.TritonClassifier(_url(server, protocol), protocol, "dinov2") as clf:
         assert clf.kind == "bytes" and clf.max_batch_size == 8
         preds = clf.classify_paths(reference["files"], top_k=2, embeddings=True)
         logits, emb = clf.infer_images([f.read_bytes() for f in reference["files"]])
     assert all(p.ok for p in preds), [p.error for p in preds if not p.ok]
-    eager_top = pc.topk_from_logits(reference["logits"], 2, CLASSES)
+    eager_top = pcl.topk_from_logits(reference["logits"], 2, CLASSES)
     for pred, want in zip(preds, eager_top):
         # the classification extension: labels from labels.txt, scores = logits
         assert [t[:2] for t in pred.top] == [t[:2] for t in want]
@@ -140,22 +144,23 @@ def test_ensemble_classifies_jpeg_and_png_like_eager(server, reference, protocol
 def test_batch_bigger_than_max_batch_size_is_split(server, reference):
     blobs = [f.read_bytes() for f in reference["files"]] * 2  # 24 images, max_batch_size 8
     sizes = []
-    with pc.TritonClassifier(server.url_grpc, "grpc", "dinov2", concurrency=3) as clf:
-        real = clf._client.async_infer
+    with pcl.TritonClassifier(server.url_grpc, "grpc", "dinov2", concurrency=3) as clf:
+        real = clf.connection.infer_many
 
-        def spy(model, inputs, *args, **kwargs):
-            sizes.append(inputs[0].shape()[0])
-            return real(model, inputs, *args, **kwargs)
+        def spy(model, jobs, concurrency):
+            sizes.extend(inputs[0].shape()[0] for inputs, _ in jobs)
+            assert concurrency == 3
+            return real(model, jobs, concurrency)
 
-        clf._client.async_infer = spy
+        clf.connection.infer_many = spy
         logits, _ = clf.infer_images(blobs)
         # without splitting the server refuses the request outright
-        raw = clf._bytes_input("image", blobs)
-        with pytest.raises(Exception, match="batch"):
-            clf._client.infer("dinov2", [raw])
+        raw = clf.connection.bytes_input("image", blobs)
+        with pytest.raises(ta.RequestError, match="model 'dinov2': .*batch"):
+            clf.connection.infer("dinov2", [raw])
     assert sizes == [8, 8, 8]
     np.testing.assert_allclose(logits, np.concatenate([reference["logits"]] * 2), atol=1e-4)
-    with pc.TritonClassifier(server.url_http, "http", "dinov2", batch_size=5, concurrency=2) as clf:
+    with pcl.TritonClassifier(server.url_http, "http", "dinov2", batch_size=5, concurrency=2) as clf:
         assert clf.batch_size == 5
         preds = clf.classify_paths(reference["files"], top_k=1)  # 12 = 5 + 5 + 2
     assert [p.top[0][1] for p in preds] == list(reference["logits"].argmax(1))
@@ -164,8 +169,8 @@ def test_batch_bigger_than_max_batch_size_is_split(server, reference):
 @pytest.mark.triton
 @pytest.mark.parametrize("mode", ["client", "server"])
 def test_variant_with_preprocessing(server, reference, tiny_repository, mode):
-    pre = pc.load_preprocessing(repository=tiny_repository) if mode == "client" else None
-    with pc.TritonClassifier(server.url_http, "http", "dinov2_onnx", preprocessing=pre,
+    pre = pin.load_preprocessing(repository=tiny_repository) if mode == "client" else None
+    with pcl.TritonClassifier(server.url_http, "http", "dinov2_onnx", preprocessing=pre,
                              variant_preprocess=mode) as clf:
         assert clf.kind == "pixels"
         logits, emb = clf.infer_images([f.read_bytes() for f in reference["files"]])
@@ -178,16 +183,20 @@ def test_variant_with_preprocessing(server, reference, tiny_repository, mode):
 
 @pytest.mark.triton
 def test_unknown_model_lists_ready_models(server):
-    with pytest.raises(pc.ModelNotReady) as info:
-        pc.TritonClassifier(server.url_grpc, "grpc", "dinov2_nope")
+    with pytest.raises(ta.ModelNotReady) as info:
+        pcl.TritonClassifier(server.url_grpc, "grpc", "dinov2_nope")
     msg = str(info.value)
-    assert "model 'dinov2_nope' is not ready" in msg
-    assert "ready models: dinov2, dinov2_onnx, dinov2_preprocess, dinov2_torchscript" in msg
-    # with the API key the repository index lists every model (not only the contract's names)
-    with pytest.raises(pc.ModelNotReady, match=r"dinov2_torchscript \(repository index\)"):
-        pc.TritonClassifier(server.url_http, "http", "dinov2_nope", headers=server.api_key_headers)
+    assert "model 'dinov2_nope' is not ready" in msg and "\n" not in msg
+    # without the key the (restricted) repository index cannot list them: the message says so
+    assert "ready models: none (not listed: the repository index needs the server's API key" in msg
+    # with the API key the repository index lists every ready model, over either protocol
+    for protocol in ("http", "grpc"):
+        with pytest.raises(ta.ModelNotReady) as info:
+            pcl.TritonClassifier(_url(server, protocol), protocol, "dinov2_nope", api_key=server.api_key)
+        assert ("ready models: dinov2, dinov2_onnx, dinov2_preprocess, dinov2_torchscript "
+                "(repository index)") in str(info.value)
     with pytest.raises(ValueError, match="client-side preprocessing needs the stored record"):
-        pc.TritonClassifier(server.url_grpc, "grpc", "dinov2_onnx")
+        pcl.TritonClassifier(server.url_grpc, "grpc", "dinov2_onnx")
 
 
 @pytest.mark.triton
@@ -196,8 +205,8 @@ def test_unknown_model_lists_ready_models(server):
 def test_garbage_image_fails_alone(server, reference, tiny_repository, model, mode):
     good = [(str(f), f.read_bytes()) for f in reference["files"][:5]]
     items = good[:2] + [("garbage.jpg", b"\xff\xd8 definitely not a jpeg")] + good[2:]
-    pre = pc.load_preprocessing(repository=tiny_repository)
-    with pc.TritonClassifier(server.url_grpc, "grpc", model, preprocessing=pre,
+    pre = pin.load_preprocessing(repository=tiny_repository)
+    with pcl.TritonClassifier(server.url_grpc, "grpc", model, preprocessing=pre,
                              variant_preprocess=mode) as clf:
         preds = clf.classify_bytes(items, top_k=1)
     assert [p.ok for p in preds] == [True, True, False, True, True, True]
@@ -224,7 +233,7 @@ def test_cli(server, reference, tiny_dataset, tmp_path, capsys):
     assert errors[1].startswith(f"error: {bad}: model 'dinov2': ") and "Traceback" not in cap.err
     lines = cap.out.strip().splitlines()
     assert len(lines) == len(reference["files"])
-    first = pc.topk_from_logits(reference["logits"][:1], 3, CLASSES)[0]
+    first = pcl.topk_from_logits(reference["logits"][:1], 3, CLASSES)[0]
     assert lines[0].startswith(f"{reference['files'][0]}: {first[0][0]} (")
     emb = np.load(out)
     assert emb.shape == reference["embedding"].shape
@@ -237,6 +246,13 @@ def test_cli(server, reference, tiny_dataset, tmp_path, capsys):
     rc = pc.main(["--url", server.url_grpc, "--json", "--top-k", "1", str(reference["files"][0])])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["top"][0]["label"] in CLASSES
+    # the API key file: an unknown model's error then lists every ready model
+    rc = pc.main(["--url", server.url_grpc, "--model", "dinov2_nope", "--api-key-file",
+                  str(server.api_key_file), str(reference["files"][0])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "dinov2_torchscript (repository index)" in err[0]
+    rc = pc.main(["--url", server.url_grpc, "--api-key-file", str(tmp_path / "nokey"), str(folder)])
+    assert rc == 2 and f"API key file {tmp_path / 'nokey'}: cannot read" in capsys.readouterr().err
 
 
 @pytest.mark.triton

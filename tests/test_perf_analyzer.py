@@ -1,6 +1,6 @@
-"""perf/perf_analyzer.py: CSV parsing (samples captured from real runs),
-input-data JSON, failure classification, and the runner against the REAL
-local Triton server (tiny model, short windows)."""
+"""perf/perf_analyzer.py and perf/input_data.py: CSV parsing (samples
+captured from real runs), input-data JSON, failure classification, and the
+runner against the REAL local Triton server (tiny model, short windows)."""
 from __future__ import annotations
 
 import base64
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from perf import input_data as pin
 from perf import perf_analyzer as pa
 
 DATA = Path(__file__).parent / "data"
@@ -82,33 +83,33 @@ BYTES_CFG = {"name": "ens", "max_batch_size": 4,
 
 
 def test_input_data_json_holds_the_real_samples(tmp_path):
-    s = pa.synthetic_samples((3, 8, 8), n=5)
-    f = pa.write_input_data(tmp_path / "t.json", TENSOR_CFG, s)
+    s = pin.synthetic_samples((3, 8, 8), n=5)
+    f = pin.write_input_data(tmp_path / "t.json", TENSOR_CFG, s)
     data = json.loads(f.read_text())["data"]
     assert len(data) == 5
     back = np.frombuffer(base64.b64decode(data[3]["pixel_values"]["b64"]), dtype="<f4").reshape(3, 8, 8)
     np.testing.assert_array_equal(back, s.pixel_values[3])
     # BYTES: Triton's serialized element (uint32 LE length + the file), as perf_analyzer sends b64 as is
-    f = pa.write_input_data(tmp_path / "b.json", BYTES_CFG, s)
+    f = pin.write_input_data(tmp_path / "b.json", BYTES_CFG, s)
     raw = base64.b64decode(json.loads(f.read_text())["data"][2]["image"]["b64"])
     assert struct.unpack("<I", raw[:4])[0] == len(s.encoded[2]) and raw[4:] == s.encoded[2]
     assert raw[4:8] == b"\x89PNG"
-    assert pa.shape_args(TENSOR_CFG) == ["--shape=pixel_values:3,8,8"]
-    assert pa.shape_args(BYTES_CFG) == ["--shape=image:1"]
-    moved = pa.bytes_per_item(TENSOR_CFG)
+    assert pin.shape_args(TENSOR_CFG) == ["--shape=pixel_values:3,8,8"]
+    assert pin.shape_args(BYTES_CFG) == ["--shape=image:1"]
+    moved = pin.bytes_per_item(TENSOR_CFG)
     assert moved == {"input_bytes": 3 * 8 * 8 * 4, "output_bytes": (4 + 6) * 4}
 
 
 def test_input_data_refuses_samples_of_another_shape(tmp_path):
-    s = pa.synthetic_samples((3, 14, 14), n=2)
+    s = pin.synthetic_samples((3, 14, 14), n=2)
     with pytest.raises(ValueError, match=r"model m: input pixel_values expects dims \[3, 8, 8\]"):
-        pa.write_input_data(tmp_path / "t.json", TENSOR_CFG, s)
+        pin.write_input_data(tmp_path / "t.json", TENSOR_CFG, s)
 
 
 def test_load_samples_reads_the_test_split(tiny_dataset):
     from train.preprocessing import PreprocessConfig
 
-    s = pa.load_samples(tiny_dataset, PreprocessConfig(image_size=28, resize_size=32), n=5)
+    s = pin.load_samples(tiny_dataset, PreprocessConfig(image_size=28, resize_size=32), n=5)
     assert s.pixel_values.shape == (5, 3, 28, 28) and not s.synthetic
     assert all(n.startswith("images/test/") for n in s.names)
     assert s.encoded[0] == (tiny_dataset / s.names[0]).read_bytes()
@@ -178,7 +179,7 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
     for part in ("'tiny_onnx'", "grpc", "batch 1", "concurrency 1", "Connection refused"):
         assert part in msg
     # the sweep stops at the first failure unless keep_going, and keeps what it has
-    s = pa.synthetic_samples((3, 8, 8), n=2)
+    s = pin.synthetic_samples((3, 8, 8), n=2)
     with pytest.raises(pa.PerfAnalyzerError) as info:
         pa.run_sweep(urls={"grpc": f"127.0.0.1:{port}"}, models=["a", "b"], samples=s, out_dir=tmp_path,
                      settings=pa.MeasurementSettings(window_ms=500, max_trials=3, collect_metrics=False))
@@ -202,11 +203,11 @@ FIXED = dict(window_ms=1000, fixed_requests=100)
 @needs_pa
 @pytest.mark.triton
 def test_sweep_against_the_real_server(triton_server, tmp_path):
-    s = pa.synthetic_samples((3, 8, 8), n=8)
+    s = pin.synthetic_samples((3, 8, 8), n=8)
     res = pa.run_sweep(urls={"grpc": triton_server.url_grpc, "http": triton_server.url_http},
                        models=["tiny_onnx", "not_a_model"], protocols=["grpc", "http"], concurrency=[2],
                        batch_sizes=[2, 8], samples=s, out_dir=tmp_path, metrics_url=triton_server.url_metrics,
-                       keep_going=True, settings=pa.MeasurementSettings(**FIXED))
+                       keep_going=True, settings=pa.MeasurementSettings(**FIXED), api_key=triton_server.api_key)
     # batch 8 > max_batch_size 4: skipped with the reason, never sent
     assert any(x["what"] == "tiny_onnx batch 8" and "max_batch_size 4" in x["reason"] for x in res["skipped"])
     assert [(p["protocol"], p["batch_size"], p["concurrency"]) for p in res["points"]] == [("grpc", 2, 2),
@@ -217,7 +218,12 @@ def test_sweep_against_the_real_server(triton_server, tmp_path):
         assert m["server_compute_infer_us"] > 0 and m["server_queue_us"] is not None
         assert Path(p["csv"]).is_file() and "--shape=pixel_values:3,8,8" in p["command"]
         assert "--input-data=" in p["command"] and "--request-count=100" in p["command"]
+        # perf_analyzer runs without the key (it calls no restricted API; its -H
+        # reaches HTTP only) and its command line is logged: the key is never in it
+        assert triton_server.api_key not in p["command"]
+        assert triton_server.api_key not in Path(p["log"]).read_text()
     assert res["model_configs"]["tiny_onnx"]["max_batch_size"] == 4
+    assert res["model_configs"]["tiny_onnx"]["input"][0]["dims"] == [3, 8, 8]
     assert res["settings"]["metrics_collected"] is True
     assert [f["model"] for f in res["failures"]] == ["not_a_model"]
     assert res["failures"][0]["kind"] == "model_not_found"
@@ -226,13 +232,13 @@ def test_sweep_against_the_real_server(triton_server, tmp_path):
 @needs_pa
 @pytest.mark.triton
 def test_request_error_names_the_point(triton_server, tmp_path):
-    s = pa.synthetic_samples((3, 8, 8), n=8)
+    s = pin.synthetic_samples((3, 8, 8), n=8)
     cfg = pa.fetch_model_config(triton_server.url_grpc, "grpc", "tiny_onnx")
-    data = pa.write_input_data(tmp_path / "in.json", cfg, s)
+    data = pin.write_input_data(tmp_path / "in.json", cfg, s)
     with pytest.raises(pa.PerfAnalyzerError) as info:
         # batch 8 against max_batch_size 4: the server rejects every request
         pa.run_point(model="tiny_onnx", url=triton_server.url_grpc, protocol="grpc", batch_size=8, concurrency=1,
-                     settings=pa.MeasurementSettings(**QUICK), input_data=data, shapes=pa.shape_args(cfg),
+                     settings=pa.MeasurementSettings(**QUICK), input_data=data, shapes=pin.shape_args(cfg),
                      out_dir=tmp_path)
     err = info.value
     assert err.kind == "request_error" and (err.model, err.protocol, err.batch_size, err.concurrency) == (
@@ -243,13 +249,13 @@ def test_request_error_names_the_point(triton_server, tmp_path):
 @needs_pa
 @pytest.mark.triton
 def test_windowed_point_is_measured_or_reported_unstable(triton_server, tmp_path):
-    s = pa.synthetic_samples((3, 8, 8), n=4)
+    s = pin.synthetic_samples((3, 8, 8), n=4)
     cfg = pa.fetch_model_config(triton_server.url_grpc, "grpc", "tiny_torchscript")
-    data = pa.write_input_data(tmp_path / "in.json", cfg, s)
+    data = pin.write_input_data(tmp_path / "in.json", cfg, s)
     try:
         point = pa.run_point(model="tiny_torchscript", url=triton_server.url_grpc, protocol="grpc", batch_size=1,
                              concurrency=1, settings=pa.MeasurementSettings(**QUICK), input_data=data,
-                             shapes=pa.shape_args(cfg), out_dir=tmp_path)
+                             shapes=pin.shape_args(cfg), out_dir=tmp_path)
     except pa.PerfAnalyzerError as exc:
         assert exc.kind == "unstable", str(exc)
         assert "Failed to obtain stable measurement" in str(exc) and "--window-ms" in str(exc)

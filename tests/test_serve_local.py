@@ -1,12 +1,16 @@
-"""Serving stage: the real local Triton server, its CPU stand-in backends, the CLI.
+"""Serving stage: the real local Triton server, its CPU stand-in backends, the
+one Triton access layer (serve/triton_access.py) and the CLI.
 
-Tests marked ``triton`` start tritonserver (fixtures in tests/fixtures/triton.py).
+Tests marked ``triton`` start tritonserver (fixtures in tests/fixtures/triton.py);
+its test repository is written by export/triton_config.py, the generator the
+export stage publishes with.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -18,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serve import install, model_plan
 from serve import local_server as ls
-from tests.fixtures.triton import TINY_IMAGE, tiny_config, tiny_reference
+from serve import triton_access as ta
+from tests.fixtures.triton import TINY_IMAGE, tiny_config, tiny_config_message, tiny_reference, write_model
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,59 +37,52 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *TINY_IMAGE)).astype(np.float32)
 
 
-def _client(protocol: str, server):
-    if protocol == "http":
-        import tritonclient.http as module
-
-        return module, module.InferenceServerClient(server.url_http)
-    import tritonclient.grpc as module
-
-    return module, module.InferenceServerClient(server.url_grpc)
-
-
-def _infer(module, client, model, array, name="pixel_values", datatype="FP32"):
-    inp = module.InferInput(name, list(array.shape), datatype)
-    inp.set_data_from_numpy(array)
-    outputs = [module.InferRequestedOutput(n) for n in ("logits", "embedding")]
-    result = client.infer(model, [inp], outputs=outputs)
+def _infer(conn, model, array, name="pixel_values", datatype="FP32"):
+    outputs = [conn.requested_output(n) for n in ("logits", "embedding")]
+    result = conn.infer(model, [conn.tensor_input(name, array, datatype)], outputs)
     return result.as_numpy("logits"), result.as_numpy("embedding")
 
 
-def _wait_model_ready(client, model, ready: bool, timeout: float = 30.0) -> None:
+def _wait_model_ready(conn, model, ready: bool, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while client.is_model_ready(model) != ready:
+    while conn.model_ready(model) != ready:
         assert time.monotonic() < deadline, f"{model} ready={not ready} after {timeout} s"
         time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- no server
 def test_plan_models_loads_what_runs_here_and_says_why_not(tmp_path):
-    def write(name, text):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.pbtxt").write_text(text)
+    from export.triton_config import ensemble_config, preprocess_config, to_text
 
-    write("onnx", tiny_config("onnx", "onnxruntime_onnx"))
-    write("trt", tiny_config("trt", "tensorrt_plan"))
-    write("gpu_only", tiny_config("gpu_only", "onnxruntime_onnx", instances="KIND_GPU"))
-    ensemble = ('name: "{n}"\nplatform: "ensemble"\nmax_batch_size: 4\n'
-                'ensemble_scheduling {{ step [ {{ model_name: "{step}" model_version: -1 }} ] }}\n')
-    write("ens_trt", ensemble.format(n="ens_trt", step="trt"))
-    write("ens_nested", ensemble.format(n="ens_nested", step="ens_trt"))
-    write("ens_ok", ensemble.format(n="ens_ok", step="onnx"))
-    write("garbled", "name: \"garbled\"\nplatform: onnxruntime_onnx\n{{{")
+    def ensemble(name, step):
+        cfg = ensemble_config(step, num_classes=4, embed_dim=6, image_size=8, max_batch_size=4)
+        cfg.name = name
+        return to_text(cfg)
+
+    write_model(tmp_path, "onnx", tiny_config("onnx", "onnxruntime_onnx"))
+    write_model(tmp_path, "trt", tiny_config("trt", "tensorrt_plan"))
+    write_model(tmp_path, "gpu_only", tiny_config("gpu_only", "onnxruntime_onnx", device="gpu"))
+    write_model(tmp_path, "dinov2_preprocess",
+                to_text(preprocess_config(image_size=8, max_batch_size=4, warmup_file=False)))
+    write_model(tmp_path, "ens_trt", ensemble("ens_trt", "trt"))
+    write_model(tmp_path, "ens_nested", ensemble("ens_nested", "ens_trt"))
+    write_model(tmp_path, "ens_ok", ensemble("ens_ok", "onnx"))
+    write_model(tmp_path, "garbled", "name: \"garbled\"\nplatform: onnxruntime_onnx\n{{{")
     (tmp_path / "not_a_model").mkdir()
 
-    plan = ls.plan_models(tmp_path)
-    assert plan.load == ["ens_ok", "onnx"]
+    plan = model_plan.plan_models(tmp_path)
+    assert plan.load == ["dinov2_preprocess", "ens_ok", "onnx"]
     assert plan.skipped["trt"] == "needs an NVIDIA GPU and TensorRT"
     assert "KIND_GPU" in plan.skipped["gpu_only"]
     assert "'trt'" in plan.skipped["ens_trt"] and "TensorRT" in plan.skipped["ens_trt"]
     assert "'ens_trt'" in plan.skipped["ens_nested"]
     assert "cannot be parsed" in plan.skipped["garbled"]
 
-    assert ls.plan_models(tmp_path, ["onnx", "trt"]).load == ["onnx"]
+    assert model_plan.plan_models(tmp_path, ["onnx", "trt"]).load == ["onnx"]
     with pytest.raises(ValueError, match="nope.*available"):
-        ls.plan_models(tmp_path, ["onnx", "nope"])
+        model_plan.plan_models(tmp_path, ["onnx", "nope"])
+    shutil.rmtree(tmp_path / "dinov2_preprocess")  # an ensemble step missing from the repository
+    assert "not in the repository" in model_plan.plan_models(tmp_path).skipped["ens_ok"]
 
 
 def test_api_key_file_is_private(tmp_path):
@@ -94,7 +93,81 @@ def test_api_key_file_is_private(tmp_path):
     key = ls.write_api_key(key_file)
     assert len(key) >= 32 and key_file.read_text().strip() == key
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert ls.write_api_key(key_file, "given") == "given" == ls.read_api_key(key_file)
+    assert ls.write_api_key(key_file, "given") == "given" == ta.read_api_key(file=key_file)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def test_read_api_key_sources_and_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv(ta.API_KEY_ENV, raising=False)
+    assert ta.read_api_key() is None
+    monkeypatch.setenv(ta.API_KEY_ENV, "from-env")
+    assert ta.read_api_key() == "from-env"
+    key_file = tmp_path / "k"
+    key_file.write_text("from-file\n")
+    assert ta.read_api_key(file=key_file) == "from-file"  # a file wins over the environment
+    assert ta.read_api_key("given") == "given"
+    with pytest.raises(ValueError, match="not both"):
+        ta.read_api_key("given", key_file)
+    with pytest.raises(ValueError, match=f"API key file {tmp_path / 'missing'}: cannot read"):
+        ta.read_api_key(file=tmp_path / "missing")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match=f"API key file {tmp_path / 'empty'}: is empty"):
+        ta.read_api_key(file=tmp_path / "empty")
+
+
+def test_headers_for_each_protocol():
+    # Triton reads a restricted gRPC protocol's header from prefixed metadata
+    assert ta.headers_for("http", "k") == {"triton-api-key": "k"}
+    assert ta.headers_for("grpc", "k") == {"triton-grpc-protocol-triton-api-key": "k"}
+    assert ta.headers_for("grpc", None) == {} == ta.headers_for("http", "")
+    with pytest.raises(ValueError, match="choose grpc or http"):
+        ta.headers_for("https", "k")
+
+
+def test_errors_are_typed_from_what_tritonclient_raises():
+    from tritonclient.utils import InferenceServerException as E
+
+    url = "h:1"
+
+    def kind(exc, model=None):
+        return type(ta.classify_error(exc, url, model=model))
+
+    assert kind(ConnectionRefusedError(111, "Connection refused")) is ta.ServerUnreachable
+    assert kind(E("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+                  "Failed to connect to remote host: Connection refused",
+                  status="StatusCode.UNAVAILABLE")) is ta.ServerUnreachable
+    assert kind(E("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED")) is ta.ServerUnreachable
+    # the server itself says UNAVAILABLE / 503: up, but shedding load
+    assert kind(E("Exceeds maximum queue size", status="StatusCode.UNAVAILABLE")) is ta.Overloaded
+    assert kind(E("Exceeds maximum queue size", status="503")) is ta.Overloaded
+    # a restricted API: gRPC answers UNAVAILABLE too, but it is a refusal
+    denied = ta.classify_error(E("This protocol is restricted, expecting header "
+                                 "'triton-grpc-protocol-triton-api-key'", status="StatusCode.UNAVAILABLE"), url)
+    assert type(denied) is ta.AccessDenied and "--api-key-file" in str(denied)
+    assert kind(E("This API is restricted, expecting header 'triton-api-key'", status="403")) is ta.AccessDenied
+    assert kind(E("Request for unknown model: 'x' is not found", status="404")) is ta.ModelNotReady
+    bad = ta.classify_error(E("inference request batch-size must be <= 4", status="400"), url, model="m")
+    assert type(bad) is ta.RequestError and str(bad) == "model 'm': inference request batch-size must be <= 4"
+    assert issubclass(ta.Overloaded, ta.RequestError) and issubclass(ta.AccessDenied, ta.RequestError)
+    unreachable = str(ta.classify_error(ConnectionRefusedError(111, "Connection refused"), url))
+    assert unreachable.startswith(f"cannot reach Triton at {url} (is the server running? scripts/serve.sh local)")
+
+
+def test_model_config_has_one_shape_whatever_the_protocol():
+    """gRPC hands over a protobuf (whose JSON form writes int64 as strings),
+    HTTP a JSON dict: both normalise to the same dict, ints as ints."""
+    from google.protobuf import json_format
+
+    msg = tiny_config_message("tiny_onnx", "onnxruntime_onnx")
+    from_grpc = ta.normalise_config(msg)
+    as_json = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    assert as_json["input"][0]["dims"] == ["3", "8", "8"]  # what the old code had to patch by hand
+    from_http = ta.normalise_config(json.loads(json.dumps(as_json).replace('"3", "8", "8"', '3, 8, 8')))
+    assert from_grpc == from_http
+    assert from_grpc["input"] == [{"name": "pixel_values", "data_type": "TYPE_FP32", "dims": [3, 8, 8]}]
+    assert from_grpc["max_batch_size"] == 4 and from_grpc["backend"] == ""
+    assert from_grpc["dynamic_batching"]["max_queue_delay_microseconds"] == 10000
+    assert ta.config_parameter(from_grpc, "precision") == "fp32"
 
 
 def test_ports_in_use_and_find_free_ports():
@@ -110,15 +183,41 @@ def test_ports_in_use_and_find_free_ports():
             ls._check_ports({"http": busy, "grpc": free[0], "metrics": free[1]}, "127.0.0.1")
 
 
-def test_container_release_is_pinned_in_one_place():
+def test_container_runs_the_pinned_release_with_the_key_restricted(tmp_path):
+    """`scripts/serve.sh container` with stand-in docker/nvidia-smi: the image it
+    builds on is the pinned release (container_versions()), and the container's
+    repository API is restricted to the key it writes (0600) for HTTP and gRPC."""
     versions = ls.container_versions()
     tag = versions["TRITON_CONTAINER_TAG"]
     assert versions["TRITON_CONTAINER_IMAGE"] == f"nvcr.io/nvidia/tritonserver:{tag}-py3"
-    for key in ("TRITON_SERVER_VERSION", "TRITON_TENSORRT_VERSION", "TRITON_CUDA_VERSION",
-                "TRITON_ONNXRUNTIME_VERSION"):
-        assert versions[key]
-    serve_sh = (ROOT / "scripts" / "serve.sh").read_text()
-    assert "source scripts/triton_version.sh" in serve_sh and tag not in serve_sh
+
+    root = tmp_path / "checkout"  # a copy: the script writes logs/ under its checkout
+    for folder in ("scripts", "serve"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "model_repository").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "od", "tr", "mkdir", "cat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    calls = tmp_path / "docker_calls"
+    (bin_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexit 0\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
+    for tool in ("docker", "nvidia-smi"):
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": str(bin_dir), "HOME": os.environ.get("HOME", "/root")}
+    result = subprocess.run(["/bin/bash", str(root / "scripts" / "serve.sh"), "container"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = calls.read_text().splitlines()
+    build = next(line for line in lines if line.startswith("build "))
+    run = next(line for line in lines if line.startswith("run "))
+    assert f"TRITON_IMAGE={versions['TRITON_CONTAINER_IMAGE']}" in build.split()
+    key_file = root / "logs" / "triton-container.api_key"
+    key = ta.read_api_key(file=key_file)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and len(key) >= 32
+    assert f"--http-restricted-api=model-repository:{ta.API_KEY_HEADER}={key}" in run.split()
+    assert f"--grpc-restricted-protocol=model-repository:{ta.API_KEY_HEADER}={key}" in run.split()
+    assert key not in result.stdout + result.stderr
 
 
 def _run_serve_sh(args, path_dir: Path):
@@ -179,7 +278,7 @@ class _FakeResponse:
 @pytest.fixture
 def pb_utils(monkeypatch):
     """The real triton_python_backend_utils.py, plus fakes for what the C++ stub adds."""
-    path = ls.find_triton().python_backend / "triton_python_backend_utils.py"
+    path = install.find_triton().python_backend / "triton_python_backend_utils.py"
     spec = importlib.util.spec_from_file_location("triton_python_backend_utils", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -190,14 +289,14 @@ def pb_utils(monkeypatch):
     return module
 
 
-def _load_standin(backend: str, model_dir: Path, model_name: str):
+def _load_standin(backend: str, model_dir: Path, model_name: str,
+                  backends: Path = ROOT / "serve" / "backends"):
     from google.protobuf import json_format
 
-    spec = importlib.util.spec_from_file_location(
-        f"standin_{backend}", ROOT / "serve" / "backends" / backend / "model.py")
+    spec = importlib.util.spec_from_file_location(f"standin_{backend}", backends / backend / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = json_format.MessageToDict(ls.read_model_config(model_dir / "config.pbtxt"),
+    config = json_format.MessageToDict(model_plan.read_model_config(model_dir / "config.pbtxt"),
                                        preserving_proto_field_name=True)
     model = module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config), "model_name": model_name,
@@ -257,25 +356,30 @@ def test_standin_failing_run_only_fails_its_requests(pb_utils, tiny_model_reposi
 
 def test_standin_refuses_a_config_that_does_not_match_the_graph(pb_utils, tiny_model_repository,
                                                                 tmp_path):
+    from export.triton_config import to_text
+
+    cfg = tiny_config_message("renamed", "onnxruntime_onnx")
+    cfg.output[0].name = "scores"  # the graph's output is 'logits'
+    version = write_model(tmp_path, "renamed", to_text(cfg))
+    (version / "model.onnx").write_bytes((tiny_model_repository / "tiny_onnx" / "1" / "model.onnx").read_bytes())
     model_dir = tmp_path / "renamed"
-    (model_dir / "1").mkdir(parents=True)
-    (model_dir / "1" / "model.onnx").write_bytes(
-        (tiny_model_repository / "tiny_onnx" / "1" / "model.onnx").read_bytes())
-    config = tiny_config("renamed", "onnxruntime_onnx").replace('"logits"', '"scores"')
-    (model_dir / "config.pbtxt").write_text(config)
     with pytest.raises(pb_utils.TritonModelException, match="config output 'scores' is not in"):
         _load_standin("onnxruntime", model_dir, "renamed")
 
 
-def test_standin_backends_share_one_helper_module(tmp_path):
-    common = ROOT / "serve" / "backends" / "standin_common.py"
-    for backend in ("onnxruntime", "pytorch"):
-        text = (ROOT / "serve" / "backends" / backend / "model.py").read_text()
-        assert "common.StandinModel" in text and "def run_batched" not in text
-    # the stub loads it from one folder above model.py: the backend dir must carry it there
-    backend_dir = ls.build_backend_dir(cache_dir=tmp_path)
-    assert (backend_dir / "standin_common.py").read_bytes() == common.read_bytes()
-    assert (backend_dir / "onnxruntime" / "model.py").is_file()
+@pytest.mark.parametrize("backend,model_name", [("onnxruntime", "tiny_onnx"),
+                                                ("pytorch", "tiny_torchscript")])
+def test_standins_run_from_the_built_backend_dir(pb_utils, tiny_model_repository, tiny_classifier,
+                                                 tmp_path, backend, model_name):
+    """Each model.py loads its shared helpers from one folder up, as the stub
+    runs it: the backend directory that serve.install builds must carry them."""
+    backend_dir = install.build_backend_dir(cache_dir=tmp_path)
+    assert backend_dir.parent == tmp_path and install.build_backend_dir(cache_dir=tmp_path) == backend_dir
+    model = _load_standin(backend, tiny_model_repository / model_name, model_name, backends=backend_dir)
+    batch = _images(2, seed=5)
+    (response,) = model.execute([_FakeRequest(pixel_values=batch)])
+    assert response.error is None
+    np.testing.assert_allclose(response.outputs["logits"], tiny_reference(tiny_classifier, batch)[0], atol=ATOL)
 
 
 # --------------------------------------------------------------------------- real server
@@ -289,17 +393,18 @@ def test_server_loads_what_it_can_and_logs_why_not(triton_server):
     log_text = triton_server.log_file.read_text()
     assert "tiny_trt_plan: not loaded: needs an NVIDIA GPU and TensorRT" in log_text
     assert triton_server.api_key not in log_text
+    # the local binary's release is pinned beside the container's (scripts/triton_version.sh)
     version = triton_server.server_metadata()["version"]
-    assert version == ls.container_versions()["TRITON_SERVER_VERSION"]
+    assert version == ls.container_versions()["LOCAL_TRITON_SERVER_VERSION"]
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("model", GOOD_MODELS)
 def test_inference_matches_torch(triton_server, tiny_classifier, protocol, model):
-    module, client = _client(protocol, triton_server)
-    batch = _images(3, seed=7)
-    logits, embedding = _infer(module, client, model, batch)
+    with triton_server.connect(protocol, with_key=False) as conn:
+        batch = _images(3, seed=7)
+        logits, embedding = _infer(conn, model, batch)
     ref_logits, ref_embedding = tiny_reference(tiny_classifier, batch)
     assert logits.dtype == np.float32 and logits.shape == (3, 4) and embedding.shape == (3, 6)
     np.testing.assert_allclose(logits, ref_logits, atol=ATOL)
@@ -309,23 +414,24 @@ def test_inference_matches_torch(triton_server, tiny_classifier, protocol, model
 @pytest.mark.triton
 @pytest.mark.parametrize("model", GOOD_MODELS)
 def test_dynamic_batching_groups_concurrent_requests(triton_server, tiny_classifier, model):
-    import tritonclient.http as th
-
-    stats_client = th.InferenceServerClient(triton_server.url_http)
+    stats = triton_server.connect("http", with_key=False)
 
     def counts():
-        stats = stats_client.get_inference_statistics(model)["model_stats"][0]
-        return stats["inference_count"], stats["execution_count"]
+        entry = stats.inference_statistics(model)
+        return entry["inference_count"], entry["execution_count"]
+
+    def one(i):
+        with triton_server.connect("http", with_key=False) as conn:
+            return _infer(conn, model, images[i:i + 1])
 
     images = _images(8, seed=11)
     before = counts()
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(
-            lambda i: _infer(th, th.InferenceServerClient(triton_server.url_http), model,
-                             images[i:i + 1]), range(8)))
+        results = list(pool.map(one, range(8)))
     deadline = time.monotonic() + 10  # statistics are recorded just after the responses
     while (after := counts())[0] - before[0] < 8 and time.monotonic() < deadline:
         time.sleep(0.05)
+    stats.close()
     ref_logits, ref_embedding = tiny_reference(tiny_classifier, images)
     for i, (logits, embedding) in enumerate(results):  # each answer went back to its caller
         np.testing.assert_allclose(logits[0], ref_logits[i], atol=ATOL)
@@ -352,74 +458,117 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_request_is_refused_and_server_keeps_serving(triton_server, tiny_classifier,
                                                          protocol, case):
-    from tritonclient.utils import InferenceServerException
-
-    module, client = _client(protocol, triton_server)
     kwargs, expected = BAD_REQUESTS[case]
     kwargs = dict(kwargs)
     array = kwargs.pop("array", _images(2))
-    with pytest.raises(InferenceServerException) as excinfo:
-        _infer(module, client, "tiny_onnx", array, **kwargs)
-    for text in expected:
-        assert text in excinfo.value.message()
+    with triton_server.connect(protocol, with_key=False) as conn:
+        with pytest.raises(ta.RequestError) as excinfo:
+            _infer(conn, "tiny_onnx", array, **kwargs)
+        assert type(excinfo.value) is ta.RequestError  # not Overloaded, not AccessDenied
+        assert str(excinfo.value).startswith("model 'tiny_onnx': ")
+        for text in expected:
+            assert text in str(excinfo.value)
 
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("tiny_onnx")
-    logits, _ = _infer(module, client, "tiny_onnx", _images(1, seed=3))
+        assert conn.is_live() and conn.is_ready() and conn.model_ready("tiny_onnx")
+        logits, _ = _infer(conn, "tiny_onnx", _images(1, seed=3))
     np.testing.assert_allclose(logits, tiny_reference(tiny_classifier, _images(1, seed=3))[0],
                                atol=ATOL)
 
 
 @pytest.mark.triton
 def test_broken_model_does_not_block_the_others(triton_server):
-    from tritonclient.utils import InferenceServerException
-
-    module, client = _client("http", triton_server)
-    assert not client.is_model_ready("tiny_broken_onnx")
-    with pytest.raises(InferenceServerException, match="tiny_broken_onnx"):
-        _infer(module, client, "tiny_broken_onnx", _images(1))
-    for model in GOOD_MODELS:
-        assert _infer(module, client, model, _images(1))[0].shape == (1, 4)
+    with triton_server.connect("http", with_key=False) as conn:
+        assert not conn.model_ready("tiny_broken_onnx")
+        with pytest.raises(ta.TritonError, match="tiny_broken_onnx"):
+            _infer(conn, "tiny_broken_onnx", _images(1))
+        with pytest.raises(ta.ModelNotReady, match="'tiny_broken_onnx' is not ready"):
+            conn.model_config("tiny_broken_onnx")
+        for model in GOOD_MODELS:
+            assert _infer(conn, model, _images(1))[0].shape == (1, 4)
 
 
 @pytest.mark.triton
-def test_repository_api_needs_the_api_key(triton_server):
-    from tritonclient.utils import InferenceServerException
+def test_served_config_is_the_same_over_http_and_grpc(triton_server):
+    with triton_server.connect("http") as http, triton_server.connect("grpc") as grpc:
+        for model in GOOD_MODELS:
+            cfg = http.model_config(model)
+            assert cfg == grpc.model_config(model)
+            assert cfg["max_batch_size"] == 4 and cfg["input"][0]["dims"] == [3, 8, 8]
+            assert [o["name"] for o in cfg["output"]] == ["logits", "embedding"]
+            assert ta.config_parameter(cfg, "precision") == "fp32"
+        assert http.server_metadata() == grpc.server_metadata()
+        assert http.server_metadata()["version"] == ls.container_versions()["LOCAL_TRITON_SERVER_VERSION"]
 
-    import tritonclient.grpc as tg
-    import tritonclient.http as th
 
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_repository_api_needs_the_api_key(triton_server, protocol):
+    """The key-protected repository API through the access layer, over each
+    protocol: with the key, index, unload and load work; without it, or with a
+    wrong one, they are refused. (Over gRPC the key must travel as
+    `triton-grpc-protocol-triton-api-key`: a client sending the bare header
+    name is refused as well.)"""
     assert stat.S_IMODE(triton_server.api_key_file.stat().st_mode) == 0o600
-    assert ls.read_api_key(triton_server.api_key_file) == triton_server.api_key
-    http = th.InferenceServerClient(triton_server.url_http)
-    grpc = tg.InferenceServerClient(triton_server.url_grpc)
+    assert ta.read_api_key(file=triton_server.api_key_file) == triton_server.api_key
+    url = triton_server.url(protocol)
     model = "tiny_torchscript"
+    keyed = ta.connect(url, protocol, api_key=triton_server.api_key, timeout_s=60)
+    for conn in (ta.connect(url, protocol), ta.connect(url, protocol, api_key="wrong")):
+        for call in (conn.repository_index, lambda: conn.ready_models(),
+                     lambda: conn.unload_model(model), lambda: conn.load_model(model)):
+            with pytest.raises(ta.AccessDenied, match="restricted.*--api-key-file"):
+                call()
+        conn.close()
+    if protocol == "grpc":  # the key under the HTTP header name does not unlock gRPC
+        bare = ta.connect(url, protocol)
+        bare.headers = {ta.API_KEY_HEADER: triton_server.api_key}
+        with pytest.raises(ta.AccessDenied):
+            bare.repository_index()
+        bare.close()
+    assert keyed.model_ready(model)
 
-    refused = [
-        lambda: http.unload_model(model),
-        lambda: http.load_model(model),
-        lambda: http.get_model_repository_index(),
-        lambda: http.unload_model(model, headers={ls.API_KEY_HEADER: "wrong"}),
-        lambda: grpc.unload_model(model),
-        lambda: grpc.get_model_repository_index(),
-        lambda: grpc.unload_model(model, headers={ls.GRPC_API_KEY_HEADER: "wrong"}),
-    ]
-    for call in refused:
-        with pytest.raises(InferenceServerException, match="restricted"):
-            call()
-    assert http.is_model_ready(model)
-
+    index = {m["name"]: m for m in keyed.repository_index()}
+    assert {index[m]["state"] for m in GOOD_MODELS} == {"READY"}
+    assert index["tiny_broken_onnx"]["state"] == "UNAVAILABLE" and index["tiny_broken_onnx"]["reason"]
+    assert keyed.ready_models() == sorted(GOOD_MODELS)
+    assert keyed.ready_models(["tiny_torchscript", "nope", "tiny_broken_onnx"]) == ["tiny_torchscript"]
     try:
-        http.unload_model(model, headers=triton_server.api_key_headers)
-        _wait_model_ready(http, model, False)
-        grpc.load_model(model, headers=triton_server.grpc_api_key_headers)
-        _wait_model_ready(http, model, True)
-        index = http.get_model_repository_index(headers=triton_server.api_key_headers)
-        assert {m["name"] for m in index} >= set(GOOD_MODELS)
+        keyed.unload_model(model)
+        _wait_model_ready(keyed, model, False)
+        assert model not in keyed.ready_models()
+        keyed.load_model(model)
+        _wait_model_ready(keyed, model, True)
     finally:
-        if not http.is_model_ready(model):
-            http.load_model(model, headers=triton_server.api_key_headers)
-    assert _infer(th, http, model, _images(1))[0].shape == (1, 4)
+        if not keyed.model_ready(model):
+            keyed.load_model(model)
+    assert _infer(keyed, model, _images(1))[0].shape == (1, 4)
+    keyed.close()
+
+
+@pytest.mark.triton
+def test_load_with_a_config_override_and_files(triton_server, tiny_model_repository):
+    """load_model(config=..., files=...): Triton's override model folder, through
+    the key-protected API (what a hot reload of a new artifact uses)."""
+    from google.protobuf import json_format
+
+    name = "tiny_torchscript"
+    cfg = json_format.MessageToDict(tiny_config_message(name, "pytorch_libtorch", max_batch_size=2),
+                                    preserving_proto_field_name=True)
+    files = {f"1/{f}": (tiny_model_repository / name / "1" / f).read_bytes() for f in ("model.pt",)}
+    files["labels.txt"] = (tiny_model_repository / name / "labels.txt").read_bytes()
+    with triton_server.connect("grpc") as conn:
+        with pytest.raises(ValueError, match="files need a config"):
+            conn.load_model(name, files=files)
+        try:
+            conn.load_model(name, config=cfg, files=files)
+            _wait_model_ready(conn, name, True)
+            assert conn.model_config(name)["max_batch_size"] == 2
+            with pytest.raises(ta.RequestError, match="batch-size must be <= 2"):
+                _infer(conn, name, _images(3))
+        finally:
+            conn.load_model(name)  # back to the repository's own folder and config
+            _wait_model_ready(conn, name, True)
+        assert conn.model_config(name)["max_batch_size"] == 4
 
 
 @pytest.mark.triton
@@ -432,14 +581,15 @@ def test_second_server_on_the_same_ports_is_refused(triton_server, tmp_path):
     assert f"port {triton_server.http_port} (http)" in message and "already in use" in message
     assert "scripts/serve.sh stop" in message
     assert not (tmp_path / "t.log").exists()
-    assert _client("http", triton_server)[1].is_server_ready()
+    assert triton_server.is_ready()
 
 
 @pytest.mark.triton
 def test_metrics_endpoint_answers(triton_server):
     import urllib.request
 
-    _infer(*_client("http", triton_server), "tiny_onnx", _images(1))
+    with triton_server.connect("http", with_key=False) as conn:
+        _infer(conn, "tiny_onnx", _images(1))
     with urllib.request.urlopen(triton_server.url_metrics, timeout=10) as resp:
         text = resp.read().decode()
     assert resp.status == 200
@@ -519,5 +669,6 @@ def test_oversize_body_is_refused_with_4xx_and_server_keeps_serving(triton_serve
     assert "INVALID_ARGUMENT" in str(gexc.value.status()) and "pixel_values" in gexc.value.message()
 
     assert client.is_server_live() and client.is_server_ready()
-    logits, _ = _infer(grpcclient, client, "tiny_onnx", _images(1, seed=3))
+    with triton_server.connect("grpc", with_key=False) as conn:
+        logits, _ = _infer(conn, "tiny_onnx", _images(1, seed=3))
     np.testing.assert_allclose(logits, tiny_reference(tiny_classifier, _images(1, seed=3))[0], atol=ATOL)

@@ -6,7 +6,7 @@ build on (they add only loading the model file and running it).
 
 Each ``model.py`` loads this file by path, one folder above its own
 (``serve/backends/`` here; ``<backend_dir>/`` once
-:func:`serve.local_server.build_backend_dir` has copied it there): Triton's
+:func:`serve.install.build_backend_dir` has copied it there): Triton's
 Python backend stub runs a Python-based backend in isolation (PYTHONPATH is
 ignored), so this file cannot be found as a package module.
 """

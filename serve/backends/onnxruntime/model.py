@@ -46,7 +46,7 @@ _ORT_TYPES = {
 
 
 # Loaded by path (the stub ignores PYTHONPATH): one folder up, in serve/backends/
-# and in the <backend_dir> that serve/local_server.py builds.
+# and in the <backend_dir> that serve/install.py builds.
 _spec = importlib.util.spec_from_file_location("standin_common", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "standin_common.py"))
 common = importlib.util.module_from_spec(_spec)
