@@ -15,12 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures.official_dinov2 import (TINY_OVERRIDES, TINY_SWIGLU_OVERRIDES, make_official,
-                                            make_transformers_folder, official_dinov2, official_tokens)
+from tests.fixtures.official_dinov2 import (
+    TINY_OVERRIDES,
+    TINY_SWIGLU_OVERRIDES,
+    import_official_vit,
+    make_official,
+    make_transformers_folder,
+    official_tokens,
+)
 from train.model import build_model
 from train.pos_embed import LEGACY_TIMM, OFFICIAL_PLAIN, OFFICIAL_REGISTERS, resample_grid
-
-assert official_dinov2  # the session fixture, used by name below
 
 TOL = 1e-4
 SIZES = (224, 112, 518)
@@ -31,6 +35,12 @@ CASES = {
     # SwiGLU (w12/w3) as in ViT-g/14, blocks chunked as the official training code saves them
     "vitg14": (dict(ffn_layer="swiglufused", block_chunks=2), TINY_SWIGLU_OVERRIDES),
 }
+
+
+@pytest.fixture(scope="session")
+def official_dinov2():
+    """The official code's vision_transformer module (pip-installed once, cached)."""
+    return import_official_vit()
 
 
 def _inputs(size: int, batch: int = 2) -> torch.Tensor:
