@@ -41,9 +41,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from perf.client import (DEFAULT_PREPROCESS_MODEL, LOGITS, ClientError, ModelNotReady,
-                         ServerUnreachable, TritonClassifier, config_parameter, input_kind,
-                         load_preprocessing, read_api_key)
+from perf.classifier import DEFAULT_PREPROCESS_MODEL, LOGITS, TritonClassifier, input_kind
+from perf.client_inputs import load_preprocessing
+from serve.triton_access import (ModelNotReady, ServerUnreachable, TritonError, config_parameter,
+                                 read_api_key)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 #: fields of train.metrics.Gate a user may set (name/extra are bookkeeping)
@@ -177,7 +178,7 @@ def run_parity(url: str | None = None, protocol: str = "grpc", *, data_path: str
                gates: Mapping[str, Mapping[str, Any]] | Sequence[str] | None = None,
                batch_size: int | None = None, preprocessing: str | os.PathLike | None = None,
                repository: str | os.PathLike | None = None,
-               headers: Mapping[str, str] | None = None, max_flipped_listed: int = 10,
+               api_key: str | None = None, max_flipped_listed: int = 10,
                timeout_s: float = 300.0, progress: bool = False) -> dict[str, Any]:
     """Run parity for ``models`` ("all" = every ready model that outputs logits)
     against ``reference`` ("eager" or a served model name) on ``split``.
@@ -190,7 +191,7 @@ def run_parity(url: str | None = None, protocol: str = "grpc", *, data_path: str
         return _run_parity(Path(tmp), url, protocol, data_path=data_path, model_path=model_path,
                            models=models, reference=reference, split=split, max_images=max_images,
                            gates=gates, batch_size=batch_size, preprocessing=preprocessing,
-                           repository=repository, headers=headers,
+                           repository=repository, api_key=api_key,
                            max_flipped_listed=max_flipped_listed, timeout_s=timeout_s,
                            progress=progress)
 
@@ -216,7 +217,7 @@ def preprocess_all(blobs: Sequence[bytes], names: Sequence[str], pre, tmp: Path)
 
 
 def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_path, models, reference,
-                split, max_images, gates, batch_size, preprocessing, repository, headers,
+                split, max_images, gates, batch_size, preprocessing, repository, api_key,
                 max_flipped_listed, timeout_s, progress) -> dict[str, Any]:
     """run_parity with a temporary folder for the preprocessed split."""
     from train.datasets import ManifestError, read_labels, read_manifest
@@ -264,18 +265,21 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
     # --- discover the served models
     url = url or ("localhost:8001" if protocol == "grpc" else "localhost:8000")
     try:
-        probe = TritonClassifier(url, protocol, None, headers=headers, timeout_s=timeout_s)
+        probe = TritonClassifier(url, protocol, None, api_key=api_key, timeout_s=timeout_s)
     except ServerUnreachable as exc:
         raise ParityInputError(str(exc)) from None
     try:
         ready, discovery = probe.ready_models()
         if models == "all" or models == ["all"]:
+            if not ready and discovery != "repository index":
+                raise ParityInputError(f"cannot list the models served at {url}: {discovery}; "
+                                       f"or name them with --models a,b")
             wanted = [m for m in ready if m != reference]
         else:
             wanted = [m for m in ([models] if isinstance(models, str) else models)]
             wanted = [m.strip() for w in wanted for m in w.split(",") if m.strip()]
         missing = [m for m in wanted + ([] if reference == "eager" else [reference])
-                   if m not in ready and not _is_ready(probe, m)]
+                   if m not in ready and not probe.is_ready(m)]
         if missing:
             raise ParityInputError(f"model(s) {missing} not ready on Triton at {url}; ready "
                                    f"models: {', '.join(ready) or 'none'}")
@@ -300,7 +304,7 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
                 c["default_variant"] = variant
             else:
                 c["precision"], c["precision_source"] = model_precision(c["config"], c["name"])
-    except ClientError as exc:
+    except TritonError as exc:
         raise ParityInputError(str(exc)) from None
     finally:
         probe.close()
@@ -325,12 +329,12 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
         say(f"served FP32 reference '{reference}'")
         try:
             with TritonClassifier(url, protocol, reference, preprocessing=pre, batch_size=batch_size,
-                                  headers=headers, timeout_s=timeout_s) as ref:
+                                  api_key=api_key, timeout_s=timeout_s) as ref:
                 if ref.kind == "bytes":
                     ref_logits, ref_emb = ref.infer_images(blobs)
                 else:
                     ref_logits, ref_emb = ref.infer_pixels(pixels)
-        except (ClientError, ValueError) as exc:
+        except (TritonError, ValueError) as exc:
             raise ParityInputError(f"reference '{reference}': {exc}") from None
     if ref_logits.shape[1] != len(class_names):
         raise ParityInputError(f"the reference has {ref_logits.shape[1]} classes, "
@@ -362,7 +366,7 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
         t0 = time.perf_counter()
         try:
             with TritonClassifier(url, protocol, name, preprocessing=pre, batch_size=batch_size,
-                                  headers=headers, timeout_s=timeout_s) as clf:
+                                  api_key=api_key, timeout_s=timeout_s) as clf:
                 entry["max_batch_size"] = clf.max_batch_size
                 if clf.kind == "bytes":
                     logits, emb = clf.infer_images(blobs)
@@ -384,7 +388,7 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
         except ServerUnreachable as exc:
             entry["error"] = str(exc)
             entry["failures"] = [str(exc)]
-        except (ClientError, ValueError) as exc:
+        except (TritonError, ValueError) as exc:
             entry["error"] = str(exc)
             entry["failures"] = [f"could not run: {exc}"]
         entry["seconds"] = round(time.perf_counter() - t0, 3)
@@ -398,15 +402,6 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
         "variants": variants, "passed": all(v["passed"] for v in variants),
         "seconds": round(time.perf_counter() - t_start, 3),
     }
-
-
-def _is_ready(clf: TritonClassifier, name: str) -> bool:
-    try:
-        return bool(clf._call(clf._client.is_model_ready, name, headers=clf.headers or None))
-    except ServerUnreachable:
-        raise
-    except Exception:  # noqa: BLE001
-        return False
 
 
 # --------------------------------------------------------------------------- output
@@ -542,13 +537,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be >= 1")
     try:
-        headers = read_api_key(None, args.api_key_file)
+        api_key = read_api_key(file=args.api_key_file)
         result = run_parity(args.url, args.protocol, data_path=args.data_path,
                             model_path=args.model_path, models=args.models,
                             reference=args.reference, split=args.split, max_images=args.max_images,
                             gates=args.gates, batch_size=args.batch_size,
                             preprocessing=args.preprocessing, repository=args.repository,
-                            headers=headers, max_flipped_listed=args.max_flipped,
+                            api_key=api_key, max_flipped_listed=args.max_flipped,
                             timeout_s=args.timeout, progress=not args.quiet)
     except (ParityInputError, ValueError, ModelNotReady) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -162,7 +162,7 @@ def add_corrupted_variant(repo, source="dinov2_onnx", name="dinov2_onnx_int8", p
     from google.protobuf import text_format
     from onnx import numpy_helper
 
-    from serve.local_server import read_model_config
+    from serve.model_plan import read_model_config
 
     shutil.copytree(repo / source, repo / name)
     path = repo / name / "1" / "model.onnx"
@@ -191,7 +191,7 @@ def served(tmp_path_factory, tiny_repository, triton_server_factory):
 @pytest.mark.triton
 def test_corrupted_variant_fails_its_gate_honest_ones_pass(served, tiny_dataset, tiny_checkpoint):
     result = parity.run_parity(served.url_grpc, "grpc", data_path=tiny_dataset, model_path=tiny_checkpoint,
-                               headers=served.api_key_headers)
+                               api_key=served.api_key)
     by_model = {v["model"]: v for v in result["variants"]}
     assert sorted(by_model) == ["dinov2", "dinov2_onnx", "dinov2_onnx_int8", "dinov2_torchscript"]
     assert result["n_images"] == 12 and result["passed"] is False
