@@ -160,7 +160,7 @@ def _summary_blocks(rows: Sequence[VariantRow], rec: Recommendation) -> list[tup
                      _f(ip.op_images_per_s, ".1f"), _f(ip.b1_p50_ms, ".2f"), _pct(ip.efficiency)])
     return [("h2", "Summary"), ("table", head, body),
             ("p", "Gates: top-1 agreement / cosine / accuracy-drop thresholds per precision "
-                  "(train.metrics.GATES, overridable). Gate source per variant is in the accuracy table.")]
+                  "(export.gates.GATES, overridable with --gates). Gate source per variant is in the accuracy table.")]
 
 
 def _served_blocks(results: PerfResults) -> list[tuple]:
