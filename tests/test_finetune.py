@@ -102,6 +102,22 @@ def test_resume_is_exact(tiny_data, tmp_path, accum_steps, num_workers):
     assert "resuming from" in (out / "train.log").read_text()
 
 
+def test_resume_keeps_the_checkpoints_pos_embed_resampling(tiny_data, tmp_path):
+    """A run resumed from a checkpoint made with another resampling (an old
+    checkpoint_last.pth) records that resampling, not the arch's current one."""
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_data, out, save_every_steps=1)
+    with pytest.raises(_Stop):
+        finetune(cfg, step_callback=stop_at(2))
+    path = out / "checkpoint_last.pth"
+    raw = torch.load(path, weights_only=True)
+    assert raw["pos_embed_resampling"] != "timm_bicubic_antialias"
+    raw["pos_embed_resampling"] = "timm_bicubic_antialias"
+    torch.save(raw, path)
+    finetune(cfg)
+    assert read_checkpoint(out / "model_final.pth").pos_embed_resampling == "timm_bicubic_antialias"
+
+
 def test_resume_refuses_other_model_and_no_resume_starts_over(tiny_data, tmp_path):
     out = tmp_path / "run"
     finetune(tiny_cfg(tiny_data, out, epochs=1))

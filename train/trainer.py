@@ -285,6 +285,8 @@ class Trainer:
                             num_classes=len(self.class_names), img_size=cfg.img_size, head=cfg.head,
                             attention=cfg.attention, backbone_overrides=cfg.backbone_overrides or None)
         self.weights_source = ckpt.weights_source if ckpt else built.weights_source
+        # a resumed run keeps the resampling its weights were made with
+        self.pos_embed_resampling = ckpt.pos_embed_resampling if ckpt else built.pos_embed_resampling
         # --weights random is the only source that is not pretrained weights
         self.pretrained = ckpt.pretrained if ckpt else cfg.weights != "random"
         log_weights_banner(self.weights_source, self.pretrained)
@@ -388,7 +390,8 @@ class Trainer:
         return make_checkpoint_record(
             model, arch=cfg.arch, class_names=self.class_names, preprocessing=self.pre,
             weights_source=self.weights_source, pretrained=self.pretrained, config=cfg.to_dict(),
-            backbone_overrides=cfg.backbone_overrides, mode=cfg.mode, lora=self.setup.info or None, **fields)
+            backbone_overrides=cfg.backbone_overrides, mode=cfg.mode, lora=self.setup.info or None,
+            pos_embed_resampling=self.pos_embed_resampling, **fields)
 
     def save_training_state(self, reason: str) -> None:
         """checkpoint_last.pth, on rank 0, never with non-finite weights."""
