@@ -281,8 +281,9 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
         missing = [m for m in wanted + ([] if reference == "eager" else [reference])
                    if m not in ready and not probe.is_ready(m)]
         if missing:
+            listed = "" if discovery == "repository index" else f" ({discovery})"
             raise ParityInputError(f"model(s) {missing} not ready on Triton at {url}; ready "
-                                   f"models: {', '.join(ready) or 'none'}")
+                                   f"models: {', '.join(ready) or 'none'}{listed}")
         candidates = []
         for m in wanted:
             c = _candidate(probe, m)

@@ -230,4 +230,9 @@ def test_cli_exit_codes(served, tiny_dataset, tiny_checkpoint, tmp_path, capsys)
     assert "all gates pass" in capsys.readouterr().out
     assert parity.main(common + ["--models", "dinov2_onnx,dinov2_nope"]) == 2
     err = capsys.readouterr().err
+    assert err.startswith("error: model(s) ['dinov2_nope'] not ready") and "needs the server's API key" in err
+    # with the key (the repository index is restricted) the error lists the ready models
+    keyed = ["--api-key-file", str(served.api_key_file)]
+    assert parity.main(common + ["--models", "dinov2_onnx,dinov2_nope"] + keyed) == 2
+    err = capsys.readouterr().err
     assert err.startswith("error: model(s) ['dinov2_nope'] not ready") and "ready models: dinov2, " in err
