@@ -35,10 +35,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from export.triton_config import ENSEMBLE_MODEL, INPUT as PIXEL_INPUT, PREPROCESS_MODEL
+from export.triton_config import ENSEMBLE_MODEL, PREPROCESS_MODEL
+from export.triton_config import INPUT as PIXEL_INPUT
 from perf.client_inputs import find_images
-from serve.triton_access import (AccessDenied, ModelNotReady, RequestError, TritonError, connect,
-                                 one_line)
+from serve.triton_access import AccessDenied, ModelNotReady, RequestError, TritonError, connect, one_line
 
 DEFAULT_MODEL = ENSEMBLE_MODEL
 DEFAULT_PREPROCESS_MODEL = PREPROCESS_MODEL

@@ -30,6 +30,7 @@ import numpy as np
 
 from train.artifact_io import atomic_write_text
 
+
 @dataclass
 class Samples:
     """Real inputs for the load generators: preprocessed tensors for the bare

@@ -39,9 +39,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from perf.input_data import Samples, shape_args, write_input_data
-# load_samples moved to perf.input_data; still importable from here until
-# perf/run.py and perf/production_benchmarking.py import it from there
-from perf.input_data import load_samples  # noqa: F401
 from train.artifact_io import atomic_write_text
 
 log = logging.getLogger("perf.perf_analyzer")

@@ -388,7 +388,6 @@ class TritonConnection:
 
     def tensor_input(self, name: str, array, datatype: str = "FP32"):
         import numpy as np
-
         from tritonclient.utils import triton_to_np_dtype
 
         arr = np.ascontiguousarray(array, dtype=triton_to_np_dtype(datatype))

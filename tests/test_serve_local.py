@@ -27,7 +27,6 @@ from serve import local_server as ls
 from serve import triton_access as ta
 from tests.fixtures.triton import TINY_IMAGE, tiny_config, tiny_config_message, tiny_reference, write_model
 
-
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_MODELS = ["tiny_onnx", "tiny_torchscript"]
 ATOL = 1e-5
@@ -192,12 +191,12 @@ def test_container_runs_the_pinned_release_with_the_key_restricted(tmp_path):
     assert versions["TRITON_CONTAINER_IMAGE"] == f"nvcr.io/nvidia/tritonserver:{tag}-py3"
 
     root = tmp_path / "checkout"  # a copy: the script writes logs/ under its checkout
-    for folder in ("scripts", "serve"):
+    for folder in ("scripts", "serve", "requirements"):  # what the script reads
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "model_repository").mkdir()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("dirname", "od", "tr", "mkdir", "cat"):
+    for tool in ("dirname", "basename", "grep", "od", "tr", "mkdir", "cat", "head", "sed", "awk"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
     calls = tmp_path / "docker_calls"
     (bin_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexit 0\n')
@@ -514,8 +513,8 @@ def test_repository_api_needs_the_api_key(triton_server, protocol):
     model = "tiny_torchscript"
     keyed = ta.connect(url, protocol, api_key=triton_server.api_key, timeout_s=60)
     for conn in (ta.connect(url, protocol), ta.connect(url, protocol, api_key="wrong")):
-        for call in (conn.repository_index, lambda: conn.ready_models(),
-                     lambda: conn.unload_model(model), lambda: conn.load_model(model)):
+        for call in (conn.repository_index, conn.ready_models,
+                     lambda c=conn: c.unload_model(model), lambda c=conn: c.load_model(model)):
             with pytest.raises(ta.AccessDenied, match="restricted.*--api-key-file"):
                 call()
         conn.close()
