@@ -50,9 +50,29 @@ run_container() {
   command -v docker >/dev/null 2>&1 ||
     die "docker not found. 'container' runs ${TRITON_CONTAINER_IMAGE} on a GPU host with docker and the NVIDIA Container Toolkit; on this machine use: scripts/serve.sh local"
   docker info >/dev/null 2>&1 || die "docker is installed but its daemon is not reachable (is it running? are you in the docker group?)"
-  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 ||
+  if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     die "no NVIDIA GPU or driver found (nvidia-smi failed); TensorRT plans and the GPU backends need one. On CPU use: scripts/serve.sh local"
+  fi
   [ -d "$repo" ] || die "model repository $repo does not exist (run the export stage first)"
+
+  # Version-compatible TensorRT plans (exported with --set trt_version_compatible=true,
+  # stamped `version_compatible: "true"` in their config.pbtxt) load only when the
+  # TensorRT backend may run the lean runtime they carry: trusted plans only.
+  local backend_cfg=() cfg vc_models=()
+  for cfg in "$repo"/*/config.pbtxt; do
+    [ -f "$cfg" ] || continue
+    if grep -A2 'key: "version_compatible"' "$cfg" | grep -q 'string_value: "true"'; then
+      vc_models+=("$(basename "$(dirname "$cfg")")")
+    fi
+  done
+  if ((${#vc_models[@]})); then
+    backend_cfg=("--backend-config=tensorrt,version-compatible=true")
+    echo "serve.sh: version-compatible TensorRT plans (${vc_models[*]}): --backend-config=tensorrt,version-compatible=true"
+  fi
+  # The same Pillow as everywhere else (requirements/lock-gpu.txt) for the preprocessing model.
+  local pillow
+  pillow=$(grep -ioE '^pillow==[^ ]+' requirements/lock-gpu.txt) ||
+    die "requirements/lock-gpu.txt pins no pillow (regenerate it: python -m serve.gpu_stack lock)"
 
   local load=() m
   if [ -n "$models" ]; then
@@ -63,7 +83,8 @@ run_container() {
   fi
   # Derived image: the pinned Triton image + Pillow for the preprocessing model.
   local image="dinov2-triton-serve:${TRITON_CONTAINER_TAG}"
-  docker build -q -t "$image" --build-arg "TRITON_IMAGE=${TRITON_CONTAINER_IMAGE}" -f serve/Dockerfile serve >/dev/null ||
+  docker build -q -t "$image" --build-arg "TRITON_IMAGE=${TRITON_CONTAINER_IMAGE}" \
+    --build-arg "PILLOW_REQUIREMENT=${pillow}" -f serve/Dockerfile serve >/dev/null ||
     die "could not build $image from ${TRITON_CONTAINER_IMAGE} (serve/Dockerfile)"
   mkdir -p logs
   local key_file=logs/triton-container.api_key key
@@ -78,7 +99,7 @@ run_container() {
     -v "$(cd "$repo" && pwd)":/models:ro \
     "$image" \
     tritonserver --model-repository=/models --model-control-mode=explicit "${load[@]}" \
-    --exit-on-error=false \
+    "${backend_cfg[@]}" --exit-on-error=false \
     "--http-restricted-api=model-repository:triton-api-key=${key}" \
     "--grpc-restricted-protocol=model-repository:triton-api-key=${key}"
 }
