@@ -174,12 +174,22 @@ def _calls(log: Path, program: str) -> list[list[str]]:
     return out
 
 
+def _checkout(tmp_path) -> Path:
+    """A copy of what the scripts read (serve.sh writes logs/ under its checkout)."""
+    root = tmp_path / "checkout"
+    if not root.is_dir():
+        for folder in ("scripts", "serve", "requirements"):
+            shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
 def _run(script: str, args, tmp_path, **env):
     bin_dir = _fake_bin(tmp_path)
     log = tmp_path / "calls.log"
     log.write_text("")
+    root = _checkout(tmp_path)
     full_env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "FAKE_LOG": str(log), **env}
-    proc = subprocess.run([str(ROOT / script), *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+    proc = subprocess.run([str(root / script), *args], cwd=root, env=full_env, capture_output=True, text=True,
                           timeout=60)
     return proc, log
 
