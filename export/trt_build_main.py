@@ -310,7 +310,7 @@ def _head_layers(network, trt) -> list:
         if not nxt:
             break
         name = nxt[0].name
-    return chain if any(l.type == trt.LayerType.MATRIX_MULTIPLY for l in chain) else []
+    return chain if any(layer.type == trt.LayerType.MATRIX_MULTIPLY for layer in chain) else []
 
 
 def pin_fp32_layers(network, trt, kinds: Sequence[str]) -> list[str]:
