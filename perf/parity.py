@@ -17,7 +17,7 @@ FP32 model. ``train.metrics.parity_metrics`` gives the task-level answers
 / recall / F1 / AUC-ROC and their deltas, FIELD_NOTES 9) next to the tensor
 ones (max/mean abs difference, cosine of logits and embeddings).
 
-Every variant is judged by the gate of its precision (``train.metrics.GATES``;
+Every variant is judged by the gate of its precision (``export.gates``;
 the precision comes from the model config's ``precision`` parameter, else
 from the name: ``_fp16``, ``_int8``, ``_fp8``, else fp32; the ensemble takes
 its default variant's). Gates can be overridden per precision or per model.
@@ -35,21 +35,18 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from export.gates import GATE_FIELDS, GateError, parse_gate_overrides, resolve_gate
 from perf.classifier import DEFAULT_PREPROCESS_MODEL, LOGITS, TritonClassifier, input_kind
 from perf.client_inputs import load_preprocessing
 from serve.triton_access import (ModelNotReady, ServerUnreachable, TritonError, config_parameter,
                                  read_api_key)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-#: fields of train.metrics.Gate a user may set (name/extra are bookkeeping)
-GATE_FIELDS = ("min_top1_agreement", "min_embedding_cosine", "min_logit_cosine",
-               "max_accuracy_drop", "max_logit_abs_diff")
 
 
 class ParityInputError(ValueError):
@@ -88,50 +85,6 @@ def ensemble_variant(config: Mapping[str, Any]) -> str | None:
             return step.get("model_name")
     others = [s.get("model_name") for s in steps if s.get("model_name") != DEFAULT_PREPROCESS_MODEL]
     return others[-1] if others else None
-
-
-def _parse_value(text: str) -> float | None:
-    if text.strip().lower() in ("none", "off", "null", ""):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ParityInputError(f"--gates value {text!r}: expected a number or 'none'") from None
-
-
-def parse_gate_overrides(items: Sequence[str] | None) -> dict[str, dict[str, float | None]]:
-    """``["fp16.min_top1_agreement=0.999", "dinov2_onnx_int8.max_accuracy_drop=none"]``
-    -> ``{"fp16": {"min_top1_agreement": 0.999}, ...}``. The key before the
-    dot is a precision (fp32, fp16, int8, ...) or a model name."""
-    out: dict[str, dict[str, float | None]] = {}
-    for item in items or []:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_\-]+)\.([a-z_0-9]+)\s*=\s*(\S*)\s*", item)
-        if not m:
-            raise ParityInputError(f"--gates {item!r}: expected KEY.FIELD=VALUE, e.g. "
-                                   f"fp16.min_top1_agreement=0.999 (KEY: a precision or a model)")
-        key, fld, value = m.groups()
-        if fld not in GATE_FIELDS:
-            raise ParityInputError(f"--gates {item!r}: unknown field {fld!r}; choose from "
-                                   f"{', '.join(GATE_FIELDS)}")
-        out.setdefault(key, {})[fld] = _parse_value(value)
-    return out
-
-
-def gate_for(model: str, precision: str, overrides: Mapping[str, Mapping[str, Any]] | None = None):
-    """train.metrics.GATES[precision] (fp32's for an unknown precision), then
-    the overrides for the precision, then those for the model name."""
-    from train.metrics import GATES, Gate
-
-    base = GATES.get(precision) or GATES.get("fp32") or Gate(name=precision)
-    gate = replace(base, extra=dict(base.extra))
-    valid = {f.name for f in fields(Gate)}
-    for key in (precision, model):
-        for fld, value in ((overrides or {}).get(key) or {}).items():
-            if fld not in valid:
-                raise ParityInputError(f"gate field {fld!r} does not exist")
-            gate = replace(gate, **{fld: value})
-            gate.name = f"{base.name} (overridden)"
-    return gate
 
 
 def judge(parity: Mapping[str, Any], gate) -> tuple[bool, list[str]]:
@@ -227,7 +180,10 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
     if isinstance(gates, Mapping):
         overrides = {k: dict(v) for k, v in gates.items()}
     else:
-        overrides = parse_gate_overrides(gates)
+        try:
+            overrides = parse_gate_overrides(gates, batch_scope=False)
+        except GateError as exc:
+            raise ParityInputError(str(exc)) from None
     if max_images is not None and max_images < 1:
         raise ParityInputError(f"max_images={max_images}: must be >= 1")
     if reference == "eager" and model_path is None:
@@ -250,11 +206,11 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
     except OSError as exc:
         raise ParityInputError(f"cannot read a test image: {exc}") from None
 
-    # --- the preprocessing record: checkpoint first (it is the reference's)
+    # --- the preprocessing record (train.preprocessing_source.resolve_preprocessing: an
+    # explicit file as given; a repository's record must equal the checkpoint's)
     try:
-        pre = load_preprocessing(model_path=None if (preprocessing or repository) else model_path,
-                                 preprocessing=preprocessing, repository=repository)
-    except Exception as exc:  # noqa: BLE001 - ValueError or WeightsError, both name the file
+        pre = load_preprocessing(model_path=model_path, preprocessing=preprocessing, repository=repository)
+    except Exception as exc:  # noqa: BLE001 - ValueError or RecordError, both name the file
         raise ParityInputError(str(exc)) from None
     say(f"preprocessing {len(records)} {split} images ({pre.image_size} px)")
     try:
@@ -321,9 +277,9 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
         except Exception as exc:  # noqa: BLE001 - WeightsError and friends name the file
             raise ParityInputError(str(exc).splitlines()[0]) from None
         ref_info["model_path"] = str(model_path)
-        if list(record.get("class_names") or class_names) != list(class_names):
+        if list(record.class_names) != list(class_names):
             raise ParityInputError(
-                f"{model_path}: class names {record.get('class_names')} differ from "
+                f"{model_path}: class names {record.class_names} differ from "
                 f"{Path(data_path) / 'labels.txt'} {class_names}; the checkpoint was not trained "
                 f"on this data folder")
     else:
@@ -352,7 +308,7 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
     variants = []
     for c in candidates:
         name = c["name"]
-        gate = gate_for(name, c["precision"], overrides)
+        gate = resolve_gate(name, overrides, precision=c["precision"])
         entry: dict[str, Any] = {
             "model": name,
             "input": ("encoded image bytes (server-side preprocessing)" if c["kind"] == "bytes"

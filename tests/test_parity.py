@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
+from export.gates import GATES, GateError, parse_gate_overrides, resolve_gate
 from perf import parity
-from train.metrics import GATES, parity_metrics
+from train.metrics import parity_metrics
 
 
 # --------------------------------------------------------------------------- pure
@@ -40,23 +41,23 @@ def test_ensemble_default_variant():
 
 
 def test_gate_overrides_by_precision_then_model():
-    ov = parity.parse_gate_overrides(["int8.max_accuracy_drop=0.05", "dinov2_x_int8.min_top1_agreement=0.5",
+    ov = parse_gate_overrides(["int8.max_accuracy_drop=0.05", "dinov2_x_int8.min_top1_agreement=0.5",
                                       "fp16.min_embedding_cosine=none"])
     assert ov == {"int8": {"max_accuracy_drop": 0.05}, "dinov2_x_int8": {"min_top1_agreement": 0.5},
                   "fp16": {"min_embedding_cosine": None}}
-    g = parity.gate_for("dinov2_x_int8", "int8", ov)
+    g = resolve_gate("dinov2_x_int8", ov, precision="int8")
     assert (g.max_accuracy_drop, g.min_top1_agreement) == (0.05, 0.5)
-    g = parity.gate_for("dinov2_y_int8", "int8", ov)
+    g = resolve_gate("dinov2_y_int8", ov, precision="int8")
     assert g.min_top1_agreement == GATES["int8"].min_top1_agreement
-    assert parity.gate_for("m", "fp16", ov).min_embedding_cosine is None
-    assert GATES["fp16"].min_embedding_cosine is not None, "overrides must not mutate train.metrics.GATES"
+    assert resolve_gate("m", ov, precision="fp16").min_embedding_cosine is None
+    assert GATES["fp16"].min_embedding_cosine is not None, "overrides must not mutate export.gates.GATES"
 
 
 @pytest.mark.parametrize("bad", ["fp16.min_top1=0.9", "fp16min_top1_agreement=0.9",
                                  "fp16.min_top1_agreement=high"])
 def test_bad_gate_overrides_are_input_errors(bad):
-    with pytest.raises(parity.ParityInputError, match="--gates"):
-        parity.parse_gate_overrides([bad])
+    with pytest.raises(GateError, match="--gates"):
+        parse_gate_overrides([bad])
 
 
 def _known_logits(n=200, classes=3, flips=(), seed=0):
@@ -81,20 +82,20 @@ def test_gate_logic_and_flipped_names_on_known_inputs():
     assert [e["name"] for e in par["flipped_examples"]] == [names[3], names[17], names[150]]
     assert par["deltas"]["accuracy"] == pytest.approx(-0.015)
 
-    ok, fails = parity.judge(par, parity.gate_for("dinov2_onnx_fp16", "fp16"))
+    ok, fails = parity.judge(par, resolve_gate("dinov2_onnx_fp16", precision="fp16"))
     assert not ok and any("top-1 agreement" in f and "3 of 200" in f for f in fails)
-    ok, fails = parity.judge(par, parity.gate_for("dinov2_onnx_int8", "int8"))
+    ok, fails = parity.judge(par, resolve_gate("dinov2_onnx_int8", precision="int8"))
     assert not ok and len(fails) == 2  # 98.5 % < 99 % agreement and 1.5 > 1 point drop
     loose = {"int8": {"max_accuracy_drop": 0.02, "min_top1_agreement": 0.98}}
-    assert parity.judge(par, parity.gate_for("dinov2_onnx_int8", "int8", loose)) == (True, [])
+    assert parity.judge(par, resolve_gate("dinov2_onnx_int8", loose, precision="int8")) == (True, [])
     per_model = {**loose, "dinov2_onnx_int8": {"max_accuracy_drop": 0.01}}
-    ok, fails = parity.judge(par, parity.gate_for("dinov2_onnx_int8", "int8", per_model))
+    ok, fails = parity.judge(par, resolve_gate("dinov2_onnx_int8", per_model, precision="int8"))
     assert not ok and fails == ["accuracy drop 1.50 points > 1.00"]
 
     clean = parity_metrics(ref, ref.copy(), ref_embedding=emb, cand_embedding=emb.copy(), labels=labels)
-    assert parity.judge(clean, parity.gate_for("dinov2_onnx", "fp32")) == (True, [])
+    assert parity.judge(clean, resolve_gate("dinov2_onnx", precision="fp32")) == (True, [])
     broken = parity_metrics(ref, np.full_like(ref, np.nan), labels=labels)
-    assert not parity.judge(broken, parity.gate_for("dinov2_onnx", "fp32"))[0]
+    assert not parity.judge(broken, resolve_gate("dinov2_onnx", precision="fp32"))[0]
 
 
 def _fake_result(passed: bool):
@@ -103,7 +104,7 @@ def _fake_result(passed: bool):
     for e in par["flipped_examples"]:
         e.update(reference_label="cat", candidate_label="dog", true_label="cat")
     par["logits"]["max_rel_diff"] = float("inf")  # must survive JSON
-    gate = parity.gate_for("dinov2_onnx_int8", "int8")
+    gate = resolve_gate("dinov2_onnx_int8", precision="int8")
     ok, fails = parity.judge(par, gate)
     return {"url": "x:1", "protocol": "grpc", "split": "test", "n_images": 20,
             "reference": {"kind": "eager", "model": None, "metrics": {"accuracy": 1.0}},
