@@ -2,7 +2,8 @@
 # Idempotent environment setup for this repository on Debian 12 / Python 3.11.
 # - Debian packages: dataset-fashion-mnist (embedded default data set),
 #   libb64-0d (perf_analyzer), libpython3.11 (Triton's Python backend stub),
-#   and the linter that scripts/test.sh runs on the shell scripts (shellcheck).
+#   the linter that scripts/test.sh runs on the shell scripts (shellcheck),
+#   and haproxy (the load balancer of `python -m serve start --replicas N`).
 # - A virtual environment at .venv/ with the exact versions of
 #   requirements/lock-cpu.txt. A second run only checks and returns.
 # Nothing is downloaded at run time by the pipeline itself.
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[setup] %s\n' "$*"; }
 
 need_apt=()
-for pkg in dataset-fashion-mnist libb64-0d libpython3.11 shellcheck; do
+for pkg in dataset-fashion-mnist libb64-0d libpython3.11 shellcheck haproxy; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
