@@ -1,6 +1,6 @@
 """In-process speed of a runner: batch-1 latency and batch-8 throughput.
 
-Measured, not assumed (FIELD_NOTES 6): every variant is timed on this host
+Measured, not assumed (docs/field-notes.md #6): every variant is timed on this host
 next to its parent (eager PyTorch for the root variants), warm-up excluded,
 and a variant slower than its parent is flagged. These are single-process
 numbers; the perf stage measures the served models through Triton."""

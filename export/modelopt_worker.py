@@ -6,7 +6,7 @@
 `modelopt.onnx.quantization.quantize` on the given nodes with explicit Q/DQ
 (INT8 or FP8), per-channel symmetric weights and per-tensor activations.
 Why a child process: ModelOpt patches ONNX Runtime's quantizer and logging
-at import (ENVIRONMENT.md), which must not leak into the export process.
+at import (docs/environment.md), which must not leak into the export process.
 Used by the onnx_int8 variant and the TensorRT FP8 variant.
 """
 from __future__ import annotations

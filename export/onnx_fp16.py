@@ -2,7 +2,7 @@
 AutoCast (`modelopt.onnx.autocast.convert_to_mixed_precision`), inputs and
 outputs kept FP32 (keep_io_types) so clients and the ensemble never change.
 
-Kept in FP32 (FIELD_NOTES 3): LayerNormalization and Softmax (overflow and
+Kept in FP32 (docs/field-notes.md #3): LayerNormalization and Softmax (overflow and
 accumulation in large ViTs), the classification head (the last Gemm/MatMul
 producing `logits`), the patch embedding (the Conv reading the pixels), and
 any node whose inputs/outputs exceed `data_max`
@@ -11,10 +11,10 @@ ONNX Runtime before converting. The list is configurable with
 `--set fp16_keep_fp32=LayerNormalization,Softmax,head,patch_embed,<node-name regex>`.
 
 onnxconverter-common's FP16 conversion produced a model ONNX Runtime refused
-to load on this graph (ENVIRONMENT.md); AutoCast's works. There is no FP16
+to load on this graph (docs/environment.md); AutoCast's works. There is no FP16
 arithmetic on this CPU: the variant is slower here and exists for GPU hosts
 (ONNX Runtime CUDA EP); its parity is still checked here on every build
-(FIELD_NOTES 4). ModelOpt runs in a child process (`python -m
+(docs/field-notes.md #4). ModelOpt runs in a child process (`python -m
 export.onnx_fp16 ...`) so its logging and ONNX Runtime patches stay out of
 the export process.
 """

@@ -3,13 +3,13 @@ NVIDIA ModelOpt (explicit Q/DQ, per-channel symmetric weights, per-tensor
 activations), served by ONNX Runtime and the input of the TensorRT INT8
 engine (explicit quantization).
 
-What is quantized, and why (measured on this CPU, ENVIRONMENT.md):
+What is quantized, and why (measured on this CPU, docs/environment.md):
 - By default only the four weight matrix multiplies of every block (attention
   qkv and proj, MLP fc1 and fc2). ONNX Runtime fuses exactly this pattern
   (DQ(activation) + DQ(int8 weight) -> MatMul) into MatMulIntegerToFloat
   (VNNI), which is where the speed-up comes from.
 - Never LayerNorm, Softmax, GELU or the residual Adds: ModelOpt's default
-  placement quantizes them and top-1 agreement fell to 28% (ENVIRONMENT.md).
+  placement quantizes them and top-1 agreement fell to 28% (docs/environment.md).
 - The attention matmuls (Q.K^T, attn.V) stay FP32: quantizing them cut
   agreement from 99.7% to 95% for no speed-up on ORT CPU.
 - The patch embedding (Conv) and the classification head stay FP32: ORT

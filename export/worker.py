@@ -1,7 +1,7 @@
 """Run an export worker (`python -m export.<module> ...`) in a child process.
 
 ModelOpt patches ONNX Runtime's quantizer and logging at import
-(ENVIRONMENT.md), so the variants that use it (onnx_fp16, onnx_int8,
+(docs/environment.md), so the variants that use it (onnx_fp16, onnx_int8,
 trt_fp8) run it in a child process: nothing leaks into the export process,
 and a crash or a hang costs one variant, not the export.
 """

@@ -1,8 +1,8 @@
 """Parity of every served variant with the FP32 reference, through the live endpoint.
 
-Served outputs can differ from local ones (FIELD_NOTES 8): a backend that
+Served outputs can differ from local ones (docs/field-notes.md #8): a backend that
 falls back to another device, a preprocessing step that moved to the server,
-an FP16/INT8 build that lost accuracy (FIELD_NOTES 3-5). So parity is
+an FP16/INT8 build that lost accuracy (docs/field-notes.md #3-#5). So parity is
 measured where users meet the model: through Triton, over gRPC (or HTTP),
 
 - the ensemble gets the real files' bytes (server-side decoding and
@@ -14,7 +14,7 @@ and each is compared with the reference computed from those same tensors:
 eager PyTorch from the checkpoint, in this process (default), or a served
 FP32 model. ``train.metrics.parity_metrics`` gives the task-level answers
 (top-1 agreement, flipped predictions with file names, accuracy / precision
-/ recall / F1 / AUC-ROC and their deltas, FIELD_NOTES 9) next to the tensor
+/ recall / F1 / AUC-ROC and their deltas, docs/field-notes.md #9) next to the tensor
 ones (max/mean abs difference, cosine of logits and embeddings).
 
 Every variant is judged by the gate of its precision (``export.gates``;

@@ -10,7 +10,7 @@ when asked to (`keep_going`). Every point:
   pixel_values:3,H,W`, read through serve.triton_access), and batch sizes up
   to its `max_batch_size` only;
 - measures in time windows with a stability threshold and a trial limit that
-  hold on a 2-core machine (`-p 10000 -s 20` by default, ENVIRONMENT.md);
+  hold on a 2-core machine (`-p 10000 -s 20` by default, docs/environment.md);
 - writes a verbose CSV whose client and server-side breakdown (send, network,
   queue, compute input/infer/output, receive, p50..p99) is parsed here.
 
@@ -95,7 +95,7 @@ class PerfAnalyzerError(RuntimeError):
 def find_perf_analyzer() -> Path:
     """The perf_analyzer binary: $PERF_ANALYZER, this venv's bin/, then PATH.
 
-    The tritonclient 2.50.0 wheel is the last that ships it (ENVIRONMENT.md)."""
+    The tritonclient 2.50.0 wheel is the last that ships it (docs/environment.md)."""
     env = os.environ.get("PERF_ANALYZER")
     candidates = [Path(env)] if env else []
     candidates.append(Path(sys.prefix) / "bin" / "perf_analyzer")
@@ -155,7 +155,7 @@ class MeasurementSettings:
     """How perf_analyzer measures one point (all of it goes into the report).
 
     On 2 CPU cores 5 s windows failed to stabilise; 10 s windows with a 20 %
-    threshold held (ENVIRONMENT.md). Tests use ~1 s windows."""
+    threshold held (docs/environment.md). Tests use ~1 s windows."""
     window_ms: int = 10000
     stability_pct: float = 20.0
     max_trials: int = 10
@@ -298,7 +298,7 @@ _HINTS = {
     "unreachable": "is the server up at this address and protocol (gRPC default port 8001, HTTP 8000)?",
     "model_not_found": "the model is not loaded on the server; load it or leave it out of --models",
     "timeout": "raise --point-timeout or shorten --window-ms / --max-trials",
-    "not_installed": "see ENVIRONMENT.md, 'perf_analyzer on CPU'",
+    "not_installed": "see docs/environment.md, 'perf_analyzer on CPU'",
 }
 
 

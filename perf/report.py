@@ -298,7 +298,7 @@ def _how_to_read() -> list[tuple]:
         "back. Compute infer is the number to compare with the in-process latency; on this CPU the ONNX/PyTorch "
         "models run in Python-based stand-in backends, so their overhead is included.",
         "**The ensemble** (`dinov2`) includes server-side decoding and preprocessing; compare it with its "
-        "classifier to see what preprocessing costs (FIELD_NOTES 11).",
+        "classifier to see what preprocessing costs (docs/field-notes.md #11).",
         "**p99** is the latency 99 % of requests stay under; it is what a latency budget should be set on.",
         "**% FP32 peak**: achieved GFLOP/s (img/s x GFLOP per image) over this machine's measured FP32 matmul "
         "peak. INT8/FP16 variants are compared with the same FP32 peak, which is not their own limit.",

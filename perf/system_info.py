@@ -3,7 +3,7 @@ multiply peak of this machine, and the model's FLOPs per image.
 
 The peak and the FLOPs let the report say how close each variant comes to
 the hardware limit (images/s x FLOPs/image vs GFLOP/s of a large matmul with
-the same thread count). ENVIRONMENT.md measured ~270 GFLOP/s on 2 cores and
+the same thread count). docs/environment.md measured ~270 GFLOP/s on 2 cores and
 12.25 GFLOP per ViT-S/14 image at 224 px, so FP32 tops out near 22 img/s.
 """
 from __future__ import annotations

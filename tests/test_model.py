@@ -74,7 +74,7 @@ def test_every_arch_builds_tiny(arch):
 def test_pos_embed_resampled_at_build_not_at_run_time(tmp_path):
     """Weights stored for 56 px (4x4 patches) become a 2x2 grid at 28 px when
     the model is built; the graph then refuses other sizes instead of
-    interpolating at run time (FIELD_NOTES 1)."""
+    interpolating at run time (docs/field-notes.md #1)."""
     big = tiny_model("vits14_reg4", img_size=56)
     assert big.backbone.pos_embed.shape[1] == 16
     path = tmp_path / "official_56px.pth"

@@ -414,7 +414,7 @@ def test_fp16_engine_profile_flags_and_fp32_pins(tmp_path):
                             workspace_bytes=2 << 30, builder_optimization_level=4)
     b = Builder.instances[-1]
     cfg = b.config
-    # one profile: min 1, opt = max = max_batch_size (FIELD_NOTES 7)
+    # one profile: min 1, opt = max = max_batch_size (docs/field-notes.md #7)
     assert len(cfg.profiles) == 1
     assert cfg.profiles[0].shapes == {"pixel_values": ((1, 3, IMG, IMG), (8, 3, IMG, IMG), (8, 3, IMG, IMG))}
     assert info["profile"] == {"min": [1, 3, IMG, IMG], "opt": [8, 3, IMG, IMG], "max": [8, 3, IMG, IMG]}

@@ -99,7 +99,7 @@ def parity_metrics(ref_logits: np.ndarray, cand_logits: np.ndarray, *,
                    labels: Sequence[int] | None = None, names: Sequence[str] | None = None,
                    max_flipped_listed: int = 10) -> dict[str, Any]:
     """Task-level and tensor-level agreement of a candidate with the reference
-    (FIELD_NOTES 9): top-1 agreement, flipped predictions (with names), metric
+    (docs/field-notes.md #9): top-1 agreement, flipped predictions (with names), metric
     deltas when labels are given, and logit/embedding differences."""
     ref_logits, cand_logits = np.asarray(ref_logits), np.asarray(cand_logits)
     ref_pred, cand_pred = ref_logits.argmax(1), cand_logits.argmax(1)

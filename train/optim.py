@@ -1,6 +1,6 @@
 """Parameter groups, layer-wise learning-rate decay and the per-step schedule.
 
-Layer-wise decay (BEiT / DINOv2 fine-tuning recipe, FIELD_NOTES 12): the head
+Layer-wise decay (BEiT / DINOv2 fine-tuning recipe, docs/field-notes.md #12): the head
 and the final norm get the full learning rate, block i of L gets
 `decay ** (L - i)`, the patch embedding and tokens `decay ** (L + 1)`. Low
 layers of a pretrained backbone hold generic features that a large step would
