@@ -28,7 +28,6 @@ cannot be run), 2 bad input (flags, files, server or model not there).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -43,8 +42,7 @@ import numpy as np
 from export.gates import GATE_FIELDS, GateError, parse_gate_overrides, resolve_gate
 from perf.classifier import DEFAULT_PREPROCESS_MODEL, LOGITS, TritonClassifier, input_kind
 from perf.client_inputs import load_preprocessing
-from serve.triton_access import (ModelNotReady, ServerUnreachable, TritonError, config_parameter,
-                                 read_api_key)
+from serve.triton_access import ModelNotReady, ServerUnreachable, TritonError, config_parameter, read_api_key
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
@@ -362,28 +360,11 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
 
 
 # --------------------------------------------------------------------------- output
-def _clean(obj: Any) -> Any:
-    """JSON without NaN/Infinity (not valid JSON): non-finite floats become strings."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else str(obj)
-    if isinstance(obj, (np.floating,)):
-        return _clean(float(obj))
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(result), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """The parity result as strict JSON (non-finite numbers as strings), atomically."""
+    from train.artifact_io import atomic_write_json
+
+    return atomic_write_json(path, result)
 
 
 def _fmt(value: Any, spec: str, signed: bool = False) -> str:

@@ -81,15 +81,15 @@ def _publish(tmp: Path, data_path: Path) -> None:
     if data_path.is_dir() and not data_path.is_symlink() and not any(data_path.iterdir()):
         data_path.rmdir()
     if not os.path.lexists(data_path):
-        os.replace(tmp, data_path)
+        os.replace(tmp, data_path)   # folder swap
         fsync_dir(data_path.parent)
         return
     old = data_path.with_name(f".{data_path.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(data_path, old)
+    os.replace(data_path, old)   # folder swap
     try:
-        os.replace(tmp, data_path)
+        os.replace(tmp, data_path)   # folder swap
     except BaseException:
-        os.replace(old, data_path)
+        os.replace(old, data_path)   # folder swap
         raise
     fsync_dir(data_path.parent)   # the swap survives a power cut before the old copy goes
     if old.is_symlink():

@@ -21,8 +21,7 @@ def classification_metrics(labels: Sequence[int], logits: np.ndarray,
     """accuracy, macro + per-class precision/recall/F1, AUC-ROC (one-vs-rest,
     macro) and the confusion matrix. AUC is None (with the reason) when the
     labels present do not allow it (e.g. a single class in the split)."""
-    from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
-                                 roc_auc_score)
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
     y = np.asarray(labels, dtype=np.int64)
     logits = np.asarray(logits)
