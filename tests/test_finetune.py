@@ -437,3 +437,22 @@ def test_phase_change_frees_the_previous_ddp_wrapper(tmp_path, monkeypatch):
         trainer.wrapped = None
         gc.collect()
         tdist.destroy_process_group()
+
+
+def test_amp_bf16_refused_where_cuda_only_emulates_it(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True by emulation below compute
+    capability 8.0 (Volta/Turing); --amp bf16 must be refused there, and
+    allowed where the GPU has BF16 in hardware. The CUDA queries are patched:
+    no GPU here."""
+    from train.engine import check_amp
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    with pytest.raises(ValueError, match=r"Tesla T4 \(compute capability 7.5\) has no BF16.*xformers"):
+        check_amp("bf16", cuda, "xformers")
+    check_amp("fp16", cuda, "xformers")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    check_amp("bf16", cuda, "xformers")
+    check_amp("bf16", torch.device("cpu"))

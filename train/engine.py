@@ -99,12 +99,25 @@ def make_loader(dataset, sampler, *, batch_size: int, num_workers: int, seed: in
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_amp(amp: str, device: torch.device) -> None:
+def cuda_has_bf16(device: torch.device) -> bool:
+    """BF16 in hardware (compute capability >= 8.0). torch.cuda.is_bf16_supported()
+    alone also says True when it is only emulated (Volta/Turing), where
+    training is slow and xformers refuses bf16 ("only supported on A100+")."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def check_amp(amp: str, device: torch.device, attention: str = "sdpa") -> None:
     if amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"--amp {amp!r}: choose none, bf16 or fp16")
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA GPU (CPU autocast has no useful FP16 kernels and "
                          "no loss scaling); use --amp bf16 or --amp none on CPU")
+    if amp == "bf16" and device.type == "cuda" and not cuda_has_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(f"--amp bf16: {name} (compute capability {cc}) has no BF16 in hardware "
+                         f"(needs >= 8.0){' and xformers refuses it' if attention == 'xformers' else ''}; "
+                         "use --amp fp16")
 
 
 def autocast(device: torch.device, amp: str):

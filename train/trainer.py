@@ -157,7 +157,7 @@ def finetune(cfg: FinetuneConfig, *, step_callback: StepCallback | None = None) 
 
     device = resolve_device(cfg.device)
     try:
-        check_amp(cfg.amp, device)
+        check_amp(cfg.amp, device, cfg.attention)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.attention == "xformers" and device.type != "cuda":
