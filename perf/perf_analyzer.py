@@ -440,6 +440,11 @@ def run_sweep(*, urls: Mapping[str, str], models: Sequence[str], protocols: Sequ
             raise exc
 
     config_proto = protocols[0]
+    # First every model's config and inputs (so the plan is known), then the
+    # points: one progress line each, numbered against the plan, with an ETA
+    # from the points measured so far (a sweep runs for minutes; a log or CI
+    # must show where it is).
+    plan = []
     for model in models:
         try:
             cfg = fetch_model_config(urls[config_proto], config_proto, model, api_key=api_key)
@@ -463,20 +468,30 @@ def run_sweep(*, urls: Mapping[str, str], models: Sequence[str], protocols: Sequ
                 result["skipped"].append({"what": f"{model} batch {b}",
                                           "reason": f"only {len(samples.names)} input samples"})
         allowed = [b for b in allowed if b <= len(samples.names)]
-        for protocol in protocols:
-            for b in allowed:
-                for c in concurrency:
-                    progress(f"perf_analyzer {model} {protocol} batch {b} concurrency {c} ...")
-                    try:
-                        point = run_point(model=model, url=urls[protocol], protocol=protocol, batch_size=b,
-                                          concurrency=c, settings=settings, input_data=data_file,
-                                          shapes=shapes, out_dir=out_dir / "csv",
-                                          metrics_url=metrics_url if use_metrics else None)
-                    except PerfAnalyzerError as exc:
-                        fail(exc)
-                        continue
-                    m = point["metrics"]
-                    progress(f"  {m.get('throughput_infer_per_s')} infer/s, p99 "
-                             f"{(m.get('p99_latency_us') or 0) / 1000:.1f} ms")
-                    result["points"].append(point)
+        plan += [(model, data_file, shapes, protocol, b, c)
+                 for protocol in protocols for b in allowed for c in concurrency]
+
+    t_sweep = time.monotonic()
+    for i, (model, data_file, shapes, protocol, b, c) in enumerate(plan, 1):
+        what = f"[perf {i}/{len(plan)}] {model} {protocol} batch {b} concurrency {c}"
+        try:
+            point = run_point(model=model, url=urls[protocol], protocol=protocol, batch_size=b,
+                              concurrency=c, settings=settings, input_data=data_file,
+                              shapes=shapes, out_dir=out_dir / "csv",
+                              metrics_url=metrics_url if use_metrics else None)
+        except PerfAnalyzerError as exc:
+            progress(f"{what}: FAILED ({str(exc).splitlines()[0][:160]}){_eta(t_sweep, i, len(plan))}")
+            fail(exc)
+            continue
+        m = point["metrics"]
+        progress(f"{what}: {m.get('throughput_infer_per_s')} infer/s, p99 "
+                 f"{(m.get('p99_latency_us') or 0) / 1000:.1f} ms{_eta(t_sweep, i, len(plan))}")
+        result["points"].append(point)
     return result
+
+
+def _eta(t_start: float, done: int, total: int) -> str:
+    if done >= total:
+        return ""
+    left = (time.monotonic() - t_start) / done * (total - done)
+    return f", ETA {left / 60:.1f} min" if left >= 60 else f", ETA {left:.0f} s"

@@ -440,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("Output")
     out.add_argument("--out", default="perf/reports", help="reports folder (default: %(default)s)")
     out.add_argument("--run-id", default=None, help="report sub-folder name (default: UTC time + random)")
-    out.add_argument("-v", "--verbose", action="store_true", help="progress lines")
+    out.add_argument("-q", "--quiet", action="store_true",
+                     help="no progress lines (default: one line per measurement with an ETA, on stderr)")
+    out.add_argument("-v", "--verbose", action="store_true", help="also the library's INFO log lines")
     return p
 
 
@@ -475,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             operating_point={"batch_size": args.op_batch_size, "concurrency": args.op_concurrency,
                              "protocol": args.op_protocol, "max_p99_ms": args.max_p99_ms},
             out=args.out, run_id=args.run_id, cli_settings=cli,
-            progress=(lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else None)
+            progress=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     except (PerfInputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -204,10 +204,18 @@ FIXED = dict(window_ms=1000, fixed_requests=100)
 @pytest.mark.triton
 def test_sweep_against_the_real_server(triton_server, tmp_path):
     s = pin.synthetic_samples((3, 8, 8), n=8)
+    lines: list[str] = []
     res = pa.run_sweep(urls={"grpc": triton_server.url_grpc, "http": triton_server.url_http},
                        models=["tiny_onnx", "not_a_model"], protocols=["grpc", "http"], concurrency=[2],
                        batch_sizes=[2, 8], samples=s, out_dir=tmp_path, metrics_url=triton_server.url_metrics,
-                       keep_going=True, settings=pa.MeasurementSettings(**FIXED), api_key=triton_server.api_key)
+                       keep_going=True, settings=pa.MeasurementSettings(**FIXED), api_key=triton_server.api_key,
+                       progress=lines.append)
+    # one progress line per measured point, numbered against the plan (batch 8
+    # is above max_batch_size: 2 points remain), with an ETA after the first
+    point_lines = [x for x in lines if x.startswith("[perf ")]
+    assert [x.split("]")[0] for x in point_lines] == ["[perf 1/2", "[perf 2/2"], lines
+    assert "tiny_onnx grpc batch 2 concurrency 2: " in point_lines[0] and "infer/s, p99" in point_lines[0]
+    assert "ETA" in point_lines[0]
     # batch 8 > max_batch_size 4: skipped with the reason, never sent
     assert any(x["what"] == "tiny_onnx batch 8" and "max_batch_size 4" in x["reason"] for x in res["skipped"])
     assert [(p["protocol"], p["batch_size"], p["concurrency"]) for p in res["points"]] == [("grpc", 2, 2),
