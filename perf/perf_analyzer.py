@@ -49,6 +49,7 @@ MEASUREMENT_MODES = ("time_windows", "count_windows")
 # CSV column -> key in a parsed row (values in microseconds except throughput).
 CSV_COLUMNS = {
     "Concurrency": "concurrency",
+    "Request Rate": "request_rate",          # request-rate mode (open loop) writes this instead
     "Inferences/Second": "throughput_infer_per_s",
     "Client Send": "client_send_us",
     "Network+Server Send/Recv": "network_server_send_recv_us",
@@ -69,7 +70,10 @@ CSV_COLUMNS = {
     "Max GPU Memory Usage": "max_gpu_memory_bytes",
     "Total GPU Memory": "total_gpu_memory_bytes",
 }
-REQUIRED_CSV_COLUMNS = ("Concurrency", "Inferences/Second", "p50 latency", "p99 latency")
+REQUIRED_CSV_COLUMNS = ("Inferences/Second", "p50 latency", "p99 latency")
+#: the load column: one of these (concurrency mode, request-rate mode)
+LOAD_CSV_COLUMNS = ("Concurrency", "Request Rate")
+REQUEST_DISTRIBUTIONS = ("poisson", "constant")
 # The server-side parts of one request, in the order they happen.
 SERVER_BREAKDOWN = ("server_queue_us", "server_compute_input_us", "server_compute_infer_us",
                     "server_compute_output_us")
@@ -240,6 +244,8 @@ def parse_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise PerfAnalyzerError(f"{path}: empty perf_analyzer CSV", kind="failed")
     reader = csv.DictReader(table)
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if not any(c in (reader.fieldnames or []) for c in LOAD_CSV_COLUMNS):
+        missing.append(" or ".join(LOAD_CSV_COLUMNS))
     if missing:
         raise PerfAnalyzerError(f"{path}: not a perf_analyzer CSV (columns {reader.fieldnames}; missing "
                                 f"{missing})", kind="failed")
@@ -302,11 +308,35 @@ _HINTS = {
 }
 
 
+def _load_args(concurrency: int | None, request_rate: float | None, request_distribution: str,
+               max_threads: int | None) -> list[str]:
+    """Closed loop (``concurrency`` requests always in flight) or open loop
+    (``request_rate`` requests/s whatever the answers do)."""
+    if (concurrency is None) == (request_rate is None):
+        raise ValueError("give a concurrency (closed loop) or a request rate (open loop), exactly one")
+    if concurrency is not None:
+        return [f"--concurrency-range={concurrency}:{concurrency}"]
+    if not request_rate > 0:
+        raise ValueError(f"request rate {request_rate}: must be > 0")
+    if request_distribution not in REQUEST_DISTRIBUTIONS:
+        raise ValueError(f"request distribution {request_distribution!r}: choose one of {REQUEST_DISTRIBUTIONS}")
+    # Asynchronous calls: in the default synchronous mode a thread waits for its
+    # answer before it sends the next request, so a slow server would slow the
+    # arrivals down (closed loop again; perf_analyzer then reports "delayed" requests).
+    args = [f"--request-rate-range={request_rate:g}:{request_rate:g}:1",
+            f"--request-distribution={request_distribution}", "--async"]
+    if max_threads:
+        args.append(f"--max-threads={int(max_threads)}")
+    return args
+
+
 def build_command(binary: str | os.PathLike, *, model: str, url: str, protocol: str, batch_size: int,
-                  concurrency: int, settings: MeasurementSettings, input_data: str | os.PathLike | None,
-                  shapes: Sequence[str], csv_path: str | os.PathLike, metrics_url: str | None) -> list[str]:
+                  concurrency: int | None = None, settings: MeasurementSettings,
+                  input_data: str | os.PathLike | None, shapes: Sequence[str], csv_path: str | os.PathLike,
+                  metrics_url: str | None, request_rate: float | None = None,
+                  request_distribution: str = "poisson", max_threads: int | None = None) -> list[str]:
     cmd = [str(binary), "-m", model, "-u", url, "-i", protocol, "-b", str(batch_size),
-           f"--concurrency-range={concurrency}:{concurrency}",
+           *_load_args(concurrency, request_rate, request_distribution, max_threads),
            f"--measurement-mode={settings.measurement_mode}",
            "-p", str(settings.window_ms), "-s", str(settings.stability_pct), "-r", str(settings.max_trials),
            "-f", str(csv_path), "--verbose-csv"]
@@ -324,22 +354,31 @@ def build_command(binary: str | os.PathLike, *, model: str, url: str, protocol: 
     return cmd + list(settings.extra_args)
 
 
-def run_point(*, model: str, url: str, protocol: str, batch_size: int, concurrency: int,
+def run_point(*, model: str, url: str, protocol: str, batch_size: int, concurrency: int | None = None,
               settings: MeasurementSettings, input_data: str | os.PathLike | None, shapes: Sequence[str],
-              out_dir: str | os.PathLike, metrics_url: str | None = None) -> dict[str, Any]:
+              out_dir: str | os.PathLike, metrics_url: str | None = None, request_rate: float | None = None,
+              request_distribution: str = "poisson", max_threads: int | None = None) -> dict[str, Any]:
     """Run perf_analyzer for one point; returns the parsed CSV row with the
     command and the wall time. Raises PerfAnalyzerError (with the point and
-    perf_analyzer's message) on any failure, including an unstable measurement."""
+    perf_analyzer's message) on any failure, including an unstable measurement.
+
+    Closed loop with ``concurrency``; open loop with ``request_rate``
+    (requests/s, arrivals by ``request_distribution``, asynchronous calls:
+    the point's dict then has ``request_rate`` and ``concurrency`` None)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"{model}_{protocol}_b{batch_size}_c{concurrency}"
+    load = f"c{concurrency}" if request_rate is None else f"r{request_rate:g}"
+    tag = f"{model}_{protocol}_b{batch_size}_{load}"
     csv_path, log_path = out_dir / f"{tag}.csv", out_dir / f"{tag}.log"
     csv_path.unlink(missing_ok=True)
-    where = f"perf_analyzer on model {model!r} over {protocol} (batch {batch_size}, concurrency {concurrency})"
+    load_words = (f"concurrency {concurrency}" if request_rate is None else
+                  f"{request_rate:g} requests/s, {request_distribution} arrivals")
+    where = f"perf_analyzer on model {model!r} over {protocol} (batch {batch_size}, {load_words})"
     binary = find_perf_analyzer()
     cmd = build_command(binary, model=model, url=url, protocol=protocol, batch_size=batch_size,
                         concurrency=concurrency, settings=settings, input_data=input_data, shapes=shapes,
-                        csv_path=csv_path, metrics_url=metrics_url)
+                        csv_path=csv_path, metrics_url=metrics_url, request_rate=request_rate,
+                        request_distribution=request_distribution, max_threads=max_threads)
     command = " ".join(cmd)
     ctx = dict(model=model, protocol=protocol, batch_size=batch_size, concurrency=concurrency, command=command)
     t0 = time.monotonic()
@@ -371,9 +410,12 @@ def run_point(*, model: str, url: str, protocol: str, batch_size: int, concurren
         raise PerfAnalyzerError(f"{where}: the CSV {csv_path} has no measurement row", kind="failed",
                                 output=output, **ctx)
     row = rows[-1]
-    return {"model": model, "protocol": protocol, "batch_size": batch_size, "concurrency": concurrency,
-            "status": "OK", "metrics": row, "csv": str(csv_path), "log": str(log_path), "command": command,
-            "wall_s": round(wall, 2)}
+    point = {"model": model, "protocol": protocol, "batch_size": batch_size, "concurrency": concurrency,
+             "status": "OK", "metrics": row, "csv": str(csv_path), "log": str(log_path), "command": command,
+             "wall_s": round(wall, 2)}
+    if request_rate is not None:
+        point["request_rate"] = request_rate
+    return point
 
 
 # ----------------------------------------------------------------------------- sweep
