@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--data_path", "--data-path", default=None,
                      help="data folder from train.load_data: test split for verification, train split "
                           "for calibration (without it: random tensors, no accuracy)")
-    opt.add_argument("--variants", default=",".join(default_variants()), help=variants_help)
+    opt.add_argument("--variants", default=",".join(default_variants()),
+                     help=variants_help + "; or 'cpu-auto': every CPU variant, and the dinov2 ensemble calls "
+                          "the fastest one that passed its gate, measured in this run")
     opt.add_argument("--max-batch-size", "--max_batch_size", type=int, default=8,
                      help="config max_batch_size (= TensorRT profile max) and the verification batch")
     opt.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
@@ -95,6 +97,23 @@ def _extra_options(entries: Sequence[str]) -> dict:
     return out
 
 
+def _expand_cpu_auto(variants: str, extra: dict) -> str:
+    """'cpu-auto' in --variants -> the CPU candidates (export.cpu_auto), and
+    the option that makes the ensemble call the fastest gated one."""
+    from export.cpu_auto import CPU_AUTO, ENSEMBLE_CHOICE_OPTION, FASTEST, cpu_candidates
+
+    names = [v for v in variants.replace(" ", "").split(",") if v]
+    if CPU_AUTO not in names:
+        return variants
+    extra[ENSEMBLE_CHOICE_OPTION] = FASTEST
+    expanded: list[str] = []
+    for n in names:
+        for m in (cpu_candidates() if n == CPU_AUTO else [n]):
+            if m not in expanded:
+                expanded.append(m)
+    return ",".join(expanded)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
@@ -107,13 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    variants = _expand_cpu_auto(args.variants, extra)
     gates = list(args.gates)
     if args.thresholds is not None:
         print(THRESHOLDS_NOTE, file=sys.stderr)
         gates += args.thresholds
     try:
         manifest = run_export(
-            args.model_path, args.repository, data_path=args.data_path, variants=args.variants,
+            args.model_path, args.repository, data_path=args.data_path, variants=variants,
             max_batch_size=args.max_batch_size, opset=args.opset, onnx_exporter=args.onnx_exporter,
             instances=args.instances, preprocess_instances=args.preprocess_instances, device=args.device,
             preferred_batch_sizes=args.preferred_batch_sizes, max_queue_delay_us=args.max_queue_delay_us,

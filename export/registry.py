@@ -31,7 +31,9 @@ from export.gates import GATES
 
 log = logging.getLogger(__name__)
 
-PLATFORMS = ("pytorch_libtorch", "onnxruntime_onnx", "tensorrt_plan")
+# "openvino" is a Triton backend name, not a platform string: its config.pbtxt
+# says backend: "openvino" (export.triton_config.BACKEND_PLATFORMS).
+PLATFORMS = ("pytorch_libtorch", "onnxruntime_onnx", "tensorrt_plan", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 MODEL_PREFIX = "dinov2_"
 
@@ -43,6 +45,8 @@ VARIANT_MODULES: tuple[tuple[str, bool], ...] = (
     ("export.onnx_variant", True),
     ("export.onnx_fp16", False),
     ("export.onnx_int8", False),
+    ("export.onnx_int8_dynamic", False),
+    ("export.openvino_variant", False),
     ("export.tensorrt_engine", False),
 )
 

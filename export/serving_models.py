@@ -64,6 +64,14 @@ def publish_serving_models(ctx, repository: Path, opts: Mapping[str, Any], manif
     """Publish dinov2_preprocess and the dinov2 ensemble; returns their manifest entries."""
     published = list(manifest.published())
     classifier, why, fallback = choose_classifier(published, opts["default_variant"])
+    if opts.get("ensemble_choice") == "fastest" and opts["default_variant"] is None:
+        from export.cpu_auto import fastest_gated  # --variants cpu-auto: measured in this run, on this host
+
+        fast, fast_why, _ = fastest_gated(manifest)
+        if fast is not None:
+            classifier, why, fallback = fast, fast_why, False
+        else:
+            why, fallback = f"{fast_why}; using {classifier}", True
     if fallback:
         log.warning("ensemble: %s", why)
         manifest.warnings.append(f"ensemble: {why}")

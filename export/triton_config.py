@@ -17,6 +17,12 @@ ENSEMBLE_MODEL = "dinov2"
 IMAGE_INPUT = "image"
 WARMUP_IMAGE_FILE = "sample_image"   # under <model>/warmup/
 DEVICE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+# Registry platforms that Triton knows only as a backend name (no `platform`
+# string exists for them): their config says `backend: "<name>"`.
+BACKEND_PLATFORMS = ("openvino",)
+# Triton's OpenVINO backend reads these model-config parameters (its README
+# and src/openvino.cc; values are case-insensitive strings there).
+OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 
 
 class ConfigError(ValueError):
@@ -47,6 +53,29 @@ def _parameters(cfg, params: Mapping[str, Any]) -> None:
         cfg.parameters[str(key)].string_value = str(value)
 
 
+def openvino_parameters(*, performance_hint: str = "LATENCY", num_streams: str | int = "1",
+                        inference_num_threads: int | None = None, batch_padding: bool = True) -> dict[str, str]:
+    """The `parameters` of a `backend: "openvino"` model, checked the way the
+    backend checks them. ENABLE_BATCH_PADDING=YES: the backend compiles the
+    model for exactly max_batch_size and, without it, fails every smaller
+    batch ("expected requests with batch size ..."); with it, it pads."""
+    hint = str(performance_hint).upper()
+    if hint not in OPENVINO_HINTS:
+        raise ConfigError(f"PERFORMANCE_HINT {performance_hint!r}: choose from {OPENVINO_HINTS}")
+    streams = str(num_streams).upper()
+    if streams not in ("AUTO", "NUMA") and not (streams.isdigit() and int(streams) >= 1):
+        raise ConfigError(f"NUM_STREAMS {num_streams!r}: AUTO, NUMA or a number >= 1")
+    params = {"PERFORMANCE_HINT": hint, "NUM_STREAMS": streams}
+    if inference_num_threads is not None:
+        if int(inference_num_threads) < 1:
+            raise ConfigError(f"INFERENCE_NUM_THREADS {inference_num_threads}: must be >= 1 (leave it unset "
+                              f"for every core)")
+        params["INFERENCE_NUM_THREADS"] = str(int(inference_num_threads))
+    if batch_padding:
+        params["ENABLE_BATCH_PADDING"] = "YES"
+    return params
+
+
 def _latest_one(cfg) -> None:
     # Serve only the newest version: publishing a new version switches traffic
     # to it atomically and the previous one stays on disk for a rollback.
@@ -60,7 +89,11 @@ def classifier_config(variant, *, image_size: int, num_classes: int, embed_dim: 
     (with labels.txt, so Triton's classification extension works) and
     embedding [D], dynamic batching, instance group, batch-1 warm-up."""
     pb = _pb()
-    cfg = pb.ModelConfig(name=variant.model_name, platform=variant.platform, max_batch_size=int(max_batch_size))
+    cfg = pb.ModelConfig(name=variant.model_name, max_batch_size=int(max_batch_size))
+    if variant.platform in BACKEND_PLATFORMS:
+        cfg.backend = variant.platform
+    else:
+        cfg.platform = variant.platform
     cfg.default_model_filename = variant.filename
     inp = cfg.input.add(name=INPUT, data_type=pb.TYPE_FP32)
     inp.dims.extend([3, image_size, image_size])

@@ -9,11 +9,13 @@ the NVIDIA container pinned in scripts/triton_version.sh) with only the
                                 triton_python_backend_stub (this Python version)
     <backend_dir>/onnxruntime/model.py   <- serve/backends/onnxruntime/model.py
     <backend_dir>/pytorch/model.py       <- serve/backends/pytorch/model.py
+    <backend_dir>/openvino/model.py      <- serve/backends/openvino/model.py
     <backend_dir>/standin_common.py      <- serve/backends/standin_common.py
-                                            (both model.py load it from one folder up)
+                                            (each model.py loads it from one folder up)
 
 Triton maps ``platform: "onnxruntime_onnx"`` to the backend ``onnxruntime``
-and ``pytorch_libtorch`` to ``pytorch``; finding no ``libtriton_<name>.so``
+and ``pytorch_libtorch`` to ``pytorch`` (an OpenVINO model names its backend,
+``backend: "openvino"``, directly); finding no ``libtriton_<name>.so``
 but a ``model.py`` in ``<backend_dir>/<name>/``, it runs that file through
 the Python backend ("Python-based backends").
 """
@@ -85,6 +87,7 @@ def build_backend_dir(cache_dir: str | os.PathLike | None = None,
         "python/triton_python_backend_stub": install.stub,
         "onnxruntime/model.py": STANDIN_BACKENDS / "onnxruntime" / "model.py",
         "pytorch/model.py": STANDIN_BACKENDS / "pytorch" / "model.py",
+        "openvino/model.py": STANDIN_BACKENDS / "openvino" / "model.py",
         "standin_common.py": STANDIN_BACKENDS / "standin_common.py",
     }
     digest = hashlib.sha256()

@@ -1,0 +1,250 @@
+"""The CPU variants (issue 13): ONNX Runtime dynamic INT8, OpenVINO FP32 and
+NNCF INT8, the OpenVINO stand-in backend, and `--variants cpu-auto`.
+
+Tiny model (2 blocks, 28 px), tiny data, temp folders; the served checks
+run the real local Triton server. No timed asserts: speed is measured by
+scripts/cpu_benchmark.sh, not tested here."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from export.registry import get_variant, load_builtin_variants
+
+ROOT = Path(__file__).resolve().parents[1]
+load_builtin_variants()
+CPU_VARIANTS = "onnx,onnx_int8_dynamic,openvino,openvino_int8"
+N_WEIGHT_MATMULS = 2 * 4   # TINY has 2 blocks: qkv, proj, fc1, fc2 each
+
+
+def _ctx(checkpoint, data_path, tmp_path, **options):
+    from export.context import ExportContext
+    from train.model import load_classifier
+
+    model, record = load_classifier(checkpoint)
+    return ExportContext(model, record, data_path=data_path, work_dir=tmp_path / "work",
+                         options={"max_batch_size": 8, **options})
+
+
+@pytest.fixture(scope="module")
+def cpu_repository(tiny_checkpoint, tiny_dataset, tmp_path_factory):
+    """One export of the CPU variants through the CLI's cpu-auto path."""
+    from export.cli import main
+
+    repo = tmp_path_factory.mktemp("cpu_repo")
+    code = main(["--model_path", str(tiny_checkpoint), "--repository", str(repo), "--data_path",
+                 str(tiny_dataset), "--variants", "cpu-auto", "--bench-seconds", "0.5", "-q"])
+    assert code == 0
+    return repo
+
+
+# --------------------------------------------------------------------------- registry and config
+def test_variants_declared_with_their_parents_and_backends():
+    from export.cpu_auto import cpu_candidates
+
+    dyn, ov32, ov8 = (get_variant(n) for n in ("onnx_int8_dynamic", "openvino", "openvino_int8"))
+    assert (dyn.parent, dyn.platform, dyn.precision, dyn.gate) == ("onnx", "onnxruntime_onnx", "int8", "int8")
+    assert (ov32.parent, ov32.platform, ov32.filename, ov32.gate) == ("onnx", "openvino", "model.xml", "fp32")
+    assert (ov8.parent, ov8.platform, ov8.precision, ov8.gate) == ("openvino", "openvino", "int8", "int8")
+    cands = cpu_candidates()
+    assert {"torchscript", "onnx", "onnx_int8", "onnx_int8_dynamic", "openvino", "openvino_int8"} <= set(cands)
+    assert not [c for c in cands if get_variant(c).platform == "tensorrt_plan"]
+
+
+def test_cli_expands_cpu_auto():
+    from export.cli import _expand_cpu_auto
+    from export.cpu_auto import cpu_candidates
+
+    extra: dict = {}
+    assert _expand_cpu_auto("onnx,torchscript", extra) == "onnx,torchscript" and extra == {}
+    got = _expand_cpu_auto("trt_fp16, cpu-auto", extra).split(",")
+    assert got == ["trt_fp16"] + cpu_candidates() and extra == {"ensemble_choice": "fastest"}
+
+
+def test_openvino_config_names_the_backend_and_its_parameters():
+    from export.openvino_variant import runtime_parameters
+    from export.triton_config import ConfigError, classifier_config, openvino_parameters, validate_config
+
+    cfg = classifier_config(get_variant("openvino"), image_size=28, num_classes=3, embed_dim=48, max_batch_size=8,
+                            parameters=runtime_parameters({"ov_threads": 1}))
+    text = validate_config(cfg)
+    assert 'backend: "openvino"' in text and "platform:" not in text
+    assert cfg.default_model_filename == "model.xml"
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params["PERFORMANCE_HINT"] == "LATENCY" and params["NUM_STREAMS"] == "1"
+    assert params["INFERENCE_NUM_THREADS"] == "1" and params["ENABLE_BATCH_PADDING"] == "YES"
+    assert "INFERENCE_NUM_THREADS" not in runtime_parameters({})   # unset: every core
+    onnx_cfg = classifier_config(get_variant("onnx_int8_dynamic"), image_size=28, num_classes=3, embed_dim=48,
+                                 max_batch_size=8)
+    assert onnx_cfg.platform == "onnxruntime_onnx" and not onnx_cfg.backend
+    for kwargs, message in (({"performance_hint": "fast"}, "PERFORMANCE_HINT"),
+                            ({"num_streams": "0"}, "NUM_STREAMS"),
+                            ({"inference_num_threads": 0}, "INFERENCE_NUM_THREADS")):
+        with pytest.raises(ConfigError, match=message):
+            openvino_parameters(**kwargs)
+
+
+def test_cpu_auto_picks_the_fastest_gated_variant():
+    from export.cpu_auto import fastest_gated
+
+    def entry(thr, status="OK", passed=True, published=True):
+        bench = {"throughput_batch": 8, "batch8": {"img_per_s": thr}} if thr is not None else None
+        return SimpleNamespace(published=published, status=status, gate_passed=passed, benchmark=bench)
+
+    manifest = SimpleNamespace(variants={
+        "onnx": entry(100.0), "onnx_int8": entry(300.0, status="GATE_FAILED", passed=False),  # published anyway
+        "openvino": entry(180.0), "openvino_int8": entry(250.0), "onnx_int8_dynamic": entry(None)})
+    name, why, fallback = fastest_gated(manifest)
+    assert name == "openvino_int8" and not fallback
+    assert "250.0 img/s" in why and "openvino 180.0" in why and "onnx_int8 " not in why
+    name, why, fallback = fastest_gated(SimpleNamespace(variants={"onnx": entry(None)}))
+    assert name is None and fallback and "no published variant passed its gate" in why
+
+
+# --------------------------------------------------------------------------- the export
+def test_cpu_variants_exported_verified_published(cpu_repository):
+    from export.manifest import read_export_manifest
+
+    m = read_export_manifest(cpu_repository)
+    for name in ("onnx", "onnx_int8_dynamic", "openvino", "openvino_int8"):
+        v = m.variants[name]
+        assert v.status == "OK", (name, v.reason)
+        assert v.published and v.gate_passed and v.benchmark["batch8"]["img_per_s"] > 0
+    # TensorRT is not a CPU candidate: cpu-auto does not even try it
+    assert not [n for n in m.variants if n.startswith("trt_")]
+
+    dyn = m.variants["onnx_int8_dynamic"].build_info
+    assert dyn["quantized_nodes"] == N_WEIGHT_MATMULS and dyn["qdq_nodes_left"] == 0
+    assert dyn["quantized_by_role"] == {"qkv": 2, "proj": 2, "fc1": 2, "fc2": 2}
+    assert dyn["op_types"].get("MatMulInteger", 0) + dyn["op_types"].get("DynamicQuantizeMatMul", 0) == 8
+
+    ov32 = m.variants["openvino"]
+    assert sorted(ov32.files) == ["model.bin", "model.xml"]
+    assert ov32.build_info["precise_layers"] > 0
+    # FP32 really computed in FP32 (on a BF16-capable CPU an unmarked IR drifts ~1e-2)
+    assert ov32.headline.logits_max_abs_diff < 1e-4 and ov32.headline.top1_agreement == 1.0
+    ov8 = m.variants["openvino_int8"].build_info
+    assert ov8["fake_quantize"] > 0 and ov8["calibration"]["split"] == "train"
+    assert ov8["search"]["attempts"][0]["label"].startswith("nncf ptq")
+    assert ov8["config_parameters"]["ENABLE_BATCH_PADDING"] == "YES"
+
+    config = (cpu_repository / "dinov2_openvino_int8" / "config.pbtxt").read_text()
+    assert 'backend: "openvino"' in config and "ENABLE_BATCH_PADDING" in config
+    # cpu-auto: the ensemble calls the fastest gated variant of the run's own measurements
+    ranked = {n: v.benchmark["batch8"]["img_per_s"] for n, v in m.variants.items() if v.status == "OK"}
+    assert m.ensemble.classifier == f"dinov2_{max(ranked, key=ranked.get)}"
+    assert m.ensemble.classifier_reason.startswith("cpu-auto: fastest gated variant")
+    assert m.options["ensemble_choice"] == "fastest"
+
+
+def test_nncf_accuracy_control_meets_the_gate(tiny_checkpoint, tiny_dataset, tmp_path):
+    from export.openvino_variant import build_fp32, build_int8
+
+    ctx = _ctx(tiny_checkpoint, tiny_dataset, tmp_path, ov_int8_accuracy_control="always", calib_size=16)
+    onnx_path = tmp_path / "fp32" / "model.onnx"
+    onnx_path.parent.mkdir()
+    get_variant("onnx").build(ctx, onnx_path)
+    ctx.artifacts["onnx"] = onnx_path
+    xml = tmp_path / "ov" / "model.xml"
+    xml.parent.mkdir()
+    build_fp32(ctx, xml)
+    ctx.artifacts["openvino"] = xml
+    out = tmp_path / "int8" / "model.xml"
+    out.parent.mkdir()
+    info = build_int8(ctx, out)
+    attempts = info["search"]["attempts"]
+    assert [a["label"] for a in attempts] == ["nncf accuracy control"]      # "always": no plain PTQ first
+    assert attempts[0]["passed"] and info["search"]["passed"]
+    ac = info["accuracy_control"]
+    assert ac["mode"] == "always" and ac["max_drop"] == pytest.approx(0.01)   # the INT8 gate's 99% agreement
+    assert ac["validation_images"] == len(ctx.eval_set("search"))
+    assert ctx.eval_set("search").split == "val"
+    assert out.is_file() and out.with_suffix(".bin").is_file()
+    assert set(ctx.calibration_splits) == {"train"}
+
+
+def test_missing_library_is_skipped_with_the_reason(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
+    from export.pipeline import run_export
+
+    monkeypatch.setitem(sys.modules, "openvino", None)   # import openvino -> ImportError
+    m = run_export(tiny_checkpoint, tmp_path / "repo", data_path=tiny_dataset, variants="openvino,openvino_int8",
+                   bench_seconds=0)
+    assert m.variants["openvino"].status == "SKIPPED"
+    assert "OpenVINO is not installed" in m.variants["openvino"].reason
+    assert m.variants["openvino_int8"].status == "SKIPPED" and "parent openvino" in m.variants["openvino_int8"].reason
+    assert m.variants["onnx"].status == "OK" and m.exit_code == 0
+    assert not (tmp_path / "repo" / "dinov2_openvino" / "1").exists()   # nothing half-published
+
+
+def test_missing_nncf_or_ort_quantizer_is_skipped(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
+    from export.registry import SkipVariant
+
+    ctx = _ctx(tiny_checkpoint, tiny_dataset, tmp_path)
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(SkipVariant, match="NNCF is not installed"):
+        get_variant("openvino_int8").build(ctx, tmp_path / "model.xml")
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
+    with pytest.raises(SkipVariant, match="onnxruntime.quantization is not importable"):
+        get_variant("onnx_int8_dynamic").build(ctx, tmp_path / "model.onnx")
+
+
+def test_dynamic_worker_bad_input_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "export.onnx_int8_dynamic", "--onnx", str(tmp_path / "no.onnx"),
+                           "--output", str(tmp_path / "out.onnx")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "no.onnx: file not found" in proc.stderr
+
+
+# --------------------------------------------------------------------------- served
+@pytest.mark.triton
+def test_served_cpu_variants_answer_like_in_process(cpu_repository, tiny_dataset, triton_server_factory):
+    from export.context import ExportContext  # noqa: F401 - same process imports as the export
+    from export.manifest import read_export_manifest
+
+    m = read_export_manifest(cpu_repository)
+    names = ["dinov2_onnx_int8_dynamic", "dinov2_openvino", "dinov2_openvino_int8"]
+    server = triton_server_factory(cpu_repository, load_models=names)
+    rng = np.random.default_rng(0)
+    x8 = rng.standard_normal((8, 3, 28, 28)).astype(np.float32)
+    with server.connect("grpc") as conn:
+        for model in names:
+            variant = model.removeprefix("dinov2_")
+            runner = get_variant(variant).load_runner(
+                Path(m.variants[variant].path) / get_variant(variant).filename)
+            want_lo, want_em = runner(x8)
+            for batch in (x8, x8[:1]):   # batch 1: zero-padded to max_batch_size by the openvino backend
+                res = conn.infer(model, [conn.tensor_input("pixel_values", batch)],
+                                 [conn.requested_output("logits"), conn.requested_output("embedding")])
+                lo, em = res.as_numpy("logits"), res.as_numpy("embedding")
+                n = len(batch)
+                assert lo.shape == (n, 3) and em.shape == (n, want_em.shape[1])
+                if model == "dinov2_openvino_int8":
+                    # its unquantized layers run at the plugin's default precision (BF16 on
+                    # BF16-capable CPUs), and the served model is compiled for a static batch
+                    # of 8: other kernels, BF16-sized differences
+                    assert (lo.argmax(1) == want_lo[:n].argmax(1)).all(), model
+                    cos = (em * want_em[:n]).sum(1) / np.linalg.norm(em, axis=1) / np.linalg.norm(want_em[:n], axis=1)
+                    assert cos.min() > 0.999, (model, cos.min())
+                else:
+                    np.testing.assert_allclose(lo, want_lo[:n], rtol=1e-3, atol=1e-3, err_msg=model)
+                    np.testing.assert_allclose(em, want_em[:n], rtol=1e-3, atol=1e-3, err_msg=model)
+        # a request that breaks the config gets its own error, naming the model and the input
+        from serve.triton_access import RequestError
+
+        with pytest.raises(RequestError, match="pixel_values"):
+            conn.infer("dinov2_openvino", [conn.tensor_input("pixel_values", x8[:, :, :14])])
+        # without ENABLE_BATCH_PADDING the backend (native and stand-in) refuses a partial batch
+        cfg = json.loads(json.dumps(conn.model_config("dinov2_openvino")))
+        cfg["parameters"].pop("ENABLE_BATCH_PADDING")
+        cfg.pop("model_warmup")   # its batch-1 sample would fail the load, as in the container
+        conn.load_model("dinov2_openvino", config=cfg)
+        ok = conn.infer("dinov2_openvino", [conn.tensor_input("pixel_values", x8)])
+        assert ok.as_numpy("logits").shape == (8, 3)
+        with pytest.raises(RequestError, match="ENABLE_BATCH_PADDING"):
+            conn.infer("dinov2_openvino", [conn.tensor_input("pixel_values", x8[:1])])
