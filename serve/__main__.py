@@ -5,6 +5,7 @@
       [--models a,b] [--log-file logs/triton.log] [--pid-file logs/triton.pid]
   python -m serve status [--json]
   python -m serve stop
+  python -m serve start --replicas N ...   N servers behind HAProxy on the same ports
 
 ``start`` returns once the server is ready and leaves it running in the
 background (``--foreground`` keeps it attached; Ctrl-C stops it). Ports
@@ -23,6 +24,7 @@ import sys
 
 DEFAULT_LOG = "logs/triton.log"
 DEFAULT_PID = "logs/triton.pid"
+DEFAULT_REPLICA_FILE = "logs/triton-replicas.json"  # = serve.replica_record.DEFAULT_REPLICA_FILE (light import)
 
 
 def _port(env: str, default: int) -> int:
@@ -56,15 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fail (and stop the server) if any selected model fails to load")
     start.add_argument("--foreground", action="store_true",
                        help="stay attached until the server exits or Ctrl-C")
+    start.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="start N servers (each on its own share of the CPUs and its own loopback "
+                            "ports) behind an HAProxy load balancer that takes --http-port/--grpc-port "
+                            "(--metrics-port: the balancer's /metrics and /stats); recorded in "
+                            "--replica-file")
+    start.add_argument("--replica-file", default=DEFAULT_REPLICA_FILE, help="default: %(default)s")
 
     stop = sub.add_parser("stop", help="stop the server recorded in the pid file")
     stop.add_argument("--pid-file", default=DEFAULT_PID, help="default: %(default)s")
     stop.add_argument("--timeout", type=float, default=30.0,
                       help="seconds before SIGKILL (default: %(default)s)")
+    stop.add_argument("--replica-file", default=DEFAULT_REPLICA_FILE,
+                      help="the replica set to stop too, if one runs (default: %(default)s)")
 
     status = sub.add_parser("status", help="is it running, ready, which models")
     status.add_argument("--pid-file", default=DEFAULT_PID, help="default: %(default)s")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--replica-file", default=DEFAULT_REPLICA_FILE,
+                        help="the replica set to report, if one runs (default: %(default)s)")
     return parser
 
 
@@ -72,6 +84,8 @@ def cmd_start(args) -> int:
     from serve import local_server as ls
     from serve.triton_access import API_KEY_HEADER, GRPC_API_KEY_HEADER
 
+    if args.replicas is not None:
+        return cmd_start_replicas(args)
     running = ls.handle_from_pid_file(args.pid_file)
     if running is not None:
         print(f"error: a server started with {args.pid_file} is already running (pid "
@@ -122,18 +136,29 @@ def cmd_start(args) -> int:
 
 def cmd_stop(args) -> int:
     from serve import local_server as ls
+    from serve import replicas
+    from train.records import RecordError
 
     record = ls.read_pid_file(args.pid_file)
     if ls.stop_server(args.pid_file, timeout=args.timeout):
         print(f"stopped tritonserver (pid {record['pid']})")
     else:
         print(f"no server running (pid file {args.pid_file})")
+    try:
+        if replicas.stop_replica_set(args.replica_file, timeout=args.timeout):
+            print(f"stopped the replica set of {args.replica_file} (balancer and every replica)")
+    except RecordError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_status(args) -> int:
     from serve import local_server as ls
+    from serve.replica_record import read_replica_set
 
+    if read_replica_set(args.replica_file) is not None and ls.read_pid_file(args.pid_file) is None:
+        return cmd_status_replicas(args)
     status = ls.server_status(args.pid_file)
     if args.json:
         print(json.dumps(status, indent=2))
@@ -148,6 +173,70 @@ def cmd_status(args) -> int:
             print(f"  model {name}: {state.splitlines()[0] if state else state}")
         print(f"  log {status['log_file']}")
     return 0 if status["running"] and status.get("ready") else 1
+
+
+def cmd_start_replicas(args) -> int:
+    from serve import replicas
+    from serve.errors import ServeError
+    from serve.triton_access import API_KEY_HEADER
+
+    models = "*" if args.models.strip() == "*" else [m for m in args.models.split(",") if m]
+    try:
+        rs = replicas.start_replica_set(
+            args.repository, args.replicas, host=args.host, http_port=args.http_port,
+            grpc_port=args.grpc_port, metrics_port=args.metrics_port, models=models,
+            log_dir=os.path.dirname(os.path.abspath(args.log_file)), record_file=args.replica_file,
+            api_key_file=args.api_key_file, timeout=args.timeout)
+    except (ServeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.replicas} replica(s) behind haproxy (pid {rs.balancer.pid}), in rotation: "
+          f"{', '.join(rs.balancer.in_rotation())}")
+    print(f"  http    {rs.url_http}\n  grpc    {rs.url_grpc}\n  stats   {rs.url_stats} "
+          f"(balancer /metrics on the same port)")
+    for i, h in enumerate(rs.replicas):
+        print(f"  {rs.name(i)}      pid {h.pid}, cpus {','.join(map(str, rs.shares[i]))}, http {h.url_http}, "
+              f"grpc {h.url_grpc}, metrics {h.url_metrics}")
+    for name in rs.models:
+        print(f"  model {name}: READY")
+    for name, why in {**rs.failed, **rs.plan.skipped}.items():
+        print(f"  model {name}: not loaded: {why}")
+    print(f"  logs    {rs.log_dir}\n  api key {rs.api_key_file} (HTTP header {API_KEY_HEADER}; the "
+          f"repository API through the balancer reaches one replica)\n"
+          f"  stop    python -m serve stop --replica-file {args.replica_file}")
+    if rs.failed and args.require_all:
+        rs.stop()
+        print(f"error: model(s) failed to load: {', '.join(rs.failed)}; stopped", file=sys.stderr)
+        return 3
+    if args.foreground:
+        try:
+            rs.balancer.process.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            rs.stop()
+    return 0
+
+
+def cmd_status_replicas(args) -> int:
+    from serve import replicas
+
+    status = replicas.replica_set_status(args.replica_file)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0 if status.get("ready") else 1
+    if not status["running"]:
+        print(f"replica set of {args.replica_file}: balancer not running")
+        return 1
+    print(f"replica set ({args.replica_file}): balancer pid {status['balancer_pid']}, "
+          f"{'ready' if status['ready'] else 'NOT ready (no replica in rotation)'}")
+    print(f"  http {status['http']}  grpc {status['grpc']}  stats {status['stats']}")
+    for r in status["replicas"]:
+        print(f"  {r['name']}: {'running' if r['running'] else 'NOT running'}, "
+              f"{'ready' if r['ready'] else 'not ready'}, balancer {r['balancer_state']}, cpus "
+              f"{','.join(map(str, r['cpus']))} ({r['threads']} thread(s)), http {r['http']}, grpc {r['grpc']}")
+    print(f"  models {', '.join(status['models'])}; balancer log {status['balancer_log']}")
+    return 0 if status["ready"] else 1
 
 
 def main(argv=None) -> int:

@@ -278,7 +278,8 @@ def start_server(repository: str | os.PathLike, *,
                  pid_file: str | os.PathLike | None = None,
                  backend_dir: str | os.PathLike | None = None,
                  exit_timeout_s: int = 5,
-                 extra_args: Sequence[str] = ()) -> ServerHandle:
+                 extra_args: Sequence[str] = (),
+                 cpus: Sequence[int] | None = None) -> ServerHandle:
     """Start tritonserver on ``repository`` in the background and return its handle.
 
     Does not wait: call ``handle.wait_ready()``. Refuses busy ports with
@@ -289,6 +290,9 @@ def start_server(repository: str | os.PathLike, *,
     saying what was loaded and what was skipped and why, go to ``log_file``.
     The API key (``api_key`` or a new random one) is written with mode 0600
     to ``api_key_file`` (default: the log file with suffix ``.api_key``).
+    ``cpus``: run the server on these CPUs only (``taskset``, which every
+    thread and model stub inherits) with ``OMP_NUM_THREADS`` = their count
+    (serve.replicas gives each replica its share this way).
     """
     if model_control not in ("explicit", "none", "poll"):
         raise ValueError(f"model_control must be explicit, none or poll, not {model_control!r}")
@@ -313,6 +317,11 @@ def start_server(repository: str | os.PathLike, *,
               f"[serve] backend directory: {backend_dir}",
               f"[serve] loading: {', '.join(plan.load) or '(nothing)'}"]
     header += [f"[serve] {name}: not loaded: {why}" for name, why in plan.skipped.items()]
+    env = server_env(install)
+    if cpus:
+        # taskset execs tritonserver in place: the pid stays the server's
+        cmd = ["taskset", "--cpu-list", ",".join(str(int(c)) for c in cpus)] + cmd
+        env["OMP_NUM_THREADS"] = str(len(cpus))
     header += [f"[serve] command: {_redact(cmd, api_key)}", ""]
     for name, why in plan.skipped.items():
         log.warning("%s: not loaded: %s", name, why)
@@ -320,7 +329,7 @@ def start_server(repository: str | os.PathLike, *,
         out.write("\n".join(header))
         out.flush()
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=server_env(install),
+                                   stdin=subprocess.DEVNULL, env=env,
                                    cwd=str(repository), start_new_session=True)
     handle = ServerHandle(process=process, pid=process.pid, host=host, http_port=ports["http"],
                           grpc_port=ports["grpc"], metrics_port=ports["metrics"],
