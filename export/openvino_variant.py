@@ -238,6 +238,15 @@ def copy_ir(src_xml: Path, dst_xml: Path) -> None:
     shutil.copyfile(Path(src_xml).with_suffix(".bin"), Path(dst_xml).with_suffix(".bin"))
 
 
+def max_opset(xml_path: Path) -> int:
+    """The newest operation set the IR uses (an older OpenVINO reads the IR
+    only when it knows that opset; e.g. opset13 needs OpenVINO >= 2024.0)."""
+    versions = [int(v[len("opset"):]) for v in
+                (layer.get("version", "") for layer in ET.parse(xml_path).getroot().iter("layer"))
+                if v.startswith("opset") and v[len("opset"):].isdigit()]
+    return max(versions, default=0)
+
+
 def _op_counts(model) -> dict[str, int]:
     ops: dict[str, int] = {}
     for op in model.get_ops():
@@ -269,7 +278,7 @@ def build_fp32(ctx, path: Path) -> dict:
     return {"tool": "openvino.convert_model (ONNX frontend) + save_model(compress_to_fp16=False)",
             **device_facts(ov), "source": str(onnx_path), "convert_seconds": round(time.perf_counter() - t, 2),
             "compute_precision": "f32: every layer marked precise, so BF16/FP16-capable CPUs keep FP32",
-            "precise_layers": n_layers, "io": shapes, "op_types": _op_counts(back),
+            "precise_layers": n_layers, "io": shapes, "op_types": _op_counts(back), "max_opset": max_opset(path),
             "config_parameters": params}
 
 
@@ -396,7 +405,7 @@ def build_int8(ctx, path: Path) -> dict:
                             "load_seconds": round(calib_load_s, 2)},
             "accuracy_control": {"mode": mode, **ac_info},
             "search": {**result.to_dict(), "seconds": round(search_s, 2)},
-            "fake_quantize": ops.get("FakeQuantize", 0), "io": shapes, "op_types": ops,
+            "fake_quantize": ops.get("FakeQuantize", 0), "io": shapes, "op_types": ops, "max_opset": max_opset(path),
             "config_parameters": runtime_parameters(opts)}
 
 

@@ -43,6 +43,11 @@ BREAKDOWN = (("client_send_us", "client send"), ("network_server_send_recv_us", 
              ("server_compute_infer_us", "compute infer"), ("server_compute_output_us", "compute output"),
              ("client_recv_us", "client recv"))
 _KIND_ORDER = {"baseline": 0, "variant": 1, "ensemble": 2, "preprocess": 3}
+#: CPU extensions that speed up a precision's arithmetic (what the recommendation names)
+EXTENSIONS = {"int8": ("avx512_vnni", "avx_vnni", "amx_int8"), "fp16": ("avx512_fp16", "amx_fp16"),
+              "fp32": ("avx512f", "avx2", "fma")}
+#: the extensions whose absence the recommendation points out
+KEY_EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
 
 
 def _ms(us: Any) -> float | None:
@@ -241,8 +246,46 @@ def _flag_slower(rows: Mapping[str, VariantRow], op: OperatingPoint) -> None:
 
 
 # ----------------------------------------------------------------------------- the recommendation
-def recommend(rows: Sequence[VariantRow], op: OperatingPoint) -> Recommendation:
-    """The fastest deployable variant that passes all its gates at ``op``."""
+def host_description(machine) -> str | None:
+    """The CPU and the extensions that decide which engine wins, e.g.
+    "AMD EPYC (avx2, fma, avx512f, avx512_vnni, avx512_bf16; no amx_int8), 2 cores"."""
+    if machine is None:
+        return None
+    flags = list(machine.cpu_flags or [])
+    missing = [f for f in KEY_EXTENSIONS if f not in flags]
+    cores = machine.usable_cores or machine.logical_cores
+    return (f"{machine.cpu_model} ({', '.join(flags) or 'none of the vector extensions looked for'}"
+            f"{'; no ' + ', '.join(missing) if missing else ''}), {cores} cores")
+
+
+def why_winner(best: VariantRow, thr: float, considered: Sequence[tuple[float, VariantRow]],
+               rows: Sequence[VariantRow], machine=None) -> str:
+    """Why ``best`` won, in numbers: its margin over the next gated variant,
+    its ratio to eager FP32 (in process), and the CPU extension its precision uses."""
+    parts = []
+    if len(considered) > 1:
+        t2, r2 = considered[1]
+        parts.append(f"{thr / t2:.2f}x the next gated variant, {r2.key} ({t2:.1f} img/s)")
+    else:
+        parts.append("the only gated variant measured there")
+    eager = next((r for r in rows if r.kind == "baseline"), None)
+    e = eager.in_process.op_images_per_s if eager else None
+    if e:
+        parts.append(f"{thr / e:.2f}x eager PyTorch FP32 in process ({e:.1f} img/s)")
+    if machine is not None:
+        wanted = EXTENSIONS.get(best.precision, ())
+        have = [f for f in wanted if f in (machine.cpu_flags or [])]
+        if have:
+            parts.append(f"{best.precision.upper()} arithmetic on this CPU's {', '.join(have)}")
+        elif wanted:
+            parts.append(f"this CPU has none of {', '.join(wanted)} for {best.precision.upper()}")
+    return "; ".join(parts)
+
+
+def recommend(rows: Sequence[VariantRow], op: OperatingPoint, machine=None) -> Recommendation:
+    """The fastest deployable variant that passes all its gates at ``op``,
+    every gated variant measured on this host ranked; ``machine``
+    (perf.results.Machine) names the CPU and its extensions in the reason."""
     variants = [r for r in rows if r.kind == "variant" and r.model_name]
     source = "server" if any(r.server.op_images_per_s for r in variants) else "in_process"
     considered: list[tuple[float, VariantRow]] = []
@@ -279,4 +322,5 @@ def recommend(rows: Sequence[VariantRow], op: OperatingPoint) -> Recommendation:
         label=best.label, images_per_s=thr, p99_ms=getattr(best, source).op_p99_ms,
         gate_source=best.gate.source, warnings=list(best.slower_than_parent),
         reason=f"highest throughput ({thr:.1f} img/s) {where} among the variants that pass all their gates "
-               f"({best.gate.source})")
+               f"({best.gate.source})" + (f" on {host_description(machine)}" if machine is not None else "")
+               + f": {why_winner(best, thr, considered, rows, machine)}")

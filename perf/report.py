@@ -438,7 +438,7 @@ def generate_report(results: PerfResults, out_dir: str | os.PathLike) -> Report:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(results)
     op = operating_point(results)
-    rec = recommend(rows, op)
+    rec = recommend(rows, op, machine=results.machine)
     final = results.model_copy(update={"operating_point": op, "rows": rows, "recommendation": rec})
     plots = make_plots(final, rows, out_dir)
     blocks = build_blocks(final, rows, rec, plots)

@@ -53,6 +53,17 @@ TRITON_TENSORRT_VERSION=10.13.3.9
 # (docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/introduction/compatibility.html).
 TRITON_ONNXRUNTIME_VERSION=1.23.1
 
+# OpenVINO of the container's openvino backend (the openvino / openvino_int8
+# variants; export/openvino_variant.py). UNVERIFIED: the last figure read
+# from NVIDIA's own text is server build.py's DEFAULT_TRITON_VERSION_MAP for
+# 25.03 ("standalone_openvino_version": "2025.0.0"); 25.10 carries that or a
+# newer release. The export writes IR v11 with OpenVINO 2026.4.1
+# (requirements/lock-cpu.txt); a ViT uses operation sets up to opset13
+# (ScaledDotProductAttention, OpenVINO >= 2024.0; the manifest's build_info
+# records max_opset), which 2025.0 reads. Confirm:
+#   docker run --rm nvcr.io/nvidia/tritonserver:25.10-py3 bash -c 'ls /opt/tritonserver/backends/openvino/'
+TRITON_OPENVINO_VERSION=2025.0.0
+
 # Python of the containers (major.minor). UNVERIFIED for the -py3 images:
 # every 25.xx Triton container in the compatibility matrix (trtllm, vllm) has
 # Python 3.12.3 (Ubuntu 24.04). Confirm:

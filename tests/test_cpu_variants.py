@@ -127,6 +127,8 @@ def test_cpu_variants_exported_verified_published(cpu_repository):
     ov32 = m.variants["openvino"]
     assert sorted(ov32.files) == ["model.bin", "model.xml"]
     assert ov32.build_info["precise_layers"] > 0
+    # the pinned container's OpenVINO (2025.0 or newer, scripts/triton_version.sh) reads opsets up to 16
+    assert 1 <= ov32.build_info["max_opset"] <= 16
     # FP32 really computed in FP32 (on a BF16-capable CPU an unmarked IR drifts ~1e-2)
     assert ov32.headline.logits_max_abs_diff < 1e-4 and ov32.headline.top1_agreement == 1.0
     ov8 = m.variants["openvino_int8"].build_info
@@ -248,3 +250,30 @@ def test_served_cpu_variants_answer_like_in_process(cpu_repository, tiny_dataset
         assert ok.as_numpy("logits").shape == (8, 3)
         with pytest.raises(RequestError, match="ENABLE_BATCH_PADDING"):
             conn.infer("dinov2_openvino", [conn.tensor_input("pixel_values", x8[:1])])
+
+
+# --------------------------------------------------------------------------- the recommendation
+def test_recommendation_ranks_gated_variants_and_names_the_cpu():
+    from perf.ranking import recommend
+    from perf.results import GateVerdict, Machine, OperatingPoint, RowInProcess, RowServer, VariantRow
+
+    def row(key, thr, precision="fp32", passed=True):
+        return VariantRow(key=key, label=key, model_name=key, precision=precision, served=True,
+                          server=RowServer(op_images_per_s=thr), gate=GateVerdict(passed=passed))
+
+    rows = [VariantRow(key="pytorch", label="eager", kind="baseline", in_process=RowInProcess(op_images_per_s=100.0),
+                       gate=GateVerdict(passed=True)),
+            row("dinov2_onnx", 150.0), row("dinov2_openvino_int8", 300.0, "int8"),
+            row("dinov2_onnx_int8", 400.0, "int8", passed=False), row("dinov2_openvino", 200.0)]
+    machine = Machine(cpu_model="AMD EPYC", cpu_flags=["avx2", "fma", "avx512f", "avx512_vnni"], logical_cores=2,
+                      usable_cores=2, memory_total_bytes=1, os="Linux", python="3.11")
+    rec = recommend(rows, OperatingPoint(batch_size=8, concurrency=1, protocol="grpc"), machine=machine)
+    assert rec.variant == "dinov2_openvino_int8"
+    assert [r.variant for r in rec.ranking] == ["dinov2_openvino_int8", "dinov2_openvino", "dinov2_onnx"]
+    assert "on AMD EPYC (avx2, fma, avx512f, avx512_vnni; no avx512_bf16, amx_int8), 2 cores" in rec.reason
+    assert "1.50x the next gated variant, dinov2_openvino (200.0 img/s)" in rec.reason
+    assert "3.00x eager PyTorch FP32 in process" in rec.reason
+    assert "INT8 arithmetic on this CPU's avx512_vnni" in rec.reason
+    avx2 = machine.model_copy(update={"cpu_flags": ["avx2", "fma"]})
+    assert "this CPU has none of avx512_vnni, avx_vnni, amx_int8 for INT8" in recommend(
+        rows, OperatingPoint(batch_size=8, concurrency=1, protocol="grpc"), machine=avx2).reason
