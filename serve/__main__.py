@@ -4,8 +4,11 @@
       --http-port 8000 --grpc-port 8001 --metrics-port 8002 \\
       [--models a,b] [--log-file logs/triton.log] [--pid-file logs/triton.pid]
   python -m serve status [--json]
-  python -m serve stop
+  python -m serve stop [--exit-timeout-secs 30]
+  python -m serve reload MODEL [MODEL...]        serve the newest version folder (zero downtime)
+  python -m serve rollback MODEL [--version N]   serve the previous version kept on disk
   python -m serve start --replicas N ...   N servers behind HAProxy on the same ports
+  python -m serve kubernetes --repository ./model_repository --image REGISTRY/dinov2-triton-serve --out DIR
 
 ``start`` returns once the server is ready and leaves it running in the
 background (``--foreground`` keeps it attached; Ctrl-C stops it). Ports
@@ -33,6 +36,7 @@ def _port(env: str, default: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serve.local_server import DEFAULT_EXIT_TIMEOUT_S
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -64,13 +68,56 @@ def build_parser() -> argparse.ArgumentParser:
                             "(--metrics-port: the balancer's /metrics and /stats); recorded in "
                             "--replica-file")
     start.add_argument("--replica-file", default=DEFAULT_REPLICA_FILE, help="default: %(default)s")
+    start.add_argument("--exit-timeout-secs", type=int, default=DEFAULT_EXIT_TIMEOUT_S,
+                       help="on stop (SIGTERM) the server refuses new requests and answers the ones "
+                            "it holds for up to this long (tritonserver --exit-timeout-secs; "
+                            "default: %(default)s, as Triton's)")
 
     stop = sub.add_parser("stop", help="stop the server recorded in the pid file")
     stop.add_argument("--pid-file", default=DEFAULT_PID, help="default: %(default)s")
-    stop.add_argument("--timeout", type=float, default=30.0,
-                      help="seconds before SIGKILL (default: %(default)s)")
+    stop.add_argument("--exit-timeout-secs", "--timeout", dest="timeout", type=float, default=None,
+                      help="seconds to wait for the server to drain and exit before SIGKILL "
+                           "(default: the exit timeout it was started with + 10 s)")
     stop.add_argument("--replica-file", default=DEFAULT_REPLICA_FILE,
                       help="the replica set to stop too, if one runs (default: %(default)s)")
+
+    kube = sub.add_parser("kubernetes", help="write Kustomize overlays for this repository "
+                          "(models, image tag, memory) over deploy/kubernetes")
+    kube.add_argument("--repository", default="model_repository", help="default: %(default)s")
+    kube.add_argument("--image", required=True,
+                      help="registry/name of the image built from serve/Dockerfile (the tag is the "
+                           "pinned TRITON_CONTAINER_TAG of scripts/triton_version.sh)")
+    kube.add_argument("--out", required=True, help="folder for kustomization.yaml and kserve/")
+    kube.add_argument("--hardware", choices=("gpu", "cpu"), default="gpu", help="default: %(default)s")
+    where = kube.add_mutually_exclusive_group()
+    where.add_argument("--storage-uri", default=None, help="s3://, gs:// or as:// folder of the repository")
+    where.add_argument("--volume", action="store_true",
+                       help="read the repository from the read-only PVC dinov2-triton-models instead")
+    kube.add_argument("--memory", default=None, help="memory request = limit, e.g. 6Gi (default: estimated "
+                                                      "from the model files)")
+    kube.add_argument("--queue-target-us", type=int, default=None,
+                      help="HPA target: average queue time per request in microseconds (default: the "
+                           "hardware component's)")
+    kube.add_argument("--render", action="store_true", help="also print the rendered manifests")
+
+    for name, text in (("reload", "load MODEL again: its newest version folder takes the traffic, "
+                                  "with no failed request"),
+                       ("rollback", "serve the previous version of MODEL kept on disk (a config "
+                                    "override; the next reload returns to the newest)")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("models", nargs="+" if name == "reload" else 1, metavar="MODEL")
+        if name == "rollback":
+            cmd.add_argument("--version", type=int, default=None,
+                             help="version to serve (default: the newest on disk below the served one)")
+        cmd.add_argument("--url", default=None,
+                         help="server host:port (default: the local server of --pid-file)")
+        cmd.add_argument("--protocol", choices=("http", "grpc"), default="http")
+        cmd.add_argument("--api-key-file", default=None,
+                         help="the server's API key (default: the local server's, or $TRITON_API_KEY)")
+        cmd.add_argument("--repository", default=None,
+                         help="the repository folder the server reads (default: the local server's); "
+                              "used to find and check version folders")
+        cmd.add_argument("--pid-file", default=DEFAULT_PID, help="default: %(default)s")
 
     status = sub.add_parser("status", help="is it running, ready, which models")
     status.add_argument("--pid-file", default=DEFAULT_PID, help="default: %(default)s")
@@ -97,7 +144,8 @@ def cmd_start(args) -> int:
         handle = ls.start_server(
             args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
             metrics_port=args.metrics_port, host=args.host, load_models=models,
-            log_file=args.log_file, api_key_file=args.api_key_file, pid_file=args.pid_file)
+            log_file=args.log_file, api_key_file=args.api_key_file, pid_file=args.pid_file,
+            exit_timeout_s=args.exit_timeout_secs)
     except (ls.ServeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -186,7 +234,7 @@ def cmd_start_replicas(args) -> int:
             args.repository, args.replicas, host=args.host, http_port=args.http_port,
             grpc_port=args.grpc_port, metrics_port=args.metrics_port, models=models,
             log_dir=os.path.dirname(os.path.abspath(args.log_file)), record_file=args.replica_file,
-            api_key_file=args.api_key_file, timeout=args.timeout)
+            api_key_file=args.api_key_file, timeout=args.timeout, exit_timeout_s=args.exit_timeout_secs)
     except (ServeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -239,10 +287,60 @@ def cmd_status_replicas(args) -> int:
     return 0 if status["ready"] else 1
 
 
+def cmd_kubernetes(args) -> int:
+    from serve import kubernetes as k8s
+    from serve.errors import ServeError
+    from serve.release_pin import PinError
+
+    try:
+        info = k8s.write_kubernetes(args.repository, image=args.image, out=args.out, hardware=args.hardware,
+                                    storage_uri=args.storage_uri, volume=args.volume, memory=args.memory,
+                                    queue_target_us=args.queue_target_us)
+        docs = k8s.render(args.out) if args.render else None
+    except (ServeError, PinError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{info['hardware']}: {len(info['models'])} model(s) {', '.join(info['models'])}; image {info['image']}; "
+          f"memory {info['memory']}")
+    for name, why in info["skipped"].items():
+        print(f"  not loaded: {name}: {why}")
+    for path in info["files"]:
+        print(f"  wrote {path}")
+    print(f"  render: kubectl kustomize {args.out}   apply: kubectl apply -k {args.out}")
+    if docs is not None:
+        import yaml
+
+        print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+    return 0
+
+
+def cmd_rollout(args) -> int:
+    from serve import rollout
+    from serve.triton_access import TritonError, connect
+
+    try:
+        target = rollout.resolve_target(url=args.url, protocol=args.protocol, api_key_file=args.api_key_file,
+                                        pid_file=args.pid_file, repository=args.repository)
+        with connect(target.url, target.protocol, api_key=target.api_key, timeout_s=300.0) as conn:
+            conn.check_live()
+            for model in args.models:
+                if args.command == "reload":
+                    done = rollout.reload_model(conn, model, repository=target.repository)
+                else:
+                    done = rollout.rollback_model(conn, model, repository=target.repository,
+                                                  version=args.version)
+                print(done.describe())
+    except (rollout.RolloutError, TritonError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[serve] %(message)s")
     args = build_parser().parse_args(argv)
-    return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status}[args.command](args)
+    return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
+            "kubernetes": cmd_kubernetes, "reload": cmd_rollout, "rollback": cmd_rollout}[args.command](args)
 
 
 if __name__ == "__main__":
