@@ -277,3 +277,38 @@ def test_recommendation_ranks_gated_variants_and_names_the_cpu():
     avx2 = machine.model_copy(update={"cpu_flags": ["avx2", "fma"]})
     assert "this CPU has none of avx512_vnni, avx_vnni, amx_int8 for INT8" in recommend(
         rows, OperatingPoint(batch_size=8, concurrency=1, protocol="grpc"), machine=avx2).reason
+
+
+# --------------------------------------------------------------------------- the benchmark's tools
+def test_cpu_compare_table_from_a_results_file(tmp_path):
+    from perf.cpu_compare import main, table_rows
+    from perf.results import read_results
+
+    src = ROOT / "tests" / "data" / "perf_results_v1_server.json"
+    rows = {r["name"]: r for r in table_rows(read_results(src))}
+    onnx = rows["onnx"]
+    assert onnx["served_over_in_process_b8"] == pytest.approx(onnx["served_b8"] / onnx["in_process_b8"])
+    assert onnx["top1_agreement"] == 1.0 and rows["onnx_int8"]["gate_passed"] is False
+    assert rows["pytorch"]["served_b8"] is None
+    out = tmp_path / "table.md"
+    assert main([str(src), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| onnx (onnx) |" in text and "Served batch 8, dinov2_onnx vs the other gated engines: onnx_fp16" in text
+    assert "onnx_int8 " not in text.split("other gated engines:")[1].splitlines()[0]   # failed its gate
+    assert main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_thread_study_runs_each_setting(cpu_repository):
+    from perf.cpu_threads import render, run_study, usable_cores
+
+    study = run_study(cpu_repository, ["onnx_int8_dynamic", "openvino"], batch_size=8, seconds=0.2)
+    cores = usable_cores()
+    for name in ("onnx_int8_dynamic", "openvino"):
+        rows = study["variants"][name]
+        assert [r["instances"] for r in rows] == [1, 1, cores] and [r["clients"] for r in rows] == [1, cores, cores]
+        assert all(r["requests"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert "| openvino | 1 instance, THROUGHPUT" in render(study)
+    with pytest.raises(ValueError, match="trt_fp16: not published"):
+        run_study(cpu_repository, ["trt_fp16"], batch_size=8, seconds=0.2)
+    with pytest.raises(ValueError, match="torchscript: platform pytorch_libtorch has no thread study"):
+        run_study(cpu_repository, ["torchscript"], batch_size=8, seconds=0.2)
