@@ -20,7 +20,11 @@ Two kinds of sections:
   as written, so those modules can add detail without a schema change here.
 
 Schema history: version 1 is the layout perf.run has written since its first
-version (``model.pretrained`` included), so there is nothing to migrate yet.
+version (``model.pretrained`` included); version 2 adds the optional
+``capacity`` (perf.capacity: capacity at a p99 SLO under open-loop load) and
+``search`` (perf.search: the configuration search) sections and the
+recommendation's capacity fields; a version-1 file reads as version 2
+without them.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from perf.capacity_records import CapacityRun, SearchRun, ServingConfig
 from train.records import Record, RecordError
 
 RESULTS_FILE = "results.json"
@@ -436,8 +441,10 @@ class Ranked(Section):
 
 
 class Recommendation(Section):
-    """The fastest deployable variant that passes all its gates (perf.ranking.recommend)."""
-    source: Literal["server", "in_process"]
+    """The deployable variant that passes all its gates with the most capacity
+    at the SLO (search or capacity run), else the fastest at the operating
+    point (perf.ranking.recommend)."""
+    source: Literal["server", "in_process", "capacity", "search"]
     operating_point: OperatingPoint
     rejected: list[Rejected] = []
     ranking: list[Ranked] = []
@@ -448,6 +455,10 @@ class Recommendation(Section):
     p99_ms: float | None = None
     gate_source: str | None = None
     warnings: list[str] = []
+    configuration: ServingConfig | None = None
+    capacity_img_s: float | None = None
+    slo_p99_ms: float | None = None
+    top1_agreement: float | None = None
 
 
 # ----------------------------------------------------------------------------- the record
@@ -455,7 +466,7 @@ class PerfResults(Record):
     """``perf/reports/<run-id>/results.json``: written by perf.run (and again by
     perf.report with ``rows`` and ``recommendation``), read by perf.report."""
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2
     KIND: ClassVar[str] = "perf results.json"
     REGENERATE: ClassVar[str] = "python -m perf.run --model_path ... (see python -m perf.run --help)"
 
@@ -478,6 +489,8 @@ class PerfResults(Record):
     export: ExportSummary | None = None
     skipped: list[Skipped] = []
     errors: list[str] = []
+    capacity: CapacityRun | None = None
+    search: SearchRun | None = None
     rows: list[VariantRow] | None = None
     recommendation: Recommendation | None = None
 
@@ -485,6 +498,8 @@ class PerfResults(Record):
     def _migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
         if version == 0:
             raise RecordError("not a results.json written by perf.run")
+        if version == 1:   # 2 added the optional capacity and search sections
+            return {**data, "schema_version": 2}
         raise RecordError(f"schema_version {version} is no longer supported")
 
 

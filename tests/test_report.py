@@ -253,7 +253,8 @@ def test_real_in_process_results_json_still_reads(tmp_path):
     only, tiny model, no server) of commit 81348c4, the old TensorRT
     placeholder entry included."""
     res = read_results(DATA / "perf_results_v1_inprocess.json")
-    assert res.schema_version == 1 and res.model.pretrained is False
+    # schema 1 on disk, read as the current schema (2 added optional sections only)
+    assert res.schema_version == 2 and res.model.pretrained is False
     assert res.in_process.variants["onnx"].benchmark.grid[0].images_per_s > 0
     out = rp.generate_report(res, tmp_path)
     assert out.recommendation.variant == res.recommendation.variant == "dinov2_onnx"
@@ -278,7 +279,7 @@ def test_results_round_trip_and_strict_json(tmp_path):
     (lambda d: d["in_process"]["variants"]["onnx"]["benchmark"]["grid"][0].update(images_per_s="fast"),
      "field 'in_process.variants.onnx.benchmark.grid[0].images_per_s': Input should be a valid number"),
     (lambda d: d["model"].update(pretrained="maybe"), "field 'model.pretrained'"),
-    (lambda d: d.update(schema_version=99), "field 'schema_version': 99 is newer than this code reads (1)"),
+    (lambda d: d.update(schema_version=99), "field 'schema_version': 99 is newer than this code reads (2)"),
     (lambda d: d.pop("schema_version"), "field 'schema_version': missing"),
     (lambda d: d.update(surprise=1), "field 'surprise': unknown field"),
 ])

@@ -1,0 +1,266 @@
+"""perf/capacity.py: capacity at a p99 SLO under open-loop (Poisson) load.
+
+The search logic runs against a simulated M/D/1 server with a known answer;
+the real thing runs perf_analyzer's request-rate mode against the REAL local
+Triton server on a model with a KNOWN service time (a Python-backend model
+that sleeps a fixed time per image, one instance: it cannot serve more than
+1000 / service_ms images per second), its config made by export's own
+generator (export/triton_config.preprocess_config)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from perf import capacity as cap
+from perf import perf_analyzer as pa
+from perf.capacity_records import RatePoint
+
+SLEEPY_MODEL_PY = '''\
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Sleeps service_time_ms per image: one instance serves at most 1000 / service_time_ms images/s."""
+
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        self.seconds = float(cfg["parameters"]["service_time_ms"]["string_value"]) / 1000
+        self.dims = [int(d) for d in cfg["output"][0]["dims"]]
+
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            n = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().shape[0]
+            time.sleep(self.seconds * n)
+            out.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor("pixel_values", np.zeros([n, *self.dims], np.float32))]))
+        return out
+'''
+
+
+def write_sleepy_model(root: Path, name: str, service_ms: float, *, instances: int = 1,
+                       max_batch_size: int = 4) -> Path:
+    """A model with a known service time: image bytes [1] -> pixel_values [3,8,8]
+    (the preprocessing model's contract, so export's generator and checker apply)."""
+    from export.triton_config import preprocess_config, validate_config
+
+    cfg = preprocess_config(image_size=8, max_batch_size=max_batch_size, instances=instances, warmup_file=False,
+                            parameters={"service_time_ms": service_ms})
+    cfg.name = name
+    # a queue far longer than a test's bursts: the capacity is then the service time's
+    # alone (shedding by a short queue is tested on its own)
+    cfg.dynamic_batching.default_queue_policy.max_queue_size = 1000
+    (root / name / "1").mkdir(parents=True, exist_ok=True)
+    (root / name / "config.pbtxt").write_text(validate_config(cfg))
+    (root / name / "1" / "model.py").write_text(SLEEPY_MODEL_PY)
+    return root / name
+
+
+def bytes_samples(n: int = 8):
+    from perf.input_data import synthetic_samples
+
+    return synthetic_samples((3, 8, 8), n=n, encoded_size=8)
+
+
+# ----------------------------------------------------------------------------- the rules, no server
+def test_settings_name_the_flag():
+    with pytest.raises(ValueError, match="--slo-p99-ms 0"):
+        cap.capacity_settings(slo_p99_ms=0)
+    with pytest.raises(ValueError, match="--rate-growth 1"):
+        cap.capacity_settings(slo_p99_ms=10, growth=1)
+    with pytest.raises(ValueError, match="--max-rate 5"):
+        cap.capacity_settings(slo_p99_ms=10, start_rate=10, max_rate=5)
+    s = cap.capacity_settings(slo_p99_ms=10)
+    assert (s.distribution, s.max_error_rate, s.batch_size) == ("poisson", 0.001, 1)
+
+
+def test_open_loop_command_and_its_csv(tmp_path):
+    s = pa.MeasurementSettings(window_ms=2000, max_trials=4)
+    cmd = pa.build_command("pa", model="m", url="h:1", protocol="grpc", batch_size=1, settings=s, input_data=None,
+                           shapes=[], csv_path="o.csv", metrics_url=None, request_rate=42.5, max_threads=4)
+    for flag in ("--request-rate-range=42.5:42.5:1", "--request-distribution=poisson", "--async", "--max-threads=4"):
+        assert flag in cmd
+    assert not any(c.startswith("--concurrency-range") for c in cmd)
+    with pytest.raises(ValueError, match="exactly one"):
+        pa.build_command("pa", model="m", url="h:1", protocol="grpc", batch_size=1, concurrency=1, settings=s,
+                         input_data=None, shapes=[], csv_path="o.csv", metrics_url=None, request_rate=3)
+    # captured from perf_analyzer 2.50, request-rate mode (the load column is "Request Rate")
+    (tmp_path / "r.csv").write_text(
+        "Request Rate,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,"
+        "Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency,"
+        "Avg latency,request/response,response wait\n"
+        "30,29.07,6,309,17562,26,33601,211,1,47587,85407,100093,149570,51719,7,51706\n")
+    row = pa.parse_csv(tmp_path / "r.csv")[0]
+    assert row["request_rate"] == 30 and row["p99_latency_us"] == 149570 and "concurrency" not in row
+
+
+def test_judge_each_verdict():
+    s = cap.capacity_settings(slo_p99_ms=100, window_ms=1000)
+    ok = {"p99_latency_us": 80_000, "throughput_infer_per_s": 195.0}
+    assert cap.judge(200, ok, s, delayed_pct=0.0)[0] == "PASS"
+    assert cap.judge(200, {**ok, "p99_latency_us": 120_000}, s, delayed_pct=0.0) == (
+        "OVER_SLO", "p99 120.0 ms > SLO 100 ms")
+    assert cap.judge(200, {**ok, "throughput_infer_per_s": 100.0}, s, delayed_pct=0.0)[0] == "NOT_SUSTAINED"
+    assert cap.judge(200, ok, s, delayed_pct=5.0)[0] == "CLIENT_LIMITED"
+    # batch 4: the offered images are 4 x the rate
+    s4 = cap.capacity_settings(slo_p99_ms=100, window_ms=1000, batch_size=4)
+    assert cap.judge(50, ok, s4, delayed_pct=0.0)[0] == "PASS"
+    assert cap.judge(100, ok, s4, delayed_pct=0.0)[0] == "NOT_SUSTAINED"
+
+
+def test_low_rates_get_longer_windows():
+    s = cap.capacity_settings(slo_p99_ms=100, window_ms=1000)
+    assert cap.window_ms(200, s) == 1000
+    assert cap.window_ms(10, s) == 1000 * cap.MIN_WINDOW_REQUESTS // 10
+
+
+def _md1_p99_ms(rate: float, service_ms: float) -> float:
+    """p99 sojourn time of an M/D/1 queue (heavy-traffic exponential tail), inf at or above capacity."""
+    rho = rate * service_ms / 1000
+    if rho >= 1:
+        return math.inf
+    return service_ms + max(0.0, math.log(100 * rho)) * service_ms * rho / (2 * (1 - rho))
+
+
+def _true_capacity(service_ms: float, slo_ms: float) -> float:
+    """The highest rate whose M/D/1 p99 meets the SLO (bisection on the formula)."""
+    lo, hi = 0.0, 1000 / service_ms
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _md1_p99_ms(mid, service_ms) <= slo_ms else (lo, mid)
+    return lo
+
+
+class SimulatedServer:
+    """A probe for find_capacity: an M/D/1 queue with a fixed service time, on a fake clock."""
+
+    def __init__(self, service_ms: float, slo_ms: float, seconds_per_point: float = 5.0):
+        self.service_ms, self.slo, self.now, self.rates = service_ms, slo_ms, 0.0, []
+        self.seconds = seconds_per_point
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(self, rate: float) -> RatePoint:
+        self.rates.append(rate)
+        self.now += self.seconds
+        p99 = _md1_p99_ms(rate, self.service_ms)
+        if math.isinf(p99):
+            return RatePoint(rate_rps=rate, status="OVER_SLO", reason="queue grows", p99_ms=10_000.0,
+                             wall_s=self.seconds)
+        return RatePoint(rate_rps=rate, status="PASS" if p99 <= self.slo else "OVER_SLO", reason="sim",
+                         p99_ms=p99, throughput_img_s=rate, wall_s=self.seconds)
+
+
+def test_find_capacity_converges_on_the_known_answer():
+    sim = SimulatedServer(service_ms=10, slo_ms=200)
+    s = cap.capacity_settings(slo_p99_ms=200, precision=0.05, budget_s=1000)
+    truth = _true_capacity(10, 200)
+    c = cap.find_capacity(sim, s, model="sim", clock=sim.clock)
+    assert c.stop == "converged"
+    assert c.capacity_rps <= truth < c.failed_rps <= c.capacity_rps * 1.05 + 1e-9
+    assert c.capacity_img_s == c.capacity_rps and c.p99_at_capacity_ms <= 200
+    assert sim.rates[:4] == [10, 20, 40, 80] and len(c.points) == len(sim.rates)
+    # the knee: p99 doubles from the lightest load's somewhere between 20 and 80 req/s
+    assert c.knee_rps in (20, 40)
+
+
+def test_find_capacity_ramps_down_and_keeps_the_budget():
+    sim = SimulatedServer(service_ms=100, slo_ms=5000)        # capacity 10 req/s: the start rate 40 fails
+    s = cap.capacity_settings(slo_p99_ms=5000, start_rate=40, budget_s=1000)
+    c = cap.find_capacity(sim, s, model="sim", clock=sim.clock)
+    assert sim.rates[:3] == [40, 20, 10] and c.stop == "converged"
+    assert c.capacity_rps <= _true_capacity(100, 5000) < c.failed_rps <= 10
+    # 16 s of budget at 5 s a point: a 4th point would overrun it, so it stops after 3 and says so
+    sim = SimulatedServer(service_ms=10, slo_ms=200, seconds_per_point=5.0)
+    s = cap.capacity_settings(slo_p99_ms=200, budget_s=16)
+    c = cap.find_capacity(sim, s, model="sim", clock=sim.clock)
+    assert c.stop == "budget" and len(c.points) == 3 and c.capacity_rps == 40 and c.failed_rps is None
+    assert "time budget 16 s" in c.reason
+    # nothing passes down to the minimum rate
+    sim = SimulatedServer(service_ms=10_000, slo_ms=1)
+    s = cap.capacity_settings(slo_p99_ms=1, budget_s=1e6)
+    c = cap.find_capacity(sim, s, model="sim", clock=sim.clock)
+    assert c.stop == "no_passing_rate" and c.capacity_rps is None and c.capacity_img_s is None
+
+
+def test_knee_needs_a_doubling():
+    pts = [RatePoint(rate_rps=r, status="PASS", reason="", p99_ms=p, wall_s=1) for r, p in
+           ((10, 20.0), (20, 25.0), (40, 39.0), (80, 90.0))]
+    assert cap.knee_rate(pts) == 40
+    assert cap.knee_rate(pts[:3]) is None and cap.knee_rate(pts[:1]) is None
+
+
+# ----------------------------------------------------------------------------- the real server
+SERVICE_MS = 25.0          # one instance: at most 40 images/s (a longer sleep drowns the per-request overhead)
+
+
+@pytest.fixture(scope="module")
+def sleepy_server(tmp_path_factory, triton_server_factory):
+    root = tmp_path_factory.mktemp("sleepy_repo")
+    write_sleepy_model(root, "sleepy", SERVICE_MS)
+    return triton_server_factory(root)
+
+
+@pytest.mark.triton
+def test_capacity_of_a_model_with_a_known_service_time(sleepy_server, tmp_path):
+    truth = 1000 / SERVICE_MS
+    # SLO 25 service times: an M/D/1 queue meets it up to ~0.9 of the capacity
+    s = cap.capacity_settings(slo_p99_ms=25 * SERVICE_MS, window_ms=1000, start_rate=10, precision=0.1,
+                              budget_s=150)
+    run = cap.run_capacity(url=sleepy_server.url_grpc, models=["sleepy"], samples=bytes_samples(), settings=s,
+                           out_dir=tmp_path, api_key=sleepy_server.api_key)
+    assert run.failures == []
+    (c,) = run.results
+    rates = [(p.rate_rps, p.status, p.p99_ms) for p in c.points]
+    assert c.stop == "converged", rates
+    assert 0.7 * truth <= c.capacity_img_s <= 1.05 * truth, rates
+    # above the true capacity nothing passes
+    assert all(p.status != "PASS" for p in c.points if p.rate_rps > 1.05 * truth), rates
+    assert all(p.status == "PASS" and p.successes and p.error_rate == 0 for p in c.points
+               if p.rate_rps <= 0.5 * truth), rates
+    assert c.failed_rps is not None and c.failed_rps <= 1.3 * truth
+    assert Path(c.points[0].csv).is_file() and "--request-distribution=poisson" in c.points[0].command
+    assert sleepy_server.api_key not in c.points[0].command
+
+
+@pytest.mark.triton
+def test_shed_requests_fail_the_rate(sleepy_server, tmp_path):
+    """A queue that holds one request sheds load above capacity: the rate
+    fails with the server's words and the count of failed requests."""
+    from export.triton_config import parse_config
+    from perf.search_session import config_json
+
+    base = parse_config((Path(sleepy_server.repository) / "sleepy" / "config.pbtxt").read_text())
+    base.dynamic_batching.default_queue_policy.max_queue_size = 1
+    with sleepy_server.connect("grpc") as conn:
+        conn.load_model("sleepy", config=config_json(base))
+    try:
+        s = cap.capacity_settings(slo_p99_ms=1000, window_ms=1000, budget_s=60)
+        data, shapes, served = cap.prepare_inputs(sleepy_server.url_grpc, "grpc", "sleepy", bytes_samples(),
+                                                  tmp_path, batch_size=1)
+        assert served["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 1
+        probe = cap.RateProbe(model="sleepy", url=sleepy_server.url_grpc, settings=s, input_data=data,
+                              shapes=shapes, out_dir=tmp_path, api_key=sleepy_server.api_key)
+        p = probe(3 * 1000 / SERVICE_MS)
+        assert p.status == "ERRORS" and p.failures >= 1, p.reason
+        assert "Exceeds maximum queue size" in p.reason and p.error_rate > s.max_error_rate
+    finally:
+        with sleepy_server.connect("grpc") as conn:
+            conn.load_model("sleepy", config=config_json(parse_config(
+                (Path(sleepy_server.repository) / "sleepy" / "config.pbtxt").read_text())))
+
+
+@pytest.mark.triton
+def test_a_model_that_is_not_served_is_a_clear_failure(sleepy_server, tmp_path):
+    s = cap.capacity_settings(slo_p99_ms=100, window_ms=1000, budget_s=30)
+    run = cap.run_capacity(url=sleepy_server.url_grpc, models=["no_such_model"], samples=bytes_samples(),
+                           settings=s, out_dir=tmp_path)
+    assert run.results == [] and len(run.failures) == 1
+    assert "no_such_model" in run.failures[0] and "not ready" in run.failures[0]
