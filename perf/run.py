@@ -114,7 +114,9 @@ def export_summary(manifest: "ExportManifest | None") -> dict[str, Any] | None:
             "size_bytes", "headline", "gate_passed", "gate_failures", "slower_than_parent", "speed"}
     out = manifest.model_dump(include={"run_id", "created", "weights_source", "img_size", "eval_set", "reference",
                                        "versions", "preprocess", "ensemble"})
-    out["variants"] = {n: e.model_dump(include=keep) for n, e in manifest.variants.items()}
+    # exclude_none: a SKIPPED variant has no headline/speed; the section's
+    # defaults stand for "not measured" (None would fail its types)
+    out["variants"] = {n: e.model_dump(include=keep, exclude_none=True) for n, e in manifest.variants.items()}
     return out
 
 

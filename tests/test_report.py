@@ -311,3 +311,18 @@ def test_summarize_does_not_modify_its_input():
     before = res.model_dump()
     summarize(res)
     assert res.model_dump() == before
+
+
+def test_export_summary_of_a_real_manifest_with_skipped_variants_validates():
+    """The manifest of a real pipeline run (TensorRT variants SKIPPED: no
+    headline, no speed) becomes the results' export section without a type
+    error (this failed at the end of a 20-minute perf run once)."""
+    from export.manifest import read_export_manifest
+    from perf.results import ExportSummary
+    from perf.run import export_summary
+
+    manifest = read_export_manifest(Path(__file__).parent / "data" / "export_manifest_pipeline.json")
+    assert manifest.variants["trt_fp16"].status == "SKIPPED" and manifest.variants["trt_fp16"].headline is None
+    section = ExportSummary.model_validate(export_summary(manifest))
+    assert section.variants["trt_fp16"].status == "SKIPPED" and section.variants["trt_fp16"].headline == {}
+    assert section.variants["onnx_int8"].headline["top1_agreement"] > 0.9
