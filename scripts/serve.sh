@@ -6,7 +6,7 @@
 #                                    until ready, then returns (server keeps running)
 #   scripts/serve.sh status          is the local server running / ready, models
 #   scripts/serve.sh stop            stop the local server (and the container, if any)
-#   scripts/serve.sh container [--models a,b] [--repository DIR]
+#   scripts/serve.sh container [--models a,b] [--repository DIR] [--exit-timeout-secs N]
 #                                    GPU host: the NVIDIA Triton container pinned in
 #                                    scripts/triton_version.sh (foreground, Ctrl-C stops)
 #
@@ -27,6 +27,10 @@ METRICS_PORT=${METRICS_PORT:-8002}
 MODEL_REPOSITORY=${MODEL_REPOSITORY:-model_repository}
 CONTAINER_NAME=${CONTAINER_NAME:-dinov2-triton}
 BIND_ADDRESS=${BIND_ADDRESS:-127.0.0.1}  # container ports; 0.0.0.0 to serve other hosts
+# On SIGTERM Triton refuses new requests and answers the ones it holds for up
+# to this long (tritonserver --exit-timeout-secs; serve.local_server.DEFAULT_EXIT_TIMEOUT_S).
+# docker stop waits 10 s longer before SIGKILL (docker's own default is 10 s).
+EXIT_TIMEOUT_SECS=${EXIT_TIMEOUT_SECS:-30}
 PY=.venv/bin/python
 
 die() { printf 'serve.sh: %s\n' "$*" >&2; exit 1; }
@@ -44,6 +48,8 @@ run_container() {
       --http-port) HTTP_PORT=$2; shift 2 ;;
       --grpc-port) GRPC_PORT=$2; shift 2 ;;
       --metrics-port) METRICS_PORT=$2; shift 2 ;;
+      --exit-timeout-secs) EXIT_TIMEOUT_SECS=$2; shift 2 ;;
+      --exit-timeout-secs=*) EXIT_TIMEOUT_SECS=${1#*=}; shift ;;
       *) die "unknown flag for container: $1" ;;
     esac
   done
@@ -92,14 +98,16 @@ run_container() {
   (umask 077 && printf '%s\n' "$key" >"$key_file")
   echo "serve.sh: ${TRITON_CONTAINER_IMAGE} (Triton ${TRITON_SERVER_VERSION}, TensorRT ${TRITON_TENSORRT_VERSION}, CUDA ${TRITON_CUDA_VERSION})"
   echo "serve.sh: http ${BIND_ADDRESS}:${HTTP_PORT} grpc ${BIND_ADDRESS}:${GRPC_PORT} metrics ${BIND_ADDRESS}:${METRICS_PORT}; api key in ${key_file}"
+  [[ $EXIT_TIMEOUT_SECS =~ ^[0-9]+$ ]] || die "--exit-timeout-secs / EXIT_TIMEOUT_SECS: '$EXIT_TIMEOUT_SECS' is not a number of seconds"
   exec docker run --rm --name "$CONTAINER_NAME" --gpus all --shm-size=1g \
+    --stop-timeout "$((EXIT_TIMEOUT_SECS + 10))" \
     --ulimit memlock=-1 --ulimit stack=67108864 \
     -p "${BIND_ADDRESS}:${HTTP_PORT}:8000" -p "${BIND_ADDRESS}:${GRPC_PORT}:8001" \
     -p "${BIND_ADDRESS}:${METRICS_PORT}:8002" \
     -v "$(cd "$repo" && pwd)":/models:ro \
     "$image" \
     tritonserver --model-repository=/models --model-control-mode=explicit "${load[@]}" \
-    "${backend_cfg[@]}" --exit-on-error=false \
+    "${backend_cfg[@]}" --exit-on-error=false "--exit-timeout-secs=${EXIT_TIMEOUT_SECS}" \
     "--http-restricted-api=model-repository:triton-api-key=${key}" \
     "--grpc-restricted-protocol=model-repository:triton-api-key=${key}"
 }
@@ -115,7 +123,7 @@ case "$cmd" in
   status) exec "$PY" -m serve status "$@" ;;
   stop)
     if command -v docker >/dev/null 2>&1 && docker ps -q --filter "name=^${CONTAINER_NAME}$" 2>/dev/null | grep -q .; then
-      docker stop "$CONTAINER_NAME" >/dev/null && echo "stopped container $CONTAINER_NAME"
+      docker stop -t "$((EXIT_TIMEOUT_SECS + 10))" "$CONTAINER_NAME" >/dev/null && echo "stopped container $CONTAINER_NAME"
     fi
     exec "$PY" -m serve stop "$@"
     ;;

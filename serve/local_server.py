@@ -44,6 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESTRICTED_APIS = ("model-repository",)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+#: tritonserver --exit-timeout-secs (Triton's own default): on SIGTERM the
+#: server refuses new requests and answers the ones it holds for up to this
+#: long before it exits. scripts/serve.sh container uses the same value.
+DEFAULT_EXIT_TIMEOUT_S = 30
+#: stop waits this much longer than the exit timeout before SIGKILL (unloading
+#: the models and the Python backend stubs after the drain)
+STOP_GRACE_S = 10
 
 # --------------------------------------------------------------------------- ports
 def find_free_ports(n: int = 3, host: str = DEFAULT_HOST) -> list:
@@ -124,6 +131,7 @@ class ServerHandle:
     api_key_file: Path
     plan: ModelPlan
     pid_file: Path | None = None
+    exit_timeout_s: int = DEFAULT_EXIT_TIMEOUT_S
 
     # Addresses in the form tritonclient's InferenceServerClient(url=...) and
     # perf_analyzer's -u expect (host:port, no scheme).
@@ -214,9 +222,11 @@ class ServerHandle:
             states[name] = state if state == "READY" else f"{state}: {entry.get('reason', '')}"
         return states
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the server: SIGTERM, SIGKILL after ``timeout`` s; removes its pid file."""
-        _terminate(self.pid, self.process, timeout)
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the server: SIGTERM (Triton drains: requests it holds are answered,
+        new ones refused), SIGKILL after ``timeout`` s (default: its exit timeout
+        + STOP_GRACE_S); removes its pid file."""
+        _terminate(self.pid, self.process, self.exit_timeout_s + STOP_GRACE_S if timeout is None else timeout)
         if self.pid_file is not None:
             _remove_pid_file(self.pid_file, self.pid)
 
@@ -277,7 +287,7 @@ def start_server(repository: str | os.PathLike, *,
                  restricted_apis: Sequence[str] = DEFAULT_RESTRICTED_APIS,
                  pid_file: str | os.PathLike | None = None,
                  backend_dir: str | os.PathLike | None = None,
-                 exit_timeout_s: int = 5,
+                 exit_timeout_s: int = DEFAULT_EXIT_TIMEOUT_S,
                  extra_args: Sequence[str] = (),
                  cpus: Sequence[int] | None = None) -> ServerHandle:
     """Start tritonserver on ``repository`` in the background and return its handle.
@@ -335,7 +345,8 @@ def start_server(repository: str | os.PathLike, *,
                           grpc_port=ports["grpc"], metrics_port=ports["metrics"],
                           repository=repository, log_file=log_file, api_key=api_key,
                           api_key_file=api_key_file.resolve(), plan=plan,
-                          pid_file=Path(pid_file).resolve() if pid_file else None)
+                          pid_file=Path(pid_file).resolve() if pid_file else None,
+                          exit_timeout_s=int(exit_timeout_s))
     if handle.pid_file is not None:
         _write_pid_file(handle)
     log.info("tritonserver pid %d: http %s, grpc %s, metrics %s, log %s", handle.pid,
@@ -374,6 +385,7 @@ def _write_pid_file(handle: ServerHandle) -> None:
         "metrics_port": handle.metrics_port, "repository": str(handle.repository),
         "log_file": str(handle.log_file), "api_key_file": str(handle.api_key_file),
         "load": handle.plan.load, "skipped": handle.plan.skipped,
+        "exit_timeout_s": handle.exit_timeout_s,
     }
     atomic_write_json(handle.pid_file, record)
 
@@ -407,7 +419,8 @@ def handle_from_pid_file(pid_file: str | os.PathLike) -> ServerHandle | None:
         repository=Path(record["repository"]), log_file=Path(record["log_file"]),
         api_key=api_key, api_key_file=key_file,
         plan=ModelPlan(load=record.get("load", []), skipped=record.get("skipped", {})),
-        pid_file=Path(pid_file).resolve())
+        pid_file=Path(pid_file).resolve(),
+        exit_timeout_s=int(record.get("exit_timeout_s", DEFAULT_EXIT_TIMEOUT_S)))
 
 
 def _terminate(pid: int, process: subprocess.Popen | None, timeout: float) -> None:
@@ -450,8 +463,10 @@ def _terminate(pid: int, process: subprocess.Popen | None, timeout: float) -> No
             pass
 
 
-def stop_server(pid_file: str | os.PathLike, timeout: float = 30.0) -> bool:
-    """Stop the server recorded in ``pid_file``. Returns False if none was running."""
+def stop_server(pid_file: str | os.PathLike, timeout: float | None = None) -> bool:
+    """Stop the server recorded in ``pid_file`` (SIGTERM: Triton drains; SIGKILL
+    after ``timeout`` s, default its recorded exit timeout + STOP_GRACE_S).
+    Returns False if none was running."""
     record = read_pid_file(pid_file)
     if record is None:
         return False
@@ -459,6 +474,8 @@ def stop_server(pid_file: str | os.PathLike, timeout: float = 30.0) -> bool:
     if not _is_our_server(pid, record.get("started")):
         Path(pid_file).unlink(missing_ok=True)  # stale: the process is gone or not ours
         return False
+    if timeout is None:
+        timeout = int(record.get("exit_timeout_s", DEFAULT_EXIT_TIMEOUT_S)) + STOP_GRACE_S
     _terminate(pid, None, timeout)
     Path(pid_file).unlink(missing_ok=True)
     return True
