@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     from export.gates import FLAG, override_help
     from export.modelopt_worker import CALIB_METHODS
     from export.registry import default_variants, ensemble_candidates, get_variant, variant_names
+    from export.triton_config import DEFAULT_QUEUE_TIMEOUT_MS, QUEUE_BATCHES_PER_INSTANCE
+    from train.image_limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
     names = variant_names()
     variants_help = "comma-separated, or 'all': " + "; ".join(
@@ -50,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="instance_group kind (KIND_CPU / KIND_GPU); TensorRT models are always KIND_GPU")
     opt.add_argument("--preferred-batch-sizes", default="4,8", help="dynamic_batching preferred_batch_size list")
     opt.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic_batching max queue delay")
+    opt.add_argument("--max-queue-size", type=int, default=None,
+                     help="requests a model may hold waiting before the server sheds new ones (gRPC "
+                          "UNAVAILABLE / HTTP 503); default: "
+                          f"{QUEUE_BATCHES_PER_INSTANCE} x max_batch_size x instances of each model "
+                          "(512 for 8 x 1), a memory cap: the queue timeout is the latency bound; 0: no limit")
+    opt.add_argument("--queue-timeout-ms", type=float, default=DEFAULT_QUEUE_TIMEOUT_MS,
+                     help="a request still queued after this long is rejected (REJECT; clients may "
+                          "ask for less); 0: no timeout")
+    opt.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help="dinov2_preprocess refuses an encoded image larger than this, before decoding")
+    opt.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                     help="dinov2_preprocess refuses an image whose header declares more pixels (width x "
+                          "height) than this, before decoding (decompression bombs); the data stage "
+                          "uses the same default")
+    opt.add_argument("--reload", metavar="URL", default=None,
+                     help="after publishing, load every published model on the Triton server at this "
+                          "host:port (HTTP) through its key-protected repository API, so traffic "
+                          "switches to the new versions (python -m serve reload)")
+    opt.add_argument("--api-key-file", default=None,
+                     help="with --reload: the server's API key file (default: $TRITON_API_KEY)")
     opt.add_argument(FLAG, dest="gates", nargs="*", default=[], metavar="SCOPE.FIELD=VALUE",
                      help=override_help() + ", e.g. fp16.min_top1_agreement=0.99 batch.max_rel_diff=1e-3")
     opt.add_argument("--thresholds", dest="thresholds", nargs="*", default=None, metavar="SCOPE.FIELD=VALUE",
@@ -137,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_batch_size=args.max_batch_size, opset=args.opset, onnx_exporter=args.onnx_exporter,
             instances=args.instances, preprocess_instances=args.preprocess_instances, device=args.device,
             preferred_batch_sizes=args.preferred_batch_sizes, max_queue_delay_us=args.max_queue_delay_us,
+            max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
+            max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
             gates=gates, allow_failed_gates=args.allow_failed_gates,
             default_variant=args.default_variant, eval_size=args.eval_size, bench_seconds=args.bench_seconds,
             keep_versions=args.keep_versions, calib_size=args.calib_size, calib_method=args.calib_method,
@@ -150,4 +174,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(format_summary(manifest))
     print(f"manifest: {manifest_path(manifest.repository)}")
-    return int(manifest.exit_code)
+    code = int(manifest.exit_code)
+    if args.reload:
+        code = max(code, _reload(args.reload, args.api_key_file, manifest))
+    return code
+
+
+def _reload(url: str, api_key_file: str | None, manifest) -> int:
+    """Load what this run published on the live server; 1 when a load fails."""
+    from serve.rollout import RolloutError, published_models, reload_models
+    from serve.triton_access import TritonError, read_api_key
+
+    models = published_models(manifest)
+    if not models:
+        print("reload: nothing was published by this run", file=sys.stderr)
+        return 0
+    try:
+        for line in reload_models(url, models, api_key=read_api_key(file=api_key_file)):
+            print(f"reload: {line}")
+    except (RolloutError, TritonError, ValueError) as exc:
+        print(f"error: reload at {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0

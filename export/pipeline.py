@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from export.triton_config import DEFAULT_QUEUE_TIMEOUT_MS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -27,6 +29,13 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "device": "cpu",
     "preferred_batch_sizes": (4, 8),
     "max_queue_delay_us": 2000,
+    # queue policy of every batching model (export.triton_config): None =
+    # default_max_queue_size(max_batch_size, instances); 0 = no limit
+    "max_queue_size": None,
+    "queue_timeout_ms": DEFAULT_QUEUE_TIMEOUT_MS,
+    # hostile-image limits of dinov2_preprocess (None: train.image_limits defaults)
+    "max_image_bytes": None,
+    "max_image_pixels": None,
     "gates": (),                # --gates SCOPE.FIELD=VALUE entries (export.gates)
     "allow_failed_gates": False,
     "default_variant": None,    # None: the registry's preferred ensemble variant (registry.ensemble_candidates)
@@ -101,6 +110,14 @@ def validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
          f"--preprocess-instances {opts['preprocess_instances']}: must be >= 1"),
         (opts["device"] in ("cpu", "gpu"), f"--device {opts['device']!r}: choose cpu or gpu"),
         (int(opts["max_queue_delay_us"]) >= 0, f"--max-queue-delay-us {opts['max_queue_delay_us']}: must be >= 0"),
+        (opts["max_queue_size"] is None or int(opts["max_queue_size"]) >= 0,
+         f"--max-queue-size {opts['max_queue_size']}: must be >= 0 (0: no limit)"),
+        (float(opts["queue_timeout_ms"]) >= 0,
+         f"--queue-timeout-ms {opts['queue_timeout_ms']}: must be >= 0 (0: none)"),
+        (opts["max_image_bytes"] is None or int(opts["max_image_bytes"]) >= 1,
+         f"--max-image-bytes {opts['max_image_bytes']}: must be >= 1"),
+        (opts["max_image_pixels"] is None or int(opts["max_image_pixels"]) >= 1,
+         f"--max-image-pixels {opts['max_image_pixels']}: must be >= 1"),
         (int(opts["keep_versions"]) >= 1, f"--keep-versions {opts['keep_versions']}: must be >= 1"),
         (float(opts["bench_seconds"]) >= 0, f"--bench-seconds {opts['bench_seconds']}: must be >= 0 (0 disables)"),
         (int(opts["eval_size"]) >= 1, f"--eval-size {opts['eval_size']}: must be >= 1"),
@@ -370,6 +387,7 @@ def export_variant(ctx, name: str, repository: Path, opts, gates, manifest, ckpt
             variant, image_size=ctx.image_size, num_classes=ctx.num_classes, embed_dim=ctx.embed_dim,
             max_batch_size=opts["max_batch_size"], instances=opts["instances"], device=device,
             preferred_batch_sizes=opts["preferred_batch_sizes"], max_queue_delay_us=opts["max_queue_delay_us"],
+            max_queue_size=opts["max_queue_size"], queue_timeout_ms=opts["queue_timeout_ms"],
             parameters={"source_checkpoint_sha256": ckpt_sha, "export_run_id": run_id,
                         "image_size": ctx.image_size,
                         # build-time facts, e.g. TensorRT version / GPU / compute capability

@@ -102,6 +102,7 @@ def publish_preprocess(ctx, repository: Path, opts: Mapping[str, Any], ckpt_sha:
 
     import numpy as np
 
+    import train.image_limits
     import train.images
     import train.preprocessing
     from export.repository import StagedVersion
@@ -115,10 +116,22 @@ def publish_preprocess(ctx, repository: Path, opts: Mapping[str, Any], ckpt_sha:
         shutil.copyfile(template, staged.path / "model.py")
         shutil.copyfile(train.images.__file__, staged.path / "dinov2_images.py")
         shutil.copyfile(train.preprocessing.__file__, staged.path / "dinov2_preprocessing.py")
+        shutil.copyfile(train.image_limits.__file__, staged.path / "dinov2_image_limits.py")
         # inside the staging folder: the version's rename makes it appear atomically
         (staged.path / "preprocessing.json").write_text(dumps_json(ctx.preprocessing.to_dict()), encoding="utf-8")
-        # Self-check of the staged, self-contained copy: it must reproduce the
-        # project's reference preprocessing bit for bit.
+        config = preprocess_config(image_size=ctx.image_size, max_batch_size=opts["max_batch_size"],
+                                   instances=opts["preprocess_instances"],
+                                   preferred_batch_sizes=opts["preferred_batch_sizes"],
+                                   max_queue_delay_us=opts["max_queue_delay_us"],
+                                   max_queue_size=opts["max_queue_size"],
+                                   queue_timeout_ms=opts["queue_timeout_ms"],
+                                   max_image_bytes=opts["max_image_bytes"],
+                                   max_image_pixels=opts["max_image_pixels"],
+                                   parameters={"source_checkpoint_sha256": ckpt_sha, "export_run_id": run_id})
+        # Self-check of the staged, self-contained copy, under the limits of its
+        # config: it must accept the warm-up image (or the model would not
+        # load) and the held-out sample, and reproduce the project's
+        # reference preprocessing bit for bit.
         spec = importlib.util.spec_from_file_location(f"_staged_preprocess_{os.getpid()}", staged.path / "model.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
@@ -127,18 +140,19 @@ def publish_preprocess(ctx, repository: Path, opts: Mapping[str, Any], ckpt_sha:
         es = ctx.eval_set()
         if not es.synthetic and ctx.data_path is not None:
             samples.append((ctx.data_path / es.names[0]).read_bytes())
-        got = mod.preprocess_images(np.array([[s] for s in samples], dtype=object), cfg)
+        limits = mod.read_limits({"parameters": {k: {"string_value": v.string_value}
+                                                 for k, v in config.parameters.items()}})
+        try:
+            got = mod.preprocess_images(np.array([[s] for s in samples], dtype=object), cfg, limits)
+        except mod.ImageError as exc:
+            raise RuntimeError(f"--max-image-bytes/--max-image-pixels refuse the warm-up or a held-out "
+                               f"image: {exc}") from None
         want = np.stack([preprocess_source(s, ctx.preprocessing) for s in samples])
         if got.shape != want.shape or not np.array_equal(got, want):
             raise RuntimeError("the staged preprocessing model does not reproduce train.preprocessing "
                                f"(max abs diff {np.abs(got - want).max() if got.shape == want.shape else got.shape})")
-        for key in ("dinov2_images", "dinov2_preprocessing"):
+        for key in ("dinov2_images", "dinov2_preprocessing", "dinov2_image_limits"):
             sys.modules.pop(key, None)   # the staged copies, imported by the self-check
-        config = preprocess_config(image_size=ctx.image_size, max_batch_size=opts["max_batch_size"],
-                                   instances=opts["preprocess_instances"],
-                                   preferred_batch_sizes=opts["preferred_batch_sizes"],
-                                   max_queue_delay_us=opts["max_queue_delay_us"],
-                                   parameters={"source_checkpoint_sha256": ckpt_sha, "export_run_id": run_id})
         text = validate_config(config)
         warm = len(sample).to_bytes(4, "little") + sample   # TYPE_STRING element: 4-byte length + bytes
         target = staged.publish(config_text=text, files={f"warmup/{WARMUP_IMAGE_FILE}": warm},

@@ -24,6 +24,31 @@ BACKEND_PLATFORMS = ("openvino",)
 # and src/openvino.cc; values are case-insensitive strings there).
 OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 
+# Queue policy (dynamic_batching.default_queue_policy) of every batching model.
+# Without one Triton queues without limit: under overload every request is
+# eventually answered, minutes late. With it the server sheds what it cannot
+# serve (gRPC UNAVAILABLE / HTTP 503) and the accepted requests keep their
+# latency. Two bounds, and which one acts matters:
+# - the queue TIMEOUT bounds latency: a request still queued after it is
+#   rejected ("Request timeout expired") and the model keeps running at full
+#   throughput (measured with Triton 2.51: 200 req/s offered to a 70 req/s
+#   model, 84 req/s served, p99 = timeout + one batch);
+# - the queue SIZE is a memory cap, sized to stay out of the way: while the
+#   queue is full, Triton 2.51's dynamic batcher forms about one batch per
+#   0.5 s (measured: 8 req/s served instead of 70, "Exceeds maximum queue
+#   size" for the rest, queued requests 2-7 s late), so the size must not be
+#   the bound that acts first (tests/test_serving_limits.py pins this).
+#: a request still queued after this long is rejected; covers the perf
+#: stage's own sweeps (batch 8, concurrency <= 4 at 56 px, <= 2 at 224 px on
+#: a 2-core CPU: at most ~1.5 s of queueing), so they are never shed
+DEFAULT_QUEUE_TIMEOUT_MS = 2000
+#: queue cap per instance, in full batches: 512 requests for max_batch_size 8
+#: and one instance, i.e. up to 256 requests/s offered before the 2 s timeout
+#: stops the queue from reaching the cap
+QUEUE_BATCHES_PER_INSTANCE = 64
+#: model-config parameters of dinov2_preprocess read by its model.py
+PREPROCESS_LIMIT_PARAMETERS = ("max_image_bytes", "max_image_pixels")
+
 
 class ConfigError(ValueError):
     """A generated config that does not survive the text round trip or breaks the contract."""
@@ -35,10 +60,29 @@ def _pb():
     return model_config_pb2
 
 
-def _batching(cfg, *, max_batch_size: int, preferred_batch_sizes: Sequence[int], max_queue_delay_us: int) -> None:
+def default_max_queue_size(max_batch_size: int, instances: int) -> int:
+    """Requests a model may hold waiting: QUEUE_BATCHES_PER_INSTANCE full
+    batches for each instance (512 for max_batch_size 8 and one instance)."""
+    return QUEUE_BATCHES_PER_INSTANCE * int(max_batch_size) * int(instances)
+
+
+def _batching(cfg, *, max_batch_size: int, preferred_batch_sizes: Sequence[int], max_queue_delay_us: int,
+              instances: int, max_queue_size: int | None, queue_timeout_ms: float) -> None:
     preferred = sorted({int(b) for b in preferred_batch_sizes if 1 <= int(b) <= max_batch_size})
-    cfg.dynamic_batching.preferred_batch_size.extend(preferred)
-    cfg.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
+    batching = cfg.dynamic_batching
+    batching.preferred_batch_size.extend(preferred)
+    batching.max_queue_delay_microseconds = int(max_queue_delay_us)
+    if max_queue_size is None:
+        max_queue_size = default_max_queue_size(max_batch_size, instances)
+    if int(max_queue_size) < 0 or float(queue_timeout_ms) < 0:
+        raise ConfigError(f"{cfg.name}: max_queue_size {max_queue_size} and queue timeout "
+                          f"{queue_timeout_ms} ms must be >= 0 (0: no limit)")
+    policy = batching.default_queue_policy
+    policy.max_queue_size = int(max_queue_size)
+    policy.default_timeout_microseconds = int(round(float(queue_timeout_ms) * 1000))
+    policy.timeout_action = _pb().ModelQueuePolicy.REJECT
+    # a client may ask for a shorter wait than the default, never a longer one
+    policy.allow_timeout_override = True
 
 
 def _instances(cfg, *, kind: str, count: int) -> None:
@@ -84,10 +128,13 @@ def _latest_one(cfg) -> None:
 
 def classifier_config(variant, *, image_size: int, num_classes: int, embed_dim: int, max_batch_size: int,
                       instances: int = 1, device: str = "cpu", preferred_batch_sizes: Sequence[int] = (4, 8),
-                      max_queue_delay_us: int = 2000, parameters: Mapping[str, Any] | None = None) -> "pb.ModelConfig":
+                      max_queue_delay_us: int = 2000, max_queue_size: int | None = None,
+                      queue_timeout_ms: float = DEFAULT_QUEUE_TIMEOUT_MS,
+                      parameters: Mapping[str, Any] | None = None) -> "pb.ModelConfig":
     """The config of `dinov2_<variant>`: FP32 pixel_values [3,H,W] -> logits [C]
     (with labels.txt, so Triton's classification extension works) and
-    embedding [D], dynamic batching, instance group, batch-1 warm-up."""
+    embedding [D], dynamic batching with a queue policy (``max_queue_size``
+    None: :func:`default_max_queue_size`), instance group, batch-1 warm-up."""
     pb = _pb()
     cfg = pb.ModelConfig(name=variant.model_name, max_batch_size=int(max_batch_size))
     if variant.platform in BACKEND_PLATFORMS:
@@ -105,7 +152,8 @@ def classifier_config(variant, *, image_size: int, num_classes: int, embed_dim: 
     out = cfg.output.add(name="embedding", data_type=pb.TYPE_FP32)
     out.dims.append(embed_dim)
     _batching(cfg, max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes,
-              max_queue_delay_us=max_queue_delay_us)
+              max_queue_delay_us=max_queue_delay_us, instances=instances, max_queue_size=max_queue_size,
+              queue_timeout_ms=queue_timeout_ms)
     _instances(cfg, kind=DEVICE_KINDS[device], count=instances)
     _latest_one(cfg)
     # Warm-up: one random batch-1 request per instance at load time, so the
@@ -123,9 +171,16 @@ def classifier_config(variant, *, image_size: int, num_classes: int, embed_dim: 
 
 def preprocess_config(*, image_size: int, max_batch_size: int, instances: int = 1,
                       preferred_batch_sizes: Sequence[int] = (4, 8), max_queue_delay_us: int = 2000,
+                      max_queue_size: int | None = None, queue_timeout_ms: float = DEFAULT_QUEUE_TIMEOUT_MS,
+                      max_image_bytes: int | None = None, max_image_pixels: int | None = None,
                       parameters: Mapping[str, Any] | None = None, warmup_file: bool = True) -> "pb.ModelConfig":
     """`dinov2_preprocess`: Python backend, encoded image bytes [1] ->
-    pixel_values FP32 [3,H,W]. Always KIND_CPU: it decodes with PIL."""
+    pixel_values FP32 [3,H,W]. Always KIND_CPU: it decodes with PIL. The
+    hostile-image limits (encoded bytes, decoded pixels; None: the defaults of
+    train.image_limits) are model-config parameters, so the container serves
+    the limits this export chose."""
+    from train.image_limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+
     pb = _pb()
     cfg = pb.ModelConfig(name=PREPROCESS_MODEL, backend="python", max_batch_size=int(max_batch_size))
     inp = cfg.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING)
@@ -133,7 +188,8 @@ def preprocess_config(*, image_size: int, max_batch_size: int, instances: int = 
     out = cfg.output.add(name=INPUT, data_type=pb.TYPE_FP32)
     out.dims.extend([3, image_size, image_size])
     _batching(cfg, max_batch_size=max_batch_size, preferred_batch_sizes=preferred_batch_sizes,
-              max_queue_delay_us=max_queue_delay_us)
+              max_queue_delay_us=max_queue_delay_us, instances=instances, max_queue_size=max_queue_size,
+              queue_timeout_ms=queue_timeout_ms)
     _instances(cfg, kind="KIND_CPU", count=instances)
     _latest_one(cfg)
     if warmup_file:
@@ -144,7 +200,12 @@ def preprocess_config(*, image_size: int, max_batch_size: int, instances: int = 
         wi.data_type = pb.TYPE_STRING
         wi.dims.append(1)
         wi.input_data_file = WARMUP_IMAGE_FILE
-    _parameters(cfg, dict(parameters or {}))
+    limits = {"max_image_bytes": DEFAULT_MAX_IMAGE_BYTES if max_image_bytes is None else int(max_image_bytes),
+              "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS if max_image_pixels is None else int(max_image_pixels)}
+    for key, value in limits.items():
+        if value < 1:
+            raise ConfigError(f"{PREPROCESS_MODEL}: {key} {value} must be >= 1")
+    _parameters(cfg, {**limits, **dict(parameters or {})})
     return cfg
 
 
@@ -152,7 +213,13 @@ def ensemble_config(classifier_model: str, *, num_classes: int, embed_dim: int, 
                     max_batch_size: int, parameters: Mapping[str, Any] | None = None) -> "pb.ModelConfig":
     """`dinov2`: image bytes -> dinov2_preprocess -> <classifier_model> ->
     logits (with labels.txt: classification works through the ensemble) and
-    embedding. Steps use the latest version (-1) of each model."""
+    embedding. Steps use the latest version (-1) of each model.
+
+    No dynamic_batching and so no queue policy here: in ModelConfig they are
+    one oneof with ensemble_scheduling, and Triton 2.51 refuses such an
+    ensemble ("ensemble scheduling must be set"). The steps' own configs
+    carry the queue policy: an overloaded step sheds the ensemble request
+    with UNAVAILABLE ("in ensemble 'dinov2', Request timeout expired")."""
     pb = _pb()
     cfg = pb.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=int(max_batch_size))
     inp = cfg.input.add(name=IMAGE_INPUT, data_type=pb.TYPE_STRING)
@@ -207,9 +274,20 @@ def validate_config(cfg: "pb.ModelConfig") -> str:
     for b in cfg.dynamic_batching.preferred_batch_size:
         if b > cfg.max_batch_size:
             problems.append(f"preferred_batch_size {b} > max_batch_size {cfg.max_batch_size}")
+    if cfg.platform != "ensemble" and not cfg.dynamic_batching.HasField("default_queue_policy"):
+        problems.append("no dynamic_batching.default_queue_policy (an unbounded queue: overload "
+                        "would delay every request instead of shedding)")
+    if cfg.backend == "python":
+        missing = [k for k in PREPROCESS_LIMIT_PARAMETERS if k not in cfg.parameters]
+        if missing:
+            problems.append(f"no {', '.join(missing)} parameter (hostile-image limits)")
     names_in = [i.name for i in cfg.input]
     names_out = [o.name for o in cfg.output]
     if cfg.platform == "ensemble":
+        if cfg.HasField("dynamic_batching"):
+            # one protobuf oneof: dynamic_batching replaces ensemble_scheduling, and
+            # Triton 2.51 refuses the model ("ensemble scheduling must be set")
+            problems.append("an ensemble cannot have dynamic_batching (its steps batch and queue)")
         if names_in != [IMAGE_INPUT] or names_out != list(OUTPUTS):
             problems.append(f"ensemble I/O {names_in} -> {names_out}")
         produced = {IMAGE_INPUT}

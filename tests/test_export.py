@@ -164,7 +164,7 @@ def test_tiny_export_verified_and_published(tiny_repository):
     pre = tiny_repository / "dinov2_preprocess" / "1"
     # __pycache__ appears once a server or test has imported the model: not written by export
     assert sorted(p.name for p in pre.iterdir() if p.name != "__pycache__") == [
-        "dinov2_images.py", "dinov2_preprocessing.py", "model.py", "preprocessing.json"]
+        "dinov2_image_limits.py", "dinov2_images.py", "dinov2_preprocessing.py", "model.py", "preprocessing.json"]
     assert json.loads((pre / "preprocessing.json").read_text()) == manifest["preprocessing"]
     warm = (tiny_repository / "dinov2_preprocess" / "warmup" / "sample_image").read_bytes()
     assert int.from_bytes(warm[:4], "little") == len(warm) - 4 and warm[5:8] == b"PNG"

@@ -116,3 +116,51 @@ def test_published_configs_parse(tiny_repository):
         validate_config(cfg)
         if model != "dinov2_preprocess":
             assert (tiny_repository / model / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
+
+
+def test_every_batching_model_has_a_queue_policy_sized_from_batch_and_instances():
+    from export.triton_config import DEFAULT_QUEUE_TIMEOUT_MS, QUEUE_BATCHES_PER_INSTANCE, default_max_queue_size
+
+    assert default_max_queue_size(8, 1) == QUEUE_BATCHES_PER_INSTANCE * 8
+    for cfg in (_classifier(max_batch_size=8, instances=2),
+                preprocess_config(image_size=28, max_batch_size=8, instances=2)):
+        back = parse_config(validate_config(cfg))
+        policy = back.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == QUEUE_BATCHES_PER_INSTANCE * 8 * 2
+        assert policy.default_timeout_microseconds == DEFAULT_QUEUE_TIMEOUT_MS * 1000
+        assert policy.timeout_action == pb.ModelQueuePolicy.REJECT
+        assert policy.allow_timeout_override
+    flags = parse_config(validate_config(_classifier(max_queue_size=5, queue_timeout_ms=250.5)))
+    assert flags.dynamic_batching.default_queue_policy.max_queue_size == 5
+    assert flags.dynamic_batching.default_queue_policy.default_timeout_microseconds == 250500
+    assert "max_queue_size: 5" in to_text(_classifier(max_queue_size=5))
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        _classifier(max_queue_size=-1)
+    hand_edited = _classifier()
+    hand_edited.dynamic_batching.ClearField("default_queue_policy")
+    with pytest.raises(ConfigError, match="no dynamic_batching.default_queue_policy"):
+        validate_config(hand_edited)
+
+
+def test_preprocess_limits_are_config_parameters():
+    from train.image_limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+
+    default = parse_config(validate_config(preprocess_config(image_size=28, max_batch_size=8)))
+    assert default.parameters["max_image_bytes"].string_value == str(DEFAULT_MAX_IMAGE_BYTES)
+    assert default.parameters["max_image_pixels"].string_value == str(DEFAULT_MAX_IMAGE_PIXELS)
+    mine = preprocess_config(image_size=28, max_batch_size=8, max_image_bytes=1000, max_image_pixels=4096)
+    assert mine.parameters["max_image_bytes"].string_value == "1000"
+    assert mine.parameters["max_image_pixels"].string_value == "4096"
+    with pytest.raises(ConfigError, match="max_image_pixels 0 must be >= 1"):
+        preprocess_config(image_size=28, max_batch_size=8, max_image_pixels=0)
+    del mine.parameters["max_image_pixels"]
+    with pytest.raises(ConfigError, match="no max_image_pixels parameter"):
+        validate_config(mine)
+
+
+def test_ensemble_cannot_carry_dynamic_batching():
+    cfg = ensemble_config("dinov2_onnx", num_classes=3, embed_dim=96, image_size=28, max_batch_size=8)
+    assert not cfg.HasField("dynamic_batching")
+    cfg.dynamic_batching.default_queue_policy.max_queue_size = 4   # replaces ensemble_scheduling (a oneof)
+    with pytest.raises(ConfigError, match="ensemble cannot have dynamic_batching"):
+        validate_config(cfg)

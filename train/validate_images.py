@@ -1,6 +1,11 @@
 """Is a file a usable image? Full decode with train.images.open_rgb plus an
 extension-vs-content check, over many files in threads (PIL decoding and
-sha256 release the GIL). Used by the data stage for ImageFolder trees."""
+sha256 release the GIL). Used by the data stage for ImageFolder trees.
+
+A file over the limits of train.image_limits (encoded bytes, decoded pixels
+read from the header, checked before decoding) is left out with the reason:
+the served dinov2_preprocess model refuses the same images, so nothing the
+data stage accepts is refused by the server (with the default limits)."""
 from __future__ import annotations
 
 import os
@@ -50,14 +55,22 @@ def walk_class_folder(class_dir: Path, root: Path) -> tuple[list[Path], list[dic
     return candidates, skipped
 
 
-def check_image_file(path: Path) -> tuple[str | None, str | None]:
+def check_image_file(path: Path, *, max_bytes: int | None = None,
+                     max_pixels: int | None = None) -> tuple[str | None, str | None]:
     """(sha256, None) for a usable image, (None, reason) otherwise.
 
-    Usable = non-empty, fully decodable by open_rgb, and PIL's detected format
-    agrees with the extension."""
+    Usable = non-empty, within the size limits (None: the defaults of
+    train.image_limits, the served model's defaults too), fully decodable by
+    open_rgb, and PIL's detected format agrees with the extension."""
     from PIL import Image
 
     from train.artifact_io import sha256_bytes
+    from train.image_limits import (
+        DEFAULT_MAX_IMAGE_BYTES,
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ImageLimitError,
+        check_image_limits,
+    )
     from train.images import ImageDecodeError, open_rgb
 
     try:
@@ -67,7 +80,13 @@ def check_image_file(path: Path) -> tuple[str | None, str | None]:
     if not data:
         return None, "empty file (0 bytes)"
     try:
-        open_rgb(path)
+        check_image_limits(data, name=path.name,
+                           max_bytes=DEFAULT_MAX_IMAGE_BYTES if max_bytes is None else max_bytes,
+                           max_pixels=DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
+    except ImageLimitError as exc:
+        return None, str(exc).removeprefix(f"{path.name}: ")
+    try:
+        open_rgb(data, name=str(path))
     except ImageDecodeError as exc:
         msg = str(exc)
         prefix = f"{path}: "
