@@ -19,6 +19,11 @@ by image, so one bad file gets its own error and the others still get answers.
 
 All server calls go through :mod:`serve.triton_access` (API key, one config
 shape, typed one-line errors: ServerUnreachable, ModelNotReady, RequestError).
+A request the server sheds (Overloaded: its queue policy answered gRPC
+UNAVAILABLE / HTTP 503) is sent again up to ``retries`` times after a
+bounded, jittered exponential back-off (:class:`Backoff`); ``stats`` counts
+requests sent, shed answers and retries, so callers report shed load apart
+from failures.
 
 Library use::
 
@@ -30,6 +35,8 @@ Library use::
 from __future__ import annotations
 
 import os
+import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -38,7 +45,7 @@ import numpy as np
 from export.triton_config import ENSEMBLE_MODEL, PREPROCESS_MODEL
 from export.triton_config import INPUT as PIXEL_INPUT
 from perf.client_inputs import find_images
-from serve.triton_access import AccessDenied, ModelNotReady, RequestError, TritonError, connect, one_line
+from serve.triton_access import AccessDenied, ModelNotReady, Overloaded, RequestError, TritonError, connect, one_line
 
 DEFAULT_MODEL = ENSEMBLE_MODEL
 DEFAULT_PREPROCESS_MODEL = PREPROCESS_MODEL
@@ -55,6 +62,7 @@ class Prediction:
     top: list[tuple[str, int, float]] = field(default_factory=list)
     embedding: np.ndarray | None = None
     error: str | None = None
+    model_version: str | None = None   # the version that answered (Triton's response field)
 
     @property
     def ok(self) -> bool:
@@ -68,6 +76,8 @@ class Prediction:
         out: dict[str, Any] = {"path": self.path}
         if self.ok:
             out["top"] = [{"label": lab, "index": idx, "score": score} for lab, idx, score in self.top]
+            if self.model_version is not None:
+                out["model_version"] = self.model_version
         else:
             out["error"] = self.error
         return out
@@ -115,6 +125,33 @@ def topk_from_logits(logits: np.ndarray, k: int, labels: Sequence[str] | None = 
             for row, idx in zip(logits, order)]
 
 
+def response_model_version(result: Any) -> str | None:
+    """``model_version`` of an InferResult (gRPC protobuf or HTTP JSON response)."""
+    response = result.get_response()
+    version = response.get("model_version") if isinstance(response, Mapping) else getattr(
+        response, "model_version", None)
+    return str(version) if version not in (None, "") else None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Retry policy for shed requests: at most ``retries`` more attempts, the
+    n-th after a random wait in [0, min(cap_s, base_s * 2**n)] ("full jitter":
+    clients shed together do not come back together)."""
+
+    retries: int = 0
+    base_s: float = 0.05
+    cap_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.base_s < 0 or self.cap_s < 0:
+            raise ValueError(f"retries={self.retries}, base_s={self.base_s}, cap_s={self.cap_s}: "
+                             f"must be >= 0")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.cap_s, self.base_s * (2 ** attempt)))
+
+
 # --------------------------------------------------------------------------- config helpers
 def _dims(tensor: Mapping[str, Any]) -> list[int]:
     return [int(d) for d in tensor.get("dims", [])]
@@ -159,6 +196,8 @@ class TritonClassifier:
     api_key : the server's API key; lets error messages list every ready
         model through the (restricted) repository index.
     timeout_s : per-request client timeout.
+    retries : extra attempts for a request the server shed (Overloaded), with
+        :class:`Backoff` (``backoff`` overrides the whole policy); 0: none.
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc",
@@ -167,7 +206,8 @@ class TritonClassifier:
                  preprocess_model: str = DEFAULT_PREPROCESS_MODEL,
                  labels: Sequence[str] | None = None, batch_size: int | None = None,
                  concurrency: int = 1, api_key: str | None = None,
-                 timeout_s: float = 120.0, verbose: bool = False) -> None:
+                 timeout_s: float = 120.0, verbose: bool = False, retries: int = 0,
+                 backoff: Backoff | None = None, seed: int | None = None) -> None:
         if variant_preprocess not in ("client", "server"):
             raise ValueError(f"variant_preprocess {variant_preprocess!r}: choose client or server")
         if batch_size is not None and batch_size < 1:
@@ -183,6 +223,10 @@ class TritonClassifier:
         self.preprocess_model = preprocess_model
         self.concurrency = concurrency
         self.timeout_s = timeout_s
+        self.backoff = backoff or Backoff(retries=retries)
+        self._rng = random.Random(seed)
+        #: requests sent (retries included), shed answers (Overloaded), retries made
+        self.stats = {"requests": 0, "shed": 0, "retries": 0}
         self._labels = list(labels) if labels is not None else None
         self._config: dict[str, Any] = {}
         self.kind: str | None = None
@@ -276,8 +320,23 @@ class TritonClassifier:
         return self.connection.requested_output(name, class_count=class_count)
 
     def _infer_many(self, model: str, jobs: Sequence[tuple[list, list]]) -> list[Any]:
-        """Per job an InferResult or its typed error (ServerUnreachable is raised)."""
-        return self.connection.infer_many(model, jobs, self.concurrency)
+        """Per job an InferResult or its typed error (ServerUnreachable is raised).
+        Jobs the server shed are sent again after the back-off, at most
+        ``backoff.retries`` times; a job still shed then keeps its Overloaded."""
+        results = self.connection.infer_many(model, jobs, self.concurrency)
+        self.stats["requests"] += len(jobs)
+        for attempt in range(self.backoff.retries + 1):
+            shed = [i for i, r in enumerate(results) if isinstance(r, Overloaded)]
+            self.stats["shed"] += len(shed)
+            if not shed or attempt == self.backoff.retries:
+                break
+            time.sleep(self.backoff.delay(attempt, self._rng))
+            again = self.connection.infer_many(model, [jobs[i] for i in shed], self.concurrency)
+            self.stats["requests"] += len(shed)
+            self.stats["retries"] += len(shed)
+            for i, r in zip(shed, again):
+                results[i] = r
+        return results
 
     @staticmethod
     def _raise_if_error(result: Any) -> Any:
@@ -380,7 +439,7 @@ class TritonClassifier:
         results = self._infer_many(self.model, [(make_inputs(g), outs) for g in groups])
         retry = []
         for g, r in zip(groups, results):
-            if isinstance(r, TritonError) and len(g) > 1:
+            if isinstance(r, TritonError) and len(g) > 1 and not isinstance(r, Overloaded):
                 retry.extend(g)  # one bad image fails its whole request: ask one by one
             else:
                 self._fill(preds, g, r, embeddings)
@@ -412,10 +471,11 @@ class TritonClassifier:
             try:
                 arr = self.preprocess([items[i][1] for i in group])
             except RequestError as exc:
-                if len(group) > 1:
+                if len(group) > 1 and not isinstance(exc, Overloaded):
                     pending[:0] = [[i] for i in group]  # find the culprit: one request each
-                else:
-                    preds[group[0]].error = str(exc)
+                else:  # a shed request (after its retries) is no image's fault: say so for each
+                    for i in group:
+                        preds[i].error = str(exc)
                 continue
             for j, i in enumerate(group):
                 tensors[i] = arr[j]
@@ -429,8 +489,10 @@ class TritonClassifier:
             return
         rows = parse_classification(result.as_numpy(LOGITS), self._labels)
         emb = result.as_numpy(EMBEDDING) if embeddings else None
+        version = response_model_version(result)
         for j, i in enumerate(idx):
             preds[i].top = rows[j]
+            preds[i].model_version = version
             if emb is not None:
                 preds[i].embedding = emb[j]
 

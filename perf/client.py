@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--api-key-file", help="file holding the local server's API key (lets the "
                                             "error for an unknown model list every model)")
     opt.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    opt.add_argument("--retries", type=int, default=3,
+                     help="resend a request the server shed (overloaded: gRPC UNAVAILABLE / HTTP 503) up "
+                          "to this many times, after a jittered exponential back-off of at most 2 s "
+                          "(default: %(default)s; 0: never)")
     return p
 
 
@@ -77,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch-size {args.batch_size}: must be >= 1")
     if args.concurrency < 1:
         parser.error(f"--concurrency {args.concurrency}: must be >= 1")
+    if args.retries < 0:
+        parser.error(f"--retries {args.retries}: must be >= 0")
     if bool(args.paths) == bool(args.data_path):
         parser.error("give image PATHs or --data_path (not both)")
     import numpy as np
@@ -107,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                variant_preprocess=args.variant_preprocess,
                                preprocess_model=args.preprocess_model, labels=labels,
                                batch_size=args.batch_size, concurrency=args.concurrency,
-                               api_key=api_key, timeout_s=args.timeout)
+                               api_key=api_key, timeout_s=args.timeout, retries=args.retries)
     except ValueError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -158,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         acc = correct / len(scored) if scored else float("nan")
         print(f"{args.model} over {args.protocol} at {clf.url}: accuracy "
               f"{acc:.2%} ({correct}/{len(scored)}) on the {args.split} split of {args.data_path}")
+    if clf.stats["shed"]:
+        print(f"the server shed {clf.stats['shed']} request(s) (overloaded); {clf.stats['retries']} "
+              f"retried (--retries {args.retries})", file=sys.stderr)
     if failed:
         print(f"{failed} of {len(preds)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -42,7 +42,14 @@ import numpy as np
 from export.gates import GATE_FIELDS, GateError, parse_gate_overrides, resolve_gate
 from perf.classifier import DEFAULT_PREPROCESS_MODEL, LOGITS, TritonClassifier, input_kind
 from perf.client_inputs import load_preprocessing
-from serve.triton_access import ModelNotReady, ServerUnreachable, TritonError, config_parameter, read_api_key
+from serve.triton_access import (
+    ModelNotReady,
+    Overloaded,
+    ServerUnreachable,
+    TritonError,
+    config_parameter,
+    read_api_key,
+)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
@@ -130,7 +137,7 @@ def run_parity(url: str | None = None, protocol: str = "grpc", *, data_path: str
                batch_size: int | None = None, preprocessing: str | os.PathLike | None = None,
                repository: str | os.PathLike | None = None,
                api_key: str | None = None, max_flipped_listed: int = 10,
-               timeout_s: float = 300.0, progress: bool = False) -> dict[str, Any]:
+               timeout_s: float = 300.0, progress: bool = False, retries: int = 3) -> dict[str, Any]:
     """Run parity for ``models`` ("all" = every ready model that outputs logits)
     against ``reference`` ("eager" or a served model name) on ``split``.
 
@@ -144,7 +151,7 @@ def run_parity(url: str | None = None, protocol: str = "grpc", *, data_path: str
                            gates=gates, batch_size=batch_size, preprocessing=preprocessing,
                            repository=repository, api_key=api_key,
                            max_flipped_listed=max_flipped_listed, timeout_s=timeout_s,
-                           progress=progress)
+                           progress=progress, retries=retries)
 
 
 #: above this many bytes the preprocessed split lives in a memory-mapped temp
@@ -169,7 +176,7 @@ def preprocess_all(blobs: Sequence[bytes], names: Sequence[str], pre, tmp: Path)
 
 def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_path, models, reference,
                 split, max_images, gates, batch_size, preprocessing, repository, api_key,
-                max_flipped_listed, timeout_s, progress) -> dict[str, Any]:
+                max_flipped_listed, timeout_s, progress, retries=3) -> dict[str, Any]:
     """run_parity with a temporary folder for the preprocessed split."""
     from train.datasets import ManifestError, read_labels, read_manifest
 
@@ -284,7 +291,7 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
         say(f"served FP32 reference '{reference}'")
         try:
             with TritonClassifier(url, protocol, reference, preprocessing=pre, batch_size=batch_size,
-                                  api_key=api_key, timeout_s=timeout_s) as ref:
+                                  api_key=api_key, timeout_s=timeout_s, retries=retries) as ref:
                 if ref.kind == "bytes":
                     ref_logits, ref_emb = ref.infer_images(blobs)
                 else:
@@ -320,8 +327,11 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
         say(f"{name}: {len(records)} images ({entry['input']})")
         t0 = time.perf_counter()
         try:
-            with TritonClassifier(url, protocol, name, preprocessing=pre, batch_size=batch_size,
-                                  api_key=api_key, timeout_s=timeout_s) as clf:
+            clf = TritonClassifier(url, protocol, name, preprocessing=pre, batch_size=batch_size,
+                                   api_key=api_key, timeout_s=timeout_s, retries=retries)
+            # shed requests (the server's queue policy; retried) are load, not parity failures
+            entry["shed_requests"] = clf.stats
+            with clf:
                 entry["max_batch_size"] = clf.max_batch_size
                 if clf.kind == "bytes":
                     logits, emb = clf.infer_images(blobs)
@@ -343,6 +353,11 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
         except ServerUnreachable as exc:
             entry["error"] = str(exc)
             entry["failures"] = [str(exc)]
+        except Overloaded as exc:
+            entry["error"] = str(exc)
+            entry["shed"] = True
+            entry["failures"] = [f"not measured: the server shed a request {retries + 1} times "
+                                 f"(overloaded; --retries {retries}): {exc}"]
         except (TritonError, ValueError) as exc:
             entry["error"] = str(exc)
             entry["failures"] = [f"could not run: {exc}"]
@@ -465,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--out", default=None, help="write the full result as JSON here")
     opt.add_argument("--max-flipped", type=int, default=10, help="flipped files listed per variant")
     opt.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    opt.add_argument("--retries", type=int, default=3,
+                     help="resend a request the server shed (overloaded) up to this many times, with a "
+                          "jittered back-off (default: %(default)s)")
     opt.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -482,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             gates=args.gates, batch_size=args.batch_size,
                             preprocessing=args.preprocessing, repository=args.repository,
                             api_key=api_key, max_flipped_listed=args.max_flipped,
-                            timeout_s=args.timeout, progress=not args.quiet)
+                            timeout_s=args.timeout, progress=not args.quiet, retries=args.retries)
     except (ParityInputError, ValueError, ModelNotReady) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -82,7 +82,8 @@ SERVER_BREAKDOWN = ("server_queue_us", "server_compute_input_us", "server_comput
 class PerfAnalyzerError(RuntimeError):
     """A perf_analyzer run failed; the message names the point and carries
     perf_analyzer's own words. `kind` is one of: not_installed, unreachable,
-    model_not_found, unstable, request_error, timeout, bad_input, failed."""
+    model_not_found, unstable, request_error, shed (the server's queue policy
+    refused requests: overload, not a fault), timeout, bad_input, failed."""
 
     def __init__(self, message: str, *, kind: str = "failed", model: str | None = None,
                  protocol: str | None = None, batch_size: int | None = None,
@@ -263,13 +264,20 @@ def parse_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
 _STABLE = re.compile(r"Failed to obtain stable measurement[^\n]*")
 _THREAD_ERR = re.compile(r"Thread \[\d+\] had error: ([^\n]+)")
 _ERROR_LINE = re.compile(r"^(?:error|Error|cb::Error)\s*:?\s*(.+)$", re.M)
+#: Triton's words for a request its queue policy refused (export.triton_config)
+SHED_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
 
 
 def classify_failure(output: str, returncode: int | None) -> tuple[str, str]:
     """(kind, perf_analyzer's own message) from its output and exit code."""
     m = _THREAD_ERR.search(output)
     if m:
-        return "request_error", m.group(1).strip()
+        message = m.group(1).strip()
+        # the server's queue policy refused requests (UNAVAILABLE / 503): load
+        # shed at this point, not a broken model or request
+        if any(w in message for w in SHED_MESSAGES):
+            return "shed", message
+        return "request_error", message
     m = _STABLE.search(output)
     if m:
         return "unstable", m.group(0).strip()
@@ -301,6 +309,8 @@ _HINTS = {
                 "--max-trials",
     "request_error": "the server rejected the requests; check the model config, the batch size and the "
                      "server log",
+    "shed": "the server shed load at this point (its queue policy: export --max-queue-size / "
+            "--queue-timeout-ms); lower the concurrency or raise the queue timeout",
     "unreachable": "is the server up at this address and protocol (gRPC default port 8001, HTTP 8000)?",
     "model_not_found": "the model is not loaded on the server; load it or leave it out of --models",
     "timeout": "raise --point-timeout or shorten --window-ms / --max-trials",
@@ -398,7 +408,7 @@ def run_point(*, model: str, url: str, protocol: str, batch_size: int, concurren
     # A failing run can still exit 0 (e.g. a worker error with some requests
     # answered): trust the messages first, then the exit code and the CSV.
     kind, message = classify_failure(output, proc.returncode)
-    if proc.returncode != 0 or kind in ("request_error", "unstable") or not csv_path.is_file():
+    if proc.returncode != 0 or kind in ("request_error", "shed", "unstable") or not csv_path.is_file():
         if kind == "failed" and proc.returncode == 0:
             message = f"no CSV written ({_first_error(output) or 'no output'})"
         hint = _HINTS.get(kind)
@@ -472,11 +482,12 @@ def run_sweep(*, urls: Mapping[str, str], models: Sequence[str], protocols: Sequ
                                   "reason": f"metrics endpoint {metrics_url!r} not reachable"})
 
     def fail(exc: PerfAnalyzerError) -> None:
+        status = "SHED" if exc.kind == "shed" else "FAILED"   # overload is not a broken model
         entry = {"model": exc.model, "protocol": exc.protocol, "batch_size": exc.batch_size,
-                 "concurrency": exc.concurrency, "status": "FAILED", "kind": exc.kind, "reason": str(exc),
+                 "concurrency": exc.concurrency, "status": status, "kind": exc.kind, "reason": str(exc),
                  "command": exc.command}
         result["failures"].append(entry)
-        progress(f"FAILED: {exc}")
+        progress(f"{status}: {exc}")
         if not keep_going:
             exc.partial = result
             raise exc

@@ -1,0 +1,190 @@
+"""Rollouts and shutdowns that lose no request, against the REAL local Triton
+server: a new version published and loaded under load (``python -m serve
+reload``), a rollback (``python -m serve rollback``), ``python -m serve stop``
+with requests in flight, and the container script's drain settings."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perf import reliability as rel
+from serve import local_server as ls
+from serve import rollout
+from serve.__main__ import main as serve_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def live_repo(tmp_path_factory, tiny_repository) -> Path:
+    """A copy of the tiny export: the rollout publishes versions into it."""
+    return rel.copy_repository(tiny_repository, tmp_path_factory.mktemp("live") / "repo",
+                               ["dinov2_onnx", "dinov2_preprocess", "dinov2"])
+
+
+@pytest.fixture(scope="module")
+def server(triton_server_factory, live_repo, tmp_path_factory):
+    pid_file = tmp_path_factory.mktemp("pid") / "triton.pid"
+    return triton_server_factory(live_repo, pid_file=pid_file)
+
+
+def _pixels(conn):
+    return [conn.tensor_input("pixel_values", np.full((2, 3, 28, 28), 0.25, np.float32))]
+
+
+@pytest.mark.triton
+def test_rollout_and_rollback_under_load_fail_no_request(server, live_repo, capsys):
+    """Load on the variant and on the ensemble while version 2 is published
+    and loaded, then rolled back to 1: every request answered, responses
+    name the version that answered, the logits do not change."""
+    from export.serving_models import sample_png
+
+    image = sample_png(28)
+
+    def images(conn):
+        return [conn.bytes_input("image", [image])]
+
+    with server.connect("grpc") as conn:
+        before = conn.infer("dinov2_onnx", _pixels(conn)).as_numpy("logits")
+        before_ens = conn.infer("dinov2", images(conn)).as_numpy("logits")
+        stop = threading.Event()
+        out: dict[str, rel.LoadResult] = {}
+        loads = [threading.Thread(target=lambda m=m, f=f, c=c: out.setdefault(m, rel.closed_loop(
+            conn, m, f, concurrency=c, stop=stop))) for m, f, c in
+            (("dinov2_onnx", _pixels, 3), ("dinov2", images, 2))]
+        for t in loads:
+            t.start()
+        time.sleep(1.0)
+        new = rel.publish_copy_of_latest(live_repo, "dinov2_onnx")
+        assert new == 2
+        assert serve_main(["reload", "dinov2_onnx", "--pid-file", str(server.pid_file)]) == 0
+        assert "dinov2_onnx: reload: serving version 2 (was 1)" in capsys.readouterr().out
+        time.sleep(1.0)
+        assert serve_main(["rollback", "dinov2_onnx", "--pid-file", str(server.pid_file)]) == 0
+        assert "dinov2_onnx: rollback: serving version 1 (was 2)" in capsys.readouterr().out
+        time.sleep(1.0)
+        stop.set()
+        for t in loads:
+            t.join()
+        after = conn.infer("dinov2_onnx", _pixels(conn))
+        after_ens = conn.infer("dinov2", images(conn)).as_numpy("logits")
+    variant, ensemble = out["dinov2_onnx"], out["dinov2"]
+    for res in (variant, ensemble):
+        assert res.ok > 20 and res.failed == 0 and res.shed == 0, res.to_dict()
+    assert set(variant.versions) == {"1", "2"}, variant.versions          # the switch, and back
+    assert set(ensemble.versions) == {"1"}   # the ensemble's own version; it follows its step's newest
+    from perf.classifier import response_model_version
+
+    assert response_model_version(after) == "1"
+    np.testing.assert_array_equal(after.as_numpy("logits"), before)
+    np.testing.assert_array_equal(after_ens, before_ens)
+    with server.connect("http") as admin:
+        assert rollout.served_versions(admin, "dinov2_onnx") == (1,)
+        # back to the newest: the reload sends config.pbtxt (a plain load would keep the rollback)
+        assert rollout.reload_model(admin, "dinov2_onnx", repository=live_repo).after == (2,)
+
+
+@pytest.mark.triton
+def test_rollback_and_reload_errors_are_one_line(server, live_repo, capsys):
+    with server.connect("http") as admin:
+        with pytest.raises(rollout.RolloutError, match=r"dinov2: no version older than 1 is kept in .*--keep-versions"):
+            rollout.rollback_model(admin, "dinov2", repository=live_repo)
+        with pytest.raises(rollout.RolloutError, match="version 7 is not in"):
+            rollout.rollback_model(admin, "dinov2_onnx", repository=live_repo, version=7)
+        with pytest.raises(rollout.RolloutError, match="give --version N, or --repository"):
+            rollout.rollback_model(admin, "dinov2_onnx")
+        with pytest.raises(rollout.RolloutError, match="not loaded on the server"):
+            rollout.rollback_model(admin, "no_such_model", version=1)
+    with server.connect("http", with_key=False) as anonymous:
+        with pytest.raises(Exception, match="API key"):
+            rollout.reload_model(anonymous, "dinov2_onnx")
+    assert serve_main(["reload", "dinov2_onnx", "--pid-file", str(server.pid_file.parent / "none.pid")]) == 1
+    assert "no local server recorded in" in capsys.readouterr().err
+
+
+@pytest.mark.triton
+def test_stop_under_load_answers_what_it_accepted(triton_server_factory, tmp_path, capsys):
+    """`python -m serve stop` with requests in flight on a 300 ms-per-batch
+    model: every accepted request is answered, new ones are refused, the
+    process is gone well within the exit timeout."""
+    from tests.fixtures.slow_model import write_slow_model
+
+    write_slow_model(tmp_path / "repo", "slow", delay_ms=300, max_batch_size=4, queue_timeout_ms=10_000)
+    pid_file = tmp_path / "triton.pid"
+    handle = triton_server_factory(tmp_path / "repo", pid_file=pid_file, exit_timeout_s=10)
+    x = np.full((1, 3, 8, 8), 0.5, np.float32)
+    stopping, stop = threading.Event(), threading.Event()
+    holder: dict[str, rel.LoadResult] = {}
+    with handle.connect("grpc") as conn:
+        load = threading.Thread(target=lambda: holder.setdefault("r", rel.closed_loop(
+            conn, "slow", lambda c: [c.tensor_input("pixel_values", x)], concurrency=12, stop=stop,
+            quit_on_error=stopping)))
+        load.start()
+        time.sleep(1.0)
+        stopping.set()
+        t_stop = time.perf_counter()
+        assert serve_main(["stop", "--pid-file", str(pid_file),
+                           "--replica-file", str(tmp_path / "no-replicas.json")]) == 0
+        exit_s = time.perf_counter() - t_stop
+        stop.set()
+        load.join()
+    assert f"stopped tritonserver (pid {handle.pid})" in capsys.readouterr().out
+    res = holder["r"]
+    counts = rel.shutdown_accounting(res.records, t_stop)
+    assert counts["in_flight_at_stop"] >= 8, counts           # 12 clients, batches of 4 take 300 ms
+    assert counts["lost"] == 0, (counts, res.errors)
+    assert counts["answered"] + counts["refused_at_stop"] == counts["in_flight_at_stop"]
+    assert counts["answered"] >= 4, counts
+    # refused once the signal has landed (a request sent in the first moments of
+    # the stop command, before SIGTERM, is still accepted and then answered)
+    late = [r for r in res.records if r[0] > t_stop + 0.5]
+    assert all(r[2] != "ok" for r in late), late
+    assert exit_s < handle.exit_timeout_s, exit_s
+    assert not handle.is_alive() and not pid_file.exists()
+    assert ls.ports_in_use([handle.http_port, handle.grpc_port]) == []
+    from serve.triton_access import ServerUnreachable
+
+    with handle.connect("grpc") as conn, pytest.raises(ServerUnreachable):
+        conn.infer("slow", [conn.tensor_input("pixel_values", x)])
+
+
+def _fake_container_env(tmp_path: Path) -> tuple[Path, dict, Path]:
+    root = tmp_path / "checkout"
+    for folder in ("scripts", "serve", "requirements"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "model_repository").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "basename", "grep", "od", "tr", "mkdir", "cat", "head", "sed", "awk"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    calls = tmp_path / "docker_calls"
+    (bin_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n'
+                                    'case "$1" in ps) echo abc123 ;; esac\nexit 0\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
+    for tool in ("docker", "nvidia-smi"):
+        (bin_dir / tool).chmod(0o755)
+    return root, {"PATH": str(bin_dir), "HOME": os.environ.get("HOME", "/root")}, calls
+
+
+@pytest.mark.parametrize("flag, seconds", [([], 30), (["--exit-timeout-secs", "12"], 12)])
+def test_container_drains_with_the_same_exit_timeout(tmp_path, flag, seconds):
+    """The container's tritonserver gets --exit-timeout-secs (default 30, as the
+    local server) and docker waits 10 s longer before SIGKILL, on run and on stop."""
+    assert ls.DEFAULT_EXIT_TIMEOUT_S == 30
+    root, env, calls = _fake_container_env(tmp_path)
+    result = subprocess.run(["/bin/bash", str(root / "scripts" / "serve.sh"), "container", *flag], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    run = next(line for line in calls.read_text().splitlines() if line.startswith("run ")).split()
+    assert f"--exit-timeout-secs={seconds}" in run
+    assert run[run.index("--stop-timeout") + 1] == str(seconds + 10)
+    bad = subprocess.run(["/bin/bash", str(root / "scripts" / "serve.sh"), "container", "--exit-timeout-secs",
+                          "soon"], env=env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1 and "'soon' is not a number of seconds" in bad.stderr

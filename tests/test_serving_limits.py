@@ -1,0 +1,270 @@
+"""Bounded latency under overload and hostile images refused: the image
+limits (train.image_limits) in the data stage and the served preprocessing
+model, then the REAL local Triton server: decompression bombs sent to the
+ensemble, overload at 3x capacity against the queue policy that
+export.triton_config writes, and the bad requests for which Triton 2.51
+answers HTTP 500 (pinned)."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from perf import reliability as rel
+from serve import triton_access as ta
+from train.image_limits import DEFAULT_MAX_IMAGE_PIXELS, ImageLimitError, check_image_limits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    """The issue's bomb: a ~390 KB PNG declaring 20000 x 20000 grey pixels."""
+    return rel.png_bomb(20000, 20000)
+
+
+def _png(size=(40, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+        buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- no server
+def test_limits_read_the_header_only(bomb):
+    assert len(bomb) < 500_000
+    t0 = time.perf_counter()
+    with pytest.raises(ImageLimitError) as info:
+        check_image_limits(bomb, name="image 3 of request")
+    assert time.perf_counter() - t0 < 0.2            # decoding it would take seconds and 1.2 GB
+    # "20000 x 20000 = 400000000 pixels ..." (or without the sizes where PIL's own
+    # bomb check fires first: its limit depends on whether train.images was imported)
+    assert str(info.value).startswith("image 3 of request: ")
+    assert str(info.value).endswith(f"400000000 pixels exceeds the limit of {DEFAULT_MAX_IMAGE_PIXELS} pixels "
+                                    f"(max_image_pixels)")
+    with pytest.raises(ImageLimitError, match=r"x: 1201 bytes exceeds the limit of 1200 encoded bytes"):
+        check_image_limits(b"\0" * 1201, max_bytes=1200, name="x")
+    assert check_image_limits(_png((40, 30))) == (40, 30)
+    assert check_image_limits(b"not an image") is None      # the decoder names that problem
+    with pytest.raises(ImageLimitError, match="1200 pixels exceeds the limit of 1000"):
+        check_image_limits(_png((40, 30)), max_pixels=1000)
+
+
+def test_data_stage_leaves_out_what_the_server_refuses(tmp_path, bomb):
+    from train.validate_images import check_image_file
+
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    (tmp_path / "ok.png").write_bytes(_png())
+    sha, reason = check_image_file(tmp_path / "bomb.png")
+    assert sha is None and reason.endswith(f"400000000 pixels exceeds the limit of "
+                                           f"{DEFAULT_MAX_IMAGE_PIXELS} pixels (max_image_pixels)")
+    assert check_image_file(tmp_path / "ok.png")[1] is None
+    assert "exceeds the limit of 100 encoded bytes" in check_image_file(tmp_path / "ok.png", max_bytes=100)[1]
+
+
+def _preprocess_module():
+    spec = importlib.util.spec_from_file_location("_limits_preprocess_model",
+                                                  ROOT / "export" / "preprocess_model" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_preprocess_model_refuses_before_decoding_and_reads_its_limits(bomb):
+    from train.preprocessing import PreprocessConfig
+
+    mod = _preprocess_module()
+    cfg = PreprocessConfig(image_size=28, resize_size=32)
+    good = _png()
+    assert mod.preprocess_images(np.array([[good]], dtype=object), cfg).shape == (1, 3, 28, 28)
+    t0 = time.perf_counter()
+    with pytest.raises(mod.ImageError, match=r"^image 1 of request: (20000 x 20000 = )?400000000 pixels "
+                                             r"exceeds the limit of 40000000 pixels \(max_image_pixels\); "
+                                             r"refused before decoding$"):
+        mod.preprocess_images(np.array([[good], [bomb]], dtype=object), cfg)
+    assert time.perf_counter() - t0 < 0.5
+    params = {"parameters": {"max_image_bytes": {"string_value": "5000"},
+                             "max_image_pixels": {"string_value": "99"}}}
+    limits = mod.read_limits(params)
+    assert limits == {"max_image_bytes": 5000, "max_image_pixels": 99}
+    with pytest.raises(mod.ImageError, match="image 0 of request: 40 x 30 = 1200 pixels exceeds the limit of 99"):
+        mod.preprocess_images(np.array([[good]], dtype=object), cfg, limits)
+    assert mod.read_limits({}) == {"max_image_bytes": 20_000_000, "max_image_pixels": 40_000_000}
+    with pytest.raises(ValueError, match="parameter max_image_pixels: 'lots' is not an integer"):
+        mod.read_limits({"parameters": {"max_image_pixels": {"string_value": "lots"}}})
+
+
+def test_published_preprocess_model_carries_the_limits_module(tiny_repository):
+    version = tiny_repository / "dinov2_preprocess" / "1"
+    assert (version / "dinov2_image_limits.py").read_text() == (ROOT / "train" / "image_limits.py").read_text()
+    text = (tiny_repository / "dinov2_preprocess" / "config.pbtxt").read_text()
+    assert 'key: "max_image_pixels"' in text and 'string_value: "40000000"' in text
+
+
+# --------------------------------------------------------------------------- real server: images
+@pytest.fixture(scope="module")
+def server(triton_server_factory, tiny_repository):
+    return triton_server_factory(tiny_repository)
+
+
+@pytest.mark.triton
+def test_bombs_are_refused_fast_and_cost_no_memory(server, bomb):
+    good = _png()
+    result = rel.scenario_bombs(server, "dinov2", good, bomb, at_once=6)
+    assert result["refused"] == result["sent"] == 7, result
+    assert result["single_ms"] < 2000 and result["max_ms"] < 5000, result
+    assert "image 0 of request: 20000 x 20000 = 400000000 pixels exceeds the limit" in result["message"], result
+    # decoding one bomb alone would need 1.2 GB; refused, the server grows by no more than noise
+    assert result["rss_after_mb"] - result["rss_before_mb"] < 60, result
+    assert result["same_logits_after"]
+
+
+@pytest.mark.triton
+def test_the_served_limit_is_the_config_parameter(server):
+    """A limit changed in the config (what export --max-image-pixels writes) is
+    the one the served model applies."""
+    from export.triton_config import PREPROCESS_MODEL
+    from serve.rollout import reload_model
+
+    image = _png((100, 80))    # 8000 pixels; the warm-up image (64 x 48) stays under the limit
+    with server.connect("http") as conn:
+        config = conn.model_config(PREPROCESS_MODEL)
+        config["parameters"]["max_image_pixels"] = {"string_value": "5000"}
+        conn.load_model(PREPROCESS_MODEL, config=config)
+        try:
+            with pytest.raises(ta.RequestError, match="8000 pixels exceeds the limit of 5000 pixels"):
+                conn.infer("dinov2", [conn.bytes_input("image", [image])])
+        finally:   # back to the repository's config.pbtxt (a plain load keeps the override)
+            reload_model(conn, PREPROCESS_MODEL, repository=server.repository)
+        assert conn.infer("dinov2", [conn.bytes_input("image", [image])]).as_numpy("logits").shape == (1, 3)
+
+
+@pytest.mark.triton
+def test_bad_requests_have_their_status_and_triton_2_51_answers_500_for_three(server):
+    """Each malformed request is refused with the server's message; the
+    statuses are Triton 2.51's. Three client errors get HTTP 500: pinned, so
+    that an upgrade that answers 4xx is noticed (and the README table updated)."""
+    with server.connect("grpc") as conn:
+        config = conn.model_config("dinov2_onnx")
+    dims = config["input"][0]["dims"]
+    cases = {c["case"]: c for c in rel.bad_request_cases(server.url_http, "dinov2_onnx", dims,
+                                                         config["max_batch_size"], image_model="dinov2")}
+    status = {k: c["status"] for k, c in cases.items()}
+    assert status == {
+        "good request": 200, "wrong input name": 400, "wrong dtype": 400, "wrong shape": 400,
+        "batch 9 > max_batch_size 8": 400, "unknown model": 404,
+        "repository index without the API key": 403, "model load without the API key": 403,
+        "malformed JSON": 500, "data shorter than its shape": 500, "negative dimension": 500,
+        "80 MB body for a 1-image tensor": 400,
+        "good image (ensemble)": 200, "garbage bytes as an image": 400, "truncated PNG": 400,
+        "decompression bomb (20000 x 20000 PNG)": 400, "image over max_image_bytes (21 MB)": 400,
+    }, cases
+    assert set(rel.HTTP_500_CLIENT_ERRORS) == {k for k, v in status.items() if v == 500}
+    assert "failed to parse the request JSON" in cases["malformed JSON"]["message"]
+    assert "exceeds the limit of 20000000 encoded bytes" in cases["image over max_image_bytes (21 MB)"]["message"]
+    assert "not a decodable image" in cases["truncated PNG"]["message"]
+    assert cases["decompression bomb (20000 x 20000 PNG)"]["ms"] < 3000
+    with server.connect("grpc", with_key=False) as conn:
+        assert conn.is_live() and conn.is_ready()
+
+
+# --------------------------------------------------------------------------- real server: overload
+@pytest.fixture(scope="module")
+def slow_server(triton_server_factory, tmp_path_factory):
+    from tests.fixtures.slow_model import write_slow_model
+
+    root = tmp_path_factory.mktemp("slow_repo")
+    write_slow_model(root, "slow", delay_ms=100, max_batch_size=4, queue_timeout_ms=300)
+    return triton_server_factory(root)
+
+
+def _inputs(batch):
+    return lambda conn: [conn.tensor_input("pixel_values", batch)]
+
+
+def _capacity(conn, make) -> float:
+    return rel.closed_loop(conn, "slow", make, concurrency=16, seconds=1.5).accepted_rps
+
+
+@pytest.mark.triton
+def test_overload_is_shed_and_accepted_requests_keep_their_latency(slow_server):
+    """3x capacity for 2.5 s: the queue timeout (300 ms) sheds with UNAVAILABLE,
+    the model keeps serving at capacity, and the accepted requests' p99 stays
+    below the timeout plus a few 100 ms batches."""
+    from tests.fixtures.slow_model import slow_reference
+
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with slow_server.connect("grpc") as conn:
+        policy = conn.model_config("slow")["dynamic_batching"]["default_queue_policy"]
+        assert policy["default_timeout_microseconds"] == 300_000 and policy["max_queue_size"] == 256
+        capacity = _capacity(conn, _inputs(x))
+        assert 20 < capacity < 45, capacity          # 4 per 100 ms batch
+        res = rel.open_loop(conn, "slow", _inputs(x), rate=3 * capacity, seconds=2.5)
+        assert res.failed == 0, res.errors
+        assert res.shed > res.sent * 0.3, res.to_dict()
+        assert set(res.errors) == {"model 'slow': Request timeout expired"}, res.errors
+        assert res.percentile_ms(99) < 300 + 3 * 100 + 300, res.to_dict()
+        assert res.ok / res.seconds > 0.6 * capacity, (res.to_dict(), capacity)
+        logits = conn.infer("slow", _inputs(x)(conn)).as_numpy("logits")
+    np.testing.assert_allclose(logits, slow_reference(x)[0], rtol=1e-6)
+
+
+@pytest.mark.triton
+def test_triton_2_51_stalls_while_a_queue_is_full(slow_server):
+    """Pinned server behaviour behind QUEUE_BATCHES_PER_INSTANCE: with a queue
+    small enough to fill (8 requests, no timeout), overload is shed with
+    "Exceeds maximum queue size" but the model then serves far below its
+    capacity (about one batch per 0.5 s). If this starts failing, the server
+    no longer stalls and max_queue_size can become the first bound again."""
+    from serve.rollout import reload_model
+
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    with slow_server.connect("http") as admin, slow_server.connect("grpc") as conn:
+        capacity = _capacity(conn, _inputs(x))
+        config = admin.model_config("slow")
+        config["dynamic_batching"]["default_queue_policy"] = {"max_queue_size": 8, "allow_timeout_override": True}
+        admin.load_model("slow", config=config)
+        try:
+            res = rel.open_loop(conn, "slow", _inputs(x), rate=3 * capacity, seconds=2.5)
+        finally:
+            reload_model(admin, "slow", repository=slow_server.repository)
+    assert res.failed == 0 and res.shed > 0
+    assert all("Exceeds maximum queue size" in e for e in res.errors), res.errors
+    assert res.ok / res.seconds < 0.5 * capacity, (res.to_dict(), capacity)
+
+
+@pytest.mark.triton
+def test_client_retries_shed_requests_with_backoff(slow_server):
+    """TritonClassifier resends what the server shed (bounded, jittered) and counts it."""
+    from perf.classifier import Backoff, TritonClassifier
+
+    x = np.zeros((4, 3, 8, 8), np.float32)
+    busy = threading.Event()
+
+    def flood():
+        with slow_server.connect("grpc") as conn:
+            rel.open_loop(conn, "slow", _inputs(x[:1]), rate=120, seconds=1.5)
+        busy.set()
+
+    t = threading.Thread(target=flood)
+    t.start()
+    time.sleep(0.4)
+    pre = SimpleNamespace(image_size=8)   # only its image size is read for a pixel model
+    with TritonClassifier(slow_server.url_grpc, "grpc", "slow", preprocessing=pre, batch_size=1,
+                          backoff=Backoff(retries=8, base_s=0.1, cap_s=0.5), seed=0) as clf:
+        logits, _ = clf.infer_pixels(x)
+    t.join()
+    assert logits.shape == (4, 4)
+    assert clf.stats["requests"] == 4 + clf.stats["retries"]
+    assert clf.stats["shed"] >= clf.stats["retries"] > 0, clf.stats
+    assert Backoff(retries=1, base_s=0.1, cap_s=0.15).delay(5, __import__("random").Random(0)) <= 0.15
+    with pytest.raises(ValueError, match="must be >= 0"):
+        Backoff(retries=-1)
