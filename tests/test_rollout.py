@@ -110,6 +110,31 @@ def test_rollback_and_reload_errors_are_one_line(server, live_repo, capsys):
 
 
 @pytest.mark.triton
+def test_export_reload_switches_the_live_server_to_what_it_published(server, live_repo, tiny_checkpoint,
+                                                                     tiny_dataset, capsys):
+    """`python -m export ... --reload URL`: the versions it published are the
+    ones the server answers with afterwards."""
+    from export.cli import main as export_main
+
+    with server.connect("http") as admin:
+        before = {m: rollout.served_versions(admin, m) for m in ("dinov2_onnx", "dinov2_preprocess", "dinov2")}
+    code = export_main(["--model_path", str(tiny_checkpoint), "--repository", str(live_repo),
+                        "--data_path", str(tiny_dataset), "--variants", "onnx", "--bench-seconds", "0",
+                        "--eval-size", "16", "--reload", server.url_http,
+                        "--api-key-file", str(server.api_key_file), "-q"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    with server.connect("http") as admin:
+        after = {m: rollout.served_versions(admin, m) for m in before}
+    for model in before:
+        newest = rollout.disk_versions(live_repo, model)[-1]
+        assert after[model] == (newest,) and newest > max(before[model]), (model, before, after)
+        assert f"reload: {model}: reload: serving version {newest}" in out
+    with server.connect("grpc") as conn:
+        assert conn.infer("dinov2_onnx", _pixels(conn)).as_numpy("logits").shape == (2, 3)
+
+
+@pytest.mark.triton
 def test_stop_under_load_answers_what_it_accepted(triton_server_factory, tmp_path, capsys):
     """`python -m serve stop` with requests in flight on a 300 ms-per-batch
     model: every accepted request is answered, new ones are refused, the
