@@ -43,7 +43,41 @@ def make_plots(results: PerfResults, rows: Sequence[VariantRow], out_dir: Path) 
     _accuracy_vs_throughput(plt, save, rows, op)
     _size_memory(plt, save, results, rows)
     _latency_breakdown(plt, save, rows, op)
+    _p99_vs_offered_load(plt, save, results)
     return plots
+
+
+def _p99_vs_offered_load(plt, save, results: PerfResults) -> None:
+    """p99 against the offered rate of every capacity measurement (the capacity
+    run's, else the search's same-run comparison), the SLO line, each capacity marked."""
+    curves = []
+    if results.capacity is not None:
+        slo = results.capacity.settings.slo_p99_ms
+        curves = [(f"{c.model} #{c.repeat}", c) for c in results.capacity.results]
+    elif results.search is not None and results.search.comparison is not None:
+        slo = results.search.settings.capacity.slo_p99_ms
+        cmp = results.search.comparison
+        curves = [(f"{cmp.model} exported default", cmp.default), (f"{cmp.model} search winner", cmp.winner)]
+    curves = [(label, c) for label, c in curves if any(p.p99_ms is not None for p in c.points)]
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, c in curves:
+        pts = sorted((p for p in c.points if p.p99_ms is not None), key=lambda p: p.rate_rps)
+        line, = ax.plot([p.rate_rps for p in pts], [p.p99_ms for p in pts], marker="o", label=label)
+        if c.capacity_rps and c.p99_at_capacity_ms is not None:
+            ax.plot([c.capacity_rps], [c.p99_at_capacity_ms], marker="*", markersize=16, color=line.get_color())
+            ax.annotate(f"{c.capacity_img_s:.0f} img/s", (c.capacity_rps, c.p99_at_capacity_ms),
+                        textcoords="offset points", xytext=(6, -12), fontsize=8)
+    ax.axhline(slo, color="red", linestyle="--", label=f"SLO p99 {slo:g} ms")
+    ax.set_xlabel("offered load (requests/s, Poisson arrivals)")
+    ax.set_ylabel("p99 latency (ms, log)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "p99_vs_offered_load.png", "p99 latency vs offered load",
+         "Open-loop load (perf_analyzer request-rate mode). Stars: capacity at the SLO (the highest rate that "
+         "passed). Rates that failed by errors or shedding have no latency and are not drawn.")
 
 
 def _throughput_vs_p99(plt, save, results: PerfResults, rows: Sequence[VariantRow]) -> None:

@@ -324,3 +324,91 @@ def recommend(rows: Sequence[VariantRow], op: OperatingPoint, machine=None) -> R
         reason=f"highest throughput ({thr:.1f} img/s) {where} among the variants that pass all their gates "
                f"({best.gate.source})" + (f" on {host_description(machine)}" if machine is not None else "")
                + f": {why_winner(best, thr, considered, rows, machine)}")
+
+
+# ----------------------------------------------------------------------------- capacity at the SLO
+def _gate_reason(r: VariantRow | None) -> str | None:
+    """Why a row may not be recommended (None: it may)."""
+    if r is None:
+        return "not a variant of the export manifest"
+    if r.status != "OK":
+        return f"{r.status}: {'; '.join(x for x in r.reasons if x)}"
+    if r.gate.passed is None:
+        return "no gate verdict (no parity and no export verification)"
+    if not r.gate.passed:
+        return "gate FAILED: " + "; ".join(r.gate.failures)
+    return None
+
+
+def describe_config(c) -> str:
+    """A perf.capacity_records.ServingConfig in words."""
+    pbs = ",".join(str(b) for b in c.preferred_batch_sizes if b <= c.max_batch_size) or "none"
+    thr = f", {c.threads} intra-op threads" if c.threads is not None else ""
+    return (f"{c.instances} instance(s){thr}, max_queue_delay {c.max_queue_delay_us} us, preferred batch "
+            f"sizes {pbs}, max_batch_size {c.max_batch_size}")
+
+
+def recommend_capacity(results: PerfResults, rows: Sequence[VariantRow], op: OperatingPoint
+                       ) -> Recommendation | None:
+    """The recommendation by capacity at the SLO: the search's winner (with its
+    configuration), else the gated variant with the highest capacity of a
+    capacity run (mean over its measurements, exported configuration); None
+    when neither ran. A variant whose gates do not pass is never recommended."""
+    by_key = {r.key: r for r in rows if r.kind == "variant"}
+    search, run = results.search, results.capacity
+    if search is not None:
+        slo = search.settings.capacity.slo_p99_ms
+        rejected = [Rejected(variant=x.variant, reason=x.reason) for x in search.excluded]
+        win = next((p for p in search.points if p.key == search.winner), None)
+        why = _gate_reason(by_key.get(win.model)) if win is not None else None
+        if win is None or why:
+            if win is not None:
+                rejected.append(Rejected(variant=win.model, reason=why))
+            return Recommendation(source="search", operating_point=op, rejected=rejected, slo_p99_ms=slo,
+                                  reason="no configuration of a variant that passes its gates met the SLO and "
+                                         "the constraints")
+        cap = search.comparison.winner if search.comparison is not None else win.capacity
+        r = by_key[win.model]
+        agree = r.accuracy.top1_agreement
+        where = ("re-measured after the search, same run" if search.comparison is not None else "the search")
+        ratio = (f"; {search.comparison.ratio:.2f}x the exported default configuration's "
+                 f"{search.comparison.default.capacity_img_s:.1f} img/s"
+                 if search.comparison is not None and search.comparison.ratio else "")
+        return Recommendation(
+            source="search", operating_point=op, rejected=rejected, variant=r.key, label=r.label,
+            configuration=win.config, capacity_img_s=cap.capacity_img_s, images_per_s=cap.capacity_img_s,
+            p99_ms=cap.p99_at_capacity_ms, slo_p99_ms=slo, top1_agreement=agree, gate_source=r.gate.source,
+            reason=f"deploy variant {r.key} with configuration {describe_config(win.config)}: capacity "
+                   f"{cap.capacity_img_s:.1f} img/s at p99 <= {slo:g} ms ({where}{ratio}), top-1 agreement "
+                   + (f"{agree:.2%}" if agree is not None else "not measured") + f" ({r.gate.source})")
+    if run is None or not run.results:
+        return None
+    slo = run.settings.slo_p99_ms
+    means: dict[str, list[float]] = {}
+    for c in run.results:
+        means.setdefault(c.model, []).append(c.capacity_img_s or 0.0)
+    rejected, considered = [], []
+    for model, caps in means.items():
+        if model not in by_key:
+            continue    # the ensemble and the preprocessing model are measured, not deployed alone
+        why = _gate_reason(by_key[model]) or (None if min(caps) > 0 else f"no rate met p99 <= {slo:g} ms")
+        if why:
+            rejected.append(Rejected(variant=model, reason=why))
+        else:
+            considered.append((sum(caps) / len(caps), by_key[model]))
+    considered.sort(key=lambda t: -t[0])
+    if not considered:
+        return Recommendation(source="capacity", operating_point=op, rejected=rejected, slo_p99_ms=slo,
+                              reason=f"no variant that passes its gates met p99 <= {slo:g} ms")
+    best_cap, r = considered[0]
+    agree = r.accuracy.top1_agreement
+    nxt = (f", {best_cap / considered[1][0]:.2f}x the next gated variant {considered[1][1].key}"
+           if len(considered) > 1 and considered[1][0] else "")
+    return Recommendation(
+        source="capacity", operating_point=op, rejected=rejected, variant=r.key, label=r.label,
+        ranking=[Ranked(variant=x.key, images_per_s=c) for c, x in considered], capacity_img_s=best_cap,
+        images_per_s=best_cap, slo_p99_ms=slo, top1_agreement=agree, gate_source=r.gate.source,
+        warnings=list(r.slower_than_parent),
+        reason=f"deploy variant {r.key} with its exported configuration: capacity {best_cap:.1f} img/s at p99 <= "
+               f"{slo:g} ms (mean of {len(means[r.key])} measurement(s){nxt}), top-1 agreement "
+               + (f"{agree:.2%}" if agree is not None else "not measured") + f" ({r.gate.source})")

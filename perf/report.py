@@ -24,7 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from perf.ranking import BREAKDOWN, inprocess_entry, operating_point, points, recommend, summarize
+from perf.ranking import (
+    BREAKDOWN,
+    inprocess_entry,
+    operating_point,
+    points,
+    recommend,
+    recommend_capacity,
+    summarize,
+)
+from perf.report_capacity import capacity_blocks, search_blocks
 from perf.results import RESULTS_FILE, PerfResults, Recommendation, VariantRow
 
 
@@ -76,6 +85,8 @@ def build_blocks(results: PerfResults, rows: Sequence[VariantRow], rec: Recommen
         b.append(("h2", "Plots"))
         for p in plots:
             b.append(("img", p["file"], p["title"], p["caption"]))
+    b += capacity_blocks(results)
+    b += search_blocks(results, rows)
     b += _served_blocks(results)
     b += _in_process_blocks(results)
     b += _accuracy_blocks(results, rows)
@@ -141,6 +152,11 @@ def _recommendation_blocks(rows: Sequence[VariantRow], rec: Recommendation, op) 
     if slower:
         b.append(("p", "**Faster on paper, slower measured** (do not ship these for speed):"))
         b.append(("ul", slower))
+    if rec.source in ("capacity", "search"):
+        b.append(("p", f"Ranked on capacity at p99 <= {rec.slo_p99_ms:g} ms under open-loop Poisson load "
+                       f"({'the configuration search' if rec.source == 'search' else 'exported configurations'}; "
+                       "perf.capacity)."))
+        return b
     b.append(("p", f"Operating point: batch {op.batch_size}, concurrency {op.concurrency}, protocol "
                    f"{op.protocol}" + (f", p99 budget {op.max_p99_ms} ms" if op.max_p99_ms else "")
                    + f"; ranked on {'server-side (perf_analyzer)' if rec.source == 'server' else 'in-process'} "
@@ -438,7 +454,7 @@ def generate_report(results: PerfResults, out_dir: str | os.PathLike) -> Report:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(results)
     op = operating_point(results)
-    rec = recommend(rows, op, machine=results.machine)
+    rec = recommend_capacity(results, rows, op) or recommend(rows, op, machine=results.machine)
     final = results.model_copy(update={"operating_point": op, "rows": rows, "recommendation": rec})
     plots = make_plots(final, rows, out_dir)
     blocks = build_blocks(final, rows, rec, plots)

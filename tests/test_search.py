@@ -1,0 +1,252 @@
+"""perf/search.py (+ search_space, search_session): the configuration search.
+
+Against the REAL local Triton server: two models with known service times
+(tests/test_capacity.py's sleeping Python model, configs from export's
+generator), one passing its accuracy gate, one 12x faster that FAILED it. The
+instance count is searched: two instances of a sleeping model serve twice
+the images, so a config override that is really loaded shows in the
+capacity. The gated-out model is never measured and never wins; an
+interrupted search resumes without re-measuring; --apply writes the winner
+atomically and a restarted server serves it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from perf import search as ps
+from perf import search_space as sp
+from perf.capacity_records import SearchPoint, ServingConfig
+from tests.test_capacity import write_sleepy_model
+
+SLOW_MS, FAST_MS = 25.0, 2.0            # one instance: 40 and 500 images/s
+CAPACITY = dict(window_ms=1000, start_rate=10, precision=0.2, budget_s=90)
+SEARCH = dict(slo_p99_ms=25 * SLOW_MS, instances=(2,), threads=(), delays_us=(), capacity=CAPACITY)
+
+
+def write_manifest(repo: Path, variants: dict[str, tuple[str, str, bool]]) -> None:
+    """An export manifest whose variants are ``name -> (model, status, gate passed)``."""
+    from export.manifest import ExportManifest, write_export_manifest
+    from train.preprocessing import PreprocessConfig
+
+    entries = {name: dict(name=name, model_name=model, platform="python", filename="model.py", precision="fp32",
+                          gate="fp32", status=status, published=True, requested=True, version=1, gate_passed=ok,
+                          gate_failures=[] if ok else ["top-1 agreement 91.00% < 99.90%"],
+                          headline={"top1_agreement": 1.0 if ok else 0.91})
+               for name, (model, status, ok) in variants.items()}
+    m = ExportManifest.new(
+        run_id="test", created="2026-12-01T00:00:00Z", repository=str(repo),
+        source_checkpoint=dict(path="model_final.pth", sha256="0" * 64, size_bytes=1), img_size=14,
+        num_classes=4, embed_dim=6, class_names=[f"c{i}" for i in range(4)],
+        preprocessing=PreprocessConfig(image_size=14, resize_size=16).to_dict(), versions={}, git_revision="test",
+        options={}, requested_variants=list(variants), eval_set=dict(split="test", n=8, synthetic=True,
+                                                                       labelled=False),
+        baseline=dict(name="pytorch"), variants=entries)
+    write_export_manifest(m, repo)
+
+
+def make_repo(root: Path) -> Path:
+    write_sleepy_model(root, "slow_ok", SLOW_MS)
+    write_sleepy_model(root, "fast_bad", FAST_MS)
+    write_manifest(root, {"onnx": ("slow_ok", "OK", True), "onnx_int8": ("fast_bad", "GATE_FAILED", False)})
+    return root
+
+
+def served_instances(server, model: str) -> int:
+    with server.connect("grpc") as conn:
+        return sum(int(g.get("count", 1)) for g in conn.model_config(model)["instance_group"])
+
+
+# ----------------------------------------------------------------------------- no server
+def test_knobs_round_trip_on_an_exported_config():
+    from tests.fixtures.triton import tiny_config_message
+
+    base = tiny_config_message("m", "onnxruntime_onnx", max_batch_size=8)
+    k = sp.knobs_of(base)
+    assert (k.instances, k.threads, k.max_batch_size) == (1, None, 8)
+    cand = sp.with_knobs(base, ServingConfig(instances=2, threads=1, max_queue_delay_us=500,
+                                             preferred_batch_sizes=[2, 16], max_batch_size=4))
+    assert cand.parameters["intra_op_thread_count"].string_value == "1"       # Triton's onnxruntime name
+    assert list(cand.dynamic_batching.preferred_batch_size) == [2]           # 16 > max_batch_size
+    assert sp.knobs_of(cand) == ServingConfig(instances=2, threads=1, max_queue_delay_us=500,
+                                              preferred_batch_sizes=[2], max_batch_size=4)
+    assert base.instance_group[0].count == 1                                  # the base is not touched
+    q0 = base.dynamic_batching.default_queue_policy.max_queue_size
+    if q0:      # export sizes the queue per instance and batch: it scales with both
+        assert cand.dynamic_batching.default_queue_policy.max_queue_size == q0 * 2 * 4 // 8
+    ts = tiny_config_message("t", "pytorch_libtorch")
+    assert sp.thread_parameter(ts) == "INTRA_OP_THREAD_COUNT"
+    with pytest.raises(sp.SpaceError, match="no thread-count parameter"):
+        sp.with_knobs(tiny_config_message("p", "tensorrt_plan"), k.model_copy(update={"threads": 2}))
+
+
+def test_space_respects_the_graph_batch_limit(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tests.fixtures.triton import tiny_config_message
+
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [4, 3, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 3, 8, 8])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["logits"])],
+                                                  "g", [x], [y])), tmp_path / "model.onnx")
+    base = tiny_config_message("m", "onnxruntime_onnx")
+    assert sp.batch_limit(base, tmp_path) == 4
+    with pytest.raises(sp.SpaceError, match=r"--max-batch-sizes \[8\]: the model allows 1..4"):
+        sp.build_space(base, limit=4, instances=[1], threads=[], delays_us=[], preferred=[], max_batch_sizes=[8])
+    space = sp.build_space(base, limit=4, instances=[2, 1], threads=[1], delays_us=[0], preferred=[[]],
+                           max_batch_sizes=[2])
+    assert space["instances"] == [1, 2] and space["threads"] == [None, 1] and space["max_batch_size"] == [4, 2]
+    assert sp.size(space) == 2 * 2 * 2 * 2 * 2
+    assert next(sp.grid(space)) == sp.knobs_of(base)       # the exported default comes first
+
+
+def _fake_point(cfg: ServingConfig, value: float, i: int) -> SearchPoint:
+    from perf.capacity_records import Capacity
+
+    cap = Capacity(model="m", capacity_rps=value, capacity_img_s=value, p99_at_capacity_ms=1.0, failed_rps=None,
+                   knee_rps=None, stop="converged", reason="", wall_s=1.0)
+    return SearchPoint(index=i, key=sp.config_key("m", cfg), model="m", config=cfg, capacity=cap, feasible=True,
+                       measured="now")
+
+
+def test_coordinate_ascent_finds_a_separable_optimum_with_fewer_points_than_the_grid():
+    space = {"instances": [1, 2, 3], "threads": [2, 1, 4], "max_queue_delay_us": [2000, 0, 8000],
+             "preferred_batch_sizes": [[4, 8]], "max_batch_size": [8]}
+    # capacity peaks at instances 2, threads 1, delay 8000 (one knob at a time reaches it)
+    gain = {"instances": {1: 0, 2: 30, 3: 10}, "threads": {2: 0, 1: 20, 4: -5},
+            "max_queue_delay_us": {2000: 0, 0: -3, 8000: 7}}
+    seen: dict[str, SearchPoint] = {}
+
+    def evaluate(cfg: ServingConfig) -> SearchPoint:
+        key = sp.config_key("m", cfg)
+        if key not in seen:
+            value = 100 + sum(gain[k][getattr(cfg, k)] for k in gain)
+            seen[key] = _fake_point(cfg, value, len(seen) + 1)
+        return seen[key]
+
+    best = sp.coordinate_ascent(space, evaluate)
+    assert (best.config.instances, best.config.threads, best.config.max_queue_delay_us) == (2, 1, 8000)
+    assert best.capacity.capacity_img_s == 157 and len(seen) < sp.size(space) == 27
+
+
+def test_apply_is_atomic(tmp_path, monkeypatch):
+    """A crash in the middle of writing config.pbtxt leaves the old file, byte
+    for byte, and no temporary file; the server is not touched."""
+    import train.artifact_io as aio
+    from export.triton_config import parse_config
+
+    write_sleepy_model(tmp_path, "slow_ok", SLOW_MS)
+    path = tmp_path / "slow_ok" / "config.pbtxt"
+    before = path.read_bytes()
+    base = parse_config(before.decode())
+    target = ps.Target(variant="onnx", model="slow_ok", base=base, config_path=path, space={})
+    win = _fake_point(sp.knobs_of(base).model_copy(update={"instances": 2}), 80.0, 1)
+    loads = []
+    session = SimpleNamespace(settings=SimpleNamespace(capacity=SimpleNamespace(slo_p99_ms=100.0)),
+                              points={win.key: win}, say=lambda m: None, load=lambda *a: loads.append(a))
+
+    def crash(src, dst):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(aio.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        ps._apply(session, target, win, "run-1", None)
+    assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["1", "config.pbtxt"]
+    assert loads == []
+    monkeypatch.undo()
+    applied = ps._apply(session, target, win, "run-1", None)
+    cfg = parse_config(path.read_text())
+    assert applied.path == str(path) and cfg.instance_group[0].count == 2 and len(loads) == 1
+    assert cfg.parameters["search_run_id"].string_value == "run-1"
+    assert cfg.parameters["search_capacity_img_per_s"].string_value == "80.0"
+
+
+# ----------------------------------------------------------------------------- the real server
+@pytest.fixture(scope="module")
+def search_server(tmp_path_factory, triton_server_factory):
+    return triton_server_factory(make_repo(tmp_path_factory.mktemp("search_repo")))
+
+
+class _Interrupt:
+    """A progress callback that presses Ctrl-C once the first point is journaled."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, msg: str) -> None:
+        self.lines.append(msg)
+        if msg.startswith("[1/"):
+            raise KeyboardInterrupt
+
+
+@pytest.mark.triton
+def test_search_resumes_and_never_lets_a_gated_out_variant_win(search_server, tmp_path):
+    server = search_server
+    stop = _Interrupt()
+    first = ps.run_search(url=server.url_grpc, repository=server.repository, api_key=server.api_key,
+                          out=tmp_path, run_id="s1", progress=stop, **SEARCH)
+    assert first.exit_code == 130 and first.results.search.stopped == "interrupted"
+    (p1,) = first.results.search.points
+    assert p1.is_default and p1.config.instances == 1 and p1.feasible
+    line = next(m for m in stop.lines if m.startswith("[1/"))
+    assert line.startswith("[1/~2] slow_ok|inst=1") and "img/s at p99 <= 625 ms" in line and "ETA" in line
+    assert "--resume" in stop.lines[-1]
+    assert served_instances(server, "slow_ok") == 1          # the exported config is served again
+
+    lines = []
+    out = ps.run_search(url=server.url_grpc, repository=server.repository, api_key=server.api_key,
+                        budget_s=600, resume=first.run_dir, progress=lines.append)
+    s = out.results.search
+    assert out.exit_code == 0, out.results.errors
+    assert len(s.points) == 2 and s.points[0].measured == p1.measured       # kept, not measured again
+    assert sorted(p.name for p in (first.run_dir / ps.POINTS_DIR).iterdir()) == ["001.json", "002.json"]
+    # the gated-out model (12x faster) never competes
+    assert [x.variant for x in s.excluded] == ["onnx_int8"] and "gate FAILED" in s.excluded[0].reason
+    assert all(p.model == "slow_ok" for p in s.points)
+    assert not (first.run_dir / "search" / "input_data" / "fast_bad.json").exists()
+    # two sleeping instances serve about twice the images: the override was loaded and measured
+    one, two = (p.capacity.capacity_img_s for p in s.points)
+    assert two >= 1.4 * one, [(p.key, p.capacity.capacity_img_s) for p in s.points]
+    assert s.winner == s.points[1].key and "inst=2" in s.winner
+    cmp = s.comparison
+    assert cmp is not None and cmp.ratio >= 1.4 and cmp.default.repeat == cmp.winner.repeat == 2
+    rec = out.results.recommendation
+    assert rec.source == "search" and rec.variant == "slow_ok" and rec.configuration.instances == 2
+    assert rec.reason.startswith("deploy variant slow_ok with configuration 2 instance(s)")
+    assert "top-1 agreement 100.00%" in rec.reason
+    md = out.report.md.read_text()
+    assert "Top 3 configurations per variant" in md and "Ratio winner / default" in md
+    assert (out.run_dir / "p99_vs_offered_load.png").is_file()
+    assert served_instances(server, "slow_ok") == 1          # no --apply: the exported config is served
+
+
+@pytest.mark.triton
+def test_apply_then_a_restart_serves_the_winner(tmp_path, triton_server_factory):
+    from export.triton_config import parse_config
+
+    repo = make_repo(tmp_path / "repo")
+    server = triton_server_factory(repo)
+    out = ps.run_search(url=server.url_grpc, repository=repo, api_key=server.api_key, out=tmp_path / "reports",
+                        run_id="apply", variants=["onnx"], apply=True, confirm=False, **SEARCH)
+    s = out.results.search
+    assert out.exit_code == 0, out.results.errors
+    assert s.applied is not None and s.applied.key == s.winner and "inst=2" in s.winner
+    cfg = parse_config((repo / "slow_ok" / "config.pbtxt").read_text())
+    assert cfg.instance_group[0].count == 2 and cfg.parameters["search_run_id"].string_value == "apply"
+    assert float(cfg.parameters["search_capacity_img_per_s"].string_value) == pytest.approx(
+        max(p.capacity.capacity_img_s for p in s.points), abs=0.06)
+    assert served_instances(server, "slow_ok") == 2          # loaded at once
+    server.stop()
+    again = triton_server_factory(repo)
+    assert served_instances(again, "slow_ok") == 2           # and from the repository after a restart
+    with again.connect("grpc") as conn:
+        assert conn.model_config("slow_ok")["parameters"]["search_run_id"]["string_value"] == "apply"
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(ps.SearchInputError, match="export manifest"):
+        ps.run_search(url="127.0.0.1:1", repository=tmp_path, slo_p99_ms=10)
+    assert ps.main(["--resume", str(tmp_path), "--instances", "1,2"]) == 2
