@@ -24,6 +24,7 @@ values). Everything runs on loopback ports picked free at start.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -263,30 +264,40 @@ def compare_layouts(repository: str | os.PathLike, model: str, *, layouts: Seque
     from serve import local_server as ls
     from serve import replicas as rp
 
-    settings = settings or pa.MeasurementSettings(window_ms=5000, max_trials=10, collect_metrics=False)
+    settings = settings or pa.MeasurementSettings(collect_metrics=False)
     rows = []
     for n in layouts:
         http, grpc, stats = ls.find_free_ports(3)
         rs = rp.start_replica_set(repository, n, http_port=http, grpc_port=grpc, metrics_port=stats,
                                   models=models_with_steps(repository, model), log_dir=log_dir / f"x{n}",
                                   record_file=None, cpus=cpus)
+        threads = len(rs.shares[0])
+        row = {"layout": f"{n} replica{'s' if n > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}",
+               "replicas": n, "threads_per_replica": threads}
         try:
             with rs.connect("http") as conn:
                 cfg = conn.model_config(model)
+                version = next(m["version"] for m in conn.repository_index()
+                               if m["name"] == model and m["state"] == "READY")
             _, dims, _, _ = model_input(rs, model)
+            # The version explicitly (-x): perf_analyzer reads server statistics before and after
+            # each window, and through a balancer the two answers may come from different replicas;
+            # without -x it failed with "failed to find the requested model version" (measured).
+            settings_n = dataclasses.replace(settings, extra_args=tuple(settings.extra_args) + ("-x", version))
             samples = synthetic_samples(dims, n=8)
             data = write_input_data(log_dir / f"x{n}" / "input_data.json", cfg, samples)
             point = pa.run_point(model=model, url=rs.url(protocol), protocol=protocol, batch_size=batch_size,
-                                 concurrency=concurrency, settings=settings, input_data=data,
+                                 concurrency=concurrency, settings=settings_n, input_data=data,
                                  shapes=shape_args(cfg, samples), out_dir=log_dir / f"x{n}")
+            m = point["metrics"]
+            row.update(infer_per_s=m["throughput_infer_per_s"], img_per_s=m["throughput_infer_per_s"] * batch_size,
+                       p50_ms=m["p50_latency_us"] / 1000, p99_ms=m["p99_latency_us"] / 1000,
+                       command=point["command"])
+        except pa.PerfAnalyzerError as exc:  # one layout's failure is its row, the others still run
+            row["error"] = str(exc)
         finally:
             rs.stop()
-        threads, m = len(rs.shares[0]), point["metrics"]
-        rows.append({"layout": f"{n} replica{'s' if n > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}",
-                     "replicas": n, "threads_per_replica": threads,
-                     "infer_per_s": m["throughput_infer_per_s"], "img_per_s": m["throughput_infer_per_s"] * batch_size,
-                     "p50_ms": m["p50_latency_us"] / 1000, "p99_ms": m["p99_latency_us"] / 1000,
-                     "command": point["command"]})
+        rows.append(row)
     return rows
 
 
@@ -333,7 +344,8 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{result['layout_batch_size']}, concurrency {result['layout_concurrency']}):", "",
                   "| layout | infer/s | img/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
         lines += [f"| {r['layout']} | {r['infer_per_s']:.1f} | {r['img_per_s']:.1f} | {r['p50_ms']:.2f} | "
-                  f"{r['p99_ms']:.2f} |" for r in result["layouts"]]
+                  f"{r['p99_ms']:.2f} |" if "error" not in r else f"| {r['layout']} | FAILED: {r['error'][:160]} ||||"
+                  for r in result["layouts"]]
     return "\n".join(lines)
 
 
@@ -348,7 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=4.0, help="load before the kill, after it and after "
                                                              "the restart (default: %(default)s)")
     p.add_argument("--no-layouts", action="store_true", help="skip the 1-replica vs N-replica throughput")
-    p.add_argument("--window-ms", type=int, default=5000, help="perf_analyzer window (default: %(default)s)")
+    p.add_argument("--stability-pct", type=float, default=20.0,
+                   help="perf_analyzer stability threshold (default: %(default)s)")
+    p.add_argument("--window-ms", type=int, default=10000,
+                   help="perf_analyzer window; 2 cores need ~10 s (default: %(default)s)")
     p.add_argument("--out", default=None, help="folder for failover.json, failover.md and the logs "
                                                "(default: perf/reports/failover-<run id>)")
     return p
@@ -376,7 +391,8 @@ def main(argv=None) -> int:
                                               batch_size=args.batch_size, warmup_s=args.seconds,
                                               after_kill_s=args.seconds, after_restart_s=args.seconds)
         if not args.no_layouts:
-            settings = pa.MeasurementSettings(window_ms=args.window_ms, collect_metrics=False)
+            settings = pa.MeasurementSettings(window_ms=args.window_ms, stability_pct=args.stability_pct,
+                                              collect_metrics=False)
             result["layout_batch_size"], result["layout_concurrency"] = args.batch_size, args.concurrency
             result["layouts"] = compare_layouts(args.repository, args.model, layouts=(1, args.replicas),
                                                 protocol=args.protocol, batch_size=args.batch_size,
@@ -387,10 +403,11 @@ def main(argv=None) -> int:
         return 1
     atomic_write_json(out / "failover.json", result)
     text = markdown(result)
+    failed_layouts = [r["layout"] for r in result.get("layouts", []) if "error" in r]
     atomic_write_text(out / "failover.md", text + "\n")
     print(text)
     print(f"\n(written to {out}/failover.json and failover.md)")
-    return 0 if not result["failover"]["failed_elsewhere"] else 2
+    return 2 if result["failover"]["failed_elsewhere"] else (3 if failed_layouts else 0)
 
 
 if __name__ == "__main__":
