@@ -12,6 +12,8 @@ Steps (each can be turned off):
    variant, the ensemble and the preprocessing model, real test-split inputs,
    the server's own shapes and max_batch_size, client and server-side
    breakdown; the server's memory is sampled meanwhile;
+   with --capacity, then every served model's capacity at --slo-p99-ms under
+   open-loop Poisson load (perf.capacity), --capacity-repeats times;
 3. live-endpoint parity of every served classifier with the eager FP32
    reference, gated per precision (perf.parity.run_parity);
 4. the report: perf/reports/<run-id>/{report.md, report.html, results.json,
@@ -23,13 +25,14 @@ repository index needs an API key or is not reachable, the model names
 (--models a,b). Memory of a remote server comes from its metrics endpoint
 only (no process to look at).
 
-results.json is one perf.results.PerfResults record (schema_version 1;
+results.json is one perf.results.PerfResults record (schema_version 2;
 written by perf.results.write_results, read by perf.results.read_results):
 run_id, created, finished, git_revision, machine, versions, settings (the
 flags), model (the checkpoint, ``pretrained`` included), flops, matmul_peak,
 operating_point, in_process (perf.inprocess), perf_analyzer (the sweep),
 server (addresses, metadata, memory), parity (perf.parity.run_parity),
-export (the manifest's verdicts), skipped, errors, and the rows and
+export (the manifest's verdicts), capacity (with --capacity: perf.capacity,
+capacity at --slo-p99-ms under open-loop Poisson load), skipped, errors, and the rows and
 recommendation perf.report derives (perf.ranking).
 
 Exit codes: 0 done; 1 the report was written but something failed (a sweep
@@ -173,10 +176,13 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
              gates: Sequence[str] | None = None, api_key: str | None = None,
              server_pid: int | None = None, operating_point: Mapping[str, Any] | None = None,
              out: str | os.PathLike = "perf/reports", run_id: str | None = None,
-             cli_settings: Mapping[str, Any] | None = None,
-             progress: Callable[[str], None] | None = None) -> "PerfRun":
+             cli_settings: Mapping[str, Any] | None = None, capacity: Mapping[str, Any] | None = None,
+             capacity_repeats: int = 1, progress: Callable[[str], None] | None = None) -> "PerfRun":
     """Run the perf stage and write the report (perf/reports/<run-id>/...).
-    Raises PerfInputError for bad input (flags, files)."""
+    ``capacity``: perf.capacity.capacity_settings fields (``slo_p99_ms`` at
+    least): also measure every served model's capacity at that p99 under
+    open-loop load, ``capacity_repeats`` times. Raises PerfInputError for bad
+    input (flags, files)."""
     from export.manifest import read_export_manifest
     from perf.inprocess import BenchmarkInputError, run_inprocess_benchmark
     from perf.input_data import load_samples
@@ -316,6 +322,12 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
             if keep_going:
                 results["errors"].append(f"perf_analyzer: {f['reason']}")
 
+        # 2b. capacity at the SLO, open loop (perf.capacity)
+        if capacity:
+            results["capacity"] = _capacity_run(url, wanted, samples, capacity, capacity_repeats, out_dir,
+                                                api_key, results["perf_analyzer"], say)
+            results["errors"] += list(results["capacity"].failures)
+
         # 3. parity
         if not parity:
             results["skipped"].append({"what": "live parity", "reason": "--no-parity"})
@@ -349,6 +361,33 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
     results["finished"] = utc_now()
     record = PerfResults.from_dict(results, source=out_dir / RESULTS_FILE)
     return PerfRun(report=generate_report(record, out_dir), exit_code=1 if record.errors else 0)
+
+
+def _capacity_run(url: str, models: Sequence[str], samples, capacity: Mapping[str, Any], repeats: int,
+                  out_dir: Path, api_key: str | None, sweep: Mapping[str, Any] | None, say):
+    """Capacity at the SLO of every served model but the preprocessing model
+    (the ensemble included); each starts at half its closed-loop throughput
+    of the sweep at the same batch size, when the sweep measured one."""
+    from export.triton_config import PREPROCESS_MODEL
+    from perf.capacity import capacity_settings, run_capacity
+
+    try:
+        st = capacity_settings(**capacity)
+    except ValueError as exc:
+        raise PerfInputError(str(exc)) from None
+    starts: dict[str, float] = {}
+    for p in (sweep or {}).get("points", []):
+        thr = (p.get("metrics") or {}).get("throughput_infer_per_s")
+        if p.get("batch_size") == st.batch_size and thr:
+            starts[p["model"]] = max(starts.get(p["model"], 0.0), 0.5 * thr / st.batch_size)
+    tmp = Path(tempfile.mkdtemp(prefix="perf-capacity-input-"))
+    try:
+        return run_capacity(url=url, models=[m for m in models if m != PREPROCESS_MODEL], samples=samples,
+                            settings=st, out_dir=out_dir / "capacity", api_key=api_key, repeats=repeats,
+                            start_rates={m: max(r, st.start_rate) for m, r in starts.items()}, input_dir=tmp,
+                            progress=say)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -434,6 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--parity-max-images", type=int, default=None, help="limit the test images for parity")
     par.add_argument("--gates", action="append", default=None,
                      help="gate override KEY.FIELD=VALUE, e.g. int8.max_accuracy_drop=0.02 (repeatable)")
+    cap = p.add_argument_group("Capacity at a p99 SLO, open loop (perf.capacity)")
+    cap.add_argument("--capacity", action="store_true",
+                     help="also measure every served model's capacity at --slo-p99-ms (Poisson arrivals)")
+    cap.add_argument("--slo-p99-ms", type=float, default=None, help="the p99 latency SLO (needed with --capacity)")
+    cap.add_argument("--capacity-repeats", type=int, default=1, help="measurements per model (default: %(default)s)")
+    cap.add_argument("--capacity-budget-s", type=float, default=180.0, help="per measurement (default: %(default)s)")
+    cap.add_argument("--rate-window-ms", type=int, default=3000, help="window per rate (default: %(default)s)")
+    cap.add_argument("--rate-precision", type=float, default=0.05, help="bisection stop (default: %(default)s)")
+    cap.add_argument("--start-rate", type=float, default=10.0, help="requests/s (default: half the sweep's)")
+    cap.add_argument("--max-rate", type=float, default=5000.0, help="requests/s (default: %(default)s)")
     opx = p.add_argument_group("Operating point (for the recommendation)")
     opx.add_argument("--op-batch-size", type=int, default=None, help="default: the largest batch size")
     opx.add_argument("--op-concurrency", type=int, default=None, help="default: the largest concurrency")
@@ -446,6 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no progress lines (default: one line per measurement with an ETA, on stderr)")
     out.add_argument("-v", "--verbose", action="store_true", help="also the library's INFO log lines")
     return p
+
+
+def _capacity_flags(args) -> dict[str, Any] | None:
+    if not args.capacity:
+        return None
+    if args.slo_p99_ms is None or not args.url:
+        raise PerfInputError("--capacity needs --slo-p99-ms and a server (--url)")
+    return {"slo_p99_ms": args.slo_p99_ms, "budget_s": args.capacity_budget_s, "window_ms": args.rate_window_ms,
+            "precision": args.rate_precision, "start_rate": args.start_rate, "max_rate": args.max_rate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -473,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings=settings, keep_going=args.keep_going, n_samples=args.samples,
             threads=parse_ints(args.threads, "--threads"), seconds=args.seconds, warmup=args.warmup,
             variants=parse_names(args.variants), torch_threads=args.torch_threads, isolate=not args.no_isolate,
-            in_process=not args.no_in_process, parity=not args.no_parity,
+            in_process=not args.no_in_process, parity=not args.no_parity, capacity_repeats=args.capacity_repeats,
+            capacity=_capacity_flags(args),
             parity_max_images=args.parity_max_images, gates=args.gates, api_key=api_key,
             server_pid=args.server_pid,
             operating_point={"batch_size": args.op_batch_size, "concurrency": args.op_concurrency,

@@ -62,6 +62,27 @@ def write_sleepy_model(root: Path, name: str, service_ms: float, *, instances: i
     return root / name
 
 
+def write_manifest(repo: Path, variants: dict[str, tuple[str, str, bool]]) -> None:
+    """An export manifest whose variants are ``name -> (model, status, gate passed)``."""
+    from export.manifest import ExportManifest, write_export_manifest
+    from train.preprocessing import PreprocessConfig
+
+    entries = {name: dict(name=name, model_name=model, platform="python", filename="model.py", precision="fp32",
+                          gate="fp32", status=status, published=True, requested=True, version=1, gate_passed=ok,
+                          gate_failures=[] if ok else ["top-1 agreement 91.00% < 99.90%"],
+                          headline={"top1_agreement": 1.0 if ok else 0.91})
+               for name, (model, status, ok) in variants.items()}
+    m = ExportManifest.new(
+        run_id="test", created="2026-12-01T00:00:00Z", repository=str(repo),
+        source_checkpoint=dict(path="model_final.pth", sha256="0" * 64, size_bytes=1), img_size=14,
+        num_classes=4, embed_dim=6, class_names=[f"c{i}" for i in range(4)],
+        preprocessing=PreprocessConfig(image_size=14, resize_size=16).to_dict(), versions={}, git_revision="test",
+        options={}, requested_variants=list(variants), eval_set=dict(split="test", n=8, synthetic=True,
+                                                                       labelled=False),
+        baseline=dict(name="pytorch"), variants=entries)
+    write_export_manifest(m, repo)
+
+
 def bytes_samples(n: int = 8):
     from perf.input_data import synthetic_samples
 
@@ -264,3 +285,37 @@ def test_a_model_that_is_not_served_is_a_clear_failure(sleepy_server, tmp_path):
                            settings=s, out_dir=tmp_path)
     assert run.results == [] and len(run.failures) == 1
     assert "no_such_model" in run.failures[0] and "not ready" in run.failures[0]
+
+
+@pytest.mark.triton
+def test_perf_run_measures_capacity_twice_and_recommends_by_it(sleepy_server, tmp_path):
+    """python -m perf.run --capacity: every served model's capacity at the SLO,
+    measured twice, in the report with the p99-vs-load plot; the recommendation
+    is by capacity, among the variants that pass their gates."""
+    from perf.perf_analyzer import MeasurementSettings
+    from perf.run import run_perf
+
+    repo = Path(sleepy_server.repository)
+    write_manifest(repo, {"onnx": ("sleepy", "OK", True)})
+    try:
+        run = run_perf(model_path=None, repository=repo, url=sleepy_server.url_grpc, models="sleepy",
+                       in_process=False, parity=False, concurrency=[1], batch_sizes=[1], api_key=sleepy_server.api_key,
+                       settings=MeasurementSettings(window_ms=1000, fixed_requests=40, collect_metrics=False),
+                       capacity=dict(slo_p99_ms=25 * SERVICE_MS, window_ms=1000, precision=0.2, budget_s=90),
+                       capacity_repeats=2, out=tmp_path, run_id="cap")
+    finally:
+        (repo / "export_manifest.json").unlink()
+    res = run.results
+    assert run.exit_code == 0, res.errors
+    assert [(c.model, c.repeat) for c in res.capacity.results] == [("sleepy", 1), ("sleepy", 2)]
+    sweep_thr = res.perf_analyzer.points[0].metrics["throughput_infer_per_s"]
+    for c in res.capacity.results:
+        assert c.capacity_img_s and c.capacity_img_s <= 1.05 * 1000 / SERVICE_MS
+        # the ramp starts at half the closed-loop throughput the sweep measured
+        assert c.points[0].rate_rps == pytest.approx(max(0.5 * sweep_thr, 10.0), rel=1e-3)
+    rec = res.recommendation
+    assert rec.source == "capacity" and rec.variant == "sleepy" and rec.slo_p99_ms == 25 * SERVICE_MS
+    assert rec.reason.startswith("deploy variant sleepy with its exported configuration: capacity")
+    md = run.report.md.read_text()
+    assert "Capacity at p99 <= 625 ms (open loop)" in md and "apart" in md and "How to read capacity" in md
+    assert (tmp_path / "cap" / "p99_vs_offered_load.png").is_file()

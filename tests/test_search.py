@@ -19,32 +19,11 @@ import pytest
 from perf import search as ps
 from perf import search_space as sp
 from perf.capacity_records import SearchPoint, ServingConfig
-from tests.test_capacity import write_sleepy_model
+from tests.test_capacity import write_manifest, write_sleepy_model
 
 SLOW_MS, FAST_MS = 25.0, 2.0            # one instance: 40 and 500 images/s
 CAPACITY = dict(window_ms=1000, start_rate=10, precision=0.2, budget_s=90)
 SEARCH = dict(slo_p99_ms=25 * SLOW_MS, instances=(2,), threads=(), delays_us=(), capacity=CAPACITY)
-
-
-def write_manifest(repo: Path, variants: dict[str, tuple[str, str, bool]]) -> None:
-    """An export manifest whose variants are ``name -> (model, status, gate passed)``."""
-    from export.manifest import ExportManifest, write_export_manifest
-    from train.preprocessing import PreprocessConfig
-
-    entries = {name: dict(name=name, model_name=model, platform="python", filename="model.py", precision="fp32",
-                          gate="fp32", status=status, published=True, requested=True, version=1, gate_passed=ok,
-                          gate_failures=[] if ok else ["top-1 agreement 91.00% < 99.90%"],
-                          headline={"top1_agreement": 1.0 if ok else 0.91})
-               for name, (model, status, ok) in variants.items()}
-    m = ExportManifest.new(
-        run_id="test", created="2026-12-01T00:00:00Z", repository=str(repo),
-        source_checkpoint=dict(path="model_final.pth", sha256="0" * 64, size_bytes=1), img_size=14,
-        num_classes=4, embed_dim=6, class_names=[f"c{i}" for i in range(4)],
-        preprocessing=PreprocessConfig(image_size=14, resize_size=16).to_dict(), versions={}, git_revision="test",
-        options={}, requested_variants=list(variants), eval_set=dict(split="test", n=8, synthetic=True,
-                                                                       labelled=False),
-        baseline=dict(name="pytorch"), variants=entries)
-    write_export_manifest(m, repo)
 
 
 def make_repo(root: Path) -> Path:
