@@ -15,7 +15,7 @@ the two INT8 variants differ in the quantization scheme only. The Q/DQ
 `onnx_int8` stays: TensorRT's explicit-quantization engine is built from it.
 
 Why a child process: NVIDIA ModelOpt patches ONNX Runtime's quantizer at
-import (ENVIRONMENT.md) and other variants of the same export use ModelOpt.
+import (docs/environment.md) and other variants of the same export use ModelOpt.
 `run_quantize_dynamic` runs ``python -m export.onnx_int8_dynamic`` through
 export.worker.run_worker; `main` is that child.
 """
