@@ -11,7 +11,8 @@
 #
 # A stage whose inputs have not changed since its last successful run is
 # skipped (data: the source's files and checksums + flags; train: the data
-# manifest, flags and weights; export: the checkpoint and export options);
+# manifest, flags and weights; export: the checkpoint and export options;
+# each: the code of its package);
 # FORCE=1 redoes every stage, FORCE=train,export only those. An interrupted
 # run resumes at the stage that did not finish (training inside its epoch).
 # Every knob is an environment variable (defaults sized for a 2-core machine):
@@ -111,7 +112,8 @@ else
   data_what="Fashion-MNIST, ${PER_CLASS}/class (train+val) + ${TEST_PER_CLASS}/class test"
   data_stamp=(--input /usr/share/datasets/fashion-mnist)
 fi
-data_stamp+=(--param "args=${DATA_ARGS[*]}" --output "$DATA/manifest.csv" --output "$DATA/summary.json")
+# The stage's code counts as an input too: a checkout with other code reruns it.
+data_stamp+=(--input "$ROOT/train" --param "args=${DATA_ARGS[*]}" --output "$DATA/manifest.csv" --output "$DATA/summary.json")
 stage "data: $data_what"
 if ! up_to_date data "${data_stamp[@]}"; then
   "$PY" -m train.load_data --data_path "$DATA" "${DATA_ARGS[@]}" --force
@@ -135,7 +137,7 @@ fi
 # shellcheck disable=SC2206  # TRAIN_EXTRA / EXPORT_EXTRA are word-split on purpose
 TRAIN_ARGS=(--arch "$ARCH" --weights "$WEIGHTS" --img-size "$IMG_SIZE" --mode "$MODE"
             --epochs "$EPOCHS" --batch-size "$BATCH_SIZE" "${RECIPE[@]}" ${TRAIN_EXTRA:-})
-train_stamp=(--input "$DATA/manifest.csv" --input "$DATA/labels.txt" "${weights_stamp[@]}"
+train_stamp=(--input "$ROOT/train" --input "$DATA/manifest.csv" --input "$DATA/labels.txt" "${weights_stamp[@]}"
              --param "args=${TRAIN_ARGS[*]}" --output "$MODELS/model_final.pth")
 stage "train: $ARCH, mode=$MODE, ${EPOCHS} epochs, ${IMG_SIZE}px, weights=$WEIGHTS, recipe: ${RECIPE[*]}"
 if ! up_to_date train "${train_stamp[@]}"; then
@@ -158,7 +160,7 @@ fi
 # ---------------------------------------------------------------- 3. export
 # shellcheck disable=SC2206
 EXPORT_ARGS=(--variants "$VARIANTS" --max-batch-size 8 ${EXPORT_EXTRA:-})
-export_stamp=(--input "$MODELS/model_final.pth" --input "$DATA/manifest.csv"
+export_stamp=(--input "$ROOT/train" --input "$ROOT/export" --input "$MODELS/model_final.pth" --input "$DATA/manifest.csv"
               --param "args=${EXPORT_ARGS[*]}" --output "$REPO/export_manifest.json")
 stage "export: $VARIANTS"
 if ! up_to_date export "${export_stamp[@]}"; then

@@ -92,3 +92,17 @@ def test_root_model_module_is_the_model_definition():
                           "assert model.build_model is train.model.build_model; print('ok')"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_pycache_does_not_count(tmp_path):
+    """A stage's source package is an input; Python's bytecode cache beside
+    it must not make every run look changed."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "mod.py").write_text("x = 1\n")
+    before = stage_stamp.fingerprint("s", [pkg], [])
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\x00")
+    assert stage_stamp.fingerprint("s", [pkg], []) == before
+    (pkg / "mod.py").write_text("x = 2\n")
+    assert stage_stamp.fingerprint("s", [pkg], []) != before

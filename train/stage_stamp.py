@@ -9,7 +9,8 @@
 
 The fingerprint of a stage is the SHA-256 of its inputs' content (a folder:
 every file's relative path and checksum, links followed, so an ImageFolder
-tree's listing *and* its bytes count), its parameters (flags, weights) and
+tree's listing *and* its bytes count; ``__pycache__`` is left out, so a
+stage's own source package can be an input: new code reruns the stage), its parameters (flags, weights) and
 the stage name. ``check`` exits 0 ("up to date": the last finished run had
 the same fingerprint and its outputs still hold the bytes it wrote) or 1,
 and prints one line saying why. ``start`` records the fingerprint of a run
@@ -36,7 +37,7 @@ SCHEMA_VERSION = 1
 
 def _hash_path(h: "hashlib._Hash", path: Path) -> None:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
         h.update(f"dir:{len(files)}\n".encode())
         for p in files:
             rel = p.relative_to(path).as_posix()
