@@ -24,8 +24,9 @@ The model list comes from the repository itself, not from the export
 manifest: serve sits below export (it may not import it), and the
 repository's config.pbtxt files are exactly what the server loads.
 
-:data:`EXIT_TIMEOUT_S` is the ``--exit-timeout-secs`` of the manifests; the
-test suite checks that the YAML, this constant and the grace periods agree.
+:data:`EXIT_TIMEOUT_S` (= serve.local_server.DEFAULT_EXIT_TIMEOUT_S) is the
+``--exit-timeout-secs`` of the manifests; the test suite checks that the
+YAML, this constant and the grace periods agree.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from serve.errors import ServeError
+from serve.local_server import DEFAULT_EXIT_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_DIR = ROOT / "deploy" / "kubernetes"
@@ -45,8 +47,9 @@ ADAPTER_VALUES = DEPLOY_DIR / "monitoring" / "prometheus-adapter-values.yaml"
 HARDWARE = ("gpu", "cpu")
 #: the image scripts/serve.sh builds from serve/Dockerfile (kustomize `images:` name)
 IMAGE_NAME = "dinov2-triton-serve"
-#: --exit-timeout-secs of the manifests: Triton's drain time for in-flight requests on SIGTERM
-EXIT_TIMEOUT_S = 30
+#: --exit-timeout-secs of the manifests: Triton's drain time for in-flight requests on SIGTERM,
+#: the local server's default (one value for `serve start`, scripts/serve.sh and Kubernetes)
+EXIT_TIMEOUT_S = DEFAULT_EXIT_TIMEOUT_S
 #: preStop sleep: the endpoint leaves the Service before Triton stops answering
 PRESTOP_SLEEP_S = 10
 #: the Kubernetes version the manifests are validated against (kubernetes-validate schemas)

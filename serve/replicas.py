@@ -272,8 +272,9 @@ class ReplicaSet:
         if self.record_file is not None:
             write_replica_set(self.record(), self.record_file)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Balancer first (no new requests), then every replica (each drains its own)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Balancer first (no new requests), then every replica (each drains its own;
+        ``timeout`` None: its exit timeout + serve.local_server.STOP_GRACE_S)."""
         if self.balancer is not None:
             self.balancer.stop()
         with ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
@@ -365,7 +366,7 @@ def _balancer_from(entry: BalancerEntry) -> lb.BalancerHandle:
                              stats_socket=Path(entry.stats_socket))
 
 
-def stop_replica_set(record_file: str | os.PathLike = DEFAULT_REPLICA_FILE, timeout: float = 30.0) -> bool:
+def stop_replica_set(record_file: str | os.PathLike = DEFAULT_REPLICA_FILE, timeout: float | None = None) -> bool:
     """Stop the balancer and every replica of the set recorded in ``record_file``.
     Returns False when no set was recorded there."""
     record = read_replica_set(record_file)
