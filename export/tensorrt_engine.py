@@ -32,9 +32,21 @@ from typing import Any, Mapping
 
 import export.onnx_int8  # noqa: F401 - registers the parents `onnx` and `onnx_int8` first
 from export.registry import SkipVariant, Variant, register
-from export.trt_build_main import (DEFAULT_FP32_LAYERS, FP8_MIN_COMPUTE_CAPABILITY, INPUT_NAME, VERSIONS_FILE,
-                                   EngineBuildError, TensorRTUnavailable, VersionMismatch, build_engine,
-                                   build_plan, check_version, gpu_info, import_tensorrt, versions_match)
+from export.trt_build_main import (
+    DEFAULT_FP32_LAYERS,
+    FP8_MIN_COMPUTE_CAPABILITY,
+    INPUT_NAME,
+    VERSIONS_FILE,
+    EngineBuildError,
+    TensorRTUnavailable,
+    VersionMismatch,
+    build_engine,
+    build_plan,
+    check_version,
+    gpu_info,
+    import_tensorrt,
+    versions_match,
+)
 
 log = logging.getLogger(__name__)
 
