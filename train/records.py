@@ -10,6 +10,7 @@ record                 file                            written by       read by
 ``CheckpointRecord``   ``model_final.pth`` (+ best)     train            export, perf, clients
 ``ExportManifest``     ``export_manifest.json``         export           serve, perf
 ``PerfResults``        ``perf/reports/<id>/results.json``  perf          perf.report
+``ReplicaSetRecord``   ``logs/triton-replicas.json``    serve replicas   serve stop/status
 =====================  ==============================  ===============  ==========================
 
 (docs/architecture.md lists the fields.) A record is validated when it is
