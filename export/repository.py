@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from train.artifact_io import atomic_write_bytes, atomic_write_text, fsync_dir
+from train.artifact_io import atomic_write_bytes, atomic_write_text, fsync_dir, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class StagedVersion:
             raise ValueError(f"keep={keep}: must keep at least the new version")
         for f in self.path.rglob("*"):
             if f.is_file():
-                _fsync_file(f)
+                fsync_path(f)
         version = (latest_version(self.model_dir) or 0) + 1
         target = self.model_dir / str(version)
         try:
@@ -188,15 +188,3 @@ def prune_versions(model_dir: str | os.PathLike, *, keep: int) -> list[int]:
         os.rename(Path(model_dir) / str(v), doomed)
         shutil.rmtree(doomed, ignore_errors=True)
     return old
-
-
-def _fsync_file(path: Path) -> None:
-    """fsync a staged file before the rename publishes it (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

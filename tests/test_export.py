@@ -373,7 +373,7 @@ def test_versions_interrupted_publish_and_stale_staging(tiny_checkpoint, tiny_da
     def interrupt(_path):
         raise KeyboardInterrupt   # after staging was written, before the rename
     with monkeypatch.context() as m:
-        m.setattr(repository, "_fsync_file", interrupt)
+        m.setattr(repository, "fsync_path", interrupt)
         with pytest.raises(KeyboardInterrupt):
             run_export(tiny_checkpoint, repo, **kw)
     assert _tree_digest(model_dir) == before          # version 1 and its config untouched

@@ -51,9 +51,10 @@ def _umask_mode() -> int:
     return 0o666 & ~umask
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a folder so a rename inside it survives a power cut (no-op where
-    the OS does not allow opening folders)."""
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file (before a rename publishes it) or a folder (so a rename
+    inside it survives a power cut); best effort: a no-op where the OS does
+    not allow opening the path read-only."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -64,6 +65,9 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path  # the name the folder callers use
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *,
