@@ -50,8 +50,10 @@ log = logging.getLogger("perf.capacity")
 KNEE_FACTOR = 2.0
 #: ramping down stops below this rate (requests/s): nothing passes
 MIN_RATE = 0.5
-#: a rate with more delayed sends than this (percent) measured the client, not the server
-MAX_DELAYED_PCT = 1.0
+#: a rate with more delayed sends than this (percent) measured the client, not the server.
+#: On 2 shared cores perf_analyzer reports 1-3 % late sends at 100-150 requests/s from
+#: scheduling jitter alone (the offered load is still delivered, slightly burstier)
+MAX_DELAYED_PCT = 5.0
 #: throughput this far below the offered rate can be perf_analyzer's accounting, not the server
 KEEP_UP_FLOOR = 0.25
 #: every window holds at least this many requests (low rates get longer windows):
@@ -241,9 +243,11 @@ def find_capacity(probe: Callable[[float], RatePoint], settings: CapacitySetting
     """Capacity at the SLO of one model: ramp, then bisection, within ``settings.budget_s``.
 
     ``start_rate``/``growth`` override the settings' (a search starts near the
-    previous configuration's capacity with a small growth factor). A rate is
-    not started when the budget left is less than the mean time of the rates
-    measured so far."""
+    previous configuration's capacity with a small growth factor); that small
+    factor is the first step only, later ramp steps use ``settings.growth``
+    (a configuration can be several times faster or slower than the last).
+    A rate is not started when the budget left is less than the mean time of
+    the rates measured so far."""
     say = progress or (lambda msg: log.info(msg))
     t0 = clock()
     rate = float(start_rate or settings.start_rate)
@@ -262,16 +266,17 @@ def find_capacity(probe: Callable[[float], RatePoint], settings: CapacitySetting
             lo = p if lo is None or p.rate_rps > lo.rate_rps else lo
         else:
             hi = p if hi is None or p.rate_rps < hi.rate_rps else hi
+        step = g if len(pts) == 1 else max(g, settings.growth)
         if hi is None:
             if rate >= settings.max_rate:
                 stop = "max_rate"
                 break
-            rate = min(rate * g, settings.max_rate)
+            rate = min(rate * step, settings.max_rate)
         elif lo is None:
-            if rate / g < MIN_RATE:
+            if rate / step < MIN_RATE:
                 stop = "no_passing_rate"
                 break
-            rate = rate / g
+            rate = rate / step
         elif hi.rate_rps / lo.rate_rps <= 1 + settings.precision:
             stop = "converged"
             break

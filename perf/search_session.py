@@ -136,8 +136,9 @@ def served_mismatch(served: dict[str, Any], knobs: ServingConfig, base) -> list[
     db = served.get("dynamic_batching") or {}
     if int(db.get("max_queue_delay_microseconds", 0)) != knobs.max_queue_delay_us:
         got.append(f"max_queue_delay_microseconds {db.get('max_queue_delay_microseconds')}")
-    if sorted(db.get("preferred_batch_size") or []) != [b for b in knobs.preferred_batch_sizes
-                                                        if b <= knobs.max_batch_size]:
+    asked = [b for b in knobs.preferred_batch_sizes if b <= knobs.max_batch_size]
+    # Triton completes an empty preferred_batch_size with [max_batch_size]
+    if sorted(db.get("preferred_batch_size") or []) not in ([asked] if asked else [[], [knobs.max_batch_size]]):
         got.append(f"preferred_batch_size {db.get('preferred_batch_size')}")
     param = thread_parameter(base)
     if knobs.threads is not None:
@@ -271,6 +272,7 @@ class Session:
         best = max((score(q) for q in self.points.values() if q.model == target.model), default=float("-inf"))
         mean = self.mean_cost() or 0.0
         eta = max(0.0, min(mean * max(self.planned - done, 0), self.budget_left()))
+        eta_s = _clock(eta) if done < self.planned else f"<= {_clock(max(self.budget_left(), 0))} (next pass)"
         cap = p.capacity
         what = (p.error or "") if cap is None else (
             f"{cap.capacity_img_s:.1f} img/s at p99 <= {self.settings.capacity.slo_p99_ms:g} ms "
@@ -278,8 +280,8 @@ class Session:
         if p.violations and cap is not None and cap.capacity_img_s:
             what += " INFEASIBLE: " + "; ".join(p.violations)
         best_s = f"best {best:.1f} img/s" if best > float("-inf") else "no feasible point yet"
-        return (f"[{done}/~{self.planned}] {p.key}: {what} | {best_s} | {_cost(p):.0f} s | elapsed "
-                f"{_clock(self.elapsed())}, ETA {_clock(eta)} (budget left {_clock(max(self.budget_left(), 0))})")
+        return (f"[{done}/~{max(self.planned, done)}] {p.key}: {what} | {best_s} | {_cost(p):.0f} s | elapsed "
+                f"{_clock(self.elapsed())}, ETA {eta_s} (budget left {_clock(max(self.budget_left(), 0))})")
 
     def restore(self, target: Target) -> None:
         """Serve the repository's own config again (an override sticks until replaced)."""

@@ -55,6 +55,15 @@ def test_knobs_round_trip_on_an_exported_config():
     q0 = base.dynamic_batching.default_queue_policy.max_queue_size
     if q0:      # export sizes the queue per instance and batch: it scales with both
         assert cand.dynamic_batching.default_queue_policy.max_queue_size == q0 * 2 * 4 // 8
+    # what the server reports back: Triton completes an empty preferred_batch_size with [max_batch_size]
+    from perf.search_session import served_mismatch
+
+    none = k.model_copy(update={"preferred_batch_sizes": []})
+    served = {"instance_group": [{"count": 1}], "max_batch_size": 8,
+              "dynamic_batching": {"preferred_batch_size": [8], "max_queue_delay_microseconds": k.max_queue_delay_us}}
+    assert served_mismatch(served, none, base) == []
+    assert served_mismatch(served, k.model_copy(update={"instances": 2, "threads": 1}), base) == [
+        "instances 1 (asked 2)", "intra_op_thread_count None (asked 1)"]
     ts = tiny_config_message("t", "pytorch_libtorch")
     assert sp.thread_parameter(ts) == "INTRA_OP_THREAD_COUNT"
     with pytest.raises(sp.SpaceError, match="no thread-count parameter"):
