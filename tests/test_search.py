@@ -63,7 +63,7 @@ def test_knobs_round_trip_on_an_exported_config():
               "dynamic_batching": {"preferred_batch_size": [8], "max_queue_delay_microseconds": k.max_queue_delay_us}}
     assert served_mismatch(served, none, base) == []
     assert served_mismatch(served, k.model_copy(update={"instances": 2, "threads": 1}), base) == [
-        "instances 1 (asked 2)", "intra_op_thread_count None (asked 1)"]
+        "instances 1 (asked 2)", "preferred_batch_size [8]", "intra_op_thread_count None (asked 1)"]
     ts = tiny_config_message("t", "pytorch_libtorch")
     assert sp.thread_parameter(ts) == "INTRA_OP_THREAD_COUNT"
     with pytest.raises(sp.SpaceError, match="no thread-count parameter"):
