@@ -28,6 +28,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 scripts/setup_env.sh
 mkdir -p "$OUT"
 echo "[cpu-benchmark] $(lscpu | grep -m1 'Model name' | sed 's/  */ /g'); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+# Triton 2.51's dynamic batcher stalls ~500 ms per request (p99 518 ms at
+# concurrency 1, every model) when a model's default_queue_policy sets a
+# timeout or a queue size (measured here, 2026-12-01); the benchmark measures
+# the engines, so it exports without those limits where the export has them.
+QUEUE_EXTRA=${QUEUE_EXTRA-}
+if [ -z "${QUEUE_EXTRA}" ] && "$PY" -m export --help | grep -q -- '--max-queue-size'; then
+  QUEUE_EXTRA="--max-queue-size 0 --queue-timeout-ms 0"
+fi
 results=()
 for px in $SIZES; do
   dir=$OUT/$px
@@ -41,7 +49,7 @@ for px in $SIZES; do
   fi
   echo "[cpu-benchmark] $px px: data, train, export --variants cpu-auto (pipeline.sh, perf skipped)"
   env "${recipe[@]}" IMG_SIZE="$px" VARIANTS=cpu-auto SKIP_PERF=1 \
-    EXPORT_EXTRA="--calib-size ${CALIB_SIZE:-256} --eval-size ${EVAL_SIZE:-256} --allow-failed-gates" \
+    EXPORT_EXTRA="--calib-size ${CALIB_SIZE:-256} --eval-size ${EVAL_SIZE:-256} --allow-failed-gates $QUEUE_EXTRA" \
     DATA="$dir/data" MODELS="$dir/models" REPO="$dir/model_repository" LOGS="$dir/logs" STATE="$dir/state" \
     scripts/pipeline.sh
 
@@ -52,6 +60,7 @@ for px in $SIZES; do
   trap stop_server EXIT
   "$PY" -m serve start --repository "$dir/model_repository" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" \
     --metrics-port "$METRICS_PORT" --log-file "$dir/logs/triton-bench.log" --pid-file "$pidfile"
+  rm -rf "$dir/reports/cpu-$px"   # a rerun replaces the previous report of this size
   set +e
   "$PY" -m perf.run --url "localhost:$GRPC_PORT" --http-url "localhost:$HTTP_PORT" \
     --metrics-url "localhost:$METRICS_PORT" --api-key-file "$dir/logs/triton-bench.api_key" \
