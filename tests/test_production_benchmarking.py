@@ -159,7 +159,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
 
 def test_perf_run_in_process_only(tiny_checkpoint, tiny_repository, tiny_dataset, tmp_path, capsys):
     from perf import run
-    from perf.results import read_results
+    from perf.results import PerfResults, read_results
 
     code = run.main(["--model_path", str(tiny_checkpoint), "--repository", str(tiny_repository),
                      "--data_path", str(tiny_dataset), "--batch-sizes", "1,2", "--threads", "1",
@@ -167,7 +167,7 @@ def test_perf_run_in_process_only(tiny_checkpoint, tiny_repository, tiny_dataset
     out = capsys.readouterr().out
     assert code == 0, out
     raw = json.loads((tmp_path / "r1" / "results.json").read_text())
-    assert raw["schema_version"] == 1 and raw["perf_analyzer"] is None and raw["in_process"]
+    assert raw["schema_version"] == PerfResults.SCHEMA_VERSION and raw["perf_analyzer"] is None and raw["in_process"]
     res = read_results(tmp_path / "r1" / "results.json")
     assert res.recommendation.variant in ("dinov2_onnx", "dinov2_torchscript")
     assert res.recommendation.source == "in_process"
