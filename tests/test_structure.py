@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("train", "serve", "export", "perf")
 #: a package may import only the packages before it
 LAYER = {name: i for i, name in enumerate(PACKAGES)}
-MAX_LINES = 620
+MAX_LINES = 650  # "about 600": a module past this is doing two jobs
 
 
 def _modules() -> dict[str, Path]:
