@@ -150,5 +150,5 @@ class SearchRun(_Part):
     comparison: SearchComparison | None = None
     applied: SearchApplied | None = None
     stopped: Literal["done", "budget", "interrupted"] = "done"
-    wall_s: float = 0.0
+    wall_s: float = 0.0                  # the search, earlier sessions included (not the comparison)
     input_data: dict[str, Any] | None = None    # perf.input_data.Samples.describe()

@@ -107,6 +107,8 @@ def search_blocks(results: PerfResults, rows: Sequence[VariantRow]) -> list[tupl
     c = s.comparison
     if c is not None:
         b.append(("h3", "Winner against the exported default, same run"))
+        b.append(("p", f"Both measured again after the search, one after the other "
+                       f"({(c.default.wall_s + c.winner.wall_s) / 60:.1f} min more)."))
         b.append(("table", ["configuration", "capacity img/s", "p99 ms", "rates measured"],
                   [["exported default", _num(c.default.capacity_img_s), _num(c.default.p99_at_capacity_ms),
                     len(c.default.points)],

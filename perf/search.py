@@ -217,8 +217,10 @@ def run_search(*, url: str, repository: str | Path, data_path: str | Path | None
         f"p99 <= {settings.capacity.slo_p99_ms:g} ms; excluded: "
         + ("; ".join(f"{x.variant} ({x.reason})" for x in excluded) or "none"))
     stopped, errors, applied, comparison = "done", [], None, None
+    search_s = None       # the search alone (the comparison and --apply come after)
     try:
         stopped = _search(session, targets)
+        search_s = session.elapsed()
         winner = _winner(session)
         if winner is not None and confirm:
             try:
@@ -245,7 +247,7 @@ def run_search(*, url: str, repository: str | Path, data_path: str | Path | None
     errors += [f"search point {p.key}: {p.error}" for p in session.points.values() if p.error]
     run = SearchRun(settings=settings, points=sorted(session.points.values(), key=lambda p: p.index),
                     excluded=excluded, winner=winner.key if winner else None, comparison=comparison,
-                    applied=applied, stopped=stopped, wall_s=round(session.elapsed(), 1),
+                    applied=applied, stopped=stopped, wall_s=round(search_s or session.elapsed(), 1),
                     input_data=samples.describe())
     record, report = _write(run_dir, run, manifest, url, api_key, errors, cli_settings)
     code = 130 if stopped == "interrupted" else (1 if errors else 0)
