@@ -167,6 +167,8 @@ def device_facts(ov) -> dict[str, Any]:
             value = core.get_property("CPU", key)
         except Exception as exc:  # noqa: BLE001 - a property a plugin version lacks is reported, not fatal
             value = f"unavailable ({type(exc).__name__})"
+        if hasattr(value, "get_type_name"):   # an ov.Type, e.g. bf16
+            value = value.get_type_name()
         facts[key.lower()] = value if isinstance(value, (str, int, float)) else (
             [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value))
     facts["default_inference_precision"] = facts.pop("inference_precision_hint")

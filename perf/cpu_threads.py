@@ -113,7 +113,7 @@ def run_study(repository: Path, variants: Sequence[str], *, batch_size: int, sec
     shape = (batch_size, 3, manifest.img_size, manifest.img_size)
     batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     out: dict[str, Any] = {"machine": machine_info(), "cores": cores, "batch_size": batch_size, "seconds": seconds,
-                           "variants": {}}
+                           "image_size": manifest.img_size, "variants": {}}
     for name in variants:
         entry = manifest.variants.get(name)
         if entry is None or not entry.published:
@@ -141,7 +141,8 @@ def run_study(repository: Path, variants: Sequence[str], *, batch_size: int, sec
 
 def render(study: dict[str, Any]) -> str:
     m = study["machine"]
-    lines = [f"Thread settings at batch {study['batch_size']}, {study['cores']} usable cores, {m['cpu_model']} "
+    lines = [f"Thread settings at {study.get('image_size')} px, batch {study['batch_size']}, {study['cores']} usable "
+             f"cores, {m['cpu_model']} "
              f"({', '.join(m['cpu_flags'])}), {study['seconds']} s each, in process:", "",
              "| variant | setting | img/s | vs best |", "|---|---|---|---|"]
     for name, rows in study["variants"].items():
