@@ -92,6 +92,9 @@ class ServingConfig(_Part):
     max_queue_delay_us: int
     preferred_batch_sizes: list[int] = []
     max_batch_size: int
+    #: the exported dynamic_batching.default_queue_policy (load shedding) is kept;
+    #: False: the search removed it (--queue-policies on,off; see perf.search_space)
+    queue_policy: bool = True
 
 
 class SearchPoint(_Part):

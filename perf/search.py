@@ -119,7 +119,8 @@ def run_search(*, url: str, repository: str | Path, data_path: str | Path | None
                strategy: str = "auto", budget_s: float = 600.0, instances: Sequence[int] = (1, 2),
                threads: Sequence[int] = (1, 2), delays_us: Sequence[int] = (0, 2000, 8000),
                preferred: Sequence[Sequence[int]] = (), max_batch_sizes: Sequence[int] = (),
-               capacity: Mapping[str, Any] | None = None, grid_limit: int = GRID_LIMIT,
+               queue_policies: Sequence[bool] = (), capacity: Mapping[str, Any] | None = None,
+               grid_limit: int = GRID_LIMIT,
                out: str | Path = "perf/reports", run_id: str | None = None, resume: str | Path | None = None,
                apply: bool = False, confirm: bool = True, api_key: str | None = None,
                server_pid: int | None = None, n_samples: int = 32, cli_settings: Mapping[str, Any] | None = None,
@@ -180,7 +181,8 @@ def run_search(*, url: str, repository: str | Path, data_path: str | Path | None
             try:
                 limit = batch_limit(base, version_dir(repository / entry.model_name, entry.version))
                 space = build_space(base, limit=limit, instances=instances, threads=threads, delays_us=delays_us,
-                                    preferred=preferred, max_batch_sizes=max_batch_sizes)
+                                    preferred=preferred, max_batch_sizes=max_batch_sizes,
+                                    queue_policies=queue_policies)
             except SpaceError as exc:
                 raise SearchInputError(str(exc)) from None
         spaces[entry.model_name] = space
@@ -331,6 +333,10 @@ def _apply(session: Session, target: Target, winner, run_id: str, comparison):
     if comparison is not None and comparison.ratio:
         numbers["search_default_capacity_img_per_s"] = f"{comparison.default.capacity_img_s:.1f}"
         numbers["search_ratio_vs_default"] = f"{comparison.ratio:.2f}"
+    if not winner.config.queue_policy and target.base.dynamic_batching.HasField("default_queue_policy"):
+        numbers["search_queue_policy"] = "removed"
+        session.say(f"WARNING: the winner serves {target.model} without the exported default_queue_policy: no "
+                    "server-side load shedding, requests queue without bound under overload")
     for key, value in numbers.items():
         cfg.parameters[key].string_value = value
     text = check_config(cfg, target.base)         # raises before anything is written
@@ -369,6 +375,17 @@ def _ints(text: str | None, flag: str) -> list[int]:
         raise SearchInputError(f"{flag} {text!r}: comma-separated integers") from None
 
 
+def _switches(text: str | None, flag: str) -> list[bool]:
+    words = {"on": True, "off": False}
+    out = []
+    for part in (text or "").split(","):
+        if part.strip():
+            if part.strip().lower() not in words:
+                raise SearchInputError(f"{flag} {text!r}: use on and/or off, comma-separated")
+            out.append(words[part.strip().lower()])
+    return out
+
+
 def _preferred(text: str | None) -> list[list[int]]:
     """'none;4,8' -> [[], [4, 8]]"""
     if not text:
@@ -400,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--queue-delays-us", default="0,2000,8000", help="max_queue_delay_microseconds")
     sp.add_argument("--preferred", default="", help="preferred batch size sets, e.g. 'none;4,8'")
     sp.add_argument("--max-batch-sizes", default="", help="max_batch_size values (within the graph's limit)")
+    sp.add_argument("--queue-policies", default="",
+                    help="'on,off' also tries each config WITHOUT the exported default_queue_policy: "
+                         "lower p99 on Triton 2.51, but no server-side load shedding (default: kept)")
     st = p.add_argument_group("Strategy and budget")
     st.add_argument("--strategy", choices=STRATEGIES, default="auto", help="auto: grid up to --grid-limit points")
     st.add_argument("--grid-limit", type=int, default=GRID_LIMIT, help="(default: %(default)s)")
@@ -428,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         space_flags = ("--instances", "--threads", "--queue-delays-us", "--preferred", "--max-batch-sizes",
+                       "--queue-policies",
                        "--slo-p99-ms", "--variants", "--strategy")
         given = [f for f in space_flags if any(a == f or a.startswith(f + "=") for a in (argv or sys.argv[1:]))]
         if args.resume and given:
@@ -440,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget_s=args.budget_min * 60, instances=_ints(args.instances, "--instances"),
             threads=_ints(args.threads, "--threads"), delays_us=_ints(args.queue_delays_us, "--queue-delays-us"),
             preferred=_preferred(args.preferred), max_batch_sizes=_ints(args.max_batch_sizes, "--max-batch-sizes"),
+            queue_policies=_switches(args.queue_policies, "--queue-policies"),
             capacity={"window_ms": args.rate_window_ms, "budget_s": args.capacity_budget_s,
                       "precision": args.rate_precision, "start_rate": args.start_rate, "max_rate": args.max_rate},
             grid_limit=args.grid_limit, out=args.out, run_id=args.run_id, resume=args.resume, apply=args.apply,

@@ -12,7 +12,14 @@ The knobs of one model's config (:class:`perf.capacity_records.ServingConfig`):
 * ``max_queue_delay_us`` and ``preferred_batch_sizes`` of the dynamic batcher;
 * ``max_batch_size``: never above what the model allows
   (:func:`batch_limit`: a fixed batch dimension of an ONNX graph, the
-  exported maximum for a TensorRT plan, whose profile ends there).
+  exported maximum for a TensorRT plan, whose profile ends there);
+* ``queue_policy``: keep (True) or remove (False) the exported
+  ``dynamic_batching.default_queue_policy``. Only tried when asked
+  (``--queue-policies on,off``), because removing it removes the server's
+  load shedding: under overload requests then queue without bound. It is a
+  knob at all because Triton 2.51 pays for the policy in tail latency
+  (measured here: p99 57-60 ms instead of 19-20 ms at 40 req/s open loop on
+  dinov2_onnx 56 px; README "Capacity at a latency SLO").
 
 :func:`with_knobs` turns the repository's config.pbtxt (a ModelConfig
 protobuf) plus knobs into a candidate config; everything else of the
@@ -33,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from perf.capacity_records import SearchPoint, ServingConfig
 
-KNOBS = ("instances", "threads", "max_queue_delay_us", "preferred_batch_sizes", "max_batch_size")
+KNOBS = ("instances", "threads", "max_queue_delay_us", "preferred_batch_sizes", "max_batch_size", "queue_policy")
 #: model-config parameter holding the intra-op thread count, per Triton backend
 THREAD_PARAMETERS = {"onnxruntime": "intra_op_thread_count", "pytorch": "INTRA_OP_THREAD_COUNT",
                      "openvino": "INFERENCE_NUM_THREADS"}
@@ -66,7 +73,8 @@ def knobs_of(cfg) -> ServingConfig:
     return ServingConfig(instances=sum(g.count or 1 for g in cfg.instance_group) or 1, threads=threads,
                          max_queue_delay_us=int(cfg.dynamic_batching.max_queue_delay_microseconds),
                          preferred_batch_sizes=sorted(cfg.dynamic_batching.preferred_batch_size),
-                         max_batch_size=int(cfg.max_batch_size))
+                         max_batch_size=int(cfg.max_batch_size),
+                         queue_policy=cfg.dynamic_batching.HasField("default_queue_policy"))
 
 
 def with_knobs(base, knobs: ServingConfig):
@@ -91,6 +99,10 @@ def with_knobs(base, knobs: ServingConfig):
     batching.max_queue_delay_microseconds = knobs.max_queue_delay_us
     del batching.preferred_batch_size[:]
     batching.preferred_batch_size.extend(b for b in knobs.preferred_batch_sizes if b <= knobs.max_batch_size)
+    if not knobs.queue_policy:
+        batching.ClearField("default_queue_policy")
+    elif not batching.HasField("default_queue_policy"):
+        raise SpaceError(f"model {cfg.name}: the exported config has no default_queue_policy to keep")
     if batching.HasField("default_queue_policy") and batching.default_queue_policy.max_queue_size:
         # the exported queue holds a fixed number of full batches per instance: keep that allowance
         per = batching.default_queue_policy.max_queue_size / (old.instances * max(old.max_batch_size, 1))
@@ -122,7 +134,7 @@ def batch_limit(cfg, version_dir: Path | None) -> int | None:
 
 def build_space(cfg, *, limit: int | None, instances: Sequence[int], threads: Sequence[int],
                 delays_us: Sequence[int], preferred: Sequence[Sequence[int]],
-                max_batch_sizes: Sequence[int]) -> dict[str, list[Any]]:
+                max_batch_sizes: Sequence[int], queue_policies: Sequence[bool] = ()) -> dict[str, list[Any]]:
     """knob -> values for one model; the default configuration's value first.
     An empty sequence keeps the knob at its default. Raises SpaceError for a
     value the model cannot take."""
@@ -146,6 +158,10 @@ def build_space(cfg, *, limit: int | None, instances: Sequence[int], threads: Se
     space["max_queue_delay_us"] = values("max_queue_delay_us", [int(d) for d in delays_us])
     space["preferred_batch_sizes"] = values("preferred_batch_sizes", [sorted(int(b) for b in p) for p in preferred])
     space["max_batch_size"] = values("max_batch_size", [int(b) for b in max_batch_sizes])
+    if True in queue_policies and not default.queue_policy:
+        raise SpaceError(f"model {cfg.name}: --queue-policies on: the exported config has no "
+                         "default_queue_policy to keep")
+    space["queue_policy"] = values("queue_policy", [bool(q) for q in queue_policies])
     if any(i < 1 for i in space["instances"]) or any(t is not None and t < 1 for t in space["threads"]):
         raise SpaceError(f"model {cfg.name}: instance and thread counts must be >= 1")
     if any(d < 0 for d in space["max_queue_delay_us"]):
@@ -164,7 +180,10 @@ def config_key(model: str, k: ServingConfig) -> str:
     """A stable name for a candidate (file names, resume, the report)."""
     pbs = ",".join(str(b) for b in k.preferred_batch_sizes if b <= k.max_batch_size) or "none"
     thr = "default" if k.threads is None else str(k.threads)
-    return f"{model}|inst={k.instances} threads={thr} delay={k.max_queue_delay_us}us pbs={pbs} mbs={k.max_batch_size}"
+    # the policy is named only when removed: keys of runs before the knob stay valid (--resume)
+    queue = "" if k.queue_policy else " queue=off"
+    return (f"{model}|inst={k.instances} threads={thr} delay={k.max_queue_delay_us}us pbs={pbs} "
+            f"mbs={k.max_batch_size}{queue}")
 
 
 def _make(values: Mapping[str, Any]) -> ServingConfig:

@@ -46,11 +46,13 @@ def test_knobs_round_trip_on_an_exported_config():
     k = sp.knobs_of(base)
     assert (k.instances, k.threads, k.max_batch_size) == (1, None, 8)
     cand = sp.with_knobs(base, ServingConfig(instances=2, threads=1, max_queue_delay_us=500,
-                                             preferred_batch_sizes=[2, 16], max_batch_size=4))
+                                             preferred_batch_sizes=[2, 16], max_batch_size=4,
+                                             queue_policy=k.queue_policy))
     assert cand.parameters["intra_op_thread_count"].string_value == "1"       # Triton's onnxruntime name
     assert list(cand.dynamic_batching.preferred_batch_size) == [2]           # 16 > max_batch_size
     assert sp.knobs_of(cand) == ServingConfig(instances=2, threads=1, max_queue_delay_us=500,
-                                              preferred_batch_sizes=[2], max_batch_size=4)
+                                              preferred_batch_sizes=[2], max_batch_size=4,
+                                              queue_policy=k.queue_policy)
     assert base.instance_group[0].count == 1                                  # the base is not touched
     q0 = base.dynamic_batching.default_queue_policy.max_queue_size
     if q0:      # export sizes the queue per instance and batch: it scales with both
@@ -69,6 +71,46 @@ def test_knobs_round_trip_on_an_exported_config():
     with pytest.raises(sp.SpaceError, match="no thread-count parameter"):
         sp.with_knobs(tiny_config_message("p", "tensorrt_plan"), k.model_copy(update={"threads": 2}))
 
+
+
+def test_the_queue_policy_is_removed_only_when_asked():
+    """--queue-policies on,off on a repository exported with shedding
+    (--queue-timeout-ms): a candidate without the policy is a named, validated
+    config, its key says so, the server's answer is checked for it, and a
+    space without the flag never drops it (no silent loss of load shedding)."""
+    from perf.search_session import check_config, served_mismatch
+    from tests.fixtures.triton import tiny_config_message
+
+    base = tiny_config_message("m", "onnxruntime_onnx", max_batch_size=8)
+    assert not base.dynamic_batching.HasField("default_queue_policy")   # export's default: no shedding
+    with pytest.raises(sp.SpaceError, match="no default_queue_policy to keep"):
+        sp.build_space(base, limit=None, instances=(), threads=(), delays_us=(), preferred=(),
+                       max_batch_sizes=(), queue_policies=(True,))
+    base.dynamic_batching.default_queue_policy.default_timeout_microseconds = 2_000_000   # --queue-timeout-ms 2000
+    k = sp.knobs_of(base)
+    assert k.queue_policy is True
+    plain = sp.build_space(base, limit=None, instances=(1, 2), threads=(), delays_us=(), preferred=(),
+                           max_batch_sizes=())
+    assert plain["queue_policy"] == [True] and all(c.queue_policy for c in sp.grid(plain))
+    both = sp.build_space(base, limit=None, instances=(), threads=(), delays_us=(), preferred=(),
+                          max_batch_sizes=(), queue_policies=(True, False))
+    assert both["queue_policy"] == [True, False]
+    off = k.model_copy(update={"queue_policy": False})
+    cand = sp.with_knobs(base, off)
+    assert not cand.dynamic_batching.HasField("default_queue_policy")
+    assert sp.knobs_of(cand) == off
+    assert sp.config_key("m", off).endswith(" queue=off") and "queue" not in sp.config_key("m", k)
+    assert "default_queue_policy" not in check_config(cand, base)
+    served = {"instance_group": [{"count": 1}], "max_batch_size": 8,
+              "dynamic_batching": {"preferred_batch_size": k.preferred_batch_sizes,
+                                   "max_queue_delay_microseconds": k.max_queue_delay_us}}
+    assert served_mismatch(served, off, base) == []
+    assert served_mismatch(served, k, base) == ["default_queue_policy absent (asked kept)"]
+    with pytest.raises(sp.SpaceError, match="no default_queue_policy to keep"):
+        sp.with_knobs(cand, k)
+    assert ps._switches("on,off", "--queue-policies") == [True, False]
+    with pytest.raises(ps.SearchInputError, match="--queue-policies"):
+        ps._switches("maybe", "--queue-policies")
 
 def test_space_respects_the_graph_batch_limit(tmp_path):
     import onnx
