@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from export.gates import FLAG, override_help
     from export.modelopt_worker import CALIB_METHODS
     from export.registry import default_variants, ensemble_candidates, get_variant, variant_names
-    from export.triton_config import DEFAULT_QUEUE_TIMEOUT_MS, QUEUE_BATCHES_PER_INSTANCE
+    from export.triton_config import DEFAULT_QUEUE_TIMEOUT_MS, QUEUE_BATCHES_PER_INSTANCE, SHEDDING_QUEUE_TIMEOUT_MS
     from train.image_limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
     names = variant_names()
@@ -52,14 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="instance_group kind (KIND_CPU / KIND_GPU); TensorRT models are always KIND_GPU")
     opt.add_argument("--preferred-batch-sizes", default="4,8", help="dynamic_batching preferred_batch_size list")
     opt.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic_batching max queue delay")
-    opt.add_argument("--max-queue-size", type=int, default=None,
-                     help="requests a model may hold waiting before the server sheds new ones (gRPC "
-                          "UNAVAILABLE / HTTP 503); default: "
-                          f"{QUEUE_BATCHES_PER_INSTANCE} x max_batch_size x instances of each model "
-                          "(512 for 8 x 1), a memory cap: the queue timeout is the latency bound; 0: no limit")
     opt.add_argument("--queue-timeout-ms", type=float, default=DEFAULT_QUEUE_TIMEOUT_MS,
-                     help="a request still queued after this long is rejected (REJECT; clients may "
-                          "ask for less); 0: no timeout")
+                     help="load shedding: a request still queued after this long is rejected (gRPC "
+                          "UNAVAILABLE / HTTP 503; clients may ask for less), e.g. "
+                          f"{SHEDDING_QUEUE_TIMEOUT_MS}; default 0: no queue policy, because Triton 2.51 "
+                          "stalls ~500 ms on some requests whenever a model with one instance has one "
+                          "(README: Production limits)")
+    opt.add_argument("--max-queue-size", type=int, default=None,
+                     help="with shedding on: requests a model may hold waiting before new ones are shed; "
+                          f"default {QUEUE_BATCHES_PER_INSTANCE} x max_batch_size x instances of each model "
+                          "(512 for 8 x 1), a memory cap: the queue timeout is the latency bound")
     opt.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="dinov2_preprocess refuses an encoded image larger than this, before decoding")
     opt.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,

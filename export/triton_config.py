@@ -24,11 +24,26 @@ BACKEND_PLATFORMS = ("openvino",)
 # and src/openvino.cc; values are case-insensitive strings there).
 OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 
-# Queue policy (dynamic_batching.default_queue_policy) of every batching model.
-# Without one Triton queues without limit: under overload every request is
-# eventually answered, minutes late. With it the server sheds what it cannot
-# serve (gRPC UNAVAILABLE / HTTP 503) and the accepted requests keep their
-# latency. Two bounds, and which one acts matters:
+# Queue policy (dynamic_batching.default_queue_policy): load shedding, OFF by
+# default, on with --queue-timeout-ms (and --max-queue-size).
+# Why off: Triton 2.51 (the CPU server this project runs) pays for ANY
+# non-empty queue policy whenever the model has one busy instance: the
+# dynamic batcher misses the wake-up of a request that arrives while the
+# instance is busy and sleeps its 500 ms idle wait (measured here, same
+# server, configs swapped through the repository API, dinov2_onnx 56 px,
+# 2-core AMD EPYC: 2-5 % of sequential requests take ~510 ms instead of 8 ms;
+# closed loop at concurrency 4, batch 1: 76 instead of 266 img/s, p99 522 ms
+# instead of 24 ms, and perf_analyzer never stabilises at concurrency 1;
+# open loop at 40 req/s p99 57-85 ms instead of 19 ms; two instances hide it).
+# That costs every request, every day, to protect against overload, which
+# the capacity at a latency SLO (perf.capacity / perf.search) and the
+# autoscaler (deploy/kubernetes) are there to prevent. An all-zero policy
+# does not stall; tests/test_serving_limits.py pins the stall so an upgrade
+# that fixes it is noticed and the default can be turned back on.
+# When it is on, without one Triton queues without limit: under overload every
+# request is eventually answered, minutes late. With it the server sheds what
+# it cannot serve (gRPC UNAVAILABLE / HTTP 503) and the accepted requests keep
+# their latency. Two bounds, and which one acts matters:
 # - the queue TIMEOUT bounds latency: a request still queued after it is
 #   rejected ("Request timeout expired") and the model keeps running at full
 #   throughput (measured with Triton 2.51: 200 req/s offered to a 70 req/s
@@ -38,10 +53,12 @@ OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 #   0.5 s (measured: 8 req/s served instead of 70, "Exceeds maximum queue
 #   size" for the rest, queued requests 2-7 s late), so the size must not be
 #   the bound that acts first (tests/test_serving_limits.py pins this).
-#: a request still queued after this long is rejected; covers the perf
+#: the default: no queue timeout, no queue policy (see above)
+DEFAULT_QUEUE_TIMEOUT_MS = 0
+#: the timeout to shed with (``--queue-timeout-ms 2000``): covers the perf
 #: stage's own sweeps (batch 8, concurrency <= 4 at 56 px, <= 2 at 224 px on
 #: a 2-core CPU: at most ~1.5 s of queueing), so they are never shed
-DEFAULT_QUEUE_TIMEOUT_MS = 2000
+SHEDDING_QUEUE_TIMEOUT_MS = 2000
 #: queue cap per instance, in full batches: 512 requests for max_batch_size 8
 #: and one instance, i.e. up to 256 requests/s offered before the 2 s timeout
 #: stops the queue from reaching the cap
@@ -72,11 +89,13 @@ def _batching(cfg, *, max_batch_size: int, preferred_batch_sizes: Sequence[int],
     batching = cfg.dynamic_batching
     batching.preferred_batch_size.extend(preferred)
     batching.max_queue_delay_microseconds = int(max_queue_delay_us)
-    if max_queue_size is None:
-        max_queue_size = default_max_queue_size(max_batch_size, instances)
-    if int(max_queue_size) < 0 or float(queue_timeout_ms) < 0:
+    if (max_queue_size is not None and int(max_queue_size) < 0) or float(queue_timeout_ms) < 0:
         raise ConfigError(f"{cfg.name}: max_queue_size {max_queue_size} and queue timeout "
                           f"{queue_timeout_ms} ms must be >= 0 (0: no limit)")
+    if float(queue_timeout_ms) == 0 and not max_queue_size:
+        return          # no shedding asked for: no policy at all (see DEFAULT_QUEUE_TIMEOUT_MS)
+    if max_queue_size is None:
+        max_queue_size = default_max_queue_size(max_batch_size, instances)
     policy = batching.default_queue_policy
     policy.max_queue_size = int(max_queue_size)
     policy.default_timeout_microseconds = int(round(float(queue_timeout_ms) * 1000))
@@ -274,9 +293,6 @@ def validate_config(cfg: "pb.ModelConfig") -> str:
     for b in cfg.dynamic_batching.preferred_batch_size:
         if b > cfg.max_batch_size:
             problems.append(f"preferred_batch_size {b} > max_batch_size {cfg.max_batch_size}")
-    if cfg.platform != "ensemble" and not cfg.dynamic_batching.HasField("default_queue_policy"):
-        problems.append("no dynamic_batching.default_queue_policy (an unbounded queue: overload "
-                        "would delay every request instead of shedding)")
     if cfg.backend == "python":
         missing = [k for k in PREPROCESS_LIMIT_PARAMETERS if k not in cfg.parameters]
         if missing:

@@ -118,16 +118,20 @@ def test_published_configs_parse(tiny_repository):
             assert (tiny_repository / model / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
 
 
-def test_every_batching_model_has_a_queue_policy_sized_from_batch_and_instances():
-    from export.triton_config import DEFAULT_QUEUE_TIMEOUT_MS, QUEUE_BATCHES_PER_INSTANCE, default_max_queue_size
+def test_load_shedding_is_off_by_default_and_sized_from_batch_and_instances_when_on():
+    from export.triton_config import QUEUE_BATCHES_PER_INSTANCE, SHEDDING_QUEUE_TIMEOUT_MS, default_max_queue_size
 
+    # off: Triton 2.51 stalls with any queue policy (tests/test_serving_limits.py pins it)
+    for cfg in (_classifier(max_batch_size=8), preprocess_config(image_size=28, max_batch_size=8)):
+        assert not parse_config(validate_config(cfg)).dynamic_batching.HasField("default_queue_policy")
     assert default_max_queue_size(8, 1) == QUEUE_BATCHES_PER_INSTANCE * 8
-    for cfg in (_classifier(max_batch_size=8, instances=2),
-                preprocess_config(image_size=28, max_batch_size=8, instances=2)):
+    for cfg in (_classifier(max_batch_size=8, instances=2, queue_timeout_ms=SHEDDING_QUEUE_TIMEOUT_MS),
+                preprocess_config(image_size=28, max_batch_size=8, instances=2,
+                                  queue_timeout_ms=SHEDDING_QUEUE_TIMEOUT_MS)):
         back = parse_config(validate_config(cfg))
         policy = back.dynamic_batching.default_queue_policy
         assert policy.max_queue_size == QUEUE_BATCHES_PER_INSTANCE * 8 * 2
-        assert policy.default_timeout_microseconds == DEFAULT_QUEUE_TIMEOUT_MS * 1000
+        assert policy.default_timeout_microseconds == SHEDDING_QUEUE_TIMEOUT_MS * 1000
         assert policy.timeout_action == pb.ModelQueuePolicy.REJECT
         assert policy.allow_timeout_override
     flags = parse_config(validate_config(_classifier(max_queue_size=5, queue_timeout_ms=250.5)))
@@ -136,10 +140,6 @@ def test_every_batching_model_has_a_queue_policy_sized_from_batch_and_instances(
     assert "max_queue_size: 5" in to_text(_classifier(max_queue_size=5))
     with pytest.raises(ConfigError, match="must be >= 0"):
         _classifier(max_queue_size=-1)
-    hand_edited = _classifier()
-    hand_edited.dynamic_batching.ClearField("default_queue_policy")
-    with pytest.raises(ConfigError, match="no dynamic_batching.default_queue_policy"):
-        validate_config(hand_edited)
 
 
 def test_preprocess_limits_are_config_parameters():
