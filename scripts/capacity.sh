@@ -3,20 +3,20 @@
 # the pipeline exported (issue 12's measurement, one command):
 #
 #   1. a local Triton server on free loopback ports serves REPO;
-#   2. perf.run --capacity: open-loop (Poisson) capacity at p99 <= SLO_P99_MS
-#      of CAP_MODELS, each measured twice in turns (A, B, A, B);
-#   3. perf.search over SEARCH_VARIANTS within SEARCH_MIN minutes, the winner
+#   2. perf.search over SEARCH_VARIANTS within SEARCH_MIN minutes, each winner
 #      re-measured against the exported default configuration in the same run,
 #      then --apply (the winner becomes REPO/<model>/config.pbtxt);
-#   4. the server is stopped and started again from REPO, and what it serves
-#      is compared with the applied configuration (exit 1 if they differ).
+#   3. the server is stopped and started again from REPO, and what it serves
+#      is compared with the applied configuration (exit 1 if they differ);
+#   4. perf.run --capacity: open-loop (Poisson) capacity at p99 <= SLO_P99_MS
+#      of CAP_MODELS as served now, each measured twice in turns (A, B, A, B).
 #
 #   scripts/capacity.sh                                   # ./model_repository, ./data
 #   REPO=/tmp/run/model_repository DATA=/tmp/run/data SLO_P99_MS=100 scripts/capacity.sh
 #   APPLY=0 scripts/capacity.sh                           # measure only, leave REPO as it is
 #
 # Knobs: SLO_P99_MS (100), CAP_MODELS (dinov2_onnx,dinov2_onnx_int8),
-# SEARCH_VARIANTS (onnx_int8), SEARCH_MIN (10), SEARCH_EXTRA (more perf.search
+# SEARCH_VARIANTS (onnx_int8; the search applies its one winner), SEARCH_MIN (10), SEARCH_EXTRA (more perf.search
 # flags, e.g. "--queue-policies on,off"), OUT (perf/reports), RUN_ID.
 # Numbers are this machine's: the first line names its CPU.
 set -euo pipefail
@@ -54,26 +54,17 @@ trap stop EXIT
 
 start
 t0=$SECONDS
-echo "[capacity] $(date +%T) capacity of $CAP_MODELS, 2 measurements each"
-"$PY" -m perf.run --url "$URL" --repository "$REPO" --data_path "$DATA" --models "$CAP_MODELS" \
-  --api-key-file "$LOGS/triton.api_key" --no-in-process --no-parity \
-  --concurrency 4 --batch-sizes 1 --window-ms 3000 --keep-going \
-  --capacity --slo-p99-ms "$SLO" --capacity-repeats 2 --capacity-budget-s "${CAPACITY_BUDGET_S:-240}" \
-  --out "$OUT/$RUN_ID" --run-id capacity
-echo "[capacity] capacity part: $((SECONDS - t0)) s"
-
-t0=$SECONDS
 apply=(--apply); [ "${APPLY:-1}" = 0 ] && apply=()
 echo "[capacity] $(date +%T) search over $SEARCH_VARIANTS within $SEARCH_MIN min"
 # shellcheck disable=SC2086  # SEARCH_EXTRA is a list of flags
 "$PY" -m perf.search --url "$URL" --repository "$REPO" --data_path "$DATA" --api-key-file "$LOGS/triton.api_key" \
   --variants "$SEARCH_VARIANTS" --slo-p99-ms "$SLO" --budget-min "$SEARCH_MIN" --strategy coordinate \
-  --instances 1,2 --threads 1,2 --queue-delays-us 0,2000,8000 --preferred "none;4,8" --max-batch-sizes 8,16 \
-  --capacity-budget-s "${SEARCH_POINT_BUDGET_S:-90}" --start-rate 40 "${apply[@]}" ${SEARCH_EXTRA:-} \
+  --instances 1,2 --threads 1,2 --queue-delays-us 0,2000 --preferred "none;4,8" --max-batch-sizes 8,16 \
+  --capacity-budget-s "${SEARCH_POINT_BUDGET_S:-75}" --rate-precision 0.1 --start-rate 40 "${apply[@]}" ${SEARCH_EXTRA:-} \
   --out "$OUT/$RUN_ID" --run-id search
 echo "[capacity] search part (with the same-run comparison): $((SECONDS - t0)) s"
 
-[ "${APPLY:-1}" = 0 ] && exit 0
+if [ "${APPLY:-1}" != 0 ]; then
 echo "[capacity] $(date +%T) restart the server from $REPO and compare what it serves with the applied config"
 stop
 start
@@ -99,3 +90,14 @@ print(f"[capacity] after the restart {applied.model} serves {applied.key} (searc
       + ("matches the applied config" if not diff else "DIFFERS: " + "; ".join(diff)))
 sys.exit(1 if diff else 0)
 PYEOF
+fi
+
+t0=$SECONDS
+echo "[capacity] $(date +%T) capacity of $CAP_MODELS, 2 measurements each"
+"$PY" -m perf.run --url "$URL" --repository "$REPO" --data_path "$DATA" --models "$CAP_MODELS" \
+  --api-key-file "$LOGS/triton.api_key" --no-in-process --no-parity \
+  --concurrency 4 --batch-sizes 1 --window-ms 3000 --keep-going \
+  --capacity --slo-p99-ms "$SLO" --capacity-repeats 2 --capacity-budget-s "${CAPACITY_BUDGET_S:-240}" \
+  --out "$OUT/$RUN_ID" --run-id capacity
+echo "[capacity] capacity part: $((SECONDS - t0)) s"
+
