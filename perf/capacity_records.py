@@ -38,6 +38,8 @@ class RatePoint(_Part):
     error_rate: float | None = None
     delayed_pct: float | None = None
     wall_s: float
+    #: seconds waited before this rate for the server to finish the previous rate's requests
+    drain_s: float | None = None
     command: str = ""
     csv: str | None = None
 

@@ -256,6 +256,24 @@ def test_capacity_of_a_model_with_a_known_service_time(sleepy_server, tmp_path):
     assert sleepy_server.api_key not in c.points[0].command
 
 
+
+@pytest.mark.triton
+def test_a_rate_after_an_overload_is_measured_on_an_idle_server(sleepy_server, tmp_path):
+    """perf_analyzer exits with requests of an overloaded rate still queued in
+    the server; the next rate waits for them (drain_s), so a light load after
+    an overload passes with the light load's latency, not the backlog's."""
+    s = cap.capacity_settings(slo_p99_ms=10 * SERVICE_MS, window_ms=1000, budget_s=60)
+    data, shapes, _ = cap.prepare_inputs(sleepy_server.url_grpc, "grpc", "sleepy", bytes_samples(), tmp_path,
+                                         batch_size=1, api_key=sleepy_server.api_key)
+    probe = cap.RateProbe(model="sleepy", url=sleepy_server.url_grpc, settings=s, input_data=data, shapes=shapes,
+                          out_dir=tmp_path, api_key=sleepy_server.api_key)
+    over = probe(3 * 1000 / SERVICE_MS)
+    assert over.status != "PASS", over
+    light = probe(0.3 * 1000 / SERVICE_MS)
+    assert light.drain_s is not None and light.drain_s > 1.0, light      # the backlog was there, and waited for
+    assert light.status == "PASS" and light.p99_ms < 4 * SERVICE_MS, light
+    assert probe.wait_idle() < 1.5                                       # idle: one quiet interval or two
+
 @pytest.mark.triton
 def test_shed_requests_fail_the_rate(sleepy_server, tmp_path):
     """A queue that holds one request sheds load above capacity: the rate
