@@ -26,7 +26,9 @@ OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 
 # Queue policy (dynamic_batching.default_queue_policy): load shedding, OFF by
 # default, on with --queue-timeout-ms (and --max-queue-size).
-# Why off: Triton 2.51 (the CPU server this project runs) pays for ANY
+# Why off: Triton 2.51 (the CPU server this project runs, with the
+# Python-backend ONNX Runtime stand-in of serve/backends; the native backend
+# of the NVIDIA container is not measured) pays for ANY
 # non-empty queue policy whenever the model has one busy instance: the
 # dynamic batcher misses the wake-up of a request that arrives while the
 # instance is busy and sleeps its 500 ms idle wait (measured here, same

@@ -177,11 +177,11 @@ class RateProbe:
 
     def wait_idle(self, *, quiet_s: float = 0.4, timeout_s: float = 120.0) -> float:
         """Wait until the model has stopped answering requests (its success count
-        unchanged for ``quiet_s``); returns the seconds waited. perf_analyzer
-        exits with its asynchronous requests still queued in the server after a
-        rate above capacity; without this the next rate is measured on top of
-        that backlog (measured here: p99 3.8 s, then 1.1 s, then 116 ms on three
-        rates below capacity after one above it, which halved the capacity)."""
+        unchanged for ``quiet_s``); returns the seconds waited. A rate is
+        measured on an idle server: requests still queued from before (another
+        client, or a perf_analyzer run that was killed at its time limit above
+        capacity) would otherwise be counted as this rate's latency. Costs one
+        ``quiet_s`` when the server is idle."""
         t0 = time.monotonic()
         last = self._successes()
         while last is not None and time.monotonic() - t0 < timeout_s:

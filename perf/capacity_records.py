@@ -94,9 +94,10 @@ class ServingConfig(_Part):
     max_queue_delay_us: int
     preferred_batch_sizes: list[int] = []
     max_batch_size: int
-    #: the exported dynamic_batching.default_queue_policy (load shedding) is kept;
-    #: False: the search removed it (--queue-policies on,off; see perf.search_space)
-    queue_policy: bool = True
+    #: the exported dynamic_batching.default_queue_policy (load shedding): True kept,
+    #: False removed by the search (--queue-policies on,off; perf.search_space),
+    #: None the export has none (nothing to keep or remove)
+    queue_policy: bool | None = None
 
 
 class SearchPoint(_Part):

@@ -333,7 +333,7 @@ def _apply(session: Session, target: Target, winner, run_id: str, comparison):
     if comparison is not None and comparison.ratio:
         numbers["search_default_capacity_img_per_s"] = f"{comparison.default.capacity_img_s:.1f}"
         numbers["search_ratio_vs_default"] = f"{comparison.ratio:.2f}"
-    if not winner.config.queue_policy and target.base.dynamic_batching.HasField("default_queue_policy"):
+    if winner.config.queue_policy is False:
         numbers["search_queue_policy"] = "removed"
         session.say(f"WARNING: the winner serves {target.model} without the exported default_queue_policy: no "
                     "server-side load shedding, requests queue without bound under overload")

@@ -140,9 +140,10 @@ def served_mismatch(served: dict[str, Any], knobs: ServingConfig, base) -> list[
     # Triton completes an empty preferred_batch_size with [max_batch_size]
     if sorted(db.get("preferred_batch_size") or []) not in ([asked] if asked else [[], [knobs.max_batch_size]]):
         got.append(f"preferred_batch_size {db.get('preferred_batch_size')}")
-    if bool(db.get("default_queue_policy")) != knobs.queue_policy:
+    want = base.dynamic_batching.HasField("default_queue_policy") if knobs.queue_policy is None else knobs.queue_policy
+    if bool(db.get("default_queue_policy")) != want:
         got.append(f"default_queue_policy {'present' if db.get('default_queue_policy') else 'absent'} "
-                   f"(asked {'kept' if knobs.queue_policy else 'removed'})")
+                   f"(asked {'kept' if want else 'removed'})")
     param = thread_parameter(base)
     if knobs.threads is not None:
         val = ((served.get("parameters") or {}).get(param) or {}).get("string_value")

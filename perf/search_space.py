@@ -74,7 +74,7 @@ def knobs_of(cfg) -> ServingConfig:
                          max_queue_delay_us=int(cfg.dynamic_batching.max_queue_delay_microseconds),
                          preferred_batch_sizes=sorted(cfg.dynamic_batching.preferred_batch_size),
                          max_batch_size=int(cfg.max_batch_size),
-                         queue_policy=cfg.dynamic_batching.HasField("default_queue_policy"))
+                         queue_policy=True if cfg.dynamic_batching.HasField("default_queue_policy") else None)
 
 
 def with_knobs(base, knobs: ServingConfig):
@@ -99,9 +99,9 @@ def with_knobs(base, knobs: ServingConfig):
     batching.max_queue_delay_microseconds = knobs.max_queue_delay_us
     del batching.preferred_batch_size[:]
     batching.preferred_batch_size.extend(b for b in knobs.preferred_batch_sizes if b <= knobs.max_batch_size)
-    if not knobs.queue_policy:
+    if knobs.queue_policy is False:
         batching.ClearField("default_queue_policy")
-    elif not batching.HasField("default_queue_policy"):
+    elif knobs.queue_policy and not batching.HasField("default_queue_policy"):
         raise SpaceError(f"model {cfg.name}: the exported config has no default_queue_policy to keep")
     if batching.HasField("default_queue_policy") and batching.default_queue_policy.max_queue_size:
         # the exported queue holds a fixed number of full batches per instance: keep that allowance
@@ -158,9 +158,11 @@ def build_space(cfg, *, limit: int | None, instances: Sequence[int], threads: Se
     space["max_queue_delay_us"] = values("max_queue_delay_us", [int(d) for d in delays_us])
     space["preferred_batch_sizes"] = values("preferred_batch_sizes", [sorted(int(b) for b in p) for p in preferred])
     space["max_batch_size"] = values("max_batch_size", [int(b) for b in max_batch_sizes])
-    if True in queue_policies and not default.queue_policy:
-        raise SpaceError(f"model {cfg.name}: --queue-policies on: the exported config has no "
-                         "default_queue_policy to keep")
+    if default.queue_policy is None:
+        if True in queue_policies:
+            raise SpaceError(f"model {cfg.name}: --queue-policies on: the exported config has no "
+                             "default_queue_policy to keep")
+        queue_policies = ()          # nothing to remove either
     space["queue_policy"] = values("queue_policy", [bool(q) for q in queue_policies])
     if any(i < 1 for i in space["instances"]) or any(t is not None and t < 1 for t in space["threads"]):
         raise SpaceError(f"model {cfg.name}: instance and thread counts must be >= 1")
@@ -181,7 +183,7 @@ def config_key(model: str, k: ServingConfig) -> str:
     pbs = ",".join(str(b) for b in k.preferred_batch_sizes if b <= k.max_batch_size) or "none"
     thr = "default" if k.threads is None else str(k.threads)
     # the policy is named only when removed: keys of runs before the knob stay valid (--resume)
-    queue = "" if k.queue_policy else " queue=off"
+    queue = " queue=off" if k.queue_policy is False else ""
     return (f"{model}|inst={k.instances} threads={thr} delay={k.max_queue_delay_us}us pbs={pbs} "
             f"mbs={k.max_batch_size}{queue}")
 

@@ -83,9 +83,12 @@ def test_the_queue_policy_is_removed_only_when_asked():
 
     base = tiny_config_message("m", "onnxruntime_onnx", max_batch_size=8)
     assert not base.dynamic_batching.HasField("default_queue_policy")   # export's default: no shedding
+    assert sp.knobs_of(base).queue_policy is None and "queue" not in sp.config_key("m", sp.knobs_of(base))
     with pytest.raises(sp.SpaceError, match="no default_queue_policy to keep"):
         sp.build_space(base, limit=None, instances=(), threads=(), delays_us=(), preferred=(),
                        max_batch_sizes=(), queue_policies=(True,))
+    assert sp.build_space(base, limit=None, instances=(), threads=(), delays_us=(), preferred=(),
+                          max_batch_sizes=(), queue_policies=(True, False)[1:])["queue_policy"] == [None]
     base.dynamic_batching.default_queue_policy.default_timeout_microseconds = 2_000_000   # --queue-timeout-ms 2000
     k = sp.knobs_of(base)
     assert k.queue_policy is True
@@ -98,7 +101,7 @@ def test_the_queue_policy_is_removed_only_when_asked():
     off = k.model_copy(update={"queue_policy": False})
     cand = sp.with_knobs(base, off)
     assert not cand.dynamic_batching.HasField("default_queue_policy")
-    assert sp.knobs_of(cand) == off
+    assert sp.knobs_of(cand) == off.model_copy(update={"queue_policy": None})   # reads back as 'has none'
     assert sp.config_key("m", off).endswith(" queue=off") and "queue" not in sp.config_key("m", k)
     assert "default_queue_policy" not in check_config(cand, base)
     served = {"instance_group": [{"count": 1}], "max_batch_size": 8,

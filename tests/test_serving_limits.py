@@ -247,7 +247,8 @@ def test_triton_2_51_stalls_while_a_queue_is_full(slow_server):
 @pytest.mark.triton
 def test_triton_2_51_stalls_with_any_queue_policy_below_overload(triton_server_factory, tmp_path):
     """Pinned server behaviour behind export's default of NO queue policy: an
-    ONNX Runtime model with one instance, four clients in a closed loop (far
+    ONNX model with one instance (this machine's ONNX Runtime stand-in
+    backend, serve/backends/onnxruntime), four clients in a closed loop (far
     below overload: nothing is ever shed). With a queue policy (a timeout
     only) Triton 2.51's dynamic batcher misses wake-ups and sleeps its 500 ms
     idle wait, so the model serves a fraction of what it serves without one
