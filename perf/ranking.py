@@ -354,7 +354,7 @@ def recommend_capacity(results: PerfResults, rows: Sequence[VariantRow], op: Ope
                        ) -> Recommendation | None:
     """The recommendation by capacity at the SLO: the search's winner (with its
     configuration), else the gated variant with the highest capacity of a
-    capacity run (mean over its measurements, exported configuration); None
+    capacity run (mean over its measurements, served configuration); None
     when neither ran. A variant whose gates do not pass is never recommended."""
     by_key = {r.key: r for r in rows if r.kind == "variant"}
     search, run = results.search, results.capacity
@@ -411,6 +411,6 @@ def recommend_capacity(results: PerfResults, rows: Sequence[VariantRow], op: Ope
         ranking=[Ranked(variant=x.key, images_per_s=c) for c, x in considered], capacity_img_s=best_cap,
         images_per_s=best_cap, slo_p99_ms=slo, top1_agreement=agree, gate_source=r.gate.source,
         warnings=list(r.slower_than_parent),
-        reason=f"deploy variant {r.key} with its exported configuration: capacity {best_cap:.1f} img/s at p99 <= "
+        reason=f"deploy variant {r.key} with its served configuration: capacity {best_cap:.1f} img/s at p99 <= "
                f"{slo:g} ms (mean of {len(means[r.key])} measurement(s){nxt}), top-1 agreement "
                + (f"{agree:.2%}" if agree is not None else "not measured") + f" ({r.gate.source})")

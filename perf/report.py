@@ -154,7 +154,7 @@ def _recommendation_blocks(rows: Sequence[VariantRow], rec: Recommendation, op) 
         b.append(("ul", slower))
     if rec.source in ("capacity", "search"):
         b.append(("p", f"Ranked on capacity at p99 <= {rec.slo_p99_ms:g} ms under open-loop Poisson load "
-                       f"({'the configuration search' if rec.source == 'search' else 'exported configurations'}; "
+                       f"({'the configuration search' if rec.source == 'search' else 'the served configurations'}; "
                        "perf.capacity)."))
         return b
     b.append(("p", f"Operating point: batch {op.batch_size}, concurrency {op.concurrency}, protocol "
