@@ -348,7 +348,7 @@ def test_perf_run_measures_capacity_twice_and_recommends_by_it(sleepy_server, tm
     assert [(c.model, c.repeat) for c in res.capacity.results] == [("sleepy", 1), ("sleepy", 2)]
     sweep_thr = res.perf_analyzer.points[0].metrics["throughput_infer_per_s"]
     for c in res.capacity.results:
-        assert c.capacity_img_s and c.capacity_img_s <= 1.05 * 1000 / SERVICE_MS
+        assert c.capacity_img_s and c.capacity_img_s <= 1.1 * 1000 / SERVICE_MS  # the resolution, as above
         # the ramp starts at half the closed-loop throughput the sweep measured
         assert c.points[0].rate_rps == pytest.approx(max(0.5 * sweep_thr, 10.0), rel=1e-3)
     rec = res.recommendation
