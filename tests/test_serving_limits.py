@@ -239,7 +239,8 @@ def test_triton_2_51_stalls_while_a_queue_is_full(slow_server):
             reload_model(admin, "slow", repository=slow_server.repository)
     assert res.failed == 0 and res.shed > 0
     assert all("Exceeds maximum queue size" in e for e in res.errors), res.errors
-    assert res.ok / res.seconds < 0.5 * capacity, (res.to_dict(), capacity)
+    # without the stall the model serves ~capacity (>= 0.9x); with it 0.25-0.55x was seen
+    assert res.ok / res.seconds < 0.7 * capacity, (res.to_dict(), capacity)
 
 
 
