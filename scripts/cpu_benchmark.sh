@@ -28,25 +28,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 scripts/setup_env.sh
 mkdir -p "$OUT"
 echo "[cpu-benchmark] $(lscpu | grep -m1 'Model name' | sed 's/  */ /g'); load: $(cut -d' ' -f1-3 /proc/loadavg)"
-# Triton 2.51's dynamic batcher stalls ~500 ms on some requests whenever a
-# model has a dynamic_batching.default_queue_policy, even an all-zero one
-# (measured here 2026-12-01, same server, same load, dinov2_onnx batch 1:
-# 6-7 requests over 400 ms in 5 s with the policy, none without; perf_analyzer
-# then never stabilises). The benchmark measures the engines, so it serves
-# its own copy of the repository without the policy (STRIP_QUEUE_POLICY=0 keeps it).
-strip_queue_policy() {
-  "$PY" - "$1" <<'PYEOF'
-import sys
-from pathlib import Path
-from export.triton_config import parse_config, to_text
-for cfg_path in sorted(Path(sys.argv[1]).glob("*/config.pbtxt")):
-    cfg = parse_config(cfg_path.read_text())
-    if cfg.dynamic_batching.HasField("default_queue_policy"):
-        cfg.dynamic_batching.ClearField("default_queue_policy")
-        cfg_path.write_text(to_text(cfg))
-        print(f"[cpu-benchmark] {cfg_path.parent.name}: default_queue_policy removed for the measurement")
-PYEOF
-}
+# No queue policy in the benchmark's repositories: export writes none by
+# default, because Triton 2.51 stalls ~500 ms on some requests with one
+# (export/triton_config.py, docs/field-notes.md #13).
 results=()
 for px in $SIZES; do
   dir=$OUT/$px
@@ -64,7 +48,6 @@ for px in $SIZES; do
     DATA="$dir/data" MODELS="$dir/models" REPO="$dir/model_repository" LOGS="$dir/logs" STATE="$dir/state" \
     scripts/pipeline.sh
 
-  [ "${STRIP_QUEUE_POLICY:-1}" = 0 ] || strip_queue_policy "$dir/model_repository"
   echo "[cpu-benchmark] $px px: local Triton server, perf.run (in process + perf_analyzer + live parity)"
   read -r HTTP_PORT GRPC_PORT METRICS_PORT < <("$PY" -c 'from serve.local_server import find_free_ports; print(*find_free_ports(3))')
   pidfile="$dir/logs/triton-bench.pid"
