@@ -344,8 +344,8 @@ def describe_config(c) -> str:
     """A perf.capacity_records.ServingConfig in words."""
     pbs = ",".join(str(b) for b in c.preferred_batch_sizes if b <= c.max_batch_size) or "none"
     thr = f", {c.threads} intra-op threads" if c.threads is not None else ""
-    queue = "" if getattr(c, "queue_policy", None) is not False else (", queue policy REMOVED (no server-side load "
-                                                         "shedding: under overload requests queue without bound)")
+    queue = (", queue policy REMOVED (no server-side load shedding: under overload requests queue without bound)"
+             if c.queue_policy is False else "")
     return (f"{c.instances} instance(s){thr}, max_queue_delay {c.max_queue_delay_us} us, preferred batch "
             f"sizes {pbs}, max_batch_size {c.max_batch_size}{queue}")
 

@@ -377,13 +377,10 @@ def _ints(text: str | None, flag: str) -> list[int]:
 
 def _switches(text: str | None, flag: str) -> list[bool]:
     words = {"on": True, "off": False}
-    out = []
-    for part in (text or "").split(","):
-        if part.strip():
-            if part.strip().lower() not in words:
-                raise SearchInputError(f"{flag} {text!r}: use on and/or off, comma-separated")
-            out.append(words[part.strip().lower()])
-    return out
+    parts = [p.strip().lower() for p in (text or "").split(",") if p.strip()]
+    if any(p not in words for p in parts):
+        raise SearchInputError(f"{flag} {text!r}: use on and/or off, comma-separated")
+    return [words[p] for p in parts]
 
 
 def _preferred(text: str | None) -> list[list[int]]:
