@@ -3,9 +3,11 @@
 What sizes a deployment is not the throughput at some concurrency but: how
 many requests per second can this model take with p99 <= SLO? Real clients
 do not wait for each other's answers, so the load is open loop:
-perf_analyzer's request-rate mode with Poisson arrivals and asynchronous
-calls (perf.perf_analyzer.run_point(request_rate=...)). One offered rate
-passes when
+Poisson arrivals with the offered rate exact (a seeded schedule given to
+perf_analyzer as ``--request-intervals``, perf/arrivals.py; perf_analyzer's
+own Poisson schedule offers ~16 % less than asked at low rates) and
+asynchronous calls (perf.perf_analyzer.run_point(request_rate=...)). One
+offered rate passes when
 
 * p99 latency <= ``slo_p99_ms``;
 * no more than ``max_error_rate`` (0.1 %) of the requests failed or were
@@ -13,9 +15,8 @@ passes when
   any failure has no latency numbers and never passes; the failures and the
   answers before them (the server's success counter) are recorded;
 * the server kept up: the measured throughput is not grossly below the
-  offered rate (by more than Poisson noise, 3 standard deviations, and at
-  least :data:`KEEP_UP_FLOOR`: perf_analyzer 2.50 reads open-loop throughput
-  10-20 % low even far below capacity, its windows last longer than ``-p``);
+  offered rate (by more than the noise of the request count in the measured
+  windows, 3 standard deviations, and at least :data:`KEEP_UP_FLOOR`);
 * the load generator kept up (perf_analyzer did not report delayed sends);
 * perf_analyzer's windows settled (an unstable measurement does not pass:
   above capacity the queue, and so the latency, grows window after window).
@@ -54,8 +55,10 @@ MIN_RATE = 0.5
 #: On 2 shared cores perf_analyzer reports 1-3 % late sends at 100-150 requests/s from
 #: scheduling jitter alone (the offered load is still delivered, slightly burstier)
 MAX_DELAYED_PCT = 5.0
-#: throughput this far below the offered rate can be perf_analyzer's accounting, not the server
-KEEP_UP_FLOOR = 0.25
+#: the least shortfall of throughput against the offered rate that fails a rate. It was 25 %
+#: while the 16 % that perf_analyzer's own Poisson schedule under-offered was read as an
+#: accounting error; with exact schedules far below capacity the served rate is within 2-3 %
+KEEP_UP_FLOOR = 0.10
 #: every window holds at least this many requests (low rates get longer windows):
 #: with fewer, Poisson noise alone makes perf_analyzer's windows disagree
 MIN_WINDOW_REQUESTS = 50

@@ -40,7 +40,9 @@ def capacity_blocks(results: PerfResults) -> list[tuple]:
         return []
     st = run.settings
     b: list[tuple] = [("h2", f"Capacity at p99 <= {st.slo_p99_ms:g} ms (open loop)")]
-    b.append(("p", f"perf_analyzer request-rate mode, {st.distribution} arrivals, batch {st.batch_size} per "
+    arrivals = ("Poisson arrivals from a seeded schedule with the exact mean rate (--request-intervals)"
+                if st.distribution == "poisson" else f"{st.distribution} arrivals")
+    b.append(("p", f"perf_analyzer open loop, {arrivals}, batch {st.batch_size} per "
                    f"request, {st.protocol}; windows of at least {st.window_ms} ms (longer at low rates), "
                    f"bisection to {st.precision:.0%}, {st.budget_s:g} s budget per measurement; inputs: "
                    f"{(run.input_data or {}).get('source', '?')}."))
@@ -115,7 +117,12 @@ def search_blocks(results: PerfResults, rows: Sequence[VariantRow]) -> list[tupl
                    ["winner", _num(c.winner.capacity_img_s), _num(c.winner.p99_at_capacity_ms),
                     len(c.winner.points)]]))
         if c.ratio:
-            b.append(("p", f"Ratio winner / default: **{c.ratio:.2f}x** (`{c.model}`)."))
+            open_ = [(label, x) for label, x in (("exported default", c.default), ("winner", c.winner))
+                     if x.stop == "budget"]
+            note = (f" The {' and the '.join(label for label, _ in open_)}'s bisection ran out of its budget "
+                    f"before it closed, so that capacity is a lower bound ({'; '.join(x.reason for _, x in open_)})."
+                    if open_ else "")
+            b.append(("p", f"Ratio winner / default: **{c.ratio:.2f}x** (`{c.model}`).{note}"))
     if s.applied is not None:
         b.append(("p", f"Applied: `{s.applied.path}` now holds `{s.applied.key}` (parameters carry the run id "
                        "and these numbers)."))
