@@ -49,6 +49,8 @@ from perf.search_session import POINTS_DIR, SETTINGS_FILE, BudgetSpent, SearchIn
 log = logging.getLogger("perf.search")
 #: grids up to this many points are measured whole (--strategy auto)
 GRID_LIMIT = 12
+#: the same-run comparison's budget per configuration, in search-point budgets
+CONFIRM_BUDGET_FACTOR = 3
 STRATEGIES = ("auto", "grid", "coordinate")
 
 
@@ -187,6 +189,8 @@ def run_search(*, url: str, repository: str | Path, data_path: str | Path | None
                 raise SearchInputError(str(exc)) from None
         spaces[entry.model_name] = space
         targets.append(Target(variant=name, model=entry.model_name, base=base, config_path=path, space=space))
+        for p in previous:          # resumed: new points start near the best one measured before
+            targets[-1].remember(p)
     if settings is None:
         try:
             cap = capacity_settings(slo_p99_ms=slo_p99_ms, **dict(capacity or {}))
@@ -295,7 +299,10 @@ def _confirm(session: Session, target: Target, winner):
     from perf.search_session import WARM_GROWTH
     from perf.search_space import config_key, knobs_of, with_knobs
 
+    # two configurations only, and their ratio is the search's headline: each gets
+    # CONFIRM_BUDGET_FACTOR x a search point's budget so its bisection can close
     cs = session.settings.capacity
+    cs = cs.model_copy(update={"budget_s": cs.budget_s * CONFIRM_BUDGET_FACTOR})
     caps = {}
     for label, knobs in (("default", knobs_of(target.base)), ("winner", winner.config)):
         if label == "winner" and knobs == knobs_of(target.base):
@@ -312,8 +319,10 @@ def _confirm(session: Session, target: Target, winner):
                                     growth=WARM_GROWTH if start else None, progress=session.say)
     d, w = caps["default"].capacity_img_s, caps["winner"].capacity_img_s
     ratio = round(w / d, 3) if d and w else None
+    open_ = [label for label, c in caps.items() if c.stop == "budget"]
     session.say(f"  => winner {w or 0:.1f} img/s vs exported default {d or 0:.1f} img/s"
-                + (f": {ratio:.2f}x" if ratio else ""))
+                + (f": {ratio:.2f}x" if ratio else "")
+                + (f" (the {' and '.join(open_)}'s bisection ran out of budget: a lower bound)" if open_ else ""))
     return SearchComparison(model=target.model, default=caps["default"], winner=caps["winner"], ratio=ratio)
 
 

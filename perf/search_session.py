@@ -49,7 +49,13 @@ class Target:
     space: dict[str, list[Any]]
     input_data: Path | None = None
     shapes: list[str] = field(default_factory=list)
-    best_rps: float | None = None
+    best_rps: float | None = None      # the best feasible capacity so far: the next point starts near it
+
+    def remember(self, point: SearchPoint) -> None:
+        cap = point.capacity
+        if point.model == self.model and point.feasible and cap and cap.capacity_rps and (
+                self.best_rps is None or cap.capacity_rps > self.best_rps):
+            self.best_rps = cap.capacity_rps
 
 
 # ----------------------------------------------------------------------------- who competes
@@ -251,8 +257,7 @@ class Session:
                             peak_memory_mb=round(mem / 2**20, 1) if mem else None)
         point.violations = self._violations(point)
         point.feasible = not point.violations
-        if point.feasible and cap.capacity_rps and (target.best_rps is None or cap.capacity_rps > target.best_rps):
-            target.best_rps = cap.capacity_rps
+        target.remember(point)
         return point
 
     def _violations(self, p: SearchPoint) -> list[str]:

@@ -233,8 +233,12 @@ def test_search_resumes_and_never_lets_a_gated_out_variant_win(search_server, tm
     out = ps.run_search(url=server.url_grpc, repository=server.repository, api_key=server.api_key,
                         budget_s=600, resume=first.run_dir, progress=lines.append)
     s = out.results.search
+    print("\n".join(stop.lines + lines))     # shown by pytest when an assert below fails
     assert out.exit_code == 0, out.results.errors
     assert len(s.points) == 2 and s.points[0].measured == p1.measured       # kept, not measured again
+    # the new point starts near the best capacity measured before the interruption
+    first_rate = next(m for m in lines if " req/s: " in m)
+    assert first_rate.startswith(f"  slow_ok {p1.capacity.capacity_rps:.1f} req/s"), first_rate
     assert sorted(p.name for p in (first.run_dir / ps.POINTS_DIR).iterdir()) == ["001.json", "002.json"]
     # the gated-out model (12x faster) never competes
     assert [x.variant for x in s.excluded] == ["onnx_int8"] and "gate FAILED" in s.excluded[0].reason
@@ -246,6 +250,16 @@ def test_search_resumes_and_never_lets_a_gated_out_variant_win(search_server, tm
     assert s.winner == s.points[1].key and "inst=2" in s.winner
     cmp = s.comparison
     assert cmp is not None and cmp.ratio >= 1.4 and cmp.default.repeat == cmp.winner.repeat == 2
+    assert cmp.default.stop == cmp.winner.stop == "converged"        # its own budget: 3x a point's
+    assert "ran out of its budget" not in out.report.md.read_text()
+    # had the default's bisection run out of budget, the report says its number is a lower bound
+    from perf.report_capacity import search_blocks
+
+    short = cmp.default.model_copy(update={"stop": "budget", "reason": "time budget 270 s spent"})
+    cut = out.results.model_copy(update={"search": s.model_copy(update={
+        "comparison": cmp.model_copy(update={"default": short})})})
+    text = " ".join(str(b) for b in search_blocks(cut, []))
+    assert "exported default's bisection ran out of its budget" in text and "time budget 270 s spent" in text
     rec = out.results.recommendation
     assert rec.source == "search" and rec.variant == "slow_ok" and rec.configuration.instances == 2
     assert rec.reason.startswith("deploy variant slow_ok with configuration 2 instance(s)")
