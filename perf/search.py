@@ -98,11 +98,11 @@ def _read_settings(run_dir: Path):
 
 def _planned(settings) -> int:
     """Points the strategy will measure: the grid, or coordinate ascent's first pass."""
-    from perf.search_space import size
+    from perf.search_space import first_pass_size, size
 
     if settings.strategy == "grid":
         return sum(size(s) for s in settings.space.values())
-    return sum(1 + sum(max(len(v) - 1, 0) for v in s.values()) for s in settings.space.values())
+    return sum(first_pass_size(s) for s in settings.space.values())
 
 
 def _server_pid(url: str, given: int | None) -> int | None:

@@ -35,6 +35,7 @@ next knob; repeat passes until one improves nothing).
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -210,23 +211,48 @@ def coordinate_ascent(space: Mapping[str, Sequence[Any]], evaluate: Callable[[Se
                       *, max_passes: int = 3) -> SearchPoint | None:
     """Start at the default (every knob's first value); per knob, try each
     value with the others held and keep the best; stop after a pass that
-    improved nothing. ``evaluate`` caches: a configuration seen before costs
-    nothing. Returns the best point (None when nothing was measured)."""
+    improved nothing. Knobs of one :data:`JOINT_KNOBS` group are tried
+    together, every combination of their values. ``evaluate`` caches: a
+    configuration seen before costs nothing. Returns the best point (None
+    when nothing was measured)."""
     names = [k for k in KNOBS if k in space]
     current = {k: space[k][0] for k in names}
     best = evaluate(_make(current))
     for _ in range(max_passes):
         improved = False
-        for knob in names:
-            if len(space[knob]) < 2:
-                continue
-            for value in space[knob]:
-                if value == current[knob]:
+        for group in _groups(names, space):
+            for values in itertools.product(*(space[k] for k in group)):
+                trial = {**current, **dict(zip(group, values))}
+                if trial == current:
                     continue
-                trial = {**current, knob: value}
                 p = evaluate(_make(trial))
                 if score(p) > score(best):
                     best, current, improved = p, trial, True
         if not improved:
             break
     return best
+
+
+#: knobs whose best values depend on each other, searched as one: on a CPU the
+#: instances and their intra-op threads share the same cores (2 instances x ORT's
+#: default of one thread per core oversubscribe them, 2 x 1 does not). One at a time,
+#: the ascent kept 1 instance (2 x default threads was slower) and never met 2 x 1,
+#: the best configuration when it was measured (scripts/capacity.sh, README)
+JOINT_KNOBS = (("instances", "threads"),)
+
+
+def first_pass_size(space: Mapping[str, Sequence[Any]]) -> int:
+    """Configurations coordinate ascent measures in its first pass (the default included)."""
+    names = [k for k in KNOBS if k in space]
+    return 1 + sum(math.prod(len(space[k]) for k in g) - 1 for g in _groups(names, space))
+
+
+def _groups(names: Sequence[str], space: Mapping[str, Sequence[Any]]) -> list[tuple[str, ...]]:
+    """The ascent's steps in KNOBS order: a joint group where all its knobs vary, else single knobs."""
+    out: list[tuple[str, ...]] = []
+    for name in names:
+        if len(space[name]) < 2 or any(name in g for g in out):
+            continue
+        group = next((g for g in JOINT_KNOBS if name in g and all(len(space.get(k, ())) > 1 for k in g)), (name,))
+        out.append(group)
+    return out

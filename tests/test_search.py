@@ -165,6 +165,31 @@ def test_coordinate_ascent_finds_a_separable_optimum_with_fewer_points_than_the_
     assert best.capacity.capacity_img_s == 157 and len(seen) < sp.size(space) == 27
 
 
+def test_coordinate_ascent_searches_instances_and_threads_together():
+    """2 instances x 1 thread is best, but 2 instances with the backend's default
+    threads (each using every core) and 1 instance x 1 thread are both worse
+    than the default: one knob at a time never gets there, the joint step does."""
+    space = {"instances": [1, 2], "threads": [None, 1, 2], "max_queue_delay_us": [2000, 0],
+             "preferred_batch_sizes": [[4, 8]], "max_batch_size": [8]}
+    value = {(1, None): 100, (2, None): 60, (1, 1): 70, (1, 2): 100, (2, 1): 230, (2, 2): 50}
+    seen: dict[str, SearchPoint] = {}
+
+    def evaluate(cfg: ServingConfig) -> SearchPoint:
+        key = sp.config_key("m", cfg)
+        if key not in seen:
+            v = value[(cfg.instances, cfg.threads)] + (5 if cfg.max_queue_delay_us == 0 else 0)
+            seen[key] = _fake_point(cfg, v, len(seen) + 1)
+        return seen[key]
+
+    best = sp.coordinate_ascent(space, evaluate)
+    assert (best.config.instances, best.config.threads, best.config.max_queue_delay_us) == (2, 1, 0)
+    assert best.capacity.capacity_img_s == 235
+    # first pass: the default, the 5 other instance x thread pairs, 1 more delay (7); the second
+    # pass tries the pairs again at the new delay (5), finds nothing better and stops
+    assert sp.first_pass_size(space) == 7 and len(seen) == 12
+    assert sp.first_pass_size({**space, "threads": [None]}) == 3          # no thread knob: one at a time
+
+
 def test_apply_is_atomic(tmp_path, monkeypatch):
     """A crash in the middle of writing config.pbtxt leaves the old file, byte
     for byte, and no temporary file; the server is not touched."""
