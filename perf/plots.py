@@ -76,7 +76,8 @@ def _p99_vs_offered_load(plt, save, results: PerfResults) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, "p99_vs_offered_load.png", "p99 latency vs offered load",
-         "Open-loop load (perf_analyzer request-rate mode). Stars: capacity at the SLO (the highest rate that "
+         "Open-loop load (perf_analyzer, Poisson arrivals at the exact offered rate). Stars: capacity at the SLO "
+         "(the highest rate that "
          "passed). Rates that failed by errors or shedding have no latency and are not drawn.")
 
 
