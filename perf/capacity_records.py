@@ -140,6 +140,11 @@ class SearchComparison(_Part):
     winner: Capacity
     ratio: float | None
 
+    def lower_bounds(self) -> list[tuple[str, Capacity]]:
+        """The sides whose bisection ran out of budget (their capacity is a lower bound)."""
+        return [(label, c) for label, c in (("exported default", self.default), ("winner", self.winner))
+                if c.stop == "budget"]
+
 
 class SearchApplied(_Part):
     path: str

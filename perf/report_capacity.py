@@ -117,8 +117,7 @@ def search_blocks(results: PerfResults, rows: Sequence[VariantRow]) -> list[tupl
                    ["winner", _num(c.winner.capacity_img_s), _num(c.winner.p99_at_capacity_ms),
                     len(c.winner.points)]]))
         if c.ratio:
-            open_ = [(label, x) for label, x in (("exported default", c.default), ("winner", c.winner))
-                     if x.stop == "budget"]
+            open_ = c.lower_bounds()
             note = (f" The {' and the '.join(label for label, _ in open_)}'s bisection ran out of its budget "
                     f"before it closed, so that capacity is a lower bound ({'; '.join(x.reason for _, x in open_)})."
                     if open_ else "")

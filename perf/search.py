@@ -319,11 +319,12 @@ def _confirm(session: Session, target: Target, winner):
                                     growth=WARM_GROWTH if start else None, progress=session.say)
     d, w = caps["default"].capacity_img_s, caps["winner"].capacity_img_s
     ratio = round(w / d, 3) if d and w else None
-    open_ = [label for label, c in caps.items() if c.stop == "budget"]
+    cmp = SearchComparison(model=target.model, default=caps["default"], winner=caps["winner"], ratio=ratio)
+    open_ = [label for label, _ in cmp.lower_bounds()]
     session.say(f"  => winner {w or 0:.1f} img/s vs exported default {d or 0:.1f} img/s"
                 + (f": {ratio:.2f}x" if ratio else "")
                 + (f" (the {' and '.join(open_)}'s bisection ran out of budget: a lower bound)" if open_ else ""))
-    return SearchComparison(model=target.model, default=caps["default"], winner=caps["winner"], ratio=ratio)
+    return cmp
 
 
 def _apply(session: Session, target: Target, winner, run_id: str, comparison):
