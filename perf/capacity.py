@@ -21,6 +21,19 @@ offered rate passes when
 * perf_analyzer's windows settled (an unstable measurement does not pass:
   above capacity the queue, and so the latency, grows window after window).
 
+A verdict near the line is a coin toss: one burst of scheduling on two
+shared cores moves a p99 by 20 % (809 req/s measured p99 99.0 ms, then
+118.5 ms). A PASS or OVER_SLO whose p99 is within a factor
+1 + ``recheck_margin`` of the SLO (with 0.5 and an SLO of 100 ms: 66.7 to
+150 ms) is measured again, and the rate is judged on the mean p99 of both
+(with the lower throughput and the more delayed sends); both measurements
+are kept, the first marked ``rechecked``. In a seeded simulation of a
+machine whose speed drifts between measurements
+(tests/test_capacity.py) this lifts the pairs of capacities within 15 % of
+each other from 80 to 92 of 100. The configuration search measures its
+points once (the budget would hold fewer points) and rechecks in the
+same-run comparison of its winner with the default.
+
 :func:`find_capacity` ramps the rate up (``growth`` x per step) until a rate
 fails, down until one passes, then bisects (geometric midpoints) between the
 highest passing and the lowest failing rate until they are within
@@ -79,7 +92,8 @@ def capacity_settings(**fields: Any) -> CapacitySettings:
               ("budget_s", "--capacity-budget-s", lambda v: v > 0, "must be > 0"),
               ("precision", "--rate-precision", lambda v: 0 < v < 1, "must be in (0, 1)"),
               ("start_rate", "--start-rate", lambda v: v >= MIN_RATE, f"must be >= {MIN_RATE}"),
-              ("growth", "--rate-growth", lambda v: v > 1, "must be > 1")]
+              ("growth", "--rate-growth", lambda v: v > 1, "must be > 1"),
+              ("recheck_margin", "--recheck-margin", lambda v: 0 <= v < 1, "must be in [0, 1)")]
     for key, flag, ok, why in checks:
         if key in fields and fields[key] is not None and not ok(fields[key]):
             raise ValueError(f"{flag} {fields[key]}: {why}")
@@ -288,6 +302,16 @@ def find_capacity(probe: Callable[[float], RatePoint], settings: CapacitySetting
         p = probe(rate)
         pts.append(p)
         say(f"  {model} {rate:.1f} req/s: {p.status} {p.reason} ({p.wall_s:.0f} s)")
+        if marginal(p, settings):
+            # near the SLO one window of bursts decides the verdict (seen: 809 req/s at p99
+            # 99.0 ms, then 118.5 ms): measure again when the budget holds another rate
+            if settings.budget_s - (clock() - t0) >= sum(q.wall_s for q in pts) / len(pts):
+                pts[-1] = p.model_copy(update={"rechecked": True})
+                p = decide_twice(p, probe(rate), settings)
+                pts.append(p)
+                say(f"  {model} {rate:.1f} req/s again: {p.status} {p.reason} ({p.wall_s:.0f} s)")
+            else:
+                say(f"  {model} {rate:.1f} req/s: marginal, but no budget left to measure it again")
         if p.status == "PASS":
             lo = p if lo is None or p.rate_rps > lo.rate_rps else lo
         else:
@@ -311,9 +335,39 @@ def find_capacity(probe: Callable[[float], RatePoint], settings: CapacitySetting
     wall = round(clock() - t0, 1)
     return Capacity(model=model, repeat=repeat, capacity_rps=lo.rate_rps if lo else None,
                     capacity_img_s=lo.rate_rps * settings.batch_size if lo else None,
-                    p99_at_capacity_ms=lo.p99_ms if lo else None, failed_rps=hi.rate_rps if hi else None,
+                    p99_at_capacity_ms=_verdict_p99(lo) if lo else None, failed_rps=hi.rate_rps if hi else None,
                     knee_rps=knee_rate(pts), stop=stop, reason=_stop_reason(stop, lo, hi, settings, wall),
                     points=pts, wall_s=wall)
+
+
+def marginal(p: RatePoint, settings: CapacitySettings) -> bool:
+    """A PASS or OVER_SLO verdict with SLO / (1 + m) < p99 <= SLO x (1 + m), m = ``settings.recheck_margin``
+    (a re-measurement is never marginal again)."""
+    m = settings.recheck_margin
+    if m <= 0 or p.status not in ("PASS", "OVER_SLO") or p.p99_ms is None or p.mean_p99_ms is not None:
+        return False
+    return settings.slo_p99_ms / (1 + m) < p.p99_ms <= settings.slo_p99_ms * (1 + m)
+
+
+def decide_twice(first: RatePoint, again: RatePoint, settings: CapacitySettings) -> RatePoint:
+    """The re-measurement ``again`` of a marginal ``first``, its verdict made on both:
+    :func:`judge` on the mean p99, the lower throughput and the more delayed sends. A
+    re-measurement that failed otherwise (errors, unstable, ...) keeps its own verdict."""
+    if again.status not in ("PASS", "OVER_SLO") or again.p99_ms is None or again.throughput_img_s is None:
+        return again.model_copy(update={"reason": f"measured again (p99 {first.p99_ms:.1f} ms the first time): "
+                                                  f"{again.reason}"})
+    mean = (first.p99_ms + again.p99_ms) / 2
+    thr = min(t for t in (first.throughput_img_s, again.throughput_img_s) if t is not None)
+    delayed = max((d for d in (first.delayed_pct, again.delayed_pct) if d is not None), default=None)
+    status, why = judge(first.rate_rps, {"p99_latency_us": mean * 1000, "throughput_infer_per_s": thr}, settings,
+                        delayed_pct=delayed)
+    return again.model_copy(update={
+        "status": status, "mean_p99_ms": round(mean, 3),
+        "reason": f"measured twice, p99 {first.p99_ms:.1f} then {again.p99_ms:.1f} ms, judged on the mean: {why}"})
+
+
+def _verdict_p99(p: RatePoint) -> float | None:
+    return p.mean_p99_ms if p.mean_p99_ms is not None else p.p99_ms
 
 
 def _stop_reason(stop: str, lo: RatePoint | None, hi: RatePoint | None, settings: CapacitySettings,

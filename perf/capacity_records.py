@@ -40,6 +40,11 @@ class RatePoint(_Part):
     wall_s: float
     #: seconds waited before this rate for the server to finish the previous rate's requests
     drain_s: float | None = None
+    #: this verdict was marginal (p99 within a factor 1 + ``recheck_margin`` of the SLO): the rate was
+    #: measured again, and the next point, the re-measurement, holds the verdict at this rate
+    rechecked: bool = False
+    #: on a re-measurement: the mean p99 of both measurements, which ``status`` judged
+    mean_p99_ms: float | None = None
     command: str = ""
     csv: str | None = None
 
@@ -60,6 +65,9 @@ class CapacitySettings(_Part):
     start_rate: float = 10.0
     growth: float = 2.0
     max_rate: float = 5000.0
+    #: a rate whose p99 is within a factor 1 + m of the SLO (SLO/(1+m) < p99 <= SLO*(1+m)) is
+    #: measured again and judged on the mean p99 of both; 0: every rate measured once
+    recheck_margin: float = 0.5
 
 
 class Capacity(_Part):

@@ -77,7 +77,8 @@ def _p99_vs_offered_load(plt, save, results: PerfResults) -> None:
     ax.legend(fontsize=8)
     save(fig, "p99_vs_offered_load.png", "p99 latency vs offered load",
          "Open-loop load (perf_analyzer, Poisson arrivals at the exact offered rate). Stars: capacity at the SLO "
-         "(the highest rate that passed). Rates that failed by errors or shedding have no latency and are not "
+         "(the highest rate that passed; a rate measured twice, its p99 near the SLO, has both drawn and the "
+         "star at their mean). Rates that failed by errors or shedding have no latency and are not "
          "drawn.")
 
 

@@ -44,12 +44,16 @@ def capacity_blocks(results: PerfResults) -> list[tuple]:
                 if st.distribution == "poisson" else f"{st.distribution} arrivals")
     b.append(("p", f"perf_analyzer open loop, {arrivals}, batch {st.batch_size} per "
                    f"request, {st.protocol}; windows of at least {st.window_ms} ms (longer at low rates), "
-                   f"bisection to {st.precision:.0%}, {st.budget_s:g} s budget per measurement; inputs: "
+                   f"bisection to {st.precision:.0%}, {st.budget_s:g} s budget per measurement; "
+                   + (f"a rate with p99 within a factor {1 + st.recheck_margin:g} of the SLO is measured again and "
+                      f"judged on the mean p99 of both; " if st.recheck_margin else "each rate measured once; ")
+                   + f"inputs: "
                    f"{(run.input_data or {}).get('source', '?')}."))
     head = ["model", "measurement", "capacity img/s", "p99 at capacity ms", "failing above req/s", "knee req/s",
-            "rates measured", "minutes", "stop"]
+            "rates measured (again)", "minutes", "stop"]
     body = [[c.model, c.repeat, _num(c.capacity_img_s), _num(c.p99_at_capacity_ms), _num(c.failed_rps),
-             _num(c.knee_rps), len(c.points), _num(c.wall_s / 60, ".1f"), c.stop] for c in run.results]
+             _num(c.knee_rps), f"{len(c.points)} ({sum(p.rechecked for p in c.points)})",
+             _num(c.wall_s / 60, ".1f"), c.stop] for c in run.results]
     b.append(("table", head, body))
     spread = []
     for model in dict.fromkeys(c.model for c in run.results):

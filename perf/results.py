@@ -23,8 +23,10 @@ Schema history: version 1 is the layout perf.run has written since its first
 version (``model.pretrained`` included); version 2 adds the optional
 ``capacity`` (perf.capacity: capacity at a p99 SLO under open-loop load) and
 ``search`` (perf.search: the configuration search) sections and the
-recommendation's capacity fields; a version-1 file reads as version 2
-without them.
+recommendation's capacity fields; version 3 adds the capacity rates'
+``rechecked``/``mean_p99_ms`` and the settings' ``recheck_margin`` (a
+marginal verdict measured again). Older files read as version 3 without them
+(a version-2 capacity run measured every rate once: ``recheck_margin`` 0).
 """
 from __future__ import annotations
 
@@ -466,7 +468,7 @@ class PerfResults(Record):
     """``perf/reports/<run-id>/results.json``: written by perf.run (and again by
     perf.report with ``rows`` and ``recommendation``), read by perf.report."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
     KIND: ClassVar[str] = "perf results.json"
     REGENERATE: ClassVar[str] = "python -m perf.run --model_path ... (see python -m perf.run --help)"
 
@@ -499,7 +501,17 @@ class PerfResults(Record):
         if version == 0:
             raise RecordError("not a results.json written by perf.run")
         if version == 1:   # 2 added the optional capacity and search sections
-            return {**data, "schema_version": 2}
+            return cls._migrate({**data, "schema_version": 2}, 2)
+        if version == 2:   # 3: marginal verdicts rechecked; 2 measured each rate once
+            import copy
+
+            data = copy.deepcopy(data)
+            for section in (data.get("capacity"), (data.get("search") or {}).get("settings")):
+                if isinstance(section, dict):
+                    key = "settings" if section is data.get("capacity") else "capacity"
+                    if isinstance(section.get(key), dict):
+                        section[key].setdefault("recheck_margin", 0.0)
+            return {**data, "schema_version": 3}
         raise RecordError(f"schema_version {version} is no longer supported")
 
 

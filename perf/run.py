@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--rate-precision", type=float, default=0.05, help="bisection stop (default: %(default)s)")
     cap.add_argument("--start-rate", type=float, default=10.0, help="requests/s (default: half the sweep's)")
     cap.add_argument("--max-rate", type=float, default=5000.0, help="requests/s (default: %(default)s)")
+    cap.add_argument("--recheck-margin", type=float, default=0.5,
+                     help="a rate whose p99 is within a factor 1+M of the SLO is measured again and judged on "
+                          "the mean p99 of both; 0: once (default: %(default)s)")
     opx = p.add_argument_group("Operating point (for the recommendation)")
     opx.add_argument("--op-batch-size", type=int, default=None, help="default: the largest batch size")
     opx.add_argument("--op-concurrency", type=int, default=None, help="default: the largest concurrency")
@@ -503,7 +506,8 @@ def _capacity_flags(args) -> dict[str, Any] | None:
     if args.slo_p99_ms is None or not args.url:
         raise PerfInputError("--capacity needs --slo-p99-ms and a server (--url)")
     return {"slo_p99_ms": args.slo_p99_ms, "budget_s": args.capacity_budget_s, "window_ms": args.rate_window_ms,
-            "precision": args.rate_precision, "start_rate": args.start_rate, "max_rate": args.max_rate}
+            "precision": args.rate_precision, "start_rate": args.start_rate, "max_rate": args.max_rate,
+            "recheck_margin": args.recheck_margin}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--rate-precision", type=float, default=0.05, help="bisection stop (default: %(default)s)")
     cap.add_argument("--start-rate", type=float, default=10.0, help="first rate, requests/s (default: %(default)s)")
     cap.add_argument("--max-rate", type=float, default=5000.0, help="requests/s (default: %(default)s)")
+    cap.add_argument("--recheck-margin", type=float, default=0.5,
+                     help="in the same-run comparison, a rate whose p99 is within a factor 1+M of the SLO is "
+                          "measured again (search points are measured once) (default: %(default)s)")
     cap.add_argument("--samples", type=int, default=32, help="test images used as inputs (default: %(default)s)")
     out = p.add_argument_group("Output")
     out.add_argument("--out", default="perf/reports", help="reports folder (default: %(default)s)")
@@ -470,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             preferred=_preferred(args.preferred), max_batch_sizes=_ints(args.max_batch_sizes, "--max-batch-sizes"),
             queue_policies=_switches(args.queue_policies, "--queue-policies"),
             capacity={"window_ms": args.rate_window_ms, "budget_s": args.capacity_budget_s,
-                      "precision": args.rate_precision, "start_rate": args.start_rate, "max_rate": args.max_rate},
+                      "precision": args.rate_precision, "start_rate": args.start_rate, "max_rate": args.max_rate,
+                      "recheck_margin": args.recheck_margin},
             grid_limit=args.grid_limit, out=args.out, run_id=args.run_id, resume=args.resume, apply=args.apply,
             confirm=not args.no_confirm, api_key=api_key, server_pid=args.server_pid, n_samples=args.samples,
             cli_settings={k: v for k, v in vars(args).items() if k != "api_key"},

@@ -242,7 +242,10 @@ class Session:
                                violations=["not loaded"])
         load_s = round(self.clock() - t0, 1)
         budget = min(cs.budget_s, max(self.deadline - self.clock(), 1.0))
-        probe = RateProbe(model=target.model, url=self.url, settings=cs.model_copy(update={"budget_s": budget}),
+        # points are measured once (no recheck of marginal verdicts): rechecks would halve the
+        # points the budget holds; the same-run comparison of the winner rechecks (perf.search)
+        probe = RateProbe(model=target.model, url=self.url,
+                          settings=cs.model_copy(update={"budget_s": budget, "recheck_margin": 0.0}),
                           input_data=target.input_data, shapes=target.shapes, api_key=self.api_key,
                           out_dir=self.run_dir / "search" / "perf_analyzer" / f"{common['index']:03d}")
         sampler = MemorySampler(pid=self.server_pid, models=[target.model]) if self.server_pid else None

@@ -253,8 +253,8 @@ def test_real_in_process_results_json_still_reads(tmp_path):
     only, tiny model, no server) of commit 81348c4, the old TensorRT
     placeholder entry included."""
     res = read_results(DATA / "perf_results_v1_inprocess.json")
-    # schema 1 on disk, read as the current schema (2 added optional sections only)
-    assert res.schema_version == 2 and res.model.pretrained is False
+    # schema 1 on disk, read as the current schema (2 and 3 added optional fields only)
+    assert res.schema_version == 3 and res.model.pretrained is False
     assert res.in_process.variants["onnx"].benchmark.grid[0].images_per_s > 0
     out = rp.generate_report(res, tmp_path)
     assert out.recommendation.variant == res.recommendation.variant == "dinov2_onnx"
@@ -279,7 +279,7 @@ def test_results_round_trip_and_strict_json(tmp_path):
     (lambda d: d["in_process"]["variants"]["onnx"]["benchmark"]["grid"][0].update(images_per_s="fast"),
      "field 'in_process.variants.onnx.benchmark.grid[0].images_per_s': Input should be a valid number"),
     (lambda d: d["model"].update(pretrained="maybe"), "field 'model.pretrained'"),
-    (lambda d: d.update(schema_version=99), "field 'schema_version': 99 is newer than this code reads (2)"),
+    (lambda d: d.update(schema_version=99), "field 'schema_version': 99 is newer than this code reads (3)"),
     (lambda d: d.pop("schema_version"), "field 'schema_version': missing"),
     (lambda d: d.update(surprise=1), "field 'surprise': unknown field"),
 ])
@@ -326,3 +326,17 @@ def test_export_summary_of_a_real_manifest_with_skipped_variants_validates():
     section = ExportSummary.model_validate(export_summary(manifest))
     assert section.variants["trt_fp16"].status == "SKIPPED" and section.variants["trt_fp16"].headline == {}
     assert section.variants["onnx_int8"].headline["top1_agreement"] > 0.9
+
+
+def test_a_version_2_capacity_run_reads_as_measured_once(tmp_path):
+    """Schema 3 added the recheck of marginal verdicts; a version-2 file measured every rate once."""
+    data = make_results()
+    data["schema_version"] = 2
+    data["capacity"] = {"settings": {"slo_p99_ms": 100.0}, "results": []}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    res = read_results(path)
+    assert res.schema_version == 3 and res.capacity.settings.recheck_margin == 0.0
+    data["schema_version"] = 3
+    path.write_text(json.dumps(data))
+    assert read_results(path).capacity.settings.recheck_margin == 0.5
