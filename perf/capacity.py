@@ -442,7 +442,40 @@ def run_capacity(*, url: str, models: Sequence[str], samples, settings: Capacity
                 continue
             say(f"  => {model}: {describe(cap, settings)}")
             run.results.append(cap)
+    for line in repeatability(run):
+        say(f"  repeatability: {line}")
     return run
+
+
+#: light-load compute times of two measurements further apart than this: the machine's speed changed
+SPEED_CHANGE = 0.15
+
+
+def repeatability(run: CapacityRun) -> list[str]:
+    """One line per model measured more than once: the capacities, how far apart
+    (max / min - 1), and the server's compute time per request at the first
+    (lightest) rate of each measurement. The first rate is the same in every
+    measurement and far below capacity, so its compute time measures the
+    machine, not the load: when those differ by more than SPEED_CHANGE the
+    line says that the machine's speed changed (on shared cores it did:
+    6.8 vs 4.9 ms, and 623 vs 881 img/s, a few minutes apart)."""
+    lines = []
+    for model in dict.fromkeys(c.model for c in run.results):
+        mine = [c for c in run.results if c.model == model]
+        caps = [c.capacity_img_s for c in mine if c.capacity_img_s]
+        if len(caps) < 2:
+            continue
+        line = f"{model}: " + " and ".join(f"{x:.1f}" for x in caps) + f" img/s, {max(caps) / min(caps) - 1:.1%} apart"
+        firsts = [c.points[0] for c in mine if c.points]
+        comp = [p.compute_ms for p in firsts if p.compute_ms]
+        if len(comp) == len(mine) and len({round(p.rate_rps, 3) for p in firsts}) == 1:
+            change = max(comp) / min(comp) - 1
+            line += (f"; server compute per request at the lightest rate ({firsts[0].rate_rps:.1f} req/s): "
+                     + " and ".join(f"{x:.2f}" for x in comp) + " ms"
+                     + (f", {change:.0%} apart: the machine's speed changed between the measurements"
+                        if change > SPEED_CHANGE else ""))
+        lines.append(line)
+    return lines
 
 
 def describe(cap: Capacity, settings: CapacitySettings) -> str:

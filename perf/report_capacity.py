@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from perf.capacity import repeatability
 from perf.ranking import describe_config
 from perf.results import PerfResults, VariantRow
 
@@ -55,12 +56,7 @@ def capacity_blocks(results: PerfResults) -> list[tuple]:
              _num(c.knee_rps), f"{len(c.points)} ({sum(p.rechecked for p in c.points)})",
              _num(c.wall_s / 60, ".1f"), c.stop] for c in run.results]
     b.append(("table", head, body))
-    spread = []
-    for model in dict.fromkeys(c.model for c in run.results):
-        caps = [c.capacity_img_s for c in run.results if c.model == model and c.capacity_img_s]
-        if len(caps) >= 2:
-            spread.append(f"`{model}`: " + " and ".join(f"{x:.1f}" for x in caps)
-                          + f" img/s, {max(caps) / min(caps) - 1:.1%} apart")
+    spread = [f"`{model}`:{rest}" for model, rest in (line.split(":", 1) for line in repeatability(run))]
     if spread:
         b.append(("p", "Repeated measurements in this run:"))
         b.append(("ul", spread))

@@ -14,6 +14,7 @@
 #   scripts/capacity.sh                                   # ./model_repository, ./data
 #   REPO=/tmp/run/model_repository DATA=/tmp/run/data SLO_P99_MS=100 scripts/capacity.sh
 #   APPLY=0 scripts/capacity.sh                           # measure only, leave REPO as it is
+#   SEARCH=0 scripts/capacity.sh                          # step 4 only: the capacity of what REPO serves
 #
 # Knobs: SLO_P99_MS (100), CAP_MODELS (dinov2_onnx,dinov2_onnx_int8),
 # SEARCH_VARIANTS (onnx_int8; the search applies its one winner), SEARCH_MIN (10), SEARCH_EXTRA (more perf.search
@@ -53,6 +54,7 @@ stop() { "$PY" -m serve stop --pid-file "$LOGS/triton.pid" >/dev/null 2>&1 || tr
 trap stop EXIT
 
 start
+if [ "${SEARCH:-1}" != 0 ]; then
 t0=$SECONDS
 apply=(--apply); [ "${APPLY:-1}" = 0 ] && apply=()
 echo "[capacity] $(date +%T) search over $SEARCH_VARIANTS within $SEARCH_MIN min"
@@ -91,6 +93,7 @@ print(f"[capacity] after the restart {applied.model} serves {applied.key} (searc
 sys.exit(1 if diff else 0)
 PYEOF
 fi
+fi  # SEARCH
 
 t0=$SECONDS
 echo "[capacity] $(date +%T) capacity of $CAP_MODELS, 2 measurements each"

@@ -366,6 +366,23 @@ def test_rechecking_makes_two_measurements_agree_more_often():
     assert rechecked > once
 
 
+def test_repeatability_names_a_change_of_machine_speed():
+    from perf.capacity_records import Capacity, CapacityRun
+
+    def measured(model, repeat, img_s, compute_ms, rate=193.5):
+        first = RatePoint(rate_rps=rate, status="PASS", reason="", p99_ms=20.0, compute_ms=compute_ms, wall_s=11)
+        return Capacity(model=model, repeat=repeat, capacity_rps=img_s, capacity_img_s=img_s, p99_at_capacity_ms=80.0,
+                        failed_rps=None, knee_rps=None, stop="converged", reason="", points=[first], wall_s=100)
+
+    run = CapacityRun(settings=cap.capacity_settings(slo_p99_ms=100), results=[
+        measured("a", 1, 623.2, 6.758), measured("b", 1, 312.3, 10.0), measured("a", 2, 881.4, 4.859),
+        measured("b", 2, 312.3, 10.5), measured("c", 1, 100.0, 1.0)])
+    a, b = cap.repeatability(run)          # "c" was measured once: no line
+    assert a == ("a: 623.2 and 881.4 img/s, 41.4% apart; server compute per request at the lightest rate "
+                 "(193.5 req/s): 6.76 and 4.86 ms, 39% apart: the machine's speed changed between the measurements")
+    assert b.startswith("b: 312.3 and 312.3 img/s, 0.0% apart;") and b.endswith("10.00 and 10.50 ms")
+
+
 def test_knee_needs_a_doubling():
     pts = [RatePoint(rate_rps=r, status="PASS", reason="", p99_ms=p, wall_s=1) for r, p in
            ((10, 20.0), (20, 25.0), (40, 39.0), (80, 90.0))]
