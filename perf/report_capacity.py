@@ -32,6 +32,11 @@ HOW_TO_READ = [
     "compute, is most of the latency. Running at the knee leaves room for bursts; running at capacity does not.",
     "perf_analyzer 2.50 stops at the first failed or shed request: such a rate has no latency numbers and does "
     "not pass.",
+    "A rate whose p99 came out near the SLO is **measured again** and judged on the mean p99 of both (the "
+    "table's \"(again)\"): near the line one burst on shared cores decides a single measurement.",
+    "**Repeated measurements**: the server's compute time per request at the lightest rate is the same load in "
+    "every measurement, so when it differs the machine's speed changed between them (another process or a "
+    "noisy neighbour), and the capacities differ for that reason too.",
 ]
 
 
