@@ -222,9 +222,14 @@ def test_overload_is_shed_and_accepted_requests_keep_their_latency(slow_server):
 def test_triton_2_51_stalls_while_a_queue_is_full(slow_server):
     """Pinned server behaviour behind QUEUE_BATCHES_PER_INSTANCE: with a queue
     small enough to fill (8 requests, no timeout), overload is shed with
-    "Exceeds maximum queue size" but the model then serves far below its
-    capacity (about one batch per 0.5 s). If this starts failing, the server
-    no longer stalls and max_queue_size can become the first bound again."""
+    "Exceeds maximum queue size" but the model then stalls: nothing completes
+    for the dynamic batcher's 500 ms idle wait, while requests are queued, a
+    few times a second (serving 0.29-0.50x its closed-loop capacity; a batch
+    of this 100 ms model completes every ~0.1 s without the stall). The stall
+    is detected by those gaps, not by the ratio: the ratio compares two runs,
+    and on shared cores the capacity run alone varied 30.8-38.9 req/s (0.86x
+    was once measured with stalls). If this starts failing, the server no
+    longer stalls and max_queue_size can become the first bound again."""
     from serve.rollout import reload_model
 
     x = np.zeros((1, 3, 8, 8), np.float32)
@@ -239,8 +244,11 @@ def test_triton_2_51_stalls_while_a_queue_is_full(slow_server):
             reload_model(admin, "slow", repository=slow_server.repository)
     assert res.failed == 0 and res.shed > 0
     assert all("Exceeds maximum queue size" in e for e in res.errors), res.errors
-    # without the stall the model serves ~capacity (>= 0.9x); with it 0.25-0.55x was seen
-    assert res.ok / res.seconds < 0.7 * capacity, (res.to_dict(), capacity)
+    # a gap of 4 service times between two completions under overload is the batcher's idle wait
+    ends = sorted(answered for _, answered, status, _ in res.records if status == "ok")
+    gaps = np.diff(ends)
+    assert (gaps >= 0.4).sum() >= 1, (res.to_dict(), f"capacity {capacity:.1f} req/s",
+                                      f"longest gaps {sorted(gaps)[-5:]}")
 
 
 
