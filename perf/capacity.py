@@ -295,8 +295,11 @@ def find_capacity(probe: Callable[[float], RatePoint], settings: CapacitySetting
     pts: list[RatePoint] = []
     lo: RatePoint | None = None      # highest passing rate
     hi: RatePoint | None = None      # lowest failing rate above it
+    def room_for_another() -> bool:     # the budget left holds a rate of the mean time so far
+        return not pts or settings.budget_s - (clock() - t0) >= sum(q.wall_s for q in pts) / len(pts)
+
     while True:
-        if pts and settings.budget_s - (clock() - t0) < sum(p.wall_s for p in pts) / len(pts):
+        if not room_for_another():
             stop = "budget"
             break
         p = probe(rate)
@@ -305,7 +308,7 @@ def find_capacity(probe: Callable[[float], RatePoint], settings: CapacitySetting
         if marginal(p, settings):
             # near the SLO one window of bursts decides the verdict (seen: 809 req/s at p99
             # 99.0 ms, then 118.5 ms): measure again when the budget holds another rate
-            if settings.budget_s - (clock() - t0) >= sum(q.wall_s for q in pts) / len(pts):
+            if room_for_another():
                 pts[-1] = p.model_copy(update={"rechecked": True})
                 p = decide_twice(p, probe(rate), settings)
                 pts.append(p)
@@ -442,8 +445,8 @@ def run_capacity(*, url: str, models: Sequence[str], samples, settings: Capacity
                 continue
             say(f"  => {model}: {describe(cap, settings)}")
             run.results.append(cap)
-    for line in repeatability(run):
-        say(f"  repeatability: {line}")
+    for model, line in repeatability(run):
+        say(f"  repeatability: {model}: {line}")
     return run
 
 
@@ -451,8 +454,8 @@ def run_capacity(*, url: str, models: Sequence[str], samples, settings: Capacity
 SPEED_CHANGE = 0.15
 
 
-def repeatability(run: CapacityRun) -> list[str]:
-    """One line per model measured more than once: the capacities, how far apart
+def repeatability(run: CapacityRun) -> list[tuple[str, str]]:
+    """(model, line) per model measured more than once: the capacities, how far apart
     (max / min - 1), and the server's compute time per request at the first
     (lightest) rate of each measurement. The first rate is the same in every
     measurement and far below capacity, so its compute time measures the
@@ -465,7 +468,7 @@ def repeatability(run: CapacityRun) -> list[str]:
         caps = [c.capacity_img_s for c in mine if c.capacity_img_s]
         if len(caps) < 2:
             continue
-        line = f"{model}: " + " and ".join(f"{x:.1f}" for x in caps) + f" img/s, {max(caps) / min(caps) - 1:.1%} apart"
+        line = " and ".join(f"{x:.1f}" for x in caps) + f" img/s, {max(caps) / min(caps) - 1:.1%} apart"
         firsts = [c.points[0] for c in mine if c.points]
         comp = [p.compute_ms for p in firsts if p.compute_ms]
         if len(comp) == len(mine) and len({round(p.rate_rps, 3) for p in firsts}) == 1:
@@ -474,7 +477,7 @@ def repeatability(run: CapacityRun) -> list[str]:
                      + " and ".join(f"{x:.2f}" for x in comp) + " ms"
                      + (f", {change:.0%} apart: the machine's speed changed between the measurements"
                         if change > SPEED_CHANGE else ""))
-        lines.append(line)
+        lines.append((model, line))
     return lines
 
 

@@ -61,7 +61,7 @@ def capacity_blocks(results: PerfResults) -> list[tuple]:
              _num(c.knee_rps), f"{len(c.points)} ({sum(p.rechecked for p in c.points)})",
              _num(c.wall_s / 60, ".1f"), c.stop] for c in run.results]
     b.append(("table", head, body))
-    spread = [f"`{model}`:{rest}" for model, rest in (line.split(":", 1) for line in repeatability(run))]
+    spread = [f"`{model}`: {line}" for model, line in repeatability(run)]
     if spread:
         b.append(("p", "Repeated measurements in this run:"))
         b.append(("ul", spread))

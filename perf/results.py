@@ -506,11 +506,11 @@ class PerfResults(Record):
             import copy
 
             data = copy.deepcopy(data)
-            for section in (data.get("capacity"), (data.get("search") or {}).get("settings")):
-                if isinstance(section, dict):
-                    key = "settings" if section is data.get("capacity") else "capacity"
-                    if isinstance(section.get(key), dict):
-                        section[key].setdefault("recheck_margin", 0.0)
+            capacity_settings = [(data.get("capacity") or {}).get("settings"),
+                                 ((data.get("search") or {}).get("settings") or {}).get("capacity")]
+            for settings in capacity_settings:
+                if isinstance(settings, dict):
+                    settings.setdefault("recheck_margin", 0.0)
             return {**data, "schema_version": 3}
         raise RecordError(f"schema_version {version} is no longer supported")
 

@@ -242,7 +242,7 @@ class Session:
                                violations=["not loaded"])
         load_s = round(self.clock() - t0, 1)
         budget = min(cs.budget_s, max(self.deadline - self.clock(), 1.0))
-        # points are measured once (no recheck of marginal verdicts): rechecks would halve the
+        # points are measured once (no recheck of marginal verdicts): rechecks would cost
         # points the budget holds; the same-run comparison of the winner rechecks (perf.search)
         probe = RateProbe(model=target.model, url=self.url,
                           settings=cs.model_copy(update={"budget_s": budget, "recheck_margin": 0.0}),

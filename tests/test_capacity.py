@@ -377,10 +377,11 @@ def test_repeatability_names_a_change_of_machine_speed():
     run = CapacityRun(settings=cap.capacity_settings(slo_p99_ms=100), results=[
         measured("a", 1, 623.2, 6.758), measured("b", 1, 312.3, 10.0), measured("a", 2, 881.4, 4.859),
         measured("b", 2, 312.3, 10.5), measured("c", 1, 100.0, 1.0)])
-    a, b = cap.repeatability(run)          # "c" was measured once: no line
-    assert a == ("a: 623.2 and 881.4 img/s, 41.4% apart; server compute per request at the lightest rate "
+    (ma, a), (mb, b) = cap.repeatability(run)          # "c" was measured once: no line
+    assert (ma, mb) == ("a", "b")
+    assert a == ("623.2 and 881.4 img/s, 41.4% apart; server compute per request at the lightest rate "
                  "(193.5 req/s): 6.76 and 4.86 ms, 39% apart: the machine's speed changed between the measurements")
-    assert b.startswith("b: 312.3 and 312.3 img/s, 0.0% apart;") and b.endswith("10.00 and 10.50 ms")
+    assert b.startswith("312.3 and 312.3 img/s, 0.0% apart;") and b.endswith("10.00 and 10.50 ms")
 
 
 def test_knee_needs_a_doubling():
