@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""`python load_data.py ...` is `python -m train.load_data ...` (same flags; see --help)."""
+"""`python load_data.py ...` is `python -m dinov2_triton.data.load ...` (same flags; see --help)."""
 import sys
 
-from train.launcher import run_module_main
+from dinov2_triton.seed_commands import run_module_main
 
 if __name__ == "__main__":
-    sys.exit(run_module_main("train.load_data"))
+    sys.exit(run_module_main("dinov2_triton.data.load"))

@@ -17,7 +17,7 @@
 #                (pip install -r requirements/lock-gpu.txt, or environment.yml).
 #
 #   scripts/build_engines.sh --plans-only [--local] -- TRT_BUILD_FLAGS...
-#       Only `python -m export.trt_build_main` (TensorRT's Python bindings and the
+#       Only `python -m dinov2_triton.export.trt_build_main` (TensorRT's Python bindings and the
 #       standard library: nothing is installed), e.g. -- --onnx
 #       model_repository/dinov2_onnx/1/model.onnx --plan engines/trt_fp16.plan
 #       --precision fp16 --max-batch 8. The plan is neither verified nor published.
@@ -49,14 +49,14 @@ while (($#)); do
 done
 [ -n "${TENSORRT_CONTAINER_IMAGE:-}" ] || die "TENSORRT_CONTAINER_IMAGE missing in scripts/triton_version.sh"
 LOCK=requirements/lock-gpu.txt
-[ -f "$LOCK" ] || die "$LOCK is missing (python -m serve.gpu_stack lock)"
+[ -f "$LOCK" ] || die "$LOCK is missing (python -m tests.fixtures.gpu_stack lock)"
 CACHE=${DINOV2_TRITON_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dinov2-triton}
 mkdir -p "$CACHE"
 CACHE=$(cd "$CACHE" && pwd)
 export DINOV2_TRITON_CACHE=$CACHE
 
 if ((PLANS_ONLY)); then
-  CMD=(-m export.trt_build_main "$@")
+  CMD=(-m dinov2_triton.export.trt_build_main "$@")
 else
   CMD=(-m export --variants "$VARIANTS" "$@")
 fi
@@ -84,7 +84,7 @@ nvidia-smi -L >/dev/null 2>&1 || die "no NVIDIA GPU or driver found (nvidia-smi 
 INNER='set -euo pipefail
 py=$(python3 -c "import sys; print(\"%d.%d\" % sys.version_info[:2])")
 if [ "$PIN_PYTHON" != "$py" ]; then
-  echo "build_engines.sh: $IMAGE has Python $py; requirements/lock-gpu.txt is for Python $PIN_PYTHON (TRITON_PYTHON_VERSION in scripts/triton_version.sh): correct the pin and regenerate the lock (python -m serve.gpu_stack lock)" >&2
+  echo "build_engines.sh: $IMAGE has Python $py; requirements/lock-gpu.txt is for Python $PIN_PYTHON (TRITON_PYTHON_VERSION in scripts/triton_version.sh): correct the pin and regenerate the lock (python -m tests.fixtures.gpu_stack lock)" >&2
   exit 2
 fi
 if [ "$MODE" = export ]; then

@@ -3,12 +3,12 @@
 # the pipeline exported (issue 12's measurement, one command):
 #
 #   1. a local Triton server on free loopback ports serves REPO;
-#   2. perf.search over SEARCH_VARIANTS within SEARCH_MIN minutes, each winner
+#   2. dinov2_triton.tune.search over SEARCH_VARIANTS within SEARCH_MIN minutes, each winner
 #      re-measured against the exported default configuration in the same run,
 #      then --apply (the winner becomes REPO/<model>/config.pbtxt);
 #   3. the server is stopped and started again from REPO, and what it serves
 #      is compared with the applied configuration (exit 1 if they differ);
-#   4. perf.run --capacity: open-loop (Poisson) capacity at p99 <= SLO_P99_MS
+#   4. dinov2_triton.pipeline.bench_stage --capacity: open-loop (Poisson) capacity at p99 <= SLO_P99_MS
 #      of CAP_MODELS as served now, each measured twice in turns (A, B, A, B).
 #
 #   scripts/capacity.sh                                   # ./model_repository, ./data
@@ -17,7 +17,7 @@
 #   SEARCH=0 scripts/capacity.sh                          # step 4 only: the capacity of what REPO serves
 #
 # Knobs: SLO_P99_MS (100), CAP_MODELS (dinov2_onnx,dinov2_onnx_int8),
-# SEARCH_VARIANTS (onnx_int8; the search applies its one winner), SEARCH_MIN (10), SEARCH_EXTRA (more perf.search
+# SEARCH_VARIANTS (onnx_int8; the search applies its one winner), SEARCH_MIN (10), SEARCH_EXTRA (more dinov2_triton.tune.search
 # flags, e.g. "--queue-policies on,off"), OUT (perf/reports), RUN_ID.
 # Numbers are this machine's: the first line names its CPU.
 set -euo pipefail
@@ -45,7 +45,7 @@ echo "[capacity] CPU: $(lscpu | grep -m1 'Model name' | sed 's/.*: *//'), $(npro
 echo "[capacity] repository $REPO, SLO p99 <= $SLO ms, run $OUT/$RUN_ID"
 
 start() {
-  read -r HTTP GRPC METRICS < <("$PY" -c 'from serve.local_server import find_free_ports; print(*find_free_ports(3))')
+  read -r HTTP GRPC METRICS < <("$PY" -c 'from dinov2_triton.serve.local_server import find_free_ports; print(*find_free_ports(3))')
   "$PY" -m serve start --repository "$REPO" --http-port "$HTTP" --grpc-port "$GRPC" --metrics-port "$METRICS" \
     --log-file "$LOGS/triton.log" --pid-file "$LOGS/triton.pid" --api-key-file "$LOGS/triton.api_key"
   URL=127.0.0.1:$GRPC
@@ -59,7 +59,7 @@ t0=$SECONDS
 apply=(--apply); [ "${APPLY:-1}" = 0 ] && apply=()
 echo "[capacity] $(date +%T) search over $SEARCH_VARIANTS within $SEARCH_MIN min"
 # shellcheck disable=SC2086  # SEARCH_EXTRA is a list of flags
-"$PY" -m perf.search --url "$URL" --repository "$REPO" --data_path "$DATA" --api-key-file "$LOGS/triton.api_key" \
+"$PY" -m dinov2_triton.tune.search --url "$URL" --repository "$REPO" --data_path "$DATA" --api-key-file "$LOGS/triton.api_key" \
   --variants "$SEARCH_VARIANTS" --slo-p99-ms "$SLO" --budget-min "$SEARCH_MIN" --strategy coordinate \
   --instances 1,2 --threads 1,2 --queue-delays-us 0,2000 --preferred "none;4,8" --max-batch-sizes 8,16 \
   --capacity-budget-s "${SEARCH_POINT_BUDGET_S:-75}" --rate-precision 0.1 --start-rate 40 "${apply[@]}" ${SEARCH_EXTRA:-} \
@@ -73,11 +73,11 @@ start
 "$PY" - "$URL" "$REPO" "$LOGS/triton.api_key" "$OUT/$RUN_ID/search/results.json" <<'PYEOF'
 import sys
 from pathlib import Path
-from perf.results import read_results
-from perf.search_session import served_mismatch
-from perf.search_space import knobs_of
-from export.triton_config import parse_config
-from serve.triton_access import connect, read_api_key
+from dinov2_triton.bench.results import read_results
+from dinov2_triton.tune.session import served_mismatch
+from dinov2_triton.tune.space import knobs_of
+from dinov2_triton.export.triton_config import parse_config
+from dinov2_triton.serve.triton_access import connect, read_api_key
 
 url, repo, key_file, results = sys.argv[1:5]
 applied = read_results(results).search.applied
@@ -97,7 +97,7 @@ fi  # SEARCH
 
 t0=$SECONDS
 echo "[capacity] $(date +%T) capacity of $CAP_MODELS, 2 measurements each"
-"$PY" -m perf.run --url "$URL" --repository "$REPO" --data_path "$DATA" --models "$CAP_MODELS" \
+"$PY" -m dinov2_triton.pipeline.bench_stage --url "$URL" --repository "$REPO" --data_path "$DATA" --models "$CAP_MODELS" \
   --api-key-file "$LOGS/triton.api_key" --no-in-process --no-parity \
   --concurrency 4 --batch-sizes 1 --window-ms 3000 --keep-going \
   --capacity --slo-p99-ms "$SLO" --capacity-repeats 2 --capacity-budget-s "${CAPACITY_BUDGET_S:-240}" \

@@ -48,8 +48,8 @@ for px in $SIZES; do
     DATA="$dir/data" MODELS="$dir/models" REPO="$dir/model_repository" LOGS="$dir/logs" STATE="$dir/state" \
     scripts/pipeline.sh
 
-  echo "[cpu-benchmark] $px px: local Triton server, perf.run (in process + perf_analyzer + live parity)"
-  read -r HTTP_PORT GRPC_PORT METRICS_PORT < <("$PY" -c 'from serve.local_server import find_free_ports; print(*find_free_ports(3))')
+  echo "[cpu-benchmark] $px px: local Triton server, dinov2_triton.pipeline.bench_stage (in process + perf_analyzer + live parity)"
+  read -r HTTP_PORT GRPC_PORT METRICS_PORT < <("$PY" -c 'from dinov2_triton.serve.local_server import find_free_ports; print(*find_free_ports(3))')
   pidfile="$dir/logs/triton-bench.pid"
   stop_server() { "$PY" -m serve stop --pid-file "$pidfile" >/dev/null 2>&1 || true; }
   trap stop_server EXIT
@@ -57,7 +57,7 @@ for px in $SIZES; do
     --metrics-port "$METRICS_PORT" --log-file "$dir/logs/triton-bench.log" --pid-file "$pidfile"
   rm -rf "$dir/reports/cpu-$px"   # a rerun replaces the previous report of this size
   set +e
-  "$PY" -m perf.run --url "localhost:$GRPC_PORT" --http-url "localhost:$HTTP_PORT" \
+  "$PY" -m dinov2_triton.pipeline.bench_stage --url "localhost:$GRPC_PORT" --http-url "localhost:$HTTP_PORT" \
     --metrics-url "localhost:$METRICS_PORT" --api-key-file "$dir/logs/triton-bench.api_key" \
     --repository "$dir/model_repository" --model_path "$dir/models/model_final.pth" --data_path "$dir/data" \
     --protocols grpc --concurrency 1 --batch-sizes 1,8 --window-ms "$WINDOW_MS" --keep-going \
@@ -67,13 +67,13 @@ for px in $SIZES; do
   set -e
   stop_server
   trap - EXIT
-  [ "$rc" -le 1 ] || { echo "[cpu-benchmark] perf.run failed (exit $rc)" >&2; exit "$rc"; }
+  [ "$rc" -le 1 ] || { echo "[cpu-benchmark] dinov2_triton.pipeline.bench_stage failed (exit $rc)" >&2; exit "$rc"; }
   results+=("$dir/reports/cpu-$px/results.json")
 
   echo "[cpu-benchmark] $px px: thread settings (1 instance x all cores vs instances x 1 thread)"
-  "$PY" -m perf.cpu_threads --repository "$dir/model_repository" --variants "${THREAD_VARIANTS:-onnx_int8_dynamic,openvino_int8}" \
+  "$PY" -m dinov2_triton.bench.cpu_threads --repository "$dir/model_repository" --variants "${THREAD_VARIANTS:-onnx_int8_dynamic,openvino_int8}" \
     --batch-size 8 --seconds "$SECONDS_PER_CELL" --out "$dir/threads.json" | tee "$dir/threads.md"
 done
-"$PY" -m perf.cpu_compare "${results[@]}" --out "$OUT/table.md"
+"$PY" -m dinov2_triton.report.cpu_compare "${results[@]}" --out "$OUT/table.md"
 for px in $SIZES; do cat "$OUT/$px/threads.md"; echo; done >> "$OUT/table.md"
 echo "[cpu-benchmark] table: $OUT/table.md; load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

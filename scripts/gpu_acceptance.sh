@@ -31,4 +31,4 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 # The whole run is bounded: pulls of the pinned images are the slow part the
 # first time (each step has its own timeout as well).
-exec timeout "${ACCEPTANCE_TIMEOUT_S:-1500}" "$PY" -m perf.gpu_acceptance "$@"
+exec timeout "${ACCEPTANCE_TIMEOUT_S:-1500}" "$PY" -m dinov2_triton.qa.gpu_acceptance "$@"

@@ -12,4 +12,4 @@ PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader 2>/dev/null \
   || echo "[gpu_check] nvidia-smi not found" >&2
-exec timeout 480 "$PY" -m perf.gpu_check "$@"
+exec timeout 480 "$PY" -m dinov2_triton.qa.gpu_check "$@"

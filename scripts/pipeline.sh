@@ -19,7 +19,7 @@
 #   IMAGE_FOLDER, PER_CLASS, TEST_PER_CLASS, IMG_SIZE, ARCH, MODE, EPOCHS,
 #   LP_EPOCHS, LR, BATCH_SIZE, WEIGHTS, VARIANTS, PERF_PROTOCOLS,
 #   PERF_CONCURRENCY, PERF_BATCH_SIZES, PERF_WINDOW_MS, SKIP_PERF=1, FORCE,
-#   TRAIN_EXTRA / EXPORT_EXTRA (more flags for python -m train.finetune / export),
+#   TRAIN_EXTRA / EXPORT_EXTRA (more flags for python -m dinov2_triton.train.finetune / export),
 #   DATA, MODELS, REPO, LOGS, STATE (stage stamps, default runs/pipeline)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,9 +76,9 @@ stage_done setup ""
 up_to_date() {
   local name=$1; shift
   if forced "$name"; then echo "[pipeline] $name: runs (FORCE=$FORCE)"; return 1; fi
-  "$PY" -m train.stage_stamp check --state "$STATE" --stage "$name" "$@"
+  "$PY" -m dinov2_triton.core.stage_stamp check --state "$STATE" --stage "$name" "$@"
 }
-stamp() { "$PY" -m train.stage_stamp "$1" --state "$STATE" --stage "$2" "${@:3}"; }
+stamp() { "$PY" -m dinov2_triton.core.stage_stamp "$1" --state "$STATE" --stage "$2" "${@:3}"; }
 
 # Weights: whatever is available offline. Pretrained DINOv2 weights cannot be
 # downloaded here; put an official checkpoint at weights/dinov2_${ARCH}_pretrain.pth
@@ -116,7 +116,7 @@ fi
 data_stamp+=(--input "$ROOT/train" --param "args=${DATA_ARGS[*]}" --output "$DATA/manifest.csv" --output "$DATA/summary.json")
 stage "data: $data_what"
 if ! up_to_date data "${data_stamp[@]}"; then
-  "$PY" -m train.load_data --data_path "$DATA" "${DATA_ARGS[@]}" --force
+  "$PY" -m dinov2_triton.data.load --data_path "$DATA" "${DATA_ARGS[@]}" --force
   stamp finish data "${data_stamp[@]}"
   stage_done data "ran"
 else
@@ -150,7 +150,7 @@ if ! up_to_date train "${train_stamp[@]}"; then
     resume=(--no-resume)
   fi
   stamp start train "${train_stamp[@]}"
-  "$PY" -m train.finetune --data_path "$DATA" --output_path "$MODELS" "${resume[@]}" "${TRAIN_ARGS[@]}"
+  "$PY" -m dinov2_triton.train.finetune --data_path "$DATA" --output_path "$MODELS" "${resume[@]}" "${TRAIN_ARGS[@]}"
   stamp finish train "${train_stamp[@]}"
   stage_done train "ran"
 else
@@ -181,7 +181,7 @@ else
 fi
 
 stage "serve: local Triton server (CPU)"
-read -r HTTP_PORT GRPC_PORT METRICS_PORT < <("$PY" -c 'from serve.local_server import find_free_ports; print(*find_free_ports(3))')
+read -r HTTP_PORT GRPC_PORT METRICS_PORT < <("$PY" -c 'from dinov2_triton.serve.local_server import find_free_ports; print(*find_free_ports(3))')
 export HTTP_PORT GRPC_PORT METRICS_PORT
 PIDFILE="$LOGS/triton.pid"
 stop_server() { "$PY" -m serve stop --pid-file "$PIDFILE" >/dev/null 2>&1 || true; }
@@ -191,16 +191,16 @@ trap stop_server EXIT
 stage_done serve "local server ready"
 
 stage "classify the test split through the ensemble (gRPC and HTTP)"
-"$PY" -m perf.client --url "localhost:$GRPC_PORT" --protocol grpc --model dinov2 \
+"$PY" -m dinov2_triton.client.cli --url "localhost:$GRPC_PORT" --protocol grpc --model dinov2 \
   --data_path "$DATA" --split test --quiet
-"$PY" -m perf.client --url "localhost:$HTTP_PORT" --protocol http --model dinov2 \
+"$PY" -m dinov2_triton.client.cli --url "localhost:$HTTP_PORT" --protocol http --model dinov2 \
   --data_path "$DATA" --split test --quiet
 stage_done classify "test split via gRPC and HTTP"
 
 if [ "${SKIP_PERF:-0}" != 1 ]; then
   stage "perf: in-process benchmark, perf_analyzer sweeps, parity through the live server, report"
   # --keep-going: an unstable point is recorded in the report, the sweep goes on.
-  "$PY" -m perf.run --url "localhost:$GRPC_PORT" --http-url "localhost:$HTTP_PORT" \
+  "$PY" -m dinov2_triton.pipeline.bench_stage --url "localhost:$GRPC_PORT" --http-url "localhost:$HTTP_PORT" \
     --metrics-url "localhost:$METRICS_PORT" --api-key-file "$LOGS/triton.api_key" \
     --server-pid "$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$PIDFILE")" \
     --repository "$REPO" \

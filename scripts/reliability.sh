@@ -6,9 +6,9 @@
 #   scripts/reliability.sh                                   # ./model_repository
 #   scripts/reliability.sh --repository DIR --seconds 10 --out runs/reliability.json
 #
-# Every flag goes to `python -m perf.reliability` (see --help). Needs free
+# Every flag goes to `python -m dinov2_triton.qa.reliability` (see --help). Needs free
 # loopback ports only: it starts and stops its own servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh
-exec .venv/bin/python -m perf.reliability "$@"
+exec .venv/bin/python -m dinov2_triton.qa.reliability "$@"

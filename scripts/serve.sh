@@ -28,7 +28,7 @@ MODEL_REPOSITORY=${MODEL_REPOSITORY:-model_repository}
 CONTAINER_NAME=${CONTAINER_NAME:-dinov2-triton}
 BIND_ADDRESS=${BIND_ADDRESS:-127.0.0.1}  # container ports; 0.0.0.0 to serve other hosts
 # On SIGTERM Triton refuses new requests and answers the ones it holds for up
-# to this long (tritonserver --exit-timeout-secs; serve.local_server.DEFAULT_EXIT_TIMEOUT_S).
+# to this long (tritonserver --exit-timeout-secs; dinov2_triton.serve.local_server.DEFAULT_EXIT_TIMEOUT_S).
 # docker stop waits 10 s longer before SIGKILL (docker's own default is 10 s).
 EXIT_TIMEOUT_SECS=${EXIT_TIMEOUT_SECS:-30}
 PY=.venv/bin/python
@@ -78,7 +78,7 @@ run_container() {
   # The same Pillow as everywhere else (requirements/lock-gpu.txt) for the preprocessing model.
   local pillow
   pillow=$(grep -ioE '^pillow==[^ ]+' requirements/lock-gpu.txt) ||
-    die "requirements/lock-gpu.txt pins no pillow (regenerate it: python -m serve.gpu_stack lock)"
+    die "requirements/lock-gpu.txt pins no pillow (regenerate it: python -m tests.fixtures.gpu_stack lock)"
 
   local load=() m
   if [ -n "$models" ]; then

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from perf import capacity as cap
-from perf import perf_analyzer as pa
-from perf.capacity_records import RatePoint
+from dinov2_triton.bench import capacity as cap
+from dinov2_triton.bench import perf_analyzer as pa
+from dinov2_triton.bench.capacity_records import RatePoint
 
 SLEEPY_MODEL_PY = '''\
 import json
@@ -49,7 +49,7 @@ def write_sleepy_model(root: Path, name: str, service_ms: float, *, instances: i
                        max_batch_size: int = 4) -> Path:
     """A model with a known service time: image bytes [1] -> pixel_values [3,8,8]
     (the preprocessing model's contract, so export's generator and checker apply)."""
-    from export.triton_config import preprocess_config, validate_config
+    from dinov2_triton.export.triton_config import preprocess_config, validate_config
 
     cfg = preprocess_config(image_size=8, max_batch_size=max_batch_size, instances=instances, warmup_file=False,
                             parameters={"service_time_ms": service_ms})
@@ -64,8 +64,8 @@ def write_sleepy_model(root: Path, name: str, service_ms: float, *, instances: i
 
 def write_manifest(repo: Path, variants: dict[str, tuple[str, str, bool]]) -> None:
     """An export manifest whose variants are ``name -> (model, status, gate passed)``."""
-    from export.manifest import ExportManifest, write_export_manifest
-    from train.preprocessing import PreprocessConfig
+    from dinov2_triton.core.preprocessing import PreprocessConfig
+    from dinov2_triton.export.manifest import ExportManifest, write_export_manifest
 
     entries = {name: dict(name=name, model_name=model, platform="python", filename="model.py", precision="fp32",
                           gate="fp32", status=status, published=True, requested=True, version=1, gate_passed=ok,
@@ -84,7 +84,7 @@ def write_manifest(repo: Path, variants: dict[str, tuple[str, str, bool]]) -> No
 
 
 def bytes_samples(n: int = 8):
-    from perf.input_data import synthetic_samples
+    from dinov2_triton.bench.input_data import synthetic_samples
 
     return synthetic_samples((3, 8, 8), n=n, encoded_size=8)
 
@@ -137,7 +137,7 @@ def test_poisson_schedule_offers_exactly_the_rate(tmp_path):
     the intervals look exponential (coefficient of variation ~1, not constant)."""
     import numpy as np
 
-    from perf import arrivals
+    from dinov2_triton.bench import arrivals
 
     for rate in (0.5, 10, 43.6, 2500):
         iv = arrivals.poisson_intervals(rate, 3000)
@@ -367,7 +367,7 @@ def test_rechecking_makes_two_measurements_agree_more_often():
 
 
 def test_repeatability_names_a_change_of_machine_speed():
-    from perf.capacity_records import Capacity, CapacityRun
+    from dinov2_triton.bench.capacity_records import Capacity, CapacityRun
 
     def measured(model, repeat, img_s, compute_ms, rate=193.5):
         first = RatePoint(rate_rps=rate, status="PASS", reason="", p99_ms=20.0, compute_ms=compute_ms, wall_s=11)
@@ -479,8 +479,8 @@ def test_a_rate_is_measured_on_an_idle_server(sleepy_server, tmp_path):
 def test_shed_requests_fail_the_rate(sleepy_server, tmp_path):
     """A queue that holds one request sheds load above capacity: the rate
     fails with the server's words and the count of failed requests."""
-    from export.triton_config import parse_config
-    from perf.search_session import config_json
+    from dinov2_triton.export.triton_config import parse_config
+    from dinov2_triton.tune.session import config_json
 
     base = parse_config((Path(sleepy_server.repository) / "sleepy" / "config.pbtxt").read_text())
     base.dynamic_batching.default_queue_policy.max_queue_size = 1
@@ -513,11 +513,11 @@ def test_a_model_that_is_not_served_is_a_clear_failure(sleepy_server, tmp_path):
 
 @pytest.mark.triton
 def test_perf_run_measures_capacity_twice_and_recommends_by_it(sleepy_server, tmp_path):
-    """python -m perf.run --capacity: every served model's capacity at the SLO,
+    """python -m dinov2_triton.pipeline.bench_stage --capacity: every served model's capacity at the SLO,
     measured twice, in the report with the p99-vs-load plot; the recommendation
     is by capacity, among the variants that pass their gates."""
-    from perf.perf_analyzer import MeasurementSettings
-    from perf.run import run_perf
+    from dinov2_triton.bench.perf_analyzer import MeasurementSettings
+    from dinov2_triton.pipeline.bench_stage import run_perf
 
     repo = Path(sleepy_server.repository)
     write_manifest(repo, {"onnx": ("sleepy", "OK", True)})

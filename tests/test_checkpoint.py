@@ -1,6 +1,6 @@
 """The checkpoint record (train/checkpoint.py), the data summary record
 (train/data_folder.py) and the one preprocessing-resolution rule
-(train.preprocessing_source.resolve_preprocessing), on tiny models and temp files."""
+(dinov2_triton.train.preprocessing_source.resolve_preprocessing), on tiny models and temp files."""
 from __future__ import annotations
 
 import json
@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
+from dinov2_triton.core.preprocessing import PreprocessConfig
+from dinov2_triton.core.records import RecordError
+from dinov2_triton.train.checkpoint import CheckpointRecord, make_checkpoint_record, read_checkpoint, save_checkpoint
+from dinov2_triton.train.model import load_classifier
+from dinov2_triton.train.preprocessing_source import PreprocessingError, resolve_preprocessing
 from tests.fixtures.models import CLASSES, TINY, TINY_IMG, tiny_model
-from train.checkpoint import CheckpointRecord, make_checkpoint_record, read_checkpoint, save_checkpoint
-from train.model import load_classifier
-from train.preprocessing import PreprocessConfig
-from train.preprocessing_source import PreprocessingError, resolve_preprocessing
-from train.records import RecordError
 
 PRE = PreprocessConfig(image_size=TINY_IMG, resize_size=TINY_IMG + 4)
 
@@ -75,7 +75,7 @@ def test_format_v1_checkpoints_still_load(tmp_path):
 @pytest.mark.parametrize("changes,message", [
     ({"img_size": 42}, r"field 'schema_version': missing \(img_size 42 and preprocessing.image_size 28 disagree"),
     ({"num_classes": 4}, r"num_classes 4 but 3 class_names"),
-    ({"format_version": 7}, r"field 'schema_version'.*not a checkpoint of train.finetune"),
+    ({"format_version": 7}, r"field 'schema_version'.*not a checkpoint of dinov2_triton.train.finetune"),
     ({"head": "cls_max"}, r"field 'head': Input should be 'cls_mean', 'cls' or 'mean'"),
     ({"class_names": "cat"}, r"field 'class_names': Input should be a valid list"),
     ({"img_size": 30, "preprocessing": dict(PRE.to_dict(), image_size=30, resize_size=34)},
@@ -111,7 +111,7 @@ def test_unknown_schema_version_missing_file_and_pickled_objects(tmp_path):
 
 # --------------------------------------------------------------------------- data summary
 def test_data_summary_reader(tiny_dataset, tmp_path):
-    from train.data_folder import DataSummary, read_summary
+    from dinov2_triton.data.folder import DataSummary, read_summary
 
     s = read_summary(tiny_dataset)
     assert isinstance(s, DataSummary) and s.schema_version == 2 and s.classes == CLASSES
@@ -129,7 +129,7 @@ def test_data_summary_reader(tiny_dataset, tmp_path):
     with pytest.raises(RecordError, match=r"summary.json: field 'seed'"):
         read_summary(data)
     (data / "summary.json").unlink()
-    with pytest.raises(RecordError, match=r"summary.json: not found; run `python -m train.load_data"):
+    with pytest.raises(RecordError, match=r"summary.json: not found; run `python -m dinov2_triton.data.load"):
         read_summary(data)
 
 

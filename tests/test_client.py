@@ -1,4 +1,4 @@
-"""perf.classifier / perf.client_inputs / the perf.client CLI: parsing and
+"""dinov2_triton.client.classifier / dinov2_triton.client.inputs / the dinov2_triton.client.cli CLI: parsing and
 input handling without a server, then the REAL local Triton server (one per
 module) serving the tiny exported repository."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perf import classifier as pcl
-from perf import client as pc
-from perf import client_inputs as pin
-from serve import triton_access as ta
+from dinov2_triton.client import classifier as pcl
+from dinov2_triton.client import cli as pc
+from dinov2_triton.client import inputs as pin
+from dinov2_triton.serve import triton_access as ta
 from tests.fixtures.models import CLASSES
 
 
@@ -47,7 +47,7 @@ def test_find_images(tmp_path):
 
 
 def test_load_preprocessing_sources(tmp_path, tiny_checkpoint):
-    from train.preprocessing import PreprocessConfig
+    from dinov2_triton.core.preprocessing import PreprocessConfig
 
     cfg = PreprocessConfig(image_size=28, resize_size=32)
     assert pin.load_preprocessing(model_path=tiny_checkpoint) == cfg
@@ -73,7 +73,7 @@ def test_load_preprocessing_sources(tmp_path, tiny_checkpoint):
 
 
 def _free_port() -> int:
-    from serve.local_server import find_free_ports
+    from dinov2_triton.serve.local_server import find_free_ports
 
     return find_free_ports(1)[0]
 
@@ -104,9 +104,9 @@ def reference(tiny_checkpoint, tiny_dataset):
     """Eager FP32 outputs of the checkpoint on the test split (jpg and png files)."""
     import torch
 
-    from train.datasets import read_manifest
-    from train.model import load_classifier
-    from train.preprocessing import preprocess_source
+    from dinov2_triton.core.preprocessing import preprocess_source
+    from dinov2_triton.data.datasets import read_manifest
+    from dinov2_triton.train.model import load_classifier
 
     model, record = load_classifier(tiny_checkpoint)
     cfg = record.preprocessing
@@ -260,7 +260,7 @@ def test_cli(server, reference, tiny_dataset, tmp_path, capsys):
 def test_cli_accuracy_of_a_prepared_split(server, reference, tiny_dataset, protocol, capsys):
     """--data_path/--split: classifies the split through the ensemble and
     prints the accuracy against the manifest labels (same as eager's)."""
-    from train.datasets import read_manifest
+    from dinov2_triton.data.datasets import read_manifest
 
     labels = np.array([r.label for r in read_manifest(tiny_dataset, "test")])
     correct = int((reference["logits"].argmax(1) == labels).sum())

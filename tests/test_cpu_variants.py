@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from export.registry import get_variant, load_builtin_variants
+from dinov2_triton.export.registry import get_variant, load_builtin_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 load_builtin_variants()
@@ -24,8 +24,8 @@ N_WEIGHT_MATMULS = 2 * 4   # TINY has 2 blocks: qkv, proj, fc1, fc2 each
 
 
 def _ctx(checkpoint, data_path, tmp_path, **options):
-    from export.context import ExportContext
-    from train.model import load_classifier
+    from dinov2_triton.export.context import ExportContext
+    from dinov2_triton.train.model import load_classifier
 
     model, record = load_classifier(checkpoint)
     return ExportContext(model, record, data_path=data_path, work_dir=tmp_path / "work",
@@ -35,7 +35,7 @@ def _ctx(checkpoint, data_path, tmp_path, **options):
 @pytest.fixture(scope="module")
 def cpu_repository(tiny_checkpoint, tiny_dataset, tmp_path_factory):
     """One export of the CPU variants through the CLI's cpu-auto path."""
-    from export.cli import main
+    from dinov2_triton.export.cli import main
 
     repo = tmp_path_factory.mktemp("cpu_repo")
     code = main(["--model_path", str(tiny_checkpoint), "--repository", str(repo), "--data_path",
@@ -46,7 +46,7 @@ def cpu_repository(tiny_checkpoint, tiny_dataset, tmp_path_factory):
 
 # --------------------------------------------------------------------------- registry and config
 def test_variants_declared_with_their_parents_and_backends():
-    from export.cpu_auto import cpu_candidates
+    from dinov2_triton.export.cpu_auto import cpu_candidates
 
     dyn, ov32, ov8 = (get_variant(n) for n in ("onnx_int8_dynamic", "openvino", "openvino_int8"))
     assert (dyn.parent, dyn.platform, dyn.precision, dyn.gate) == ("onnx", "onnxruntime_onnx", "int8", "int8")
@@ -58,8 +58,8 @@ def test_variants_declared_with_their_parents_and_backends():
 
 
 def test_cli_expands_cpu_auto():
-    from export.cli import _expand_cpu_auto
-    from export.cpu_auto import cpu_candidates
+    from dinov2_triton.export.cli import _expand_cpu_auto
+    from dinov2_triton.export.cpu_auto import cpu_candidates
 
     extra: dict = {}
     assert _expand_cpu_auto("onnx,torchscript", extra) == "onnx,torchscript" and extra == {}
@@ -68,8 +68,8 @@ def test_cli_expands_cpu_auto():
 
 
 def test_openvino_config_names_the_backend_and_its_parameters():
-    from export.openvino_variant import runtime_parameters
-    from export.triton_config import ConfigError, classifier_config, openvino_parameters, validate_config
+    from dinov2_triton.export.triton_config import ConfigError, classifier_config, openvino_parameters, validate_config
+    from dinov2_triton.export.variants.openvino import runtime_parameters
 
     cfg = classifier_config(get_variant("openvino"), image_size=28, num_classes=3, embed_dim=48, max_batch_size=8,
                             parameters=runtime_parameters({"ov_threads": 1}))
@@ -91,7 +91,7 @@ def test_openvino_config_names_the_backend_and_its_parameters():
 
 
 def test_cpu_auto_picks_the_fastest_gated_variant():
-    from export.cpu_auto import fastest_gated
+    from dinov2_triton.export.cpu_auto import fastest_gated
 
     def entry(thr, status="OK", passed=True, published=True):
         bench = {"throughput_batch": 8, "batch8": {"img_per_s": thr}} if thr is not None else None
@@ -109,7 +109,7 @@ def test_cpu_auto_picks_the_fastest_gated_variant():
 
 # --------------------------------------------------------------------------- the export
 def test_cpu_variants_exported_verified_published(cpu_repository):
-    from export.manifest import read_export_manifest
+    from dinov2_triton.export.manifest import read_export_manifest
 
     m = read_export_manifest(cpu_repository)
     for name in ("onnx", "onnx_int8_dynamic", "openvino", "openvino_int8"):
@@ -146,7 +146,7 @@ def test_cpu_variants_exported_verified_published(cpu_repository):
 
 
 def test_nncf_accuracy_control_meets_the_gate(tiny_checkpoint, tiny_dataset, tmp_path):
-    from export.openvino_variant import build_fp32, build_int8
+    from dinov2_triton.export.variants.openvino import build_fp32, build_int8
 
     ctx = _ctx(tiny_checkpoint, tiny_dataset, tmp_path, ov_int8_accuracy_control="always", calib_size=16)
     onnx_path = tmp_path / "fp32" / "model.onnx"
@@ -172,7 +172,7 @@ def test_nncf_accuracy_control_meets_the_gate(tiny_checkpoint, tiny_dataset, tmp
 
 
 def test_missing_library_is_skipped_with_the_reason(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
-    from export.pipeline import run_export
+    from dinov2_triton.export.pipeline import run_export
 
     monkeypatch.setitem(sys.modules, "openvino", None)   # import openvino -> ImportError
     m = run_export(tiny_checkpoint, tmp_path / "repo", data_path=tiny_dataset, variants="openvino,openvino_int8",
@@ -185,7 +185,7 @@ def test_missing_library_is_skipped_with_the_reason(tiny_checkpoint, tiny_datase
 
 
 def test_missing_nncf_or_ort_quantizer_is_skipped(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
-    from export.registry import SkipVariant
+    from dinov2_triton.export.registry import SkipVariant
 
     ctx = _ctx(tiny_checkpoint, tiny_dataset, tmp_path)
     monkeypatch.setitem(sys.modules, "nncf", None)
@@ -197,7 +197,7 @@ def test_missing_nncf_or_ort_quantizer_is_skipped(tiny_checkpoint, tiny_dataset,
 
 
 def test_dynamic_worker_bad_input_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "export.onnx_int8_dynamic", "--onnx", str(tmp_path / "no.onnx"),
+    proc = subprocess.run([sys.executable, "-m", "dinov2_triton.export.variants.onnx_int8_dynamic", "--onnx", str(tmp_path / "no.onnx"),
                            "--output", str(tmp_path / "out.onnx")], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "no.onnx: file not found" in proc.stderr
@@ -206,8 +206,8 @@ def test_dynamic_worker_bad_input_exits_2(tmp_path):
 # --------------------------------------------------------------------------- served
 @pytest.mark.triton
 def test_served_cpu_variants_answer_like_in_process(cpu_repository, tiny_dataset, triton_server_factory):
-    from export.context import ExportContext  # noqa: F401 - same process imports as the export
-    from export.manifest import read_export_manifest
+    from dinov2_triton.export.context import ExportContext  # noqa: F401 - same process imports as the export
+    from dinov2_triton.export.manifest import read_export_manifest
 
     m = read_export_manifest(cpu_repository)
     names = ["dinov2_onnx_int8_dynamic", "dinov2_openvino", "dinov2_openvino_int8"]
@@ -237,7 +237,7 @@ def test_served_cpu_variants_answer_like_in_process(cpu_repository, tiny_dataset
                     np.testing.assert_allclose(lo, want_lo[:n], rtol=1e-3, atol=1e-3, err_msg=model)
                     np.testing.assert_allclose(em, want_em[:n], rtol=1e-3, atol=1e-3, err_msg=model)
         # a request that breaks the config gets its own error, naming the model and the input
-        from serve.triton_access import RequestError
+        from dinov2_triton.serve.triton_access import RequestError
 
         with pytest.raises(RequestError, match="pixel_values"):
             conn.infer("dinov2_openvino", [conn.tensor_input("pixel_values", x8[:, :, :14])])
@@ -254,8 +254,8 @@ def test_served_cpu_variants_answer_like_in_process(cpu_repository, tiny_dataset
 
 # --------------------------------------------------------------------------- the recommendation
 def test_recommendation_ranks_gated_variants_and_names_the_cpu():
-    from perf.ranking import recommend
-    from perf.results import GateVerdict, Machine, OperatingPoint, RowInProcess, RowServer, VariantRow
+    from dinov2_triton.bench.results import GateVerdict, Machine, OperatingPoint, RowInProcess, RowServer, VariantRow
+    from dinov2_triton.report.ranking import recommend
 
     def row(key, thr, precision="fp32", passed=True):
         return VariantRow(key=key, label=key, model_name=key, precision=precision, served=True,
@@ -281,8 +281,8 @@ def test_recommendation_ranks_gated_variants_and_names_the_cpu():
 
 # --------------------------------------------------------------------------- the benchmark's tools
 def test_cpu_compare_table_from_a_results_file(tmp_path):
-    from perf.cpu_compare import main, table_rows
-    from perf.results import read_results
+    from dinov2_triton.bench.results import read_results
+    from dinov2_triton.report.cpu_compare import main, table_rows
 
     src = ROOT / "tests" / "data" / "perf_results_v1_server.json"
     rows = {r["name"]: r for r in table_rows(read_results(src))}
@@ -299,7 +299,7 @@ def test_cpu_compare_table_from_a_results_file(tmp_path):
 
 
 def test_thread_study_runs_each_setting(cpu_repository):
-    from perf.cpu_threads import render, run_study, usable_cores
+    from dinov2_triton.bench.cpu_threads import render, run_study, usable_cores
 
     study = run_study(cpu_repository, ["onnx_int8_dynamic", "openvino"], batch_size=8, seconds=0.2)
     cores = usable_cores()

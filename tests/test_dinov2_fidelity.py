@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from dinov2_triton.train.model import build_model
+from dinov2_triton.train.pos_embed import LEGACY_TIMM, OFFICIAL_PLAIN, OFFICIAL_REGISTERS, resample_grid
 from tests.fixtures.official_dinov2 import (
     TINY_OVERRIDES,
     TINY_SWIGLU_OVERRIDES,
@@ -23,8 +25,6 @@ from tests.fixtures.official_dinov2 import (
     make_transformers_folder,
     official_tokens,
 )
-from train.model import build_model
-from train.pos_embed import LEGACY_TIMM, OFFICIAL_PLAIN, OFFICIAL_REGISTERS, resample_grid
 
 TOL = 1e-4
 SIZES = (224, 112, 518)
@@ -114,8 +114,8 @@ def test_exported_onnx_graph_reproduces_official_model(official_checkpoints, tmp
     patch tokens]; no Resize node, i.e. no run-time interpolation."""
     import onnx
 
-    from export.context import export_module
-    from export.onnx_variant import export_onnx, ort_runner
+    from dinov2_triton.export.context import export_module
+    from dinov2_triton.export.variants.onnx import export_onnx, ort_runner
 
     official, path = official_checkpoints[arch]
     registers = arch.endswith("_reg4")
@@ -198,7 +198,7 @@ def test_transformers_config_that_weights_cannot_show_is_checked(hf_folders, tmp
     import json
     import shutil
 
-    from train.model import WeightsError
+    from dinov2_triton.train.model import WeightsError
 
     _, folder = hf_folders["vits14"]
     copy = tmp_path / "dinov2-small"

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import registry
-from export.registry import REGISTRY, SkipVariant, Variant, get_variant, load_builtin_variants
+from dinov2_triton.core.resources import resource_path
+from dinov2_triton.export import registry
+from dinov2_triton.export.registry import REGISTRY, SkipVariant, Variant, get_variant, load_builtin_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 load_builtin_variants()
@@ -27,8 +28,8 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 
 def _ctx(checkpoint, data_path, tmp_path, **options):
-    from export.context import ExportContext
-    from train.model import load_classifier
+    from dinov2_triton.export.context import ExportContext
+    from dinov2_triton.train.model import load_classifier
 
     model, record = load_classifier(checkpoint)
     return ExportContext(model, record, data_path=data_path, work_dir=tmp_path / "work",
@@ -54,7 +55,7 @@ def test_registry_api():
         get_variant("nope")
     with pytest.raises(ValueError, match="platform"):
         Variant("x", "tensorflow", "model.savedmodel", "fp32", build=None, load_runner=None)
-    with pytest.raises(ValueError, match="gate 'fp64' not in export.gates.GATES"):
+    with pytest.raises(ValueError, match="gate 'fp64' not in dinov2_triton.export.gates.GATES"):
         Variant("x", "onnxruntime_onnx", "model.onnx", "fp32", build=None, load_runner=None, gate="fp64")
 
 
@@ -82,7 +83,7 @@ def test_variant_modules_table(monkeypatch, tmp_path):
     """A missing optional module is fine; an ImportError inside an existing one is not hidden."""
     monkeypatch.setattr(registry, "REGISTRY", dict(REGISTRY))
     monkeypatch.setattr(registry, "_loaded", False)
-    monkeypatch.setattr(registry, "VARIANT_MODULES", (("export._no_such_variant_module", False),))
+    monkeypatch.setattr(registry, "VARIANT_MODULES", (("dinov2_triton.export._no_such_variant_module", False),))
     assert registry.load_builtin_variants() == REGISTRY
     (tmp_path / "broken_variant_mod.py").write_text("import a_dependency_that_is_not_installed\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -90,7 +91,7 @@ def test_variant_modules_table(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "VARIANT_MODULES", (("broken_variant_mod", False),))
     with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
         registry.load_builtin_variants()
-    monkeypatch.setattr(registry, "VARIANT_MODULES", (("export._no_such_variant_module", True),))
+    monkeypatch.setattr(registry, "VARIANT_MODULES", (("dinov2_triton.export._no_such_variant_module", True),))
     with pytest.raises(ModuleNotFoundError):
         registry.load_builtin_variants()
 
@@ -127,7 +128,7 @@ def test_export_has_no_import_circle_and_never_imports_perf():
 
 # --------------------------------------------------------------------------- the tiny export
 def test_tiny_export_verified_and_published(tiny_repository):
-    from export.manifest import read_export_manifest
+    from dinov2_triton.export.manifest import read_export_manifest
 
     raw = json.loads((tiny_repository / "export_manifest.json").read_text())
     assert raw["schema_version"] == 1 and "format_version" not in raw
@@ -175,8 +176,8 @@ def test_tiny_export_verified_and_published(tiny_repository):
 def test_export_manifest_record_reader(tiny_repository, tmp_path):
     """One reader: old files (format_version 1) still load; a bad file fails
     with one line naming the file and the field."""
-    from export.manifest import ExportManifest, read_export_manifest, write_export_manifest
-    from train.records import RecordError
+    from dinov2_triton.core.records import RecordError
+    from dinov2_triton.export.manifest import ExportManifest, read_export_manifest, write_export_manifest
 
     raw = json.loads((tiny_repository / "export_manifest.json").read_text())
     m = read_export_manifest(tiny_repository / "export_manifest.json")
@@ -242,7 +243,7 @@ def test_onnx_graph_contract(tiny_repository):
 def test_check_io_rejects_auto_generated_names(tiny_repository):
     import onnx
 
-    from export.onnx_variant import OnnxContractError, check_io
+    from dinov2_triton.export.variants.onnx import OnnxContractError, check_io
 
     model = onnx.load(str(tiny_repository / "dinov2_onnx" / "1" / "model.onnx"))
     model.graph.output[1].name = "308"
@@ -263,7 +264,7 @@ def _corrupt(variant: Variant) -> Variant:
 
 
 def test_failed_verification_publishes_nothing(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
-    from export.pipeline import run_export
+    from dinov2_triton.export.pipeline import run_export
 
     monkeypatch.setitem(REGISTRY, "torchscript", _corrupt(REGISTRY["torchscript"]))
     repo = tmp_path / "repo"
@@ -290,7 +291,7 @@ def test_failed_verification_publishes_nothing(tiny_checkpoint, tiny_dataset, tm
 
 @pytest.mark.parametrize("flag", ["--gates", "--thresholds"])
 def test_impossible_gate_fails_through_cli(flag, tiny_checkpoint, tiny_dataset, tmp_path, capsys):
-    from export.cli import main
+    from dinov2_triton.export.cli import main
 
     repo = tmp_path / "repo"
     rc = main(["--model_path", str(tiny_checkpoint), "--repository", str(repo), "--data_path",
@@ -310,8 +311,8 @@ def test_impossible_gate_fails_through_cli(flag, tiny_checkpoint, tiny_dataset, 
 
 
 def test_batch_size_dependent_outputs_fail(tiny_checkpoint, tiny_dataset, tmp_path):
-    from export.context import eager_runner
-    from export.verify import verify_variant
+    from dinov2_triton.export.context import eager_runner
+    from dinov2_triton.export.verify import verify_variant
 
     ctx = _ctx(tiny_checkpoint, tiny_dataset, tmp_path)
     eager = eager_runner(ctx.model)
@@ -327,8 +328,8 @@ def test_batch_size_dependent_outputs_fail(tiny_checkpoint, tiny_dataset, tmp_pa
 
 
 def test_gate_overrides_one_parser_one_order():
-    from export.gates import GATES, GateError, batch_tolerance, parse_gate_overrides, resolve_gate
-    from export.registry import gate_scopes
+    from dinov2_triton.export.gates import GATES, GateError, batch_tolerance, parse_gate_overrides, resolve_gate
+    from dinov2_triton.export.registry import gate_scopes
 
     ov = parse_gate_overrides(["fp32.min_top1_agreement=0.99, onnx.max_accuracy_drop=none",
                                "dinov2_onnx.min_logit_cosine = 0.5", "batch.max_rel_diff=1e-3"],
@@ -355,14 +356,14 @@ def test_gate_overrides_one_parser_one_order():
                          ("fp32.min_top1_agreement=-1", "finite number >= 0")):
         with pytest.raises(GateError, match=f"^--gates '{bad}': .*{message}"):
             parse_gate_overrides([bad], scopes=gate_scopes())
-    with pytest.raises(GateError, match="unknown field 'max_rel_diff'"):   # perf.parity has no batch check
+    with pytest.raises(GateError, match="unknown field 'max_rel_diff'"):   # dinov2_triton.qa.parity has no batch check
         parse_gate_overrides(["batch.max_rel_diff=1"], batch_scope=False)
 
 
 # --------------------------------------------------------------------------- publishing
 def test_versions_interrupted_publish_and_stale_staging(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
-    import export.repository as repository
-    from export.pipeline import run_export
+    import dinov2_triton.export.repository as repository
+    from dinov2_triton.export.pipeline import run_export
 
     repo = tmp_path / "repo"
     kw = dict(data_path=tiny_dataset, variants="torchscript", bench_seconds=0)
@@ -402,7 +403,7 @@ def test_versions_interrupted_publish_and_stale_staging(tiny_checkpoint, tiny_da
 
 
 def test_parent_failure_skips_child(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
-    from export.pipeline import run_export
+    from dinov2_triton.export.pipeline import run_export
 
     def failing_build(ctx, path):
         raise RuntimeError("exporter exploded")
@@ -424,7 +425,7 @@ def test_parent_failure_skips_child(tiny_checkpoint, tiny_dataset, tmp_path, mon
 
 
 def test_skip_variant_reason_keeps_exit_zero(tiny_checkpoint, tmp_path, monkeypatch):
-    from export.pipeline import run_export
+    from dinov2_triton.export.pipeline import run_export
 
     def needs_gpu(ctx, path):
         raise SkipVariant("not built: needs an NVIDIA GPU and TensorRT")
@@ -439,8 +440,8 @@ def test_skip_variant_reason_keeps_exit_zero(tiny_checkpoint, tmp_path, monkeypa
 
 # --------------------------------------------------------------------------- data access
 def test_calibration_uses_only_train_split(tiny_checkpoint, tiny_dataset, tmp_path):
-    from train.datasets import read_manifest
-    from train.preprocessing import preprocess_source
+    from dinov2_triton.core.preprocessing import preprocess_source
+    from dinov2_triton.data.datasets import read_manifest
 
     ctx = _ctx(tiny_checkpoint, tiny_dataset, tmp_path)
     split_of = {r.path: r.split for r in read_manifest(tiny_dataset)}
@@ -507,11 +508,11 @@ def _fake_pb_utils():
 
 
 def test_preprocess_model_matches_reference_and_isolates_bad_requests(tiny_checkpoint):
+    from dinov2_triton.core.preprocessing import preprocess_source
+    from dinov2_triton.train.checkpoint import read_checkpoint
     from tests.fixtures.images import jpeg_bytes, png_bytes
-    from train.checkpoint import read_checkpoint
-    from train.preprocessing import preprocess_source
 
-    mod = _load_preprocess_module(ROOT / "export" / "preprocess_model" / "model.py", "_pre_src")
+    mod = _load_preprocess_module(resource_path("dinov2_triton.serve", "preprocess_model", "model.py"), "_pre_src")
     cfg = read_checkpoint(tiny_checkpoint).preprocessing
     good = [png_bytes((40, 31), seed=1), jpeg_bytes((33, 50), seed=2)]
     out = mod.preprocess_images(np.array([[g] for g in good], dtype=object), cfg)
@@ -539,7 +540,7 @@ def test_published_preprocess_model_is_self_contained(tiny_repository):
         cfg = mod.load_record(str(version))
         assert cfg.image_size == 28
         src = (version / "model.py").read_text() + (version / "dinov2_preprocessing.py").read_text()
-        assert "from train" not in src.replace("from train.images import open_rgb", "")
+        assert "from train" not in src.replace("from dinov2_triton.core.images import open_rgb", "")
     finally:
         sys.modules.pop("dinov2_images", None)
         sys.modules.pop("dinov2_preprocessing", None)
@@ -547,7 +548,7 @@ def test_published_preprocess_model_is_self_contained(tiny_repository):
 
 # --------------------------------------------------------------------------- benchmark and CLI
 def test_benchmark_and_slower_flag():
-    from export.benchmark import benchmark_runner, compare
+    from dinov2_triton.export.benchmark import benchmark_runner, compare
 
     x = np.zeros((3, 3, 4, 4), np.float32)
     res = benchmark_runner(lambda b: (b.sum((1, 2, 3))[:, None], b[:, 0, 0]), x, seconds=0.1)
@@ -570,7 +571,7 @@ def test_benchmark_and_slower_flag():
     (["--model_path", "CKPT", "--data_path", "/nonexistent/data"], "--data_path /nonexistent/data"),
 ])
 def test_cli_bad_input_exits_2(argv, message, tiny_checkpoint, tmp_path, capsys):
-    from export.cli import main
+    from dinov2_triton.export.cli import main
 
     argv = [str(tiny_checkpoint) if a == "CKPT" else a for a in argv]
     assert main(argv + ["--repository", str(tmp_path / "repo")]) == 2
@@ -584,10 +585,10 @@ def test_cli_help_is_fast_and_has_groups():
     import time
 
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "dinov2_triton.cli", "export", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "Required" in out.stdout and "--allow-failed-gates" in out.stdout
     assert time.perf_counter() - t < 10
     assert "torch" not in subprocess.run(
-        [sys.executable, "-c", "import sys, export.cli; print(' '.join(sys.modules))"], cwd=ROOT,
+        [sys.executable, "-c", "import sys, dinov2_triton.export.cli; print(' '.join(sys.modules))"], cwd=ROOT,
         capture_output=True, text=True, timeout=60).stdout.split()

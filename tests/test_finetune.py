@@ -14,13 +14,13 @@ import pytest
 import torch
 import yaml
 
+from dinov2_triton.core.records import RecordError
+from dinov2_triton.train.checkpoint import read_checkpoint
+from dinov2_triton.train.engine import NonFiniteError
+from dinov2_triton.train.finetune_config import ConfigError, FinetuneConfig, load_config_file, resolve_config
+from dinov2_triton.train.model import load_classifier
+from dinov2_triton.train.trainer import finetune
 from tests.fixtures.models import TINY, TINY_IMG, tiny_model
-from train.checkpoint import read_checkpoint
-from train.engine import NonFiniteError
-from train.finetune_config import ConfigError, FinetuneConfig, load_config_file, resolve_config
-from train.model import load_classifier
-from train.records import RecordError
-from train.trainer import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
@@ -30,11 +30,11 @@ OUTPUTS = {"model_final.pth", "model_best.pth", "checkpoint_last.pth", "metrics.
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """A data folder written by train.load_data from a generated ImageFolder:
+    """A data folder written by dinov2_triton.data.load from a generated ImageFolder:
     12 noisy single-colour images per class -> 8 train, 2 val, 2 test."""
     from PIL import Image
 
-    from train.load_data import prepare_dataset
+    from dinov2_triton.data.load import prepare_dataset
 
     root = tmp_path_factory.mktemp("tiny_data")
     rng = np.random.default_rng(0)
@@ -198,7 +198,7 @@ def test_lora_merges_into_a_plain_checkpoint(tiny_data, tmp_path):
 
 
 def test_lora_merge_preserves_outputs():
-    from train.peft_modes import setup_mode
+    from dinov2_triton.train.peft_modes import setup_mode
 
     setup = setup_mode(tiny_model(), "lora", lora_rank=2, lora_alpha=4)
     trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
@@ -217,7 +217,7 @@ def test_lora_merge_preserves_outputs():
 
 
 def test_lastn_and_linear_freeze_the_right_parameters():
-    from train.peft_modes import setup_mode
+    from dinov2_triton.train.peft_modes import setup_mode
 
     setup = setup_mode(tiny_model(), "lastn", unfreeze_blocks=1)
     trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
@@ -239,7 +239,7 @@ def test_lp_warm_start_then_full(tiny_data, tmp_path):
 
 # --------------------------------------------------------------------------- optimiser
 def test_layer_decay_groups_and_schedule():
-    from train.optim import Schedule, build_optimizer
+    from dinov2_triton.train.optim import Schedule, build_optimizer
 
     model = tiny_model()
     opt = build_optimizer(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
@@ -291,7 +291,7 @@ def test_bf16_autocast_runs_on_cpu(tiny_data, tmp_path):
 # --------------------------------------------------------------------------- CLI
 def _cli(*args: str, timeout: int = 180, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="2", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "train.finetune", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "dinov2_triton.train.finetune", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -353,7 +353,7 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # Own session: on a timeout the whole group (torchrun + workers) is killed, no orphans.
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--standalone", "-m", "train.finetune", *common, "--output_path", str(ddp_out),
+                             "--standalone", "-m", "dinov2_triton.train.finetune", *common, "--output_path", str(ddp_out),
                              "--batch-size", "4"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -381,8 +381,8 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_data, tmp_path):
 
 
 def test_arch_names_match_the_model_factory():
-    from train.finetune_config import ARCH_NAMES
-    from train.model import ARCHS
+    from dinov2_triton.train.finetune_config import ARCH_NAMES
+    from dinov2_triton.train.model import ARCHS
 
     assert ARCH_NAMES == tuple(ARCHS)
 
@@ -396,8 +396,8 @@ def test_phase_change_frees_the_previous_ddp_wrapper(tmp_path, monkeypatch):
 
     import torch.distributed as tdist
 
-    from train.distributed import DistInfo
-    from train.trainer import Trainer
+    from dinov2_triton.train.distributed import DistInfo
+    from dinov2_triton.train.trainer import Trainer
 
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
@@ -415,7 +415,7 @@ def test_phase_change_frees_the_previous_ddp_wrapper(tmp_path, monkeypatch):
         trainer.wrap_for_phase(True)                # same phase: same wrapper
         assert trainer.wrapped is first()
         module.requires_grad_(True)
-        import train.distributed as distributed
+        import dinov2_triton.train.distributed as distributed
 
         real_wrap, alive_when_rewrapping = distributed.wrap_ddp, []
 
@@ -444,7 +444,7 @@ def test_amp_bf16_refused_where_cuda_only_emulates_it(monkeypatch):
     capability 8.0 (Volta/Turing); --amp bf16 must be refused there, and
     allowed where the GPU has BF16 in hardware. The CUDA queries are patched:
     no GPU here."""
-    from train.engine import check_amp
+    from dinov2_triton.train.engine import check_amp
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")

@@ -70,7 +70,7 @@ def _fill(name: str, shape: tuple[int, ...]) -> np.ndarray:
 def golden_model():
     import torch
 
-    from train.model import build_model
+    from dinov2_triton.train.model import build_model
 
     model = build_model(ARCH, weights="random", num_classes=NUM_CLASSES, img_size=IMG,
                         backbone_overrides=BACKBONE).model.eval()
@@ -137,7 +137,7 @@ def golden_image():
 
 
 def preprocess_configs() -> dict:
-    from train.preprocessing import PreprocessConfig
+    from dinov2_triton.core.preprocessing import PreprocessConfig
 
     return {"default": PreprocessConfig(),
             "bilinear_56": PreprocessConfig(image_size=56, resize_size=64, interpolation="bilinear"),
@@ -145,7 +145,7 @@ def preprocess_configs() -> dict:
 
 
 def preprocess_digest(name: str) -> tuple[str, tuple[int, ...], float]:
-    from train.preprocessing import preprocess_pil
+    from dinov2_triton.core.preprocessing import preprocess_pil
 
     out = preprocess_pil(golden_image(), preprocess_configs()[name])
     assert out.dtype == np.float32 and out.flags.c_contiguous
@@ -235,8 +235,8 @@ def test_onnx_export_matches_golden(model_and_input, tmp_path):
     import onnxruntime as ort
     import torch
 
-    from export.context import export_module
-    from export.onnx_variant import export_onnx
+    from dinov2_triton.export.context import export_module
+    from dinov2_triton.export.variants.onnx import export_onnx
 
     model, x = model_and_input
     path = tmp_path / "golden.onnx"

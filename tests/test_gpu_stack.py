@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from serve import gpu_stack as gs
-from serve.release_pin import PIN_FILE, PinError, load_pin, read_pin
+from dinov2_triton.core.release_pin import PIN_FILE, PinError, load_pin, read_pin
+from tests.fixtures import gpu_stack as gs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("scripts/serve.sh", "scripts/build_engines.sh", "scripts/gpu_acceptance.sh")
@@ -241,7 +241,7 @@ def test_build_engines_keeps_the_cache_and_installs_the_lock(tmp_path):
     proc, log = _run("scripts/build_engines.sh", ["--plans-only", "--", "--onnx", "x.onnx"], tmp_path,
                      DINOV2_TRITON_CACHE=str(cache))
     run = [c for c in _calls(log, "docker") if c[:1] == ["run"]][0]
-    assert "MODE=plans" in run and run[-3:] == ["export.trt_build_main", "--onnx", "x.onnx"]
+    assert "MODE=plans" in run and run[-3:] == ["dinov2_triton.export.trt_build_main", "--onnx", "x.onnx"]
 
 
 def test_container_inner_script_refuses_another_python(tmp_path):
@@ -290,8 +290,13 @@ def test_resolution_sees_the_cuda_major_and_python_of_the_old_stack():
 def _generated_configs() -> dict[str, str]:
     """The config.pbtxt of every model the export can publish, TensorRT
     stamping and instance GPUs included (export/pipeline.py does the same)."""
-    from export.registry import get_variant, load_builtin_variants
-    from export.triton_config import classifier_config, ensemble_config, preprocess_config, validate_config
+    from dinov2_triton.export.registry import get_variant, load_builtin_variants
+    from dinov2_triton.export.triton_config import (
+        classifier_config,
+        ensemble_config,
+        preprocess_config,
+        validate_config,
+    )
 
     texts = {}
     for name in load_builtin_variants():
@@ -327,7 +332,7 @@ def test_every_generated_config_parses_with_both_releases_model_config():
             assert msg.name == model, (release, model)
 
 
-# --------------------------------------------------------------------------- perf.gpu_check decisions
+# --------------------------------------------------------------------------- dinov2_triton.qa.gpu_check decisions
 class _FakeCuda:
     """torch.cuda of a compute capability 7.5 GPU: BF16 only by emulation."""
 
@@ -343,7 +348,7 @@ def _fake_torch():
 
 
 def test_amp_dtype_ignores_emulated_bf16():
-    from perf.gpu_check import choose_amp_dtype, native_bf16
+    from dinov2_triton.qa.gpu_check import choose_amp_dtype, native_bf16
 
     torch = _fake_torch()
     assert torch.cuda.is_bf16_supported() is True        # what the old check asked
@@ -353,7 +358,7 @@ def test_amp_dtype_ignores_emulated_bf16():
 def test_xformers_that_cannot_run_the_dtype_falls_back_to_sdpa(monkeypatch):
     import types
 
-    from perf.gpu_check import choose_attention
+    from dinov2_triton.qa.gpu_check import choose_attention
 
     torch = _fake_torch()
     monkeypatch.setitem(sys.modules, "xformers", None)
@@ -372,7 +377,7 @@ def test_xformers_that_cannot_run_the_dtype_falls_back_to_sdpa(monkeypatch):
 
 
 def test_a_failing_row_does_not_stop_the_check():
-    from perf.gpu_check import SkipRow, _row, format_table
+    from dinov2_triton.qa.gpu_check import SkipRow, _row, format_table
 
     rows = []
 
@@ -394,7 +399,7 @@ def test_a_failing_row_does_not_stop_the_check():
 
 
 def test_gpu_check_without_a_gpu_says_so(capsys):
-    from perf.gpu_check import main
+    from dinov2_triton.qa.gpu_check import main
 
     assert main([]) == 2
     assert "no CUDA GPU visible to PyTorch" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Every overlay is rendered with ``kubectl kustomize`` and every built-in
 object validated strictly (unknown fields are errors) against the
-Kubernetes OpenAPI schemas of serve.kubernetes.KUBERNETES_VERSION
+Kubernetes OpenAPI schemas of dinov2_triton.serve.kubernetes.KUBERNETES_VERSION
 (kubernetes-validate). CRDs (ServiceMonitor, InferenceService) have no
 schema there; their fields that matter are checked below. Then the
 semantics that break deployments: ports and probe paths against the server
@@ -24,12 +24,13 @@ import numpy as np
 import pytest
 import yaml
 
-from serve import kubernetes as k8s
-from serve.errors import ServeError
-from serve.release_pin import load_pin
+from dinov2_triton.core.release_pin import load_pin
+from dinov2_triton.serve import kubernetes as k8s
+from dinov2_triton.serve.errors import ServeError
+from dinov2_triton.serve.kubernetes import DEPLOY_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy" / "kubernetes"
+DEPLOY = DEPLOY_DIR
 SOURCES = {"gpu": DEPLOY / "overlays" / "gpu", "cpu": DEPLOY / "overlays" / "cpu", "kserve": DEPLOY / "kserve"}
 CRDS = {"ServiceMonitor", "InferenceService"}
 DEPLOYMENT_KINDS = {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
@@ -254,7 +255,7 @@ def test_hpa_metric_is_the_adapter_rule_whose_series_the_real_server_exports(ren
 
 # --------------------------------------------------------------------------- the generator
 def test_generated_overlay_lists_the_exported_models(tiny_repository, tmp_path, capsys):
-    from serve.__main__ import main
+    from dinov2_triton.serve.cli import main
 
     out = tmp_path / "k8s"
     assert main(["kubernetes", "--repository", str(tiny_repository), "--image", "registry.example/ml/dinov2-serve",

@@ -1,4 +1,4 @@
-"""Stage 1 (data): train.load_data and train.datasets on tiny generated trees."""
+"""Stage 1 (data): dinov2_triton.data.load and dinov2_triton.data.datasets on tiny generated trees."""
 from __future__ import annotations
 
 import csv
@@ -13,6 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dinov2_triton.core.images import ImageDecodeError, open_rgb
+from dinov2_triton.data.datasets import ManifestDataset, ManifestError, read_labels, read_manifest, verify_checksums
+from dinov2_triton.data.load import prepare_dataset
+from dinov2_triton.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    DatasetError,
+    class_dir_names,
+    default_test_per_class,
+    read_idx,
+    safe_dir_name,
+    split_counts,
+)
 from tests.fixtures.images import (
     cmyk_jpeg_bytes,
     exif_rotated_jpeg_bytes,
@@ -27,19 +40,6 @@ from tests.fixtures.images import (
     truncated_jpeg_bytes,
     write,
 )
-from train.data_sources import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
-    DatasetError,
-    class_dir_names,
-    default_test_per_class,
-    read_idx,
-    safe_dir_name,
-    split_counts,
-)
-from train.datasets import ManifestDataset, ManifestError, read_labels, read_manifest, verify_checksums
-from train.images import ImageDecodeError, open_rgb
-from train.load_data import prepare_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_FMNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
@@ -419,7 +419,7 @@ def test_fashion_mnist_missing_package_says_how_to_install(tmp_path):
 
 # --------------------------------------------------------------------------- CLI
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "train.load_data", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "dinov2_triton.data.load", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

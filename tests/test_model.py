@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
+from dinov2_triton.core.records import RecordError
+from dinov2_triton.train.checkpoint import read_checkpoint
+from dinov2_triton.train.model import ARCHS, WeightsError, build_model, load_classifier
+from dinov2_triton.train.weight_layouts import layout_of, read_weights
 from tests.fixtures.models import TINY, TINY_IMG, tiny_model, to_official_layout
-from train.checkpoint import read_checkpoint
-from train.model import ARCHS, WeightsError, build_model, load_classifier
-from train.records import RecordError
-from train.weight_layouts import layout_of, read_weights
 
 
 def _features(model, x):
@@ -152,7 +152,7 @@ def test_hub_weights_are_resampled_with_the_official_interpolation(monkeypatch):
     The download is replaced by a random 518 px model (no network in tests)."""
     import timm
 
-    from train.pos_embed import OFFICIAL_PLAIN, resample_grid
+    from dinov2_triton.train.pos_embed import OFFICIAL_PLAIN, resample_grid
 
     real_create = timm.create_model
     downloaded = {}
@@ -211,7 +211,7 @@ def test_unknown_transformers_keys_are_refused(tmp_path):
 def _format1_checkpoint(path, *, arch: str, weights_source: str, img_size: int = TINY_IMG):
     """A model_final.pth as written before typed records and before the
     official resampling (format_version 1, no pos_embed_resampling)."""
-    from train.preprocessing import PreprocessConfig
+    from dinov2_triton.core.preprocessing import PreprocessConfig
 
     model = tiny_model(arch, img_size=img_size)
     torch.save({"format_version": 1, "arch": arch, "img_size": img_size, "num_classes": 3, "head": "cls_mean",
@@ -230,7 +230,7 @@ def _format1_checkpoint(path, *, arch: str, weights_source: str, img_size: int =
 ])
 def test_checkpoint_before_official_resampling_loads_with_one_warning(tmp_path, caplog, arch, weights_source,
                                                                       warns):
-    from train.pos_embed import LEGACY_TIMM
+    from dinov2_triton.train.pos_embed import LEGACY_TIMM
 
     path = _format1_checkpoint(tmp_path / "model_final.pth", arch=arch, weights_source=weights_source)
     with caplog.at_level("WARNING"):
@@ -247,9 +247,9 @@ def test_checkpoint_before_official_resampling_loads_with_one_warning(tmp_path, 
 
 
 def test_new_checkpoint_records_the_official_resampling(tmp_path, caplog):
-    from train.checkpoint import make_checkpoint_record, save_checkpoint
-    from train.pos_embed import OFFICIAL_PLAIN, OFFICIAL_REGISTERS
-    from train.preprocessing import PreprocessConfig
+    from dinov2_triton.core.preprocessing import PreprocessConfig
+    from dinov2_triton.train.checkpoint import make_checkpoint_record, save_checkpoint
+    from dinov2_triton.train.pos_embed import OFFICIAL_PLAIN, OFFICIAL_REGISTERS
 
     for arch, method in (("vits14", OFFICIAL_PLAIN), ("vits14_reg4", OFFICIAL_REGISTERS)):
         built = build_model(arch, weights="random", num_classes=3, img_size=TINY_IMG, backbone_overrides=TINY)

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.gates import GATES, Gate
-from export.quant_search import Candidate, parity_summary, run_search, search_gate
+from dinov2_triton.export.gates import GATES, Gate
+from dinov2_triton.export.quant_search import Candidate, parity_summary, run_search, search_gate
 
 
 # --------------------------------------------------------------------------- fixtures
 def _export(checkpoint, dataset, repo, variants, **options):
-    from export.pipeline import run_export
+    from dinov2_triton.export.pipeline import run_export
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "tensorrt", None)   # same result on GPU hosts: the skip path is tested
@@ -85,7 +85,7 @@ def test_fp16_variant_verified_fp32_io_and_kept_layers(optimized, tiny_dataset):
 def test_int8_variant_calibrated_on_train_split_only(optimized, tiny_dataset):
     import onnx
 
-    from export.quant_graph import node_roles, quantized_nodes
+    from dinov2_triton.export.quant_graph import node_roles, quantized_nodes
 
     repo, manifest = optimized
     v = manifest["variants"]["onnx_int8"]
@@ -166,8 +166,8 @@ def test_impossible_gates_fail_and_the_search_records_every_attempt(impossible):
 def tiny_onnx(tmp_path_factory):
     import torch
 
-    from export.context import export_module
-    from export.onnx_variant import export_onnx
+    from dinov2_triton.export.context import export_module
+    from dinov2_triton.export.variants.onnx import export_onnx
     from tests.fixtures.models import scale_head, tiny_model
 
     d = tmp_path_factory.mktemp("tiny_onnx")
@@ -188,7 +188,7 @@ EXPECTED_ROLES = ([("patch_embed", None)]
 def test_node_roles_from_module_names_and_structure(tiny_onnx, exporter):
     import onnx
 
-    from export.quant_graph import node_roles, select_nodes
+    from dinov2_triton.export.quant_graph import node_roles, select_nodes
 
     model = onnx.load(str(tiny_onnx[exporter]))
     assert [(r.role, r.block) for r in node_roles(model)] == EXPECTED_ROLES
@@ -207,7 +207,7 @@ def test_node_roles_from_module_names_and_structure(tiny_onnx, exporter):
 def test_strip_qdq_restores_fp32_exactly(optimized, tmp_path):
     import onnx
 
-    from export.quant_graph import quantized_nodes, strip_qdq
+    from dinov2_triton.export.quant_graph import quantized_nodes, strip_qdq
 
     repo, _ = optimized
     fp32_path = repo / "dinov2_onnx" / "1" / "model.onnx"
@@ -229,8 +229,8 @@ def test_strip_qdq_restores_fp32_exactly(optimized, tmp_path):
 def test_parse_roles_and_keep_lists(tiny_onnx):
     import onnx
 
-    from export.onnx_fp16 import resolve_keep_list
-    from export.quant_graph import parse_roles
+    from dinov2_triton.export.quant_graph import parse_roles
+    from dinov2_triton.export.variants.onnx_fp16 import resolve_keep_list
 
     assert parse_roles("qkv,proj,mha") == ("qkv", "proj", "attn_qk", "attn_v")
     with pytest.raises(ValueError, match="unknown role 'attention'"):
@@ -302,8 +302,8 @@ def test_search_limits_duplicates_and_errors(tmp_path):
 
 
 def test_search_gate_is_the_verification_gate():
-    from export.gates import parse_gate_overrides, resolve_gate, with_accuracy_budget
-    from export.registry import gate_scopes, get_variant
+    from dinov2_triton.export.gates import parse_gate_overrides, resolve_gate, with_accuracy_budget
+    from dinov2_triton.export.registry import gate_scopes, get_variant
 
     variant = get_variant("onnx_int8")
     g = search_gate(variant, {"gates": ["int8.min_top1_agreement=0.95"], "accuracy_budget": 0.005})
@@ -311,7 +311,7 @@ def test_search_gate_is_the_verification_gate():
     assert search_gate(variant, {"accuracy_budget": 0.01}) == GATES["int8"]   # the default budget
     for opts in ({"accuracy_budget": 0.05}, {"gates": ["int8.max_accuracy_drop=0.002"], "accuracy_budget": 0.05},
                  {"gates": ["onnx_int8.max_accuracy_drop=none"], "accuracy_budget": 0.02}):
-        # exactly what the pipeline verifies with (export.pipeline.run_export resolves the same way)
+        # exactly what the pipeline verifies with (dinov2_triton.export.pipeline.run_export resolves the same way)
         verify = resolve_gate(variant, with_accuracy_budget(parse_gate_overrides(opts.get("gates"),
                                                                                  scopes=gate_scopes()),
                                                             opts["accuracy_budget"]))
@@ -327,7 +327,7 @@ def test_search_gate_is_the_verification_gate():
 
 
 def test_ladder_order_and_lazy_sensitivity():
-    from export.onnx_int8 import ladder
+    from dinov2_triton.export.variants.onnx_int8 import ladder
 
     calls = []
 
@@ -347,8 +347,8 @@ def test_ladder_order_and_lazy_sensitivity():
 
 
 def test_modelopt_worker_failure_is_reported_with_its_log(tmp_path):
-    from export.modelopt_worker import run_modelopt_quantize
-    from export.quant_graph import Int8Error
+    from dinov2_triton.export.modelopt_worker import run_modelopt_quantize
+    from dinov2_triton.export.quant_graph import Int8Error
 
     (tmp_path / "m.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(Int8Error, match=r"(?s)exit 2.*--calib .*missing\.npy: file not found"):

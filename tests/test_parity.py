@@ -1,4 +1,4 @@
-"""perf.parity: gate logic and reporting on known numbers (no server), then the
+"""dinov2_triton.qa.parity: gate logic and reporting on known numbers (no server), then the
 real local Triton server with honest variants and a deliberately corrupted one."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from export.gates import GATES, GateError, parse_gate_overrides, resolve_gate
-from perf import parity
-from train.metrics import parity_metrics
+from dinov2_triton.export.gates import GATES, GateError, parse_gate_overrides, resolve_gate
+from dinov2_triton.qa import parity
+from dinov2_triton.train.metrics import parity_metrics
 
 
 # --------------------------------------------------------------------------- pure
@@ -50,7 +50,7 @@ def test_gate_overrides_by_precision_then_model():
     g = resolve_gate("dinov2_y_int8", ov, precision="int8")
     assert g.min_top1_agreement == GATES["int8"].min_top1_agreement
     assert resolve_gate("m", ov, precision="fp16").min_embedding_cosine is None
-    assert GATES["fp16"].min_embedding_cosine is not None, "overrides must not mutate export.gates.GATES"
+    assert GATES["fp16"].min_embedding_cosine is not None, "overrides must not mutate dinov2_triton.export.gates.GATES"
 
 
 @pytest.mark.parametrize("bad", ["fp16.min_top1=0.9", "fp16min_top1_agreement=0.9",
@@ -130,8 +130,8 @@ def test_report_and_json(tmp_path):
 
 
 def test_large_splits_are_memory_mapped(tmp_path, monkeypatch):
+    from dinov2_triton.core.preprocessing import PreprocessConfig
     from tests.fixtures.images import jpeg_bytes, png_bytes
-    from train.preprocessing import PreprocessConfig
 
     pre = PreprocessConfig(image_size=14, resize_size=16)
     blobs, names = [png_bytes(seed=1), jpeg_bytes(seed=2)], ["a.png", "b.jpg"]
@@ -163,7 +163,7 @@ def add_corrupted_variant(repo, source="dinov2_onnx", name="dinov2_onnx_int8", p
     from google.protobuf import text_format
     from onnx import numpy_helper
 
-    from serve.model_plan import read_model_config
+    from dinov2_triton.serve.model_plan import read_model_config
 
     shutil.copytree(repo / source, repo / name)
     path = repo / name / "1" / "model.onnx"

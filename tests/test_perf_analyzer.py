@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perf import input_data as pin
-from perf import perf_analyzer as pa
+from dinov2_triton.bench import input_data as pin
+from dinov2_triton.bench import perf_analyzer as pa
 
 DATA = Path(__file__).parent / "data"
 
@@ -107,7 +107,7 @@ def test_input_data_refuses_samples_of_another_shape(tmp_path):
 
 
 def test_load_samples_reads_the_test_split(tiny_dataset):
-    from train.preprocessing import PreprocessConfig
+    from dinov2_triton.core.preprocessing import PreprocessConfig
 
     s = pin.load_samples(tiny_dataset, PreprocessConfig(image_size=28, resize_size=32), n=5)
     assert s.pixel_values.shape == (5, 3, 28, 28) and not s.synthetic
@@ -166,7 +166,7 @@ def test_settings_are_validated():
 
 @needs_pa
 def test_unreachable_server_is_a_clear_error(tmp_path):
-    from serve.local_server import find_free_ports
+    from dinov2_triton.serve.local_server import find_free_ports
 
     port = find_free_ports(1)[0]
     with pytest.raises(pa.PerfAnalyzerError) as info:

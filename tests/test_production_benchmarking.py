@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from perf import inprocess as pb
-from perf import production_benchmarking
+from dinov2_triton.bench import inprocess as pb
+from dinov2_triton.pipeline import production_benchmarking
 
 
 def _sleepy_runner(ms: float = 2.0):
@@ -80,7 +80,7 @@ def test_efficiency_and_bytes_moved():
 
 
 def _child_peak(q):
-    from perf.memory import peak_rss
+    from dinov2_triton.bench.memory import peak_rss
 
     q.put(peak_rss())
 
@@ -90,7 +90,7 @@ def test_peak_rss_of_a_spawned_worker_is_its_own():
     # parent's peak. peak_rss() must not.
     import multiprocessing as mp
 
-    from perf.memory import peak_rss
+    from dinov2_triton.bench.memory import peak_rss
 
     big = np.ones(300 * 2**20 // 8)  # ~300 MB touched in the parent
     parent = peak_rss()
@@ -105,8 +105,8 @@ def test_peak_rss_of_a_spawned_worker_is_its_own():
 
 
 def test_discover_variants(tiny_checkpoint, tiny_repository):
-    from export.manifest import read_export_manifest
-    from export.registry import variant_names
+    from dinov2_triton.export.manifest import read_export_manifest
+    from dinov2_triton.export.registry import variant_names
 
     specs = {s.name: s for s in pb.discover_variants(tiny_checkpoint, tiny_repository)}
     assert list(specs)[0] == "pytorch" and specs["pytorch"].status == "OK"
@@ -158,8 +158,8 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_perf_run_in_process_only(tiny_checkpoint, tiny_repository, tiny_dataset, tmp_path, capsys):
-    from perf import run
-    from perf.results import PerfResults, read_results
+    from dinov2_triton.bench.results import PerfResults, read_results
+    from dinov2_triton.pipeline import bench_stage as run
 
     code = run.main(["--model_path", str(tiny_checkpoint), "--repository", str(tiny_repository),
                      "--data_path", str(tiny_dataset), "--batch-sizes", "1,2", "--threads", "1",
@@ -183,9 +183,9 @@ def test_perf_run_in_process_only(tiny_checkpoint, tiny_repository, tiny_dataset
 @pytest.mark.slow
 def test_perf_run_against_the_real_server(tiny_checkpoint, tiny_repository, tiny_dataset, triton_server_factory,
                                           tmp_path):
-    from perf import run
-    from perf.perf_analyzer import MeasurementSettings, find_perf_analyzer
-    from perf.results import read_results
+    from dinov2_triton.bench.perf_analyzer import MeasurementSettings, find_perf_analyzer
+    from dinov2_triton.bench.results import read_results
+    from dinov2_triton.pipeline import bench_stage as run
 
     find_perf_analyzer()
     server = triton_server_factory(tiny_repository, load_models=["dinov2_onnx", "dinov2_preprocess", "dinov2"])

@@ -24,13 +24,13 @@ import numpy as np
 import psutil
 import pytest
 
-from perf import failover as fo
-from serve import balancer as lb
-from serve import local_server as ls
-from serve import replicas as rp
-from serve.errors import ServeError
-from serve.replica_record import ReplicaSetRecord, read_replica_set, write_replica_set
-from train.records import RecordError
+from dinov2_triton.core.records import RecordError
+from dinov2_triton.qa import failover as fo
+from dinov2_triton.serve import balancer as lb
+from dinov2_triton.serve import local_server as ls
+from dinov2_triton.serve import replicas as rp
+from dinov2_triton.serve.errors import ServeError
+from dinov2_triton.serve.replica_record import ReplicaSetRecord, read_replica_set, write_replica_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_access_log_and_show_stat_parsers():
 
 
 def test_thread_parameters_per_backend_and_load_order():
-    from export.triton_config import ensemble_config, preprocess_config
+    from dinov2_triton.export.triton_config import ensemble_config, preprocess_config
     from tests.fixtures.triton import tiny_config_message
 
     onnx = tiny_config_message("a", "onnxruntime_onnx")
@@ -207,10 +207,10 @@ def test_two_replicas_answer_through_http_and_grpc(replica_set):
 @pytest.mark.triton
 def test_client_parity_and_perf_analyzer_run_unchanged_through_the_balancer(replica_set, tiny_dataset,
                                                                           tiny_checkpoint, tmp_path, capsys):
-    from perf import client as pc
-    from perf import parity
-    from perf import perf_analyzer as pa
-    from perf.input_data import shape_args, synthetic_samples, write_input_data
+    from dinov2_triton.bench import perf_analyzer as pa
+    from dinov2_triton.bench.input_data import shape_args, synthetic_samples, write_input_data
+    from dinov2_triton.client import cli as pc
+    from dinov2_triton.qa import parity
 
     rs = replica_set
     folder = tiny_dataset / "images" / "test"
@@ -275,7 +275,7 @@ def test_cli_starts_reports_and_stops_the_whole_set(tiny_repository, tmp_path):
     _require_triton()
     http, grpc, stats = ls.find_free_ports(3)
     files = ["--replica-file", str(tmp_path / "set.json"), "--pid-file", str(tmp_path / "t.pid")]
-    cli = [sys.executable, "-m", "serve"]
+    cli = [sys.executable, "-m", "dinov2_triton.cli", "serve"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(*args, timeout=240):

@@ -1,5 +1,5 @@
 """perf/report.py, perf/ranking.py, perf/plots.py and perf/results.py: the
-report generated from a results record built here (the shape perf.run
+report generated from a results record built here (the shape dinov2_triton.pipeline.bench_stage
 writes), the recommendation rule, the PerfResults reader/writer, the golden
 report of a stored results.json, and the CLI that re-generates a report."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from perf import report as rp
-from perf.ranking import summarize
-from perf.results import GateVerdict, PerfResults, read_results, write_results
-from train.records import RecordError
+from dinov2_triton.bench.results import GateVerdict, PerfResults, read_results, write_results
+from dinov2_triton.core.records import RecordError
+from dinov2_triton.report import report as rp
+from dinov2_triton.report.ranking import summarize
 
 DATA = Path(__file__).parent / "data"
 
@@ -184,7 +184,7 @@ def test_unknown_pretrained_is_said(tmp_path):
 def test_a_skipped_variant_is_listed_once(tmp_path):
     res = make_results()
     reason = res["in_process"]["variants"]["trt_fp16"]["reason"]
-    res["skipped"] = [{"what": "in-process TensorRT FP16", "reason": reason}]   # what perf.run records too
+    res["skipped"] = [{"what": "in-process TensorRT FP16", "reason": reason}]   # what dinov2_triton.pipeline.bench_stage records too
     md = _report(res, tmp_path).md.read_text()
     section = md.split("## Skipped or failed")[1].split("\n## ")[0]
     assert section.count(reason) == 1 and "dinov2_trt_fp16 (SKIPPED)" in section
@@ -235,7 +235,7 @@ def test_cli_regenerates_from_results_json(tmp_path, capsys):
 
 
 def test_golden_report_of_a_stored_results_json(tmp_path):
-    """tests/data/perf_results_v1_server.json was written by the perf.report of
+    """tests/data/perf_results_v1_server.json was written by the dinov2_triton.report.report of
     commit 81348c4 (before the record existed) from make_results(), and
     perf_report_v1_server.md is the report.md it rendered then. Reading the
     old file and rendering it again must give the same page, number for
@@ -249,7 +249,7 @@ def test_golden_report_of_a_stored_results_json(tmp_path):
 
 
 def test_real_in_process_results_json_still_reads(tmp_path):
-    """perf_results_v1_inprocess.json: a real `python -m perf.run` (in process
+    """perf_results_v1_inprocess.json: a real `python -m dinov2_triton.pipeline.bench_stage` (in process
     only, tiny model, no server) of commit 81348c4, the old TensorRT
     placeholder entry included."""
     res = read_results(DATA / "perf_results_v1_inprocess.json")
@@ -303,7 +303,7 @@ def test_cli_bad_results_file(tmp_path, capsys):
     (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
     assert rp.main(["--results", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
-    assert "x.json: field 'schema_version': missing" in err and "python -m perf.run" in err
+    assert "x.json: field 'schema_version': missing" in err and "python -m dinov2_triton.pipeline.bench_stage" in err
 
 
 def test_summarize_does_not_modify_its_input():
@@ -317,9 +317,9 @@ def test_export_summary_of_a_real_manifest_with_skipped_variants_validates():
     """The manifest of a real pipeline run (TensorRT variants SKIPPED: no
     headline, no speed) becomes the results' export section without a type
     error (this failed at the end of a 20-minute perf run once)."""
-    from export.manifest import read_export_manifest
-    from perf.results import ExportSummary
-    from perf.run import export_summary
+    from dinov2_triton.bench.results import ExportSummary
+    from dinov2_triton.export.manifest import read_export_manifest
+    from dinov2_triton.pipeline.bench_stage import export_summary
 
     manifest = read_export_manifest(Path(__file__).parent / "data" / "export_manifest_pipeline.json")
     assert manifest.variants["trt_fp16"].status == "SKIPPED" and manifest.variants["trt_fp16"].headline is None

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perf import reliability as rel
-from serve import local_server as ls
-from serve import rollout
-from serve.__main__ import main as serve_main
+from dinov2_triton.qa import reliability as rel
+from dinov2_triton.serve import local_server as ls
+from dinov2_triton.serve import rollout
+from dinov2_triton.serve.cli import main as serve_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_rollout_and_rollback_under_load_fail_no_request(server, live_repo, caps
     """Load on the variant and on the ensemble while version 2 is published
     and loaded, then rolled back to 1: every request answered, responses
     name the version that answered, the logits do not change."""
-    from export.serving_models import sample_png
+    from dinov2_triton.export.serving_models import sample_png
 
     image = sample_png(28)
 
@@ -80,7 +80,7 @@ def test_rollout_and_rollback_under_load_fail_no_request(server, live_repo, caps
         assert res.ok > 20 and res.failed == 0 and res.shed == 0, res.to_dict()
     assert set(variant.versions) == {"1", "2"}, variant.versions          # the switch, and back
     assert set(ensemble.versions) == {"1"}   # the ensemble's own version; it follows its step's newest
-    from perf.classifier import response_model_version
+    from dinov2_triton.client.classifier import response_model_version
 
     assert response_model_version(after) == "1"
     np.testing.assert_array_equal(after.as_numpy("logits"), before)
@@ -114,7 +114,7 @@ def test_export_reload_switches_the_live_server_to_what_it_published(server, liv
                                                                      tiny_dataset, capsys):
     """`python -m export ... --reload URL`: the versions it published are the
     ones the server answers with afterwards."""
-    from export.cli import main as export_main
+    from dinov2_triton.export.cli import main as export_main
 
     with server.connect("http") as admin:
         before = {m: rollout.served_versions(admin, m) for m in ("dinov2_onnx", "dinov2_preprocess", "dinov2")}
@@ -174,7 +174,7 @@ def test_stop_under_load_answers_what_it_accepted(triton_server_factory, tmp_pat
     assert exit_s < handle.exit_timeout_s, exit_s
     assert not handle.is_alive() and not pid_file.exists()
     assert ls.ports_in_use([handle.http_port, handle.grpc_port]) == []
-    from serve.triton_access import ServerUnreachable
+    from dinov2_triton.serve.triton_access import ServerUnreachable
 
     with handle.connect("grpc") as conn, pytest.raises(ServerUnreachable):
         conn.infer("slow", [conn.tensor_input("pixel_values", x)])

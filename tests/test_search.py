@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from perf import search as ps
-from perf import search_space as sp
-from perf.capacity_records import SearchPoint, ServingConfig
+from dinov2_triton.bench.capacity_records import SearchPoint, ServingConfig
+from dinov2_triton.tune import search as ps
+from dinov2_triton.tune import space as sp
 from tests.test_capacity import write_manifest, write_sleepy_model
 
 SLOW_MS, FAST_MS = 25.0, 2.0            # one instance: 40 and 500 images/s
@@ -58,7 +58,7 @@ def test_knobs_round_trip_on_an_exported_config():
     if q0:      # export sizes the queue per instance and batch: it scales with both
         assert cand.dynamic_batching.default_queue_policy.max_queue_size == q0 * 2 * 4 // 8
     # what the server reports back: Triton completes an empty preferred_batch_size with [max_batch_size]
-    from perf.search_session import served_mismatch
+    from dinov2_triton.tune.session import served_mismatch
 
     none = k.model_copy(update={"preferred_batch_sizes": []})
     served = {"instance_group": [{"count": 1}], "max_batch_size": 8,
@@ -78,7 +78,7 @@ def test_the_queue_policy_is_removed_only_when_asked():
     (--queue-timeout-ms): a candidate without the policy is a named, validated
     config, its key says so, the server's answer is checked for it, and a
     space without the flag never drops it (no silent loss of load shedding)."""
-    from perf.search_session import check_config, served_mismatch
+    from dinov2_triton.tune.session import check_config, served_mismatch
     from tests.fixtures.triton import tiny_config_message
 
     base = tiny_config_message("m", "onnxruntime_onnx", max_batch_size=8)
@@ -137,7 +137,7 @@ def test_space_respects_the_graph_batch_limit(tmp_path):
 
 
 def _fake_point(cfg: ServingConfig, value: float, i: int) -> SearchPoint:
-    from perf.capacity_records import Capacity
+    from dinov2_triton.bench.capacity_records import Capacity
 
     cap = Capacity(model="m", capacity_rps=value, capacity_img_s=value, p99_at_capacity_ms=1.0, failed_rps=None,
                    knee_rps=None, stop="converged", reason="", wall_s=1.0)
@@ -193,8 +193,8 @@ def test_coordinate_ascent_searches_instances_and_threads_together():
 def test_apply_is_atomic(tmp_path, monkeypatch):
     """A crash in the middle of writing config.pbtxt leaves the old file, byte
     for byte, and no temporary file; the server is not touched."""
-    import train.artifact_io as aio
-    from export.triton_config import parse_config
+    import dinov2_triton.core.artifact_io as aio
+    from dinov2_triton.export.triton_config import parse_config
 
     write_sleepy_model(tmp_path, "slow_ok", SLOW_MS)
     path = tmp_path / "slow_ok" / "config.pbtxt"
@@ -278,7 +278,7 @@ def test_search_resumes_and_never_lets_a_gated_out_variant_win(search_server, tm
     assert cmp.default.stop == cmp.winner.stop == "converged"        # its own budget: 3x a point's
     assert "ran out of its budget" not in out.report.md.read_text()
     # had the default's bisection run out of budget, the report says its number is a lower bound
-    from perf.report_capacity import search_blocks
+    from dinov2_triton.report.capacity import search_blocks
 
     short = cmp.default.model_copy(update={"stop": "budget", "reason": "time budget 270 s spent"})
     cut = out.results.model_copy(update={"search": s.model_copy(update={
@@ -297,7 +297,7 @@ def test_search_resumes_and_never_lets_a_gated_out_variant_win(search_server, tm
 
 @pytest.mark.triton
 def test_apply_then_a_restart_serves_the_winner(tmp_path, triton_server_factory):
-    from export.triton_config import parse_config
+    from dinov2_triton.export.triton_config import parse_config
 
     repo = make_repo(tmp_path / "repo")
     server = triton_server_factory(repo)

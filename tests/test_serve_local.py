@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve import install, model_plan
-from serve import local_server as ls
-from serve import triton_access as ta
+from dinov2_triton.serve import install, model_plan
+from dinov2_triton.serve import local_server as ls
+from dinov2_triton.serve import triton_access as ta
+from dinov2_triton.serve.install import STANDIN_BACKENDS
 from tests.fixtures.triton import TINY_IMAGE, tiny_config, tiny_config_message, tiny_reference, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def _wait_model_ready(conn, model, ready: bool, timeout: float = 30.0) -> None:
 
 # --------------------------------------------------------------------------- no server
 def test_plan_models_loads_what_runs_here_and_says_why_not(tmp_path):
-    from export.triton_config import ensemble_config, preprocess_config, to_text
+    from dinov2_triton.export.triton_config import ensemble_config, preprocess_config, to_text
 
     def ensemble(name, step):
         cfg = ensemble_config(step, num_classes=4, embed_dim=6, image_size=8, max_batch_size=4)
@@ -289,7 +290,7 @@ def pb_utils(monkeypatch):
 
 
 def _load_standin(backend: str, model_dir: Path, model_name: str,
-                  backends: Path = ROOT / "serve" / "backends"):
+                  backends: Path = STANDIN_BACKENDS):
     from google.protobuf import json_format
 
     spec = importlib.util.spec_from_file_location(f"standin_{backend}", backends / backend / "model.py")
@@ -355,7 +356,7 @@ def test_standin_failing_run_only_fails_its_requests(pb_utils, tiny_model_reposi
 
 def test_standin_refuses_a_config_that_does_not_match_the_graph(pb_utils, tiny_model_repository,
                                                                 tmp_path):
-    from export.triton_config import to_text
+    from dinov2_triton.export.triton_config import to_text
 
     cfg = tiny_config_message("renamed", "onnxruntime_onnx")
     cfg.output[0].name = "scores"  # the graph's output is 'logits'
@@ -371,7 +372,7 @@ def test_standin_refuses_a_config_that_does_not_match_the_graph(pb_utils, tiny_m
 def test_standins_run_from_the_built_backend_dir(pb_utils, tiny_model_repository, tiny_classifier,
                                                  tmp_path, backend, model_name):
     """Each model.py loads its shared helpers from one folder up, as the stub
-    runs it: the backend directory that serve.install builds must carry them."""
+    runs it: the backend directory that dinov2_triton.serve.install builds must carry them."""
     backend_dir = install.build_backend_dir(cache_dir=tmp_path)
     assert backend_dir.parent == tmp_path and install.build_backend_dir(cache_dir=tmp_path) == backend_dir
     model = _load_standin(backend, tiny_model_repository / model_name, model_name, backends=backend_dir)
@@ -601,7 +602,7 @@ def test_cli_start_status_stop(tiny_model_repository, tmp_path):
     http, grpc, metrics = ls.find_free_ports(3)
 
     def cli(*args, timeout=180):
-        return subprocess.run([sys.executable, "-m", "serve", *args], cwd=ROOT, timeout=timeout,
+        return subprocess.run([sys.executable, "-m", "dinov2_triton.cli", "serve", *args], cwd=ROOT, timeout=timeout,
                               capture_output=True, text=True)
 
     start = ["start", "--repository", str(tiny_model_repository),

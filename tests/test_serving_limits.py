@@ -1,8 +1,8 @@
 """Bounded latency under overload and hostile images refused: the image
-limits (train.image_limits) in the data stage and the served preprocessing
+limits (dinov2_triton.core.image_limits) in the data stage and the served preprocessing
 model, then the REAL local Triton server: decompression bombs sent to the
 ensemble, overload at 3x capacity against the queue policy that
-export.triton_config writes, and the bad requests for which Triton 2.51
+dinov2_triton.export.triton_config writes, and the bad requests for which Triton 2.51
 answers HTTP 500 (pinned)."""
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from perf import reliability as rel
-from serve import triton_access as ta
-from train.image_limits import DEFAULT_MAX_IMAGE_PIXELS, ImageLimitError, check_image_limits
+from dinov2_triton.core import image_limits
+from dinov2_triton.core.image_limits import DEFAULT_MAX_IMAGE_PIXELS, ImageLimitError, check_image_limits
+from dinov2_triton.core.resources import resource_path
+from dinov2_triton.qa import reliability as rel
+from dinov2_triton.serve import triton_access as ta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,7 @@ def test_limits_read_the_header_only(bomb):
         check_image_limits(bomb, name="image 3 of request")
     assert time.perf_counter() - t0 < 0.2            # decoding it would take seconds and 1.2 GB
     # "20000 x 20000 = 400000000 pixels ..." (or without the sizes where PIL's own
-    # bomb check fires first: its limit depends on whether train.images was imported)
+    # bomb check fires first: its limit depends on whether dinov2_triton.core.images was imported)
     assert str(info.value).startswith("image 3 of request: ")
     assert str(info.value).endswith(f"400000000 pixels exceeds the limit of {DEFAULT_MAX_IMAGE_PIXELS} pixels "
                                     f"(max_image_pixels)")
@@ -60,7 +62,7 @@ def test_limits_read_the_header_only(bomb):
 
 
 def test_data_stage_leaves_out_what_the_server_refuses(tmp_path, bomb):
-    from train.validate_images import check_image_file
+    from dinov2_triton.data.validate import check_image_file
 
     (tmp_path / "bomb.png").write_bytes(bomb)
     (tmp_path / "ok.png").write_bytes(_png())
@@ -73,14 +75,14 @@ def test_data_stage_leaves_out_what_the_server_refuses(tmp_path, bomb):
 
 def _preprocess_module():
     spec = importlib.util.spec_from_file_location("_limits_preprocess_model",
-                                                  ROOT / "export" / "preprocess_model" / "model.py")
+                                                  resource_path("dinov2_triton.serve", "preprocess_model", "model.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_preprocess_model_refuses_before_decoding_and_reads_its_limits(bomb):
-    from train.preprocessing import PreprocessConfig
+    from dinov2_triton.core.preprocessing import PreprocessConfig
 
     mod = _preprocess_module()
     cfg = PreprocessConfig(image_size=28, resize_size=32)
@@ -105,7 +107,7 @@ def test_preprocess_model_refuses_before_decoding_and_reads_its_limits(bomb):
 
 def test_published_preprocess_model_carries_the_limits_module(tiny_repository):
     version = tiny_repository / "dinov2_preprocess" / "1"
-    assert (version / "dinov2_image_limits.py").read_text() == (ROOT / "train" / "image_limits.py").read_text()
+    assert (version / "dinov2_image_limits.py").read_text() == Path(image_limits.__file__).read_text()
     text = (tiny_repository / "dinov2_preprocess" / "config.pbtxt").read_text()
     assert 'key: "max_image_pixels"' in text and 'string_value: "40000000"' in text
 
@@ -132,8 +134,8 @@ def test_bombs_are_refused_fast_and_cost_no_memory(server, bomb):
 def test_the_served_limit_is_the_config_parameter(server):
     """A limit changed in the config (what export --max-image-pixels writes) is
     the one the served model applies."""
-    from export.triton_config import PREPROCESS_MODEL
-    from serve.rollout import reload_model
+    from dinov2_triton.export.triton_config import PREPROCESS_MODEL
+    from dinov2_triton.serve.rollout import reload_model
 
     image = _png((100, 80))    # 8000 pixels; the warm-up image (64 x 48) stays under the limit
     with server.connect("http") as conn:
@@ -230,7 +232,7 @@ def test_triton_2_51_stalls_while_a_queue_is_full(slow_server):
     and on shared cores the capacity run alone varied 30.8-38.9 req/s (0.86x
     was once measured with stalls). If this starts failing, the server no
     longer stalls and max_queue_size can become the first bound again."""
-    from serve.rollout import reload_model
+    from dinov2_triton.serve.rollout import reload_model
 
     x = np.zeros((1, 3, 8, 8), np.float32)
     with slow_server.connect("http") as admin, slow_server.connect("grpc") as conn:
@@ -286,7 +288,7 @@ def test_triton_2_51_stalls_with_any_queue_policy_below_overload(triton_server_f
 @pytest.mark.triton
 def test_client_retries_shed_requests_with_backoff(slow_server):
     """TritonClassifier resends what the server shed (bounded, jittered) and counts it."""
-    from perf.classifier import Backoff, TritonClassifier
+    from dinov2_triton.client.classifier import Backoff, TritonClassifier
 
     x = np.zeros((4, 3, 8, 8), np.float32)
     busy = threading.Event()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train import stage_stamp
+from dinov2_triton.core import stage_stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,9 +77,9 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert "export: up to date, skipped" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script,usage", [("load_data.py", "train.load_data"),
-                                          ("finetune.py", "train.finetune"),
-                                          ("production_benchmarking.py", "perf.production_benchmarking")])
+@pytest.mark.parametrize("script,usage", [("load_data.py", "dinov2_triton.data.load"),
+                                          ("finetune.py", "dinov2_triton.train.finetune"),
+                                          ("production_benchmarking.py", "dinov2_triton.pipeline.production_benchmarking")])
 def test_seed_commands_work_from_the_repository_root(script, usage):
     res = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
@@ -88,8 +88,8 @@ def test_seed_commands_work_from_the_repository_root(script, usage):
 
 
 def test_root_model_module_is_the_model_definition():
-    res = subprocess.run([sys.executable, "-c", "import model, train.model; "
-                          "assert model.build_model is train.model.build_model; print('ok')"],
+    res = subprocess.run([sys.executable, "-c", "import model, dinov2_triton.train.model; "
+                          "assert model.build_model is dinov2_triton.train.model.build_model; print('ok')"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 

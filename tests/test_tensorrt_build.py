@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import trt_build_main as tbm
-from export.registry import SkipVariant
+from dinov2_triton.export import trt_build_main as tbm
+from dinov2_triton.export.registry import SkipVariant
 
 IMG = 28
 
@@ -625,7 +625,7 @@ def _plan(tmp_path, *, max_batch=4, version_compatible=False, name="model.plan")
 
 
 def test_runner_uses_its_own_stream_and_splits_large_inputs(tmp_path):
-    from export.tensorrt_engine import engine_runner
+    from dinov2_triton.export.variants.tensorrt import engine_runner
 
     dev = FakeDevice()
     run = engine_runner(_plan(tmp_path, max_batch=4), trt_module=fake_trt(), device=dev)
@@ -642,7 +642,7 @@ def test_runner_uses_its_own_stream_and_splits_large_inputs(tmp_path):
 
 
 def test_runner_stops_when_tensorrt_rejects_the_shape(tmp_path):
-    from export.tensorrt_engine import engine_runner
+    from dinov2_triton.export.variants.tensorrt import engine_runner
 
     run = engine_runner(_plan(tmp_path), trt_module=fake_trt(), device=FakeDevice())
     FAKE_STATE["reject_shapes"] = True
@@ -652,7 +652,7 @@ def test_runner_stops_when_tensorrt_rejects_the_shape(tmp_path):
 
 
 def test_version_compatible_plans_deserialize_with_host_code_allowed(tmp_path):
-    from export.tensorrt_engine import engine_runner, plan_is_version_compatible
+    from dinov2_triton.export.variants.tensorrt import engine_runner, plan_is_version_compatible
 
     trt = fake_trt()
     model_dir = tmp_path / "dinov2_trt_fp16"
@@ -676,7 +676,7 @@ def test_version_compatible_plans_deserialize_with_host_code_allowed(tmp_path):
 
 
 def test_variant_build_records_version_compatibility_for_its_runner(tmp_path, monkeypatch):
-    from export import tensorrt_engine as te
+    from dinov2_triton.export.variants import tensorrt as te
 
     pins = tmp_path / "triton_version.sh"
     pins.write_text(PIN_TEXT)
@@ -697,7 +697,7 @@ def test_variant_build_records_version_compatibility_for_its_runner(tmp_path, mo
 
 
 def test_missing_parent_artifact_is_a_clear_error(tmp_path, monkeypatch):
-    from export import tensorrt_engine as te
+    from dinov2_triton.export.variants import tensorrt as te
 
     monkeypatch.setattr(te, "import_tensorrt", lambda: fake_trt())
     monkeypatch.setattr(te, "gpu_info", lambda: dict(H100))
@@ -714,8 +714,8 @@ def no_tensorrt(monkeypatch):
 
 
 def test_variants_skip_without_tensorrt_and_write_nothing(no_tensorrt, tmp_path):
-    import export.tensorrt_engine  # noqa: F401 - registers the TensorRT variants
-    from export.registry import get_variant
+    import dinov2_triton.export.variants.tensorrt  # noqa: F401 - registers the TensorRT variants
+    from dinov2_triton.export.registry import get_variant
 
     (tmp_path / "parent.onnx").write_bytes(b"x")
     ctx = types.SimpleNamespace(options={}, max_batch_size=8, work_dir=tmp_path / "work",
@@ -749,9 +749,9 @@ def test_trt_build_main_imports_only_the_standard_library(repo_root):
     project's own packages is imported."""
     import subprocess
 
-    code = ("import sys; before = set(sys.modules); import export.trt_build_main; "
+    code = ("import sys; before = set(sys.modules); import dinov2_triton.export.trt_build_main; "
             "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
-            "print(sorted(new - set(sys.stdlib_module_names) - {'export', 'serve', 'train'}))")
+            "print(sorted(new - set(sys.stdlib_module_names) - {'dinov2_triton'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -767,9 +767,9 @@ def test_real_tensorrt_engine_from_tiny_onnx(tmp_path):
     import numpy as np
     import torch
 
-    from export.context import export_module
-    from export.onnx_variant import export_onnx
-    from export.tensorrt_engine import engine_runner
+    from dinov2_triton.export.context import export_module
+    from dinov2_triton.export.variants.onnx import export_onnx
+    from dinov2_triton.export.variants.tensorrt import engine_runner
     from tests.fixtures.models import scale_head, tiny_model
 
     model = scale_head(tiny_model())

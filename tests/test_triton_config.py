@@ -5,8 +5,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from export.registry import get_variant, load_builtin_variants
-from export.triton_config import (
+from dinov2_triton.export.registry import get_variant, load_builtin_variants
+from dinov2_triton.export.triton_config import (
     ConfigError,
     classifier_config,
     ensemble_config,
@@ -119,7 +119,11 @@ def test_published_configs_parse(tiny_repository):
 
 
 def test_load_shedding_is_off_by_default_and_sized_from_batch_and_instances_when_on():
-    from export.triton_config import QUEUE_BATCHES_PER_INSTANCE, SHEDDING_QUEUE_TIMEOUT_MS, default_max_queue_size
+    from dinov2_triton.export.triton_config import (
+        QUEUE_BATCHES_PER_INSTANCE,
+        SHEDDING_QUEUE_TIMEOUT_MS,
+        default_max_queue_size,
+    )
 
     # off: Triton 2.51 stalls with any queue policy (tests/test_serving_limits.py pins it)
     for cfg in (_classifier(max_batch_size=8), preprocess_config(image_size=28, max_batch_size=8)):
@@ -143,7 +147,7 @@ def test_load_shedding_is_off_by_default_and_sized_from_batch_and_instances_when
 
 
 def test_preprocess_limits_are_config_parameters():
-    from train.image_limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+    from dinov2_triton.core.image_limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
     default = parse_config(validate_config(preprocess_config(image_size=28, max_batch_size=8)))
     assert default.parameters["max_image_bytes"].string_value == str(DEFAULT_MAX_IMAGE_BYTES)

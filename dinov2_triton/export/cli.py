@@ -1,0 +1,204 @@
+"""`python -m export`: thin CLI over dinov2_triton.export.pipeline.run_export.
+
+Exit codes: 0 every requested variant OK (or SKIPPED with a reason);
+1 a variant FAILED or failed its accuracy gate (the manifest is written
+first); 2 bad input (missing checkpoint, bad flags), with a message."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+THRESHOLDS_NOTE = "note: --thresholds is deprecated; use --gates (same SCOPE.FIELD=VALUE entries)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dinov2_triton.core.image_limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+    from dinov2_triton.export.gates import FLAG, override_help
+    from dinov2_triton.export.modelopt_worker import CALIB_METHODS
+    from dinov2_triton.export.registry import default_variants, ensemble_candidates, get_variant, variant_names
+    from dinov2_triton.export.triton_config import (
+        DEFAULT_QUEUE_TIMEOUT_MS,
+        QUEUE_BATCHES_PER_INSTANCE,
+        SHEDDING_QUEUE_TIMEOUT_MS,
+    )
+
+    names = variant_names()
+    variants_help = "comma-separated, or 'all': " + "; ".join(
+        f"{n} ({get_variant(n).precision}, {get_variant(n).platform}"
+        + (f", from {get_variant(n).parent})" if get_variant(n).parent else ")") for n in names)
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a fine-tuned DINOv2 checkpoint to a Triton model repository: build each "
+                    "variant, verify it against eager FP32 on held-out images, measure its speed, and "
+                    "publish it atomically as a new model version.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    req = p.add_argument_group("Required")
+    req.add_argument("--model_path", "--model-path", required=True,
+                     help="checkpoint written by dinov2_triton.train.finetune (e.g. ./models/model_final.pth)")
+    opt = p.add_argument_group("Optional")
+    opt.add_argument("--repository", default="./model_repository/", help="Triton model repository to publish into")
+    opt.add_argument("--data_path", "--data-path", default=None,
+                     help="data folder from dinov2_triton.data.load: test split for verification, train split "
+                          "for calibration (without it: random tensors, no accuracy)")
+    opt.add_argument("--variants", default=",".join(default_variants()),
+                     help=variants_help + "; or 'cpu-auto': every CPU variant, and the dinov2 ensemble calls "
+                          "the fastest one that passed its gate, measured in this run")
+    opt.add_argument("--max-batch-size", "--max_batch_size", type=int, default=8,
+                     help="config max_batch_size (= TensorRT profile max) and the verification batch")
+    opt.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    opt.add_argument("--onnx-exporter", choices=("dynamo", "legacy"), default="dynamo",
+                     help="torch.onnx exporter (dynamo gives the cleaner graph here)")
+    opt.add_argument("--instances", type=int, default=1, help="instance_group count per classifier model")
+    opt.add_argument("--preprocess-instances", type=int, default=1, help="instance count of dinov2_preprocess")
+    opt.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                     help="instance_group kind (KIND_CPU / KIND_GPU); TensorRT models are always KIND_GPU")
+    opt.add_argument("--preferred-batch-sizes", default="4,8", help="dynamic_batching preferred_batch_size list")
+    opt.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic_batching max queue delay")
+    opt.add_argument("--queue-timeout-ms", type=float, default=DEFAULT_QUEUE_TIMEOUT_MS,
+                     help="load shedding: a request still queued after this long is rejected (gRPC "
+                          "UNAVAILABLE / HTTP 503; clients may ask for less), e.g. "
+                          f"{SHEDDING_QUEUE_TIMEOUT_MS}; default 0: no queue policy, because Triton 2.51 "
+                          "stalls ~500 ms on some requests whenever a model with one instance has one "
+                          "(README: Production limits)")
+    opt.add_argument("--max-queue-size", type=int, default=None,
+                     help="with shedding on: requests a model may hold waiting before new ones are shed; "
+                          f"default {QUEUE_BATCHES_PER_INSTANCE} x max_batch_size x instances of each model "
+                          "(512 for 8 x 1), a memory cap: the queue timeout is the latency bound")
+    opt.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help="dinov2_preprocess refuses an encoded image larger than this, before decoding")
+    opt.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                     help="dinov2_preprocess refuses an image whose header declares more pixels (width x "
+                          "height) than this, before decoding (decompression bombs); the data stage "
+                          "uses the same default")
+    opt.add_argument("--reload", metavar="URL", default=None,
+                     help="after publishing, load every published model on the Triton server at this "
+                          "host:port (HTTP) through its key-protected repository API, so traffic "
+                          "switches to the new versions (python -m serve reload)")
+    opt.add_argument("--api-key-file", default=None,
+                     help="with --reload: the server's API key file (default: $TRITON_API_KEY)")
+    opt.add_argument(FLAG, dest="gates", nargs="*", default=[], metavar="SCOPE.FIELD=VALUE",
+                     help=override_help() + ", e.g. fp16.min_top1_agreement=0.99 batch.max_rel_diff=1e-3")
+    opt.add_argument("--thresholds", dest="thresholds", nargs="*", default=None, metavar="SCOPE.FIELD=VALUE",
+                     help=f"deprecated spelling of {FLAG}")
+    opt.add_argument("--allow-failed-gates", action="store_true",
+                     help="publish variants that fail their gate (marked GATE_FAILED in the manifest)")
+    opt.add_argument("--default-variant", default=None, choices=names,
+                     help="classifier the dinov2 ensemble calls (default: the first published of "
+                          f"{', '.join(ensemble_candidates())})")
+    opt.add_argument("--eval-size", type=int, default=256, help="max held-out images used for verification")
+    opt.add_argument("--bench-seconds", type=float, default=4.0,
+                     help="in-process benchmark time per variant (0 disables)")
+    opt.add_argument("--keep-versions", type=int, default=2, help="versions kept per model")
+    opt.add_argument("--calib-size", type=int, default=512,
+                     help="INT8 calibration images, drawn from the train split only (capped at its size)")
+    opt.add_argument("--calib-method", default="entropy", choices=CALIB_METHODS,
+                     help="INT8 calibration method (ModelOpt ONNX PTQ)")
+    opt.add_argument("--accuracy-budget", type=float, default=0.01,
+                     help="INT8 gate's allowed accuracy drop vs FP32 (0.01 = 1 point); when the "
+                          "first INT8 attempt misses it, more conservative configurations are tried")
+    opt.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra option for variant builders (e.g. trt_workspace_gb=4); repeatable")
+    opt.add_argument("--log-dir", default=None, help="also copy the manifest here")
+    opt.add_argument("--work-dir", default=None, help="scratch folder (default: a temp folder, deleted)")
+    opt.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    return p
+
+
+def _extra_options(entries: Sequence[str]) -> dict:
+    out = {}
+    for e in entries:
+        key, sep, value = e.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {e!r}: expected KEY=VALUE")
+        v: object = value
+        for conv in (int, float):
+            try:
+                v = conv(value)
+                break
+            except ValueError:
+                continue
+        if value.lower() in ("true", "false"):
+            v = value.lower() == "true"
+        out[key.strip().replace("-", "_")] = v
+    return out
+
+
+def _expand_cpu_auto(variants: str, extra: dict) -> str:
+    """'cpu-auto' in --variants -> the CPU candidates (dinov2_triton.export.cpu_auto), and
+    the option that makes the ensemble call the fastest gated one."""
+    from dinov2_triton.export.cpu_auto import CPU_AUTO, ENSEMBLE_CHOICE_OPTION, FASTEST, cpu_candidates
+
+    names = [v for v in variants.replace(" ", "").split(",") if v]
+    if CPU_AUTO not in names:
+        return variants
+    extra[ENSEMBLE_CHOICE_OPTION] = FASTEST
+    expanded: list[str] = []
+    for n in names:
+        for m in (cpu_candidates() if n == CPU_AUTO else [n]):
+            if m not in expanded:
+                expanded.append(m)
+    return ",".join(expanded)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    from dinov2_triton.export.manifest import format_summary, manifest_path
+    from dinov2_triton.export.pipeline import ExportInputError, run_export
+
+    try:
+        extra = _extra_options(args.extra)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    variants = _expand_cpu_auto(args.variants, extra)
+    gates = list(args.gates)
+    if args.thresholds is not None:
+        print(THRESHOLDS_NOTE, file=sys.stderr)
+        gates += args.thresholds
+    try:
+        manifest = run_export(
+            args.model_path, args.repository, data_path=args.data_path, variants=variants,
+            max_batch_size=args.max_batch_size, opset=args.opset, onnx_exporter=args.onnx_exporter,
+            instances=args.instances, preprocess_instances=args.preprocess_instances, device=args.device,
+            preferred_batch_sizes=args.preferred_batch_sizes, max_queue_delay_us=args.max_queue_delay_us,
+            max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
+            max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+            gates=gates, allow_failed_gates=args.allow_failed_gates,
+            default_variant=args.default_variant, eval_size=args.eval_size, bench_seconds=args.bench_seconds,
+            keep_versions=args.keep_versions, calib_size=args.calib_size, calib_method=args.calib_method,
+            accuracy_budget=args.accuracy_budget, log_dir=args.log_dir, work_dir=args.work_dir, **extra)
+    except ExportInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was published (staging folders are removed)",
+              file=sys.stderr)
+        return 130
+    print(format_summary(manifest))
+    print(f"manifest: {manifest_path(manifest.repository)}")
+    code = int(manifest.exit_code)
+    if args.reload:
+        code = max(code, _reload(args.reload, args.api_key_file, manifest))
+    return code
+
+
+def _reload(url: str, api_key_file: str | None, manifest) -> int:
+    """Load what this run published on the live server; 1 when a load fails."""
+    from dinov2_triton.serve.rollout import RolloutError, published_models, reload_models
+    from dinov2_triton.serve.triton_access import TritonError, read_api_key
+
+    models = published_models(manifest)
+    if not models:
+        print("reload: nothing was published by this run", file=sys.stderr)
+        return 0
+    try:
+        for line in reload_models(url, models, api_key=read_api_key(file=api_key_file)):
+            print(f"reload: {line}")
+    except (RolloutError, TritonError, ValueError) as exc:
+        print(f"error: reload at {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0

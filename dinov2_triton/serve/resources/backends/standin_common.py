@@ -1,0 +1,189 @@
+"""Helpers shared by the CPU stand-in backends (``onnxruntime/model.py`` and
+``pytorch/model.py``): config parsing, per-request validation, batching of the
+valid requests into one run, splitting the outputs back per request, error
+responses, and :class:`StandinModel`, the ``TritonPythonModel`` base both
+build on (they add only loading the model file and running it).
+
+Each ``model.py`` loads this file by path, one folder above its own
+(``serve/backends/`` here; ``<backend_dir>/`` once
+:func:`dinov2_triton.serve.install.build_backend_dir` has copied it there): Triton's
+Python backend stub runs a Python-based backend in isolation (PYTHONPATH is
+ignored), so this file cannot be found as a package module.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TensorSpec(NamedTuple):
+    name: str
+    triton_type: str  # e.g. "TYPE_FP32"
+    dtype: np.dtype
+    dims: tuple  # without the batch dimension; -1 = any
+
+
+class BadRequest(Exception):
+    """A request that does not match the model configuration."""
+
+
+def tensor_specs(config: dict, key: str) -> list:
+    specs = []
+    for t in config.get(key, []):
+        if t.get("reshape"):
+            raise pb_utils.TritonModelException(
+                f"{key} '{t['name']}': 'reshape' is not supported by the CPU stand-in backend")
+        dtype = pb_utils.triton_string_to_numpy(t["data_type"])
+        specs.append(TensorSpec(t["name"], t["data_type"], np.dtype(dtype),
+                                tuple(int(d) for d in t.get("dims", []))))
+    return specs
+
+
+def config_parameter(config: dict, *names: str, default=None):
+    params = config.get("parameters") or {}
+    for name in names:
+        if name in params:
+            return params[name].get("string_value", default)
+    return default
+
+
+def fmt_shape(dims, max_batch_size: int) -> str:
+    body = ", ".join(str(d) for d in dims)
+    if max_batch_size > 0:
+        return f"[batch 1..{max_batch_size}{', ' if body else ''}{body}]"
+    return f"[{body}]"
+
+
+def dims_match(expected, actual) -> bool:
+    return len(expected) == len(actual) and all(e == -1 or e == a for e, a in zip(expected, actual))
+
+
+def parse_request(request, specs, max_batch_size: int, model_name: str):
+    """Return ({name: array}, batch) for a valid request, raise BadRequest otherwise."""
+    expected = [s.name for s in specs]
+    received = [t.name() for t in request.inputs()]
+    unexpected = [n for n in received if n not in expected]
+    if unexpected:
+        raise BadRequest(f"model '{model_name}': unexpected input(s) {unexpected}; "
+                         f"expected inputs {expected}")
+    arrays, batch = {}, None
+    for spec in specs:
+        tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+        if tensor is None:
+            raise BadRequest(f"model '{model_name}': missing input '{spec.name}'; "
+                             f"expected inputs {expected}, received {received}")
+        arr = tensor.as_numpy()
+        if arr.dtype != spec.dtype:
+            raise BadRequest(
+                f"model '{model_name}': input '{spec.name}' has data type {arr.dtype}, "
+                f"expected {spec.triton_type[5:]} ({spec.dtype})")
+        inner = arr.shape[1:] if max_batch_size > 0 else arr.shape
+        if (max_batch_size > 0 and arr.ndim == 0) or not dims_match(spec.dims, inner):
+            raise BadRequest(
+                f"model '{model_name}': input '{spec.name}' has shape {list(arr.shape)}, "
+                f"expected {fmt_shape(spec.dims, max_batch_size)}")
+        if max_batch_size > 0:
+            n = arr.shape[0]
+            if not 1 <= n <= max_batch_size:
+                raise BadRequest(
+                    f"model '{model_name}': input '{spec.name}' has batch size {n}, "
+                    f"expected 1..{max_batch_size} (max_batch_size)")
+            if batch is not None and n != batch:
+                raise BadRequest(f"model '{model_name}': inputs have different batch sizes")
+            batch = n
+        arrays[spec.name] = arr
+    return arrays, (batch or 1)
+
+
+def error_response(message: str, invalid_argument: bool = True):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid_argument else "INTERNAL", None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def run_batched(requests, in_specs, out_specs, max_batch_size, model_name, run):
+    """Validate each request, run valid ones in groups of equal shapes, split results.
+
+    ``run(feed: {name: array}) -> [array per out_spec]``.
+    """
+    responses = [None] * len(requests)
+    groups = {}
+    for i, request in enumerate(requests):
+        try:
+            arrays, batch = parse_request(request, in_specs, max_batch_size, model_name)
+        except BadRequest as exc:
+            responses[i] = error_response(str(exc))
+            continue
+        if max_batch_size > 0:
+            key = tuple(arrays[s.name].shape[1:] for s in in_specs)
+        else:
+            key = ("request", i)  # no batch axis: one run per request
+        groups.setdefault(key, []).append((i, arrays, batch))
+
+    for members in groups.values():
+        if max_batch_size > 0 and len(members) > 1:
+            feed = {s.name: np.concatenate([m[1][s.name] for m in members]) for s in in_specs}
+        else:
+            feed = {s.name: np.ascontiguousarray(members[0][1][s.name]) for s in in_specs}
+        total = sum(m[2] for m in members)
+        try:
+            outputs = run(feed)
+            for spec, out in zip(out_specs, outputs):
+                inner = out.shape[1:] if max_batch_size > 0 else out.shape
+                if max_batch_size > 0 and (out.ndim == 0 or out.shape[0] != total):
+                    raise RuntimeError(f"output '{spec.name}' has shape {list(out.shape)}, "
+                                       f"expected batch {total} first")
+                if not dims_match(spec.dims, inner) or out.dtype != spec.dtype:
+                    raise RuntimeError(
+                        f"output '{spec.name}' is {out.dtype} {list(out.shape)}, config says "
+                        f"{spec.triton_type[5:]} {fmt_shape(spec.dims, max_batch_size)}")
+        except Exception as exc:  # one failing run must not take down the other groups
+            for i, _, _ in members:
+                responses[i] = error_response(f"model '{model_name}': inference failed: {exc}",
+                                              invalid_argument=False)
+            continue
+        start = 0
+        for i, _, batch in members:
+            stop = start + batch if max_batch_size > 0 else None
+            tensors = [pb_utils.Tensor(s.name, np.ascontiguousarray(o[start:stop]))
+                       for s, o in zip(out_specs, outputs)]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            start = stop or 0
+    return responses
+
+
+class StandinModel:
+    """What both stand-ins do around their runtime.
+
+    ``initialize`` parses the config, finds ``<model>/<version>/<default_model_filename
+    or DEFAULT_FILENAME>`` and hands it to ``load(path, config)``; ``execute`` runs
+    the requests through :func:`run_batched` with ``_run(feed)``. Subclasses set
+    ``DEFAULT_FILENAME`` and write ``load`` and ``_run``.
+    """
+    DEFAULT_FILENAME = None
+
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.model_name = args["model_name"]
+        self.max_batch_size = int(config.get("max_batch_size", 0))
+        self.inputs = tensor_specs(config, "input")
+        self.outputs = tensor_specs(config, "output")
+        filename = config.get("default_model_filename") or self.DEFAULT_FILENAME
+        path = os.path.join(args["model_repository"], args["model_version"], filename)
+        if not os.path.isfile(path):
+            raise pb_utils.TritonModelException(f"model '{self.model_name}': {path} not found")
+        self.load(path, config)
+
+    def load(self, path: str, config: dict):
+        raise NotImplementedError
+
+    def _run(self, feed):
+        raise NotImplementedError
+
+    def execute(self, requests):
+        return run_batched(requests, self.inputs, self.outputs, self.max_batch_size,
+                           self.model_name, self._run)

@@ -1,0 +1,273 @@
+"""DINOv2 backbones (timm) with a classification head, one weight loader.
+
+Weights come from exactly one of: a hub id (timm / Hugging Face, needs a
+network), a local file or folder in any of the layouts users have (the
+official facebookresearch `dinov2_vits14_pretrain.pth`, a Hugging Face
+`Dinov2Model` folder or its `model.safetensors`, timm's own keys), or
+`random`. Every source is converted in `dinov2_triton.train.weight_layouts.
+to_backbone_state_dict` and loaded with `strict=True`: a partial load is an
+error, never a log line.
+
+The position embedding is resampled once, at build time, to the fixed input
+size with exactly the official model's run-time interpolation for the
+architecture (train/pos_embed.py), so the backbone reproduces the official
+`forward_features` at that size and exported graphs contain no run-time
+interpolation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import nn
+
+from dinov2_triton.core.artifact_io import sha256_bytes, sha256_file
+from dinov2_triton.train.checkpoint import HEADS
+from dinov2_triton.train.pos_embed import OFFICIAL_GRID_PX, official_method
+from dinov2_triton.train.weight_layouts import RawWeights, WeightsError, read_weights, to_backbone_state_dict
+
+if TYPE_CHECKING:
+    from dinov2_triton.train.checkpoint import CheckpointRecord
+
+log = logging.getLogger(__name__)
+
+# Short names users type -> timm architecture names.
+ARCHS: dict[str, str] = {
+    "vits14": "vit_small_patch14_dinov2",
+    "vitb14": "vit_base_patch14_dinov2",
+    "vitl14": "vit_large_patch14_dinov2",
+    "vitg14": "vit_giant_patch14_dinov2",
+    "vits14_reg4": "vit_small_patch14_reg4_dinov2",
+    "vitb14_reg4": "vit_base_patch14_reg4_dinov2",
+    "vitl14_reg4": "vit_large_patch14_reg4_dinov2",
+    "vitg14_reg4": "vit_giant_patch14_reg4_dinov2",
+}
+PATCH_SIZE = 14
+# The official checkpoints, for the error message that says how to get weights.
+OFFICIAL_URLS = {
+    name: f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{name.removesuffix('_reg4')}/dinov2_{name}_pretrain.pth"
+    for name in ARCHS
+}
+
+
+def resolve_arch(arch: str) -> str:
+    if arch in ARCHS:
+        return ARCHS[arch]
+    if arch in ARCHS.values():
+        return arch
+    raise ValueError(f"--arch {arch!r}: choose one of {sorted(ARCHS)} "
+                     f"(or the timm names {sorted(ARCHS.values())})")
+
+
+def _short_name(timm_arch: str) -> str:
+    return next((k for k, v in ARCHS.items() if v == timm_arch), timm_arch)
+
+
+class DinoV2Classifier(nn.Module):
+    """A DINOv2 backbone plus a linear head.
+
+    `cls_mean` (default) concatenates the class token with the mean of the
+    patch tokens, as DINOv2's linear evaluation does; `cls` and `mean` use one
+    of them. The `embedding` output is exactly what the head sees.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head: str = "cls_mean"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}: choose one of {HEADS}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+        self.backbone = backbone
+        self.head_type = head
+        dim = backbone.num_features
+        self.embed_dim = 2 * dim if head == "cls_mean" else dim
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(pixel_values)  # final norm applied
+        n_prefix = self.backbone.num_prefix_tokens               # cls (+ registers)
+        cls_tok = tokens[:, 0]
+        patch_mean = tokens[:, n_prefix:].mean(dim=1)
+        if self.head_type == "cls":
+            return cls_tok
+        if self.head_type == "mean":
+            return patch_mean
+        return torch.cat([cls_tok, patch_mean], dim=-1)
+
+    def forward_with_embedding(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embed(pixel_values)
+        return self.head(emb), emb
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(pixel_values))
+
+
+@dataclass
+class BuildResult:
+    model: DinoV2Classifier
+    weights_source: str   # human-readable, recorded in every output and log
+    # how pretrained position embeddings are brought to img_size (train/pos_embed.py
+    # names; the official method of the arch), recorded in the checkpoint
+    pos_embed_resampling: str
+
+
+def _create_backbone(timm_arch: str, img_size: int, **overrides: Any) -> nn.Module:
+    import timm
+
+    # dynamic_img_size=False: the position embedding is stored for img_size and
+    # the graph never interpolates it at run time.
+    return timm.create_model(timm_arch, pretrained=False, num_classes=0, img_size=img_size,
+                             dynamic_img_size=False, **overrides)
+
+
+def _load_strict(backbone: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    try:
+        result = backbone.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # size mismatch: e.g. a ViT-S checkpoint for --arch vitb14
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc)[:300])
+        raise WeightsError(f"{source}: checkpoint does not match the architecture ({first}). "
+                           "Check --arch (with/without registers, size).") from exc
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{source}: checkpoint does not match the architecture "
+            f"(missing {len(missing)} keys, e.g. {missing[:5]}; unexpected {len(unexpected)} keys, "
+            f"e.g. {unexpected[:5]}). Check --arch (with/without registers, size).")
+
+
+def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: int,
+                img_size: int = 224, head: str = "cls_mean", attention: str = "sdpa",
+                backbone_overrides: Mapping[str, Any] | None = None) -> BuildResult:
+    """Build a DINOv2 classifier.
+
+    weights: "random" | a local file (.pth/.pt/.bin/.safetensors) or Hugging
+    Face model folder, in the official, transformers or timm layout | "hub"
+    (timm's default pretrained tag for the arch) | a hub id such as
+    "timm/vit_small_patch14_dinov2.lvd142m" (needs network access).
+    img_size: a multiple of 14; pretrained position embeddings are resampled
+    to it once, here, with the official interpolation of the arch.
+    backbone_overrides: extra timm kwargs (tests use depth/embed_dim for tiny models).
+    """
+    timm_arch = resolve_arch(arch)
+    if not isinstance(img_size, int) or img_size <= 0 or img_size % PATCH_SIZE:
+        raise ValueError(f"img_size {img_size!r}: must be a positive multiple of the patch size "
+                         f"{PATCH_SIZE} (e.g. 112, 224, 518)")
+    overrides = dict(backbone_overrides or {})
+    if weights == "random":
+        backbone = _create_backbone(timm_arch, img_size, **overrides)
+        source = "random init (NOT pretrained: accuracy will be far below a DINOv2 fine-tune)"
+    elif Path(weights).suffix in (".pth", ".pt", ".safetensors", ".bin") or Path(weights).exists():
+        backbone = _create_backbone(timm_arch, img_size, **overrides)
+        raw = read_weights(weights)
+        layout = _load_pretrained(backbone, raw, str(weights))
+        what = "folder" if raw.path.is_dir() else "file"
+        source = (f"{what} {raw.path.resolve()} ({layout} layout, sha256 {_weights_digest(raw.files)[:16]})")
+    else:
+        import timm
+
+        hub_id = None if weights == "hub" else weights
+        try:
+            # Built at the checkpoint's own 518 px grid (no timm resampling),
+            # then converted like a local file, so the official interpolation applies.
+            native = timm.create_model(
+                timm_arch, pretrained=True, num_classes=0, img_size=OFFICIAL_GRID_PX,
+                dynamic_img_size=False,
+                **({"pretrained_cfg_overlay": {"hf_hub_id": hub_id.removeprefix("hf-hub:")}} if hub_id else {}),
+                **overrides)
+        except Exception as exc:  # noqa: BLE001 - offline is the common case
+            short = _short_name(timm_arch)
+            raise WeightsError(
+                f"--weights {weights}: could not download pretrained DINOv2 weights for {timm_arch} "
+                f"({type(exc).__name__}: {str(exc)[:200]}). Offline? Download the official checkpoint "
+                f"on a connected machine ({OFFICIAL_URLS.get(short, 'see facebookresearch/dinov2')}) and pass "
+                f"--weights /path/to/file.pth, or pass --weights random for a smoke test.") from exc
+        backbone = _create_backbone(timm_arch, img_size, **overrides)
+        raw = RawWeights(dict(native.state_dict()), Path(hub_id or timm_arch), [])
+        del native
+        _load_pretrained(backbone, raw, f"--weights {weights}")
+        source = f"hub {hub_id or timm_arch + ' (timm default pretrained tag)'}"
+    if attention == "xformers":
+        enable_xformers(backbone)
+    elif attention != "sdpa":
+        raise ValueError(f"--attention {attention!r}: choose 'sdpa' or 'xformers'")
+    model = DinoV2Classifier(backbone, num_classes=num_classes, head=head)
+    resampling = official_method(backbone.num_reg_tokens)   # what weight_layouts applied
+    log.info("built %s (%s head, %d classes, %d px) with weights: %s",
+             timm_arch, head, num_classes, img_size, source)
+    return BuildResult(model=model, weights_source=source, pos_embed_resampling=resampling)
+
+
+def _load_pretrained(backbone: nn.Module, raw: RawWeights, source: str) -> str:
+    """Convert (dinov2_triton.train.weight_layouts) and load strictly; returns the layout."""
+    try:
+        converted, layout = to_backbone_state_dict(raw, backbone)
+    except (RuntimeError, ValueError, KeyError) as exc:  # e.g. a position embedding of another width
+        if isinstance(exc, WeightsError):
+            raise
+        raise WeightsError(f"{source}: checkpoint cannot be converted to this architecture "
+                           f"({type(exc).__name__}: {str(exc)[:200]}). Check --arch.") from exc
+    _load_strict(backbone, converted, source)
+    return layout
+
+
+def _weights_digest(files: list[Path]) -> str:
+    """sha256 of the weights file (of the shards' digests for a sharded folder)."""
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return sha256_bytes("".join(sha256_file(f) for f in files).encode())
+
+
+def enable_xformers(backbone: nn.Module) -> None:
+    """Swap each block's attention kernel for xformers' memory-efficient one
+    (GPU training only, as the official DINOv2 code does). Weights are
+    unchanged, so the checkpoint exports with the default SDPA path."""
+    try:
+        from xformers.ops import memory_efficient_attention
+    except ImportError as exc:
+        raise RuntimeError("--attention xformers: xformers is not installed (GPU hosts: see "
+                           "environment.yml); use --attention sdpa") from exc
+
+    def make_forward(attn):
+        def forward(x, attn_mask=None, **_):
+            b, n, c = x.shape
+            qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, c // attn.num_heads)
+            q, k, v = qkv.unbind(2)                # [B, N, H, Dh]: xformers' layout
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            out = memory_efficient_attention(q, k, v, p=attn.attn_drop.p if attn.training else 0.0)
+            out = out.reshape(b, n, c)
+            return attn.proj_drop(attn.proj(attn.norm(out) if hasattr(attn, "norm") else out))
+        return forward
+
+    for block in backbone.blocks:
+        block.attn.forward = make_forward(block.attn)
+
+
+# ----------------------------------------------------------------------------
+# Trained checkpoints (model_final.pth and friends): train/checkpoint.py
+# holds the record, its writer and its reader.
+# ----------------------------------------------------------------------------
+def model_from_record(record: "CheckpointRecord", *, attention: str = "sdpa") -> DinoV2Classifier:
+    """Rebuild the classifier a CheckpointRecord describes and load its weights strictly."""
+    built = build_model(record.arch, weights="random", num_classes=record.num_classes,
+                        img_size=record.image_size, head=record.head, attention=attention,
+                        backbone_overrides=record.backbone_overrides or None)
+    _load_strict(built.model, record.state_dict, f"checkpoint state_dict ({record.arch})")
+    return built.model
+
+
+def load_classifier(path: str | os.PathLike, *, attention: str = "sdpa"
+                    ) -> tuple[DinoV2Classifier, "CheckpointRecord"]:
+    """Rebuild a trained classifier from a checkpoint; returns (model in eval
+    mode, CheckpointRecord). A bad file raises dinov2_triton.core.records.RecordError, weights
+    that do not fit the architecture WeightsError."""
+    from dinov2_triton.train.checkpoint import read_checkpoint
+
+    record = read_checkpoint(path)
+    model = model_from_record(record, attention=attention).eval()
+    return model, record
