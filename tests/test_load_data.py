@@ -159,7 +159,7 @@ def test_image_folder_rejects_broken_files_and_keeps_odd_ones(tmp_path):
     assert "unrecognised image format" in reasons["dog/text.png"] and "<_io" not in reasons["dog/text.png"]
     assert reasons["dog/really_png.jpg"] == "extension .jpg but content is PNG"
     skipped = {s.path: s.reason for s in summary.skipped}
-    assert skipped["dog/.DS_Store"] == "hidden file"
+    assert skipped["dog/.DS_Store"] == "macOS Finder metadata"
     assert "not an image extension" in skipped["dog/notes.txt"]
     assert skipped["stray.jpg"] == "not inside a class folder"
 

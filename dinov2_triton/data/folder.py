@@ -54,6 +54,7 @@ class LoadArguments(_Part):
     val_fraction: float
     test_fraction: float
     force: bool
+    skip_empty_classes: bool = False  # written since 0.2; older summaries read as False
 
 
 class FileIssue(_Part):

@@ -1,11 +1,11 @@
 """Stage 1: build the validated data folder that training, export calibration
-and evaluation read (contract: train/data_folder.py, docs/architecture.md).
+and evaluation read (contract: dinov2_triton/data/folder.py, docs/architecture.md).
 
-    python -m dinov2_triton.data.load --data_path ./data/ [--dataset fashion-mnist | --image_folder PATH] [flags]
+    dinov2-triton data --data-path ./data/ [--dataset fashion-mnist | --image-folder PATH] [flags]
 
-Sources and split rules: train/data_sources.py (Fashion-MNIST written as grey
-PNG files; an ImageFolder tree linked with symbolic links, the source tree is
-only read). Every image is decoded in full (train/validate_images.py); files
+Sources and split rules: dinov2_triton/data/sources.py (Fashion-MNIST written
+as grey PNG files; an ImageFolder tree linked with symbolic links, the source
+tree is only read). Every image is decoded in full (data/validate.py); files
 that fail, and files whose content does not match their extension, are left
 out and listed with the reason in summary.json and in a printed table.
 
@@ -52,22 +52,22 @@ def _check_destination(data_path: Path, force: bool, source: Path | None) -> Non
     if source is not None:
         src = source.resolve()
         if _is_inside(src, data_abs) or _is_inside(data_abs, src):
-            raise DatasetError(f"--data_path {data_path} and --image_folder {source} overlap; "
+            raise DatasetError(f"--data-path {data_path} and --image-folder {source} overlap; "
                                "write the data folder outside the source tree (the source is "
                                "never modified) and do not put the source inside the data folder")
     if os.path.lexists(data_path) and not data_path.is_dir():
-        raise DatasetError(f"--data_path {data_path} exists and is not a folder")
+        raise DatasetError(f"--data-path {data_path} exists and is not a folder")
     if data_path.is_dir() and any(data_path.iterdir()):
         if not force:
             raise DatasetError(
-                f"--data_path {data_path} already exists and is not empty; pass --force to "
+                f"--data-path {data_path} already exists and is not empty; pass --force to "
                 "replace it (the new data set is built beside it and swapped in only when "
                 "complete)")
         if not (data_path / SUMMARY_FILE).is_file() and not (data_path / MANIFEST_FILE).is_file():
             raise DatasetError(
                 f"--force: refusing to replace {data_path}: it holds no {SUMMARY_FILE} or "
                 f"{MANIFEST_FILE}, so it does not look like a data folder written by "
-                "dinov2_triton.data.load. Choose another --data_path or empty it yourself.")
+                "dinov2-triton data. Choose another --data-path or empty it yourself.")
 
 
 def _publish(tmp: Path, data_path: Path) -> None:
@@ -112,6 +112,7 @@ def prepare_dataset(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     force: bool = False,
+    skip_empty_classes: bool = False,
     workers: int | None = None,
     fashion_mnist_dir: str | Path = FASHION_MNIST_DIR,
     progress: bool = True,
@@ -128,12 +129,12 @@ def prepare_dataset(
     log = log or (lambda _msg: None)
     t0 = time.perf_counter()
     if dataset is not None and image_folder is not None:
-        raise DatasetError("give either --dataset or --image_folder, not both")
+        raise DatasetError("give either --dataset or --image-folder, not both")
     if image_folder is None:
         dataset = dataset or FASHION_MNIST
         if dataset != FASHION_MNIST:
             raise DatasetError(f"--dataset {dataset!r}: the only embedded data set is "
-                               f"{FASHION_MNIST!r}; use --image_folder PATH for your own images")
+                               f"{FASHION_MNIST!r}; use --image-folder PATH for your own images")
     check_fractions(val_fraction, test_fraction)
     if seed < 0:
         raise DatasetError(f"--seed {seed}: must be >= 0")
@@ -149,7 +150,7 @@ def prepare_dataset(
     arguments = {"data_path": str(data_path), "dataset": dataset,
                  "image_folder": str(source) if source else None, "per_class": per_class,
                  "test_per_class": test_per_class, "seed": seed, "val_fraction": val_fraction,
-                 "test_fraction": test_fraction, "force": force}
+                 "test_fraction": test_fraction, "force": force, "skip_empty_classes": skip_empty_classes}
     data_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_path.name}.partial-", dir=data_path.parent))
     try:
@@ -177,7 +178,7 @@ def prepare_dataset(
             root = source.resolve()
             scan = scan_image_folder(root, workers=workers, progress=progress, log=log)
             rejected, skipped = scan["rejected"], scan["skipped"]
-            require_usable(scan, root)
+            require_usable(scan, root, skip_empty_classes=skip_empty_classes)
             class_names = scan["classes"]
             class_dirs = class_dir_names(class_names)
             assigned, notes = assign_image_folder_splits(

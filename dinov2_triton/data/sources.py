@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dinov2_triton.data.folder import IMAGES_DIR, SPLITS
-from dinov2_triton.data.validate import check_files, progress_bar, walk_class_folder
+from dinov2_triton.data.validate import (
+    check_files,
+    outside_link_reason,
+    progress_bar,
+    system_entry_reason,
+    walk_class_folder,
+)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -271,16 +277,37 @@ def write_fashion_mnist(out_dir: Path, fm, items, class_dirs, *, progress: bool)
 # ----------------------------------------------------------------------------
 # ImageFolder trees
 # ----------------------------------------------------------------------------
-def _visible_dirs(path: Path) -> list[Path]:
-    return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.name)
+def _not_data(entry: Path, root: Path) -> str | None:
+    """Why an entry above the images (a split or class folder's level) is no data, or None."""
+    return system_entry_reason(entry.name) or outside_link_reason(entry, root)
+
+
+def _visible_dirs(path: Path, root: Path) -> list[Path]:
+    return sorted((p for p in path.iterdir() if p.is_dir() and not _not_data(p, root)), key=lambda p: p.name)
+
+
+def _entries_above_classes(parts: dict[str, Path], root: Path) -> list[dict]:
+    """The skipped entries beside the split and class folders: system files and folders
+    (``__MACOSX``, ``.DS_Store``, ``Thumbs.db``, ...), links that leave the tree, loose files."""
+    levels = [root] + [p for p in parts.values() if p != root]
+    skipped = []
+    for level in levels:
+        for f in sorted(level.iterdir(), key=lambda q: q.name):
+            if level == root and f in parts.values():
+                continue
+            reason = _not_data(f, root)
+            if reason is None and not f.is_dir():
+                reason = "not inside a class folder"
+            if reason:
+                skipped.append({"path": f.relative_to(root).as_posix(), "reason": reason})
+    return skipped
 
 
 def detect_layout(root: Path) -> tuple[str, dict[str, Path]]:
     """('single', {'all': root}) or ('pre-split', {'train': root/'train', ...})."""
     if not root.is_dir():
-        raise DatasetError(f"--image_folder {root}: not a folder")
-    subdirs = _visible_dirs(root)
+        raise DatasetError(f"--image-folder {root}: not a folder")
+    subdirs = _visible_dirs(root, root)
     names = {d.name for d in subdirs}
     split_names = names & set(SPLITS)
     if not split_names:
@@ -304,13 +331,8 @@ def scan_image_folder(root: Path, *, workers: int, progress: bool, log: Log) -> 
     Returns {'layout', 'given_splits', 'classes', 'good': {split: {class: [(path, sha)]}},
     'rejected': [...], 'skipped': [...]} where split is 'all' for a single tree."""
     layout, parts = detect_layout(root)
-    class_sets = {part: [d.name for d in _visible_dirs(p)] for part, p in parts.items()}
-    skipped: list[dict] = []
-    for p in parts.values():
-        for f in sorted(p.iterdir(), key=lambda q: q.name):
-            if not f.is_dir():
-                skipped.append({"path": f.relative_to(root).as_posix(),
-                                "reason": "not inside a class folder"})
+    class_sets = {part: [d.name for d in _visible_dirs(p, root)] for part, p in parts.items()}
+    skipped = _entries_above_classes(parts, root)
     if layout == "pre-split":
         all_classes = sorted(set().union(*map(set, class_sets.values())))
         problems = []
@@ -351,7 +373,23 @@ def scan_image_folder(root: Path, *, workers: int, progress: bool, log: Log) -> 
             "good": good, "rejected": rejected, "skipped": skipped}
 
 
-def require_usable(scan: dict[str, Any], root: Path) -> None:
+def require_usable(scan: dict[str, Any], root: Path, *, skip_empty_classes: bool = False) -> None:
+    """Every class folder has a usable image in every split folder, or DatasetError naming the
+    empty ones and the flag that drops them. With `skip_empty_classes` those classes are dropped
+    from `scan` (every split) and listed in its skipped entries instead; at least 2 must remain."""
+    if skip_empty_classes:
+        empty_classes = sorted({c for by_class in scan["good"].values() for c, files in by_class.items() if not files})
+        for c in empty_classes:
+            for part, by_class in scan["good"].items():
+                del by_class[c]
+                where = c if part == "all" else f"{part}/{c}"
+                scan["skipped"].append({"path": where, "reason": "class folder with no usable image, dropped "
+                                                                 "(--skip-empty-classes)"})
+        scan["classes"] = [c for c in scan["classes"] if c not in empty_classes]
+        if len(scan["classes"]) < 2:
+            raise DatasetError(f"{root}: {len(scan['classes'])} class folder(s) with usable images left after "
+                               f"dropping the empty ones ({', '.join(empty_classes)}); a classifier needs at least 2")
+        return
     empty = []
     for part, by_class in scan["good"].items():
         for c, files in by_class.items():
@@ -363,7 +401,8 @@ def require_usable(scan: dict[str, Any], root: Path) -> None:
                           else " (no image files)")
                 empty.append(f"{where}{detail}")
     if empty:
-        raise DatasetError(f"{root}: class folder(s) with no usable image: " + ", ".join(empty))
+        raise DatasetError(f"{root}: class folder(s) with no usable image: " + ", ".join(empty)
+                           + ". Add images, remove the folder, or pass --skip-empty-classes to leave it out.")
 
 
 def _take(files: list, n: int | None, rng) -> list:

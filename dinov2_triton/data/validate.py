@@ -19,6 +19,46 @@ IMAGE_EXTENSIONS = {
     ".tiff": ("TIFF",), ".gif": ("GIF",),
 }
 
+#: entries that file managers, archivers and NAS boxes leave in image trees: never a class, never an image
+SYSTEM_ENTRIES = {
+    "__MACOSX": "macOS archive metadata (Archive Utility)",
+    ".DS_Store": "macOS Finder metadata",
+    ".Spotlight-V100": "macOS Spotlight index",
+    ".Trashes": "macOS trash",
+    ".fseventsd": "macOS file-system events log",
+    "Thumbs.db": "Windows thumbnail cache",
+    "ehthumbs.db": "Windows thumbnail cache",
+    "desktop.ini": "Windows folder settings",
+    "$RECYCLE.BIN": "Windows recycle bin",
+    "System Volume Information": "Windows volume metadata",
+    "@eaDir": "Synology NAS thumbnail folder",
+    "lost+found": "file-system recovery folder",
+}
+
+
+def system_entry_reason(name: str) -> str | None:
+    """Why an entry of an image tree is not data (a file manager's, an archiver's or a
+    hidden entry), or None when it may be a class folder or an image."""
+    if name in SYSTEM_ENTRIES:
+        return SYSTEM_ENTRIES[name]
+    if name.startswith("._"):
+        return "macOS AppleDouble resource fork"
+    if name.startswith("."):
+        return "hidden entry"
+    return None
+
+
+def outside_link_reason(path: Path, root: Path) -> str | None:
+    """For a symbolic link whose target lies outside `root` (or dangles): the reason to skip it."""
+    if not path.is_symlink():
+        return None
+    target = Path(os.path.realpath(path))
+    if not target.exists():
+        return f"symbolic link to a missing target ({os.readlink(path)})"
+    if not target.is_relative_to(Path(os.path.realpath(root))):
+        return f"symbolic link that leaves the tree (to {target})"
+    return None
+
 
 def progress_bar(iterable: Iterable, *, total: int | None, desc: str, enabled: bool):
     if not enabled:
@@ -34,16 +74,20 @@ def walk_class_folder(class_dir: Path, root: Path) -> tuple[list[Path], list[dic
     candidates, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         base = Path(dirpath)
-        for d in list(dirnames):
-            if d.startswith("."):
-                skipped.append({"path": (base / d).relative_to(root).as_posix(),
-                                "reason": "hidden folder"})
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(dirnames):
+            reason = system_entry_reason(d) or outside_link_reason(base / d, root)
+            if reason:
+                skipped.append({"path": (base / d).relative_to(root).as_posix(), "reason": reason})
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for f in sorted(filenames):
             p = base / f
             rel = p.relative_to(root).as_posix()
-            if f.startswith("."):
-                skipped.append({"path": rel, "reason": "hidden file"})
+            reason = system_entry_reason(f) or outside_link_reason(p, root)
+            if reason:
+                skipped.append({"path": rel, "reason": reason})
             elif p.suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append({"path": rel, "reason": f"extension {p.suffix or '(none)'!s} is not "
                                 f"an image extension ({' '.join(sorted(IMAGE_EXTENSIONS))})"})
