@@ -1,21 +1,22 @@
-"""Local Triton server on CPU: ``python -m serve start|stop|status``.
+"""``dinov2-triton serve``: the local Triton server, replicas, rollouts, the NVIDIA container, Kubernetes.
 
-  python -m serve start --repository ./model_repository \\
-      --http-port 8000 --grpc-port 8001 --metrics-port 8002 \\
-      [--models a,b] [--log-file logs/triton.log] [--pid-file logs/triton.pid]
-  python -m serve status [--json]
-  python -m serve stop [--exit-timeout-secs 30]
-  python -m serve reload MODEL [MODEL...]        serve the newest version folder (zero downtime)
-  python -m serve rollback MODEL [--version N]   serve the previous version kept on disk
-  python -m serve start --replicas N ...   N servers behind HAProxy on the same ports
-  python -m serve kubernetes --repository ./model_repository --image REGISTRY/dinov2-triton-serve --out DIR
+  dinov2-triton serve start [--repository ./model_repository] [--models a,b] \\
+      [--http-port 8000 --grpc-port 8001 --metrics-port 8002] [--replicas N]
+  dinov2-triton serve status [--json]
+  dinov2-triton serve stop                       the local server, its replicas and the container
+  dinov2-triton serve reload MODEL [MODEL...]    serve the newest version folder (zero downtime)
+  dinov2-triton serve rollback MODEL [--version N]   serve the previous version kept on disk
+  dinov2-triton serve container [--models a,b]   GPU host: the pinned NVIDIA Triton container
+  dinov2-triton serve kubernetes --image REGISTRY/dinov2-triton-serve --out DIR
 
-``start`` returns once the server is ready and leaves it running in the
-background (``--foreground`` keeps it attached; Ctrl-C stops it). Ports
-default to $HTTP_PORT / $GRPC_PORT / $METRICS_PORT, then 8000/8001/8002.
-The model-repository API (load/unload/index) needs the header
-``triton-api-key: <key>`` (gRPC metadata ``triton-grpc-protocol-triton-api-key``);
-the key is in the file printed at start (mode 0600).
+``start`` runs the real tritonserver on this machine's CPU (stand-in
+backends), returns once it is ready and leaves it running (``--foreground``
+keeps it attached). ``container`` runs the pinned NVIDIA Triton container in
+the foreground (Ctrl-C stops it). Ports default to $HTTP_PORT / $GRPC_PORT /
+$METRICS_PORT, then 8000/8001/8002. The model-repository API (load/unload/
+index) needs the header ``triton-api-key: <key>`` (gRPC metadata
+``triton-grpc-protocol-triton-api-key``); the key is in the file printed at
+start (mode 0600).
 """
 from __future__ import annotations
 
@@ -27,27 +28,47 @@ import sys
 
 DEFAULT_LOG = "logs/triton.log"
 DEFAULT_PID = "logs/triton.pid"
-DEFAULT_REPLICA_FILE = "logs/triton-replicas.json"  # = dinov2_triton.serve.replica_record.DEFAULT_REPLICA_FILE (light import)
+#: = dinov2_triton.serve.replica_record.DEFAULT_REPLICA_FILE (repeated: --help stays a light import)
+DEFAULT_REPLICA_FILE = "logs/triton-replicas.json"
+
+
+PROG = "dinov2-triton serve"
 
 
 def _port(env: str, default: int) -> int:
     value = os.environ.get(env)
-    return int(value) if value else default
+    if not value:
+        return default
+    if not value.isdigit():
+        raise SystemExit(f"error: ${env}={value!r} is not a port number (unset it or give --{env.split('_')[0].lower()}"
+                         f"-port)")
+    return int(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _server_flags(cmd: argparse.ArgumentParser, exit_timeout_s: int) -> None:
+    """The flags ``start`` and ``container`` share."""
+    cmd.add_argument("--repository", default="model_repository",
+                     help="Triton model repository (default: %(default)s)")
+    cmd.add_argument("--http-port", type=int, default=_port("HTTP_PORT", 8000), help="default: $HTTP_PORT or 8000")
+    cmd.add_argument("--grpc-port", type=int, default=_port("GRPC_PORT", 8001), help="default: $GRPC_PORT or 8001")
+    cmd.add_argument("--metrics-port", type=int, default=_port("METRICS_PORT", 8002),
+                     help="default: $METRICS_PORT or 8002")
+    cmd.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default: %(default)s; 0.0.0.0 for all)")
+    cmd.add_argument("--exit-timeout-secs", type=int, default=exit_timeout_s,
+                     help="on stop (SIGTERM) the server refuses new requests and answers the ones "
+                          "it holds for up to this long (tritonserver --exit-timeout-secs; "
+                          "default: %(default)s, as Triton's)")
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    from dinov2_triton.serve.container import DEFAULT_API_KEY_FILE, DEFAULT_NAME, IMAGE_NAME
     from dinov2_triton.serve.local_server import DEFAULT_EXIT_TIMEOUT_S
-    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    start = sub.add_parser("start", help="start the local server and wait until it is ready")
-    start.add_argument("--repository", default="model_repository",
-                       help="Triton model repository (default: %(default)s)")
-    start.add_argument("--http-port", type=int, default=_port("HTTP_PORT", 8000))
-    start.add_argument("--grpc-port", type=int, default=_port("GRPC_PORT", 8001))
-    start.add_argument("--metrics-port", type=int, default=_port("METRICS_PORT", 8002))
-    start.add_argument("--host", default="127.0.0.1",
-                       help="address to bind (default: %(default)s; 0.0.0.0 for all)")
+    start = sub.add_parser("start", help="start the local server (CPU) and wait until it is ready")
+    _server_flags(start, DEFAULT_EXIT_TIMEOUT_S)
     start.add_argument("--models", default="*",
                        help="comma-separated models to load, or * for every model that can run "
                             "on this machine (default)")
@@ -68,25 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
                             "(--metrics-port: the balancer's /metrics and /stats); recorded in "
                             "--replica-file")
     start.add_argument("--replica-file", default=DEFAULT_REPLICA_FILE, help="default: %(default)s")
-    start.add_argument("--exit-timeout-secs", type=int, default=DEFAULT_EXIT_TIMEOUT_S,
-                       help="on stop (SIGTERM) the server refuses new requests and answers the ones "
-                            "it holds for up to this long (tritonserver --exit-timeout-secs; "
-                            "default: %(default)s, as Triton's)")
 
-    stop = sub.add_parser("stop", help="stop the server recorded in the pid file")
+    stop = sub.add_parser("stop", help="stop the local server, its replica set and the container, whichever run")
     stop.add_argument("--pid-file", default=DEFAULT_PID, help="default: %(default)s")
-    stop.add_argument("--exit-timeout-secs", "--timeout", dest="timeout", type=float, default=None,
+    stop.add_argument("--timeout", type=float, default=None,
                       help="seconds to wait for the server to drain and exit before SIGKILL "
                            "(default: the exit timeout it was started with + 10 s)")
     stop.add_argument("--replica-file", default=DEFAULT_REPLICA_FILE,
                       help="the replica set to stop too, if one runs (default: %(default)s)")
+    stop.add_argument("--name", default=DEFAULT_NAME,
+                      help="the container of `serve container` to stop too, if it runs (default: %(default)s)")
+
+    box = sub.add_parser("container", help="GPU host: serve the repository with the pinned NVIDIA Triton "
+                                           "container (docker, NVIDIA Container Toolkit); foreground")
+    _server_flags(box, DEFAULT_EXIT_TIMEOUT_S)
+    box.add_argument("--models", default="*",
+                     help="comma-separated models to load, or * for every model of the repository (default)")
+    box.add_argument("--name", default=DEFAULT_NAME, help="container name (default: %(default)s)")
+    box.add_argument("--api-key-file", default=DEFAULT_API_KEY_FILE,
+                     help="where the new API key is written, mode 0600 (default: %(default)s)")
+    what = box.add_mutually_exclusive_group()
+    what.add_argument("--build-only", action="store_true",
+                      help=f"only build the image ({IMAGE_NAME}:<pinned tag>; push it for `serve kubernetes`)")
+    what.add_argument("--dry-run", action="store_true",
+                      help="print the docker commands (API key elided) and run nothing; needs no docker")
 
     kube = sub.add_parser("kubernetes", help="write Kustomize overlays for this repository "
-                          "(models, image tag, memory) over deploy/kubernetes")
+                          "(models, image tag, memory) over the packaged manifests")
     kube.add_argument("--repository", default="model_repository", help="default: %(default)s")
     kube.add_argument("--image", required=True,
-                      help="registry/name of the image built from serve/Dockerfile (the tag is the "
-                           "pinned TRITON_CONTAINER_TAG of scripts/triton_version.sh)")
+                      help=f"registry/name of the image `serve container --build-only` builds ({IMAGE_NAME}, "
+                           f"pushed to your registry; the tag is the pinned TRITON_CONTAINER_TAG)")
     kube.add_argument("--out", required=True, help="folder for kustomization.yaml and kserve/")
     kube.add_argument("--hardware", choices=("gpu", "cpu"), default="gpu", help="default: %(default)s")
     where = kube.add_mutually_exclusive_group()
@@ -136,7 +169,7 @@ def cmd_start(args) -> int:
     running = ls.handle_from_pid_file(args.pid_file)
     if running is not None:
         print(f"error: a server started with {args.pid_file} is already running (pid "
-              f"{running.pid}, http {running.url_http}); stop it first: python -m serve stop",
+              f"{running.pid}, http {running.url_http}); stop it first: {args.prog} stop",
               file=sys.stderr)
         return 1
     models = "*" if args.models.strip() == "*" else [m for m in args.models.split(",") if m]
@@ -166,7 +199,7 @@ def cmd_start(args) -> int:
     print(f"  log     {handle.log_file}\n"
           f"  api key {handle.api_key_file} (HTTP header {API_KEY_HEADER}, gRPC metadata "
           f"{GRPC_API_KEY_HEADER})\n"
-          f"  stop    python -m serve stop --pid-file {args.pid_file}")
+          f"  stop    {args.prog} stop --pid-file {args.pid_file}")
     if failed and args.require_all:
         handle.stop()
         print(f"error: model(s) failed to load: {', '.join(failed)}; server stopped "
@@ -198,6 +231,10 @@ def cmd_stop(args) -> int:
     except RecordError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    from dinov2_triton.serve.container import stop_container
+
+    if stop_container(args.name, timeout=args.timeout):
+        print(f"stopped container {args.name}")
     return 0
 
 
@@ -251,7 +288,7 @@ def cmd_start_replicas(args) -> int:
         print(f"  model {name}: not loaded: {why}")
     print(f"  logs    {rs.log_dir}\n  api key {rs.api_key_file} (HTTP header {API_KEY_HEADER}; the "
           f"repository API through the balancer reaches one replica)\n"
-          f"  stop    python -m serve stop --replica-file {args.replica_file}")
+          f"  stop    {args.prog} stop --replica-file {args.replica_file}")
     if rs.failed and args.require_all:
         rs.stop()
         print(f"error: model(s) failed to load: {', '.join(rs.failed)}; stopped", file=sys.stderr)
@@ -285,6 +322,44 @@ def cmd_status_replicas(args) -> int:
               f"{','.join(map(str, r['cpus']))} ({r['threads']} thread(s)), http {r['http']}, grpc {r['grpc']}")
     print(f"  models {', '.join(status['models'])}; balancer log {status['balancer_log']}")
     return 0 if status["ready"] else 1
+
+
+def cmd_container(args) -> int:
+    import secrets
+
+    from dinov2_triton.core.release_pin import PinError
+    from dinov2_triton.serve import container as box
+    from dinov2_triton.serve.local_server import write_api_key
+
+    models = None if args.models.strip() == "*" else [m.strip() for m in args.models.split(",") if m.strip()]
+    key = "<api-key>" if args.dry_run else secrets.token_urlsafe(32)
+    try:
+        launch = box.plan_container(args.repository, api_key=key, models=models, host=args.host,
+                                    http_port=args.http_port, grpc_port=args.grpc_port,
+                                    metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout_secs,
+                                    name=args.name)
+        if args.dry_run:
+            import shlex
+
+            print(shlex.join(launch.build_argv))
+            print(shlex.join(launch.run_argv))
+            return 0
+        box.check_host(image=launch.pin.triton_image)
+        print(f"building {launch.image} from {launch.pin.triton_image} (+ {box.PILLOW_REQUIREMENT})", flush=True)
+        box.build_image(launch)
+        if args.build_only:
+            print(f"built {launch.image}; for Kubernetes: docker tag {launch.image} REGISTRY/{box.IMAGE_NAME}:"
+                  f"{launch.pin.container_tag} && docker push it, then {args.prog} kubernetes --image "
+                  f"REGISTRY/{box.IMAGE_NAME} ...")
+            return 0
+        write_api_key(args.api_key_file, key)
+    except (box.ContainerError, PinError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in box.describe(launch, args.api_key_file):
+        print(f"  {line}")
+    print(f"  stop    Ctrl-C, or {args.prog} stop --name {launch.name}", flush=True)
+    return box.run_container(launch)
 
 
 def cmd_kubernetes(args) -> int:
@@ -336,10 +411,11 @@ def cmd_rollout(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[serve] %(message)s")
-    args = build_parser().parse_args(argv)
-    return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status,
+    args = build_parser(prog or PROG).parse_args(argv)
+    args.prog = prog or PROG
+    return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "container": cmd_container,
             "kubernetes": cmd_kubernetes, "reload": cmd_rollout, "rollback": cmd_rollout}[args.command](args)
 
 

@@ -1,7 +1,7 @@
 """Kubernetes manifests for one exported repository: ``python -m serve kubernetes``.
 
 ``deploy/kubernetes/`` holds a Kustomize base (the server flags of
-``scripts/serve.sh container``, probes, Service, PodDisruptionBudget,
+``dinov2-triton serve container``, probes, Service, PodDisruptionBudget,
 NetworkPolicy, ServiceMonitor, HPA on queue time per request), hardware
 components (``gpu``, the default, and ``cpu``), the overlays that load every
 model (``--load-model=*``) and a KServe InferenceService alternative.
@@ -15,10 +15,10 @@ drifting:
   stage published into, read with dinov2_triton.serve.model_plan (on ``--hardware cpu``
   only those that run without a GPU, with the reason for the others);
 * the image: ``<--image>:<TRITON_CONTAINER_TAG>`` from the pin file
-  (dinov2_triton.core.release_pin), the derived image of serve/Dockerfile;
+  (dinov2_triton.core.release_pin), the derived image of serve/resources/Dockerfile;
 * memory: an estimate from the model files (below), unless ``--memory``;
 * TensorRT plans built version-compatible get the backend flag
-  ``scripts/serve.sh`` gives them.
+  dinov2_triton.serve.container gives them.
 
 The model list comes from the repository itself, not from the export
 manifest: serve sits below export (it may not import it), and the
@@ -39,16 +39,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dinov2_triton.core.resources import resource_path
+from dinov2_triton.serve.container import IMAGE_NAME, VERSION_COMPATIBLE_FLAG
 from dinov2_triton.serve.errors import ServeError
 from dinov2_triton.serve.local_server import DEFAULT_EXIT_TIMEOUT_S
 
 DEPLOY_DIR = resource_path("dinov2_triton.serve", "kubernetes")
 ADAPTER_VALUES = DEPLOY_DIR / "monitoring" / "prometheus-adapter-values.yaml"
 HARDWARE = ("gpu", "cpu")
-#: the image scripts/serve.sh builds from serve/Dockerfile (kustomize `images:` name)
-IMAGE_NAME = "dinov2-triton-serve"
+# IMAGE_NAME: the image `serve container` builds (kustomize `images:` name), from dinov2_triton.serve.container
 #: --exit-timeout-secs of the manifests: Triton's drain time for in-flight requests on SIGTERM,
-#: the local server's default (one value for `serve start`, scripts/serve.sh and Kubernetes)
+#: the local server's default (one value for `serve start`, `serve container` and Kubernetes)
 EXIT_TIMEOUT_S = DEFAULT_EXIT_TIMEOUT_S
 #: preStop sleep: the endpoint leaves the Service before Triton stops answering
 PRESTOP_SLEEP_S = 10
@@ -193,7 +193,7 @@ def write_kubernetes(repository: str | os.PathLike, *, image: str, out: str | os
 
     args = [f"--load-model={m.name}" for m in models]
     if hardware == "gpu" and any(m.version_compatible for m in models):
-        args.append("--backend-config=tensorrt,version-compatible=true")  # as scripts/serve.sh does
+        args.append(VERSION_COMPATIBLE_FLAG)  # as `serve container` does
     container = "/spec/template/spec/containers/0"
     ops = [{"op": "add", "path": f"{container}/args/-", "value": a} for a in args]
     ops += [{"op": "replace", "path": f"{container}/resources/requests/memory", "value": mem},
