@@ -1,5 +1,5 @@
-"""`python -m dinov2_triton.report.cpu_compare RESULTS.json [RESULTS.json ...]`: the side-by-side
-CPU table of scripts/cpu_benchmark.sh, from dinov2_triton.pipeline.bench_stage's results files (one per
+"""`dinov2-triton report compare RESULTS.json [RESULTS.json ...]`: the side-by-side
+CPU table of the cpu-sweep recipe, from the bench stage's results files (one per
 image size), read with dinov2_triton.bench.results.read_results.
 
 Per variant and file: in-process and served (perf_analyzer, gRPC,
@@ -128,17 +128,18 @@ def ratio_lines(results: PerfResults, rows: Sequence[dict[str, Any]]) -> list[st
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dinov2_triton.report.cpu_compare",
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog or "dinov2-triton report compare",
                                 description="Side-by-side CPU table (in process and served, batch 1 and 8, top-1 "
-                                            "agreement, ratios) from dinov2_triton.pipeline.bench_stage results.json files.")
-    p.add_argument("results", nargs="+", help="results.json of dinov2_triton.pipeline.bench_stage (perf/reports/<run-id>/results.json)")
+                                            "agreement, ratios) from bench results.json files.")
+    p.add_argument("results", nargs="+", help="results.json of `dinov2-triton bench` (<run folder>/results.json)")
     p.add_argument("--out", default=None, help="also write the markdown here")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """``dinov2-triton report compare``: print (and with --out write) the side-by-side table."""
+    args = build_parser(prog).parse_args(argv)
     from dinov2_triton.bench.results import read_results
     from dinov2_triton.core.records import RecordError
 

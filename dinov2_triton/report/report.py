@@ -2,7 +2,7 @@
 size and memory, and names the variant to deploy.
 
     generate_report(results, out_dir) -> Report(md, html, json, plots, results)
-    python -m dinov2_triton.report.report --results perf/reports/<run-id>/results.json
+    dinov2-triton report render --results perf/reports/<run-id>/results.json
 
 ``results`` is the :class:`dinov2_triton.bench.results.PerfResults` that dinov2_triton.pipeline.bench_stage collects.
 The rows and the recommendation come from dinov2_triton.report.ranking, the figures from
@@ -176,7 +176,8 @@ def _summary_blocks(rows: Sequence[VariantRow], rec: Recommendation) -> list[tup
                      _f(ip.op_images_per_s, ".1f"), _f(ip.b1_p50_ms, ".2f"), _pct(ip.efficiency)])
     return [("h2", "Summary"), ("table", head, body),
             ("p", "Gates: top-1 agreement / cosine / accuracy-drop thresholds per precision "
-                  "(the export gates, overridable with dinov2-triton export --gates). Gate source per variant is in the accuracy table.")]
+                  "(the export gates, overridable with dinov2-triton export --gates). "
+                  "Gate source per variant is in the accuracy table.")]
 
 
 def _served_blocks(results: PerfResults) -> list[tuple]:
@@ -440,6 +441,15 @@ class Report:
         return self.results.recommendation
 
 
+def derive(results: PerfResults) -> PerfResults:
+    """A copy of ``results`` with the completed operating point, the rows and
+    the recommendation: what the report shows and ``report publish`` copies."""
+    rows = summarize(results)
+    op = operating_point(results)
+    rec = recommend_capacity(results, rows, op) or recommend(rows, op, machine=results.machine)
+    return results.model_copy(update={"operating_point": op, "rows": rows, "recommendation": rec})
+
+
 def generate_report(results: PerfResults, out_dir: str | os.PathLike) -> Report:
     """Write report.md, report.html, results.json (with the completed operating
     point, the derived ``rows`` and ``recommendation``) and the PNG plots into
@@ -452,10 +462,8 @@ def generate_report(results: PerfResults, out_dir: str | os.PathLike) -> Report:
                         f"got {type(results).__name__}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = summarize(results)
-    op = operating_point(results)
-    rec = recommend_capacity(results, rows, op) or recommend(rows, op, machine=results.machine)
-    final = results.model_copy(update={"operating_point": op, "rows": rows, "recommendation": rec})
+    final = derive(results)
+    rows, rec = list(final.rows or []), final.recommendation
     plots = make_plots(final, rows, out_dir)
     blocks = build_blocks(final, rows, rec, plots)
     from dinov2_triton.core.artifact_io import atomic_write_text
@@ -482,8 +490,8 @@ def summary_table(rows: Sequence[VariantRow], rec: Recommendation) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dinov2_triton.report.report",
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog or "dinov2-triton report render",
                                 description="Re-generate a perf report from a stored results.json.")
     req = p.add_argument_group("Required")
     req.add_argument("--results", required=True, help="perf/reports/<run-id>/results.json")
@@ -496,11 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """``dinov2-triton report render``: re-generate report.md / report.html from a results.json."""
     from dinov2_triton.bench.results import read_results
     from dinov2_triton.core.records import RecordError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         results = read_results(args.results)
     except RecordError as exc:

@@ -1,0 +1,240 @@
+"""dinov2_triton/report/published.py and `dinov2-triton report publish`: measured results
+as data (benchmarks/<date>-<cpu>.md + .json), its one writer and one reader, the
+README block it rewrites, and the `report` command's subcommands."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dinov2_triton.bench.results import PerfResults, read_results
+from dinov2_triton.core.records import RecordError
+from dinov2_triton.report import cli
+from dinov2_triton.report.published import (
+    README_BEGIN,
+    README_END,
+    Publication,
+    cpu_slug,
+    newest_publication,
+    publication_from_results,
+    read_publication,
+    readme_block,
+    render_publication,
+    write_publication,
+)
+from dinov2_triton.report.report import derive
+
+DATA = Path(__file__).parent / "data"
+SERVER = DATA / "perf_results_v1_server.json"
+XEON = "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+
+
+def _results_file(tmp_path: Path, name: str, **changes) -> Path:
+    """A copy of the stored server results with some top-level or machine/model fields changed."""
+    data = json.loads(SERVER.read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            data[section][field] = value
+        else:
+            data[section] = value
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_publish_writes_md_and_json_named_by_date_and_cpu(tmp_path, capsys):
+    assert cli.main(["publish", str(SERVER), "--out", str(tmp_path / "benchmarks")]) == 0
+    md, js = tmp_path / "benchmarks" / "2026-11-27-test.md", tmp_path / "benchmarks" / "2026-11-27-test.json"
+    assert f"published: {md}" in capsys.readouterr().out
+    pub = read_publication(js)
+    assert pub.schema_version == Publication.SCHEMA_VERSION and pub.date == "2026-11-27"
+    # the .md is rendered from the record alone: the two cannot disagree
+    assert md.read_text() == render_publication(pub)
+    assert read_publication(md) == pub          # given the .md, the reader opens the .json beside it
+
+
+def test_published_numbers_are_the_results_own(tmp_path):
+    """Every published number comes from the results file: the derived rows and the raw
+    perf_analyzer point at the operating point, the live parity, the CPU flags."""
+    results = read_results(SERVER)
+    final = derive(results)
+    pub = publication_from_results([(results, str(SERVER))])
+    (run,) = pub.runs
+    op = final.operating_point
+    assert (run.batch_size, run.concurrency, run.protocol) == (op.batch_size, op.concurrency, op.protocol)
+    assert run.image_size == results.model.img_size and run.arch == results.model.arch
+    rows = {r.key: r for r in final.rows}
+    assert [v.key for v in run.variants] == [r.key for r in final.rows if r.kind != "preprocess"]
+    for v in run.variants:
+        r = rows[v.key]
+        assert v.served_images_per_s == r.server.op_images_per_s
+        assert v.in_process_images_per_s == r.in_process.op_images_per_s
+        assert v.top1_agreement == r.accuracy.top1_agreement and v.gate_passed == r.gate.passed
+        assert v.recommended == (v.key == final.recommendation.variant)
+    onnx = next(v for v in run.variants if v.key == "dinov2_onnx")
+    point = next(p for p in results.perf_analyzer.points if p.model == "dinov2_onnx" and p.protocol == op.protocol
+                 and p.batch_size == op.batch_size and p.concurrency == op.concurrency)
+    assert onnx.served_images_per_s == point.metrics["throughput_infer_per_s"]
+    assert onnx.served_p99_ms == point.metrics["p99_latency_us"] / 1000
+    parity = next(p for p in results.parity.variants if p.model == "dinov2_onnx_int8")
+    int8 = next(v for v in run.variants if v.key == "dinov2_onnx_int8")
+    assert int8.top1_agreement == parity.parity["top1_agreement"] and int8.gate_passed is False
+    assert pub.cpu.model == results.machine.cpu_model and pub.cpu.flags == results.machine.cpu_flags
+    assert pub.cpu.extensions == {"AVX2": True, "AVX-512": False, "VNNI": False, "BF16": False, "AMX": False}
+    assert pub.versions == results.versions
+    table = render_publication(pub)
+    assert f"| {onnx.served_images_per_s:.1f} |" in table and "| FAIL |" in table
+    assert "SKIPPED: not in the export manifest" in table      # the TensorRT row says why it has no numbers
+
+
+@pytest.mark.parametrize("model, slug", [
+    (XEON, "intel-xeon-platinum-8481c"),
+    ("AMD EPYC 7B13 64-Core Processor", "amd-epyc-7b13"),
+    ("Intel(R) Core(TM) i7-1185G7 @ 3.00GHz", "intel-core-i7-1185g7"),
+    ("Neoverse-V2", "neoverse-v2"),
+    ("(R)", "unknown-cpu"),
+])
+def test_cpu_slug(model, slug):
+    assert cpu_slug(model) == slug
+
+
+def test_extensions_read_from_the_flags(tmp_path):
+    flags = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"]
+    path = _results_file(tmp_path, "r.json", machine__cpu_flags=flags, machine__cpu_model=XEON)
+    pub = publication_from_results([(read_results(path), str(path))])
+    assert all(pub.cpu.extensions.values()) and pub.stem == "2026-11-27-intel-xeon-platinum-8481c"
+    assert "(AVX2 yes, AVX-512 yes, VNNI yes, BF16 yes, AMX yes)" in render_publication(pub)
+    unknown = _results_file(tmp_path, "u.json", machine__cpu_flags=[])
+    pub = publication_from_results([(read_results(unknown), str(unknown))])
+    assert set(pub.cpu.extensions.values()) == {None} and "extensions not read" in render_publication(pub)
+
+
+def test_two_runs_of_one_machine_in_one_file(tmp_path):
+    model = json.loads(SERVER.read_text())["model"]
+    small = _results_file(tmp_path, "56.json", model={**model, "img_size": 56}, run_id="run-56",
+                          created="2026-11-28T09:00:00+00:00")
+    assert cli.main(["publish", str(SERVER), str(small), "--out", str(tmp_path / "b")]) == 0
+    pub = read_publication(tmp_path / "b" / "2026-11-28-test.json")      # the newest run's date
+    assert [(r.image_size, r.run_id) for r in pub.runs] == [(56, "run-56"), (224, "test-run")]
+    text = (tmp_path / "b" / "2026-11-28-test.md").read_text()
+    assert text.index("## vits14, 56 px") < text.index("## vits14, 224 px")
+
+
+def test_results_of_two_machines_are_refused(tmp_path, capsys):
+    other = _results_file(tmp_path, "other.json", machine__cpu_model="Other CPU")
+    assert cli.main(["publish", str(SERVER), str(other), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"{other}: field 'machine.cpu_model': 'Other CPU' differs from {SERVER}" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_file_holding_other_runs_is_kept_unless_forced(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert cli.main(["publish", str(SERVER), "--out", str(out)]) == 0
+    first = (out / "2026-11-27-test.json").read_text()
+    assert cli.main(["publish", str(SERVER), "--out", str(out)]) == 0       # the same runs again: rewritten
+    assert (out / "2026-11-27-test.json").read_text() == first              # ... to the same bytes
+    other = _results_file(tmp_path, "again.json", run_id="second-run")
+    assert cli.main(["publish", str(other), "--out", str(out)]) == 2
+    assert "already holds other runs (test-run)" in capsys.readouterr().err
+    assert read_publication(out / "2026-11-27-test.json").runs[0].run_id == "test-run"
+    assert cli.main(["publish", str(other), "--out", str(out), "--force"]) == 0
+    assert read_publication(out / "2026-11-27-test.json").runs[0].run_id == "second-run"
+
+
+def test_bad_inputs_fail_with_one_line_naming_the_file(tmp_path, capsys):
+    assert cli.main(["publish", str(tmp_path / "nope.json"), "--out", str(tmp_path / "b")]) == 2
+    assert f"{tmp_path / 'nope.json'}: no such perf results.json" in capsys.readouterr().err
+    bad_date = _results_file(tmp_path, "d.json", created="yesterday")
+    assert cli.main(["publish", str(bad_date), "--out", str(tmp_path / "b")]) == 2
+    assert f"{bad_date}: field 'created': expected an ISO date-time, got 'yesterday'" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert cli.main(["publish", str(SERVER), "--out", str(tmp_path / "file")]) == 2
+    assert f"--out {tmp_path / 'file'}: not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(schema_version=2), "field 'schema_version': 2 is newer than this code reads (1)"),
+    (lambda d: d["cpu"].pop("model"), "field 'cpu.model': missing (required)"),
+    (lambda d: d["runs"][0]["variants"][0].update(served_images_per_s="fast"),
+     "field 'runs[0].variants[0].served_images_per_s': Input should be a valid number"),
+    (lambda d: d.update(surprise=1), "field 'surprise': unknown field"),
+])
+def test_the_reader_names_file_and_field(tmp_path, edit, message):
+    write_publication(tmp_path, publication_from_results([(read_results(SERVER), str(SERVER))]))
+    path = tmp_path / "2026-11-27-test.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(RecordError) as exc:
+        read_publication(path)
+    assert str(exc.value).startswith(f"{path}: ") and message in str(exc.value)
+
+
+def test_newest_publication_goes_by_the_date_in_the_name(tmp_path):
+    assert newest_publication(tmp_path) is None
+    for name in ("2026-11-27-b.json", "2026-12-01-a.json", "2026-11-30-z.json", "notes.json"):
+        (tmp_path / name).write_text("{}")
+    assert newest_publication(tmp_path).name == "2026-12-01-a.json"
+
+
+def test_readme_block_is_rewritten_between_its_markers(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# tool\n\nintro\n\n{README_BEGIN}\nold table\n{README_END}\n\nmore text\n")
+    out = tmp_path / "benchmarks"
+    assert cli.main(["publish", str(SERVER), "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    pub = read_publication(out / "2026-11-27-test.json")
+    assert text == ("# tool\n\nintro\n\n" + readme_block(pub, "benchmarks/2026-11-27-test.md") + "\n\nmore text\n")
+    assert "old table" not in text and "[benchmarks/2026-11-27-test.md](benchmarks/2026-11-27-test.md)" in text
+    no_markers = tmp_path / "OTHER.md"
+    no_markers.write_text("# nothing to replace\n")
+    capsys.readouterr()
+    assert cli.main(["publish", str(SERVER), "--out", str(out), "--readme", str(no_markers)]) == 2
+    assert f"--readme {no_markers}: needs exactly one line" in capsys.readouterr().err
+
+
+def test_report_subcommands(tmp_path, capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("render", "compare", "publish"))
+    assert cli.main([]) == 2
+    assert cli.main(["draw"]) == 2 and "unknown command 'draw'" in capsys.readouterr().err
+    assert cli.main(["render", "--results", str(SERVER), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.html").is_file() and (tmp_path / "r" / "report.md").is_file()
+    assert cli.main(["compare", str(SERVER)]) == 0
+    assert "### 224 px" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["publish", "--help"])
+    assert "dinov2-triton report publish" in capsys.readouterr().out
+
+
+def test_publication_refuses_an_empty_list_and_a_run_without_variants(tmp_path):
+    with pytest.raises(ValueError, match="no results file given"):
+        publication_from_results([])
+    data = json.loads(SERVER.read_text())
+    for key in ("in_process", "perf_analyzer", "parity"):
+        data.pop(key)
+    empty = PerfResults.from_dict(data, source="empty.json")
+    with pytest.raises(RecordError, match="empty.json: no variant was measured"):
+        publication_from_results([(empty, "empty.json")])
+
+
+def test_capacity_at_the_slo_gets_its_column(tmp_path):
+    def capacity(model, repeat, img_s):
+        return {"model": model, "repeat": repeat, "capacity_rps": img_s, "capacity_img_s": img_s,
+                "p99_at_capacity_ms": 80.0, "failed_rps": img_s * 1.05, "knee_rps": img_s / 2,
+                "stop": "converged", "reason": "bisection closed", "wall_s": 60.0}
+    path = _results_file(tmp_path, "cap.json", schema_version=3, capacity={
+        "settings": {"slo_p99_ms": 100.0},
+        "results": [capacity("dinov2_onnx", 1, 209.0), capacity("dinov2_onnx", 2, 230.5)]})
+    pub = publication_from_results([(read_results(path), str(path))])
+    (run,) = pub.runs
+    assert run.slo_p99_ms == 100.0
+    assert next(v for v in run.variants if v.key == "dinov2_onnx").capacity_img_s == [209.0, 230.5]
+    text = render_publication(pub)
+    assert "capacity img/s at p99 <= 100 ms" in text and "| 209.0 / 230.5 |" in text
+    no_capacity = render_publication(publication_from_results([(read_results(SERVER), str(SERVER))]))
+    assert "capacity img/s" not in no_capacity
