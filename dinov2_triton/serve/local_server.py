@@ -288,7 +288,8 @@ def start_server(repository: str | os.PathLike, *,
                  backend_dir: str | os.PathLike | None = None,
                  exit_timeout_s: int = DEFAULT_EXIT_TIMEOUT_S,
                  extra_args: Sequence[str] = (),
-                 cpus: Sequence[int] | None = None) -> ServerHandle:
+                 cpus: Sequence[int] | None = None,
+                 cwd: str | os.PathLike | None = None) -> ServerHandle:
     """Start tritonserver on ``repository`` in the background and return its handle.
 
     Does not wait: call ``handle.wait_ready()``. Refuses busy ports with
@@ -302,6 +303,7 @@ def start_server(repository: str | os.PathLike, *,
     ``cpus``: run the server on these CPUs only (``taskset``, which every
     thread and model stub inherits) with ``OMP_NUM_THREADS`` = their count
     (dinov2_triton.serve.replicas gives each replica its share this way).
+    ``cwd``: the server's working directory (default: the repository).
     """
     if model_control not in ("explicit", "none", "poll"):
         raise ValueError(f"model_control must be explicit, none or poll, not {model_control!r}")
@@ -339,7 +341,7 @@ def start_server(repository: str | os.PathLike, *,
         out.flush()
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=env,
-                                   cwd=str(repository), start_new_session=True)
+                                   cwd=str(cwd or repository), start_new_session=True)
     handle = ServerHandle(process=process, pid=process.pid, host=host, http_port=ports["http"],
                           grpc_port=ports["grpc"], metrics_port=ports["metrics"],
                           repository=repository, log_file=log_file, api_key=api_key,
