@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--log-dir", default=None, help="also copy the manifest here")
     opt.add_argument("--work-dir", default=None, help="scratch folder (default: a temp folder, deleted)")
     opt.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    from dinov2_triton.export.container import add_container_flags
+
+    add_container_flags(p)
     return p
 
 
@@ -144,6 +147,10 @@ def _expand_cpu_auto(variants: str, extra: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.in_container:
+        from dinov2_triton.export.container import main_in_container
+
+        return main_in_container(argv, mode="export")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     from dinov2_triton.export.manifest import format_summary, manifest_path

@@ -1,6 +1,7 @@
 """TensorRT engine building, usable on its own inside the NVIDIA TensorRT
 container: `python -m dinov2_triton.export.trt_build_main --onnx model.onnx --plan model.plan
---precision fp16 --max-batch 8` (scripts/build_engines.sh runs it there).
+--precision fp16 --max-batch 8`; with `--in-container` it runs itself inside the
+pinned TensorRT container (dinov2_triton.export.container).
 
 Imports only the standard library and this project's stdlib-only helpers
 (dinov2_triton.core.release_pin, dinov2_triton.core.artifact_io) at module level: the container has
@@ -20,12 +21,12 @@ variants (`dinov2_triton.export.variants.tensorrt`) call the same functions.
 - Versions: a standard plan loads only in the exact TensorRT (all four
   version parts) that built it, on the GPU architecture it was built for. The
   installed TensorRT must therefore equal the pinned container's
-  (scripts/triton_version.sh). A version-compatible plan (VERSION_COMPATIBLE,
+  (dinov2_triton/core/resources/triton_release.env). A version-compatible plan (VERSION_COMPATIBLE,
   it embeds a lean runtime) loads in the same or a later TensorRT of the same
   major version, but only where the runtime allows host code:
   `IRuntime.engine_host_code_allowed = True` here, and
   `--backend-config=tensorrt,version-compatible=true` in Triton
-  (scripts/serve.sh container passes it when the repository holds such plans).
+  (`dinov2-triton serve container` passes it when the repository holds such plans).
 - TensorRT 11 removed weakly typed builds (BuilderFlag.FP16/INT8 and the
   precision constraints); this builder targets the TensorRT 10 of the pin
   and says so instead of failing on a missing attribute.
@@ -61,7 +62,7 @@ FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 # First TensorRT major without weakly typed networks (BuilderFlag.FP16/INT8 removed).
 STRONGLY_TYPED_ONLY_MAJOR = 11
 # Where the timing cache lives unless --timing-cache says otherwise;
-# scripts/build_engines.sh mounts a host folder there so `docker run --rm`
+# `--in-container` (dinov2_triton.export.container) mounts it so `docker run --rm`
 # does not throw the cache away with the container.
 CACHE_ENV = "DINOV2_TRITON_CACHE"
 NVIDIA_SMI_QUERY = ("nvidia-smi", "--query-gpu=index,name,compute_cap,driver_version,memory.total",
@@ -240,8 +241,8 @@ def check_version(installed: str, pin: ReleasePin, *, version_compatible: bool =
                                            "parts) that built it")
         msg = (f"installed TensorRT {installed} cannot build a plan for TensorRT {pin.tensorrt} of the pinned "
                f"Triton container {pin.container_tag} ({pin.file}): {rule}. Build inside "
-               f"{pin.tensorrt_image} (scripts/build_engines.sh), install TensorRT {pin.tensorrt}, or allow the "
-               f"mismatch (--allow-version-mismatch / --set trt_allow_version_mismatch=true)")
+               f"{pin.tensorrt_image} (dinov2-triton export --in-container), install TensorRT {pin.tensorrt}, or "
+               f"allow the mismatch (--allow-version-mismatch / --set trt_allow_version_mismatch=true)")
         if not allow_mismatch:
             raise VersionMismatch(msg)
         out["note"] = "MISMATCH allowed: " + msg
@@ -494,13 +495,13 @@ def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, pr
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dinov2_triton.export.trt_build_main",
+        prog=prog or "python -m dinov2_triton.export.trt_build_main",
         description="Build a TensorRT plan from this project's ONNX model (pixel_values -> logits, embedding) "
                     "with one dynamic-batch profile (min 1, max = Triton max_batch_size) and FP32-pinned "
                     "LayerNorm/Softmax/reductions/head. Refuses a TensorRT whose plans the pinned Triton "
-                    "container cannot load (scripts/triton_version.sh).",
+                    "container cannot load (the release pin).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     req = p.add_argument_group("Required")
     req.add_argument("--onnx", required=True, help="input ONNX (FP32 for fp16; the Q/DQ onnx_int8 model for int8)")
@@ -524,11 +525,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="build even when the pinned Triton container could not load the plan")
     opt.add_argument("--versions-file", default=str(VERSIONS_FILE), help="the release pin")
     opt.add_argument("--info-json", default=None, help="also write the build info here (default: <plan>.json)")
+    from dinov2_triton.export.container import add_container_flags
+
+    add_container_flags(p, lock=False)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.in_container:
+        from dinov2_triton.export.container import main_in_container
+
+        return main_in_container(argv, mode="plans")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not Path(args.onnx).is_file():
         print(f"error: --onnx {args.onnx}: file not found", file=sys.stderr)
