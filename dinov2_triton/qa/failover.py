@@ -1,6 +1,8 @@
-"""Failover and scale-out through the load balancer, measured (scripts/failover.sh).
+"""Failover and scale-out through the load balancer, measured.
 
-``python -m dinov2_triton.qa.failover --repository model_repository --model dinov2_onnx``
+``dinov2-triton qa failover --repository model_repository --model dinov2_onnx``
+(writes reports/failover-<run id>/failover.{json,md}; run it on a quiet
+machine: the replicas, the balancer and the load share the same cores)
 
 1. **Failover.** Two replicas behind HAProxy (dinov2_triton.serve.replicas), steady
    closed-loop load through the balancer (:class:`SteadyLoad`: ``concurrency``
@@ -14,8 +16,8 @@
    still routed there; then the killed replica is started again and the
    times until it was ready, back in rotation and served a request.
 2. **Scale-out on this machine.** perf_analyzer (the same runner as
-   dinov2_triton.pipeline.bench_stage) through the balancer against 1 replica x all CPUs and against
-   N replicas x 1 CPU each, same model, batch size and concurrency.
+   ``dinov2-triton bench``) through the balancer against 1 replica x all CPUs and
+   against N replicas x 1 CPU each, same model, batch size and concurrency.
 
 Inputs are random tensors of the model's input shape (the numbers measured
 here are about serving, not accuracy: compute does not depend on pixel
@@ -349,13 +351,19 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dinov2_triton.qa.failover", description=__doc__.split("\n")[0])
+PROG = "dinov2-triton qa failover"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                epilog="Exit code: 0 no failure outside the killed replica's in-flight requests and "
+                                       "every layout measured, 1 bad input or a server error, 2 failures elsewhere, "
+                                       "3 a layout failed.")
     p.add_argument("--repository", default="model_repository", help="model repository (default: %(default)s)")
     p.add_argument("--model", default="dinov2_onnx", help="classifier variant to load (default: %(default)s)")
-    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default: %(default)s")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="default: %(default)s")
     p.add_argument("--replicas", type=int, default=2, help="replicas for the failover (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=4.0, help="load before the kill, after it and after "
                                                              "the restart (default: %(default)s)")
@@ -365,20 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-ms", type=int, default=10000,
                    help="perf_analyzer window; 2 cores need ~10 s (default: %(default)s)")
     p.add_argument("--out", default=None, help="folder for failover.json, failover.md and the logs "
-                                               "(default: perf/reports/failover-<run id>)")
+                                               "(default: reports/failover-<run id>)")
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, prog: str | None = None) -> int:
+    args = build_parser(prog or PROG).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[failover] %(message)s")
-    args = build_parser().parse_args(argv)
     from dinov2_triton.bench import perf_analyzer as pa
     from dinov2_triton.core.artifact_io import atomic_write_json, atomic_write_text, new_run_id, utc_now
     from dinov2_triton.serve import local_server as ls
     from dinov2_triton.serve import replicas as rp
     from dinov2_triton.serve.errors import ServeError
 
-    out = Path(args.out or f"perf/reports/failover-{new_run_id()}")
+    out = Path(args.out or f"reports/failover-{new_run_id()}")
     result: dict[str, Any] = {"created": utc_now(), "cpu": cpu_description(), "repository": str(args.repository),
                               "host_load_1min": os.getloadavg()[0]}
     try:

@@ -1,11 +1,12 @@
-"""First run on a GPU host (scripts/gpu_acceptance.sh): what works, measured, in one table.
+"""First run on a GPU host: ``dinov2-triton qa gpu-acceptance`` (or scripts/gpu_acceptance.sh):
+what works, measured, in one table.
 
 Runs what the host allows and says what it skipped, in about 10 minutes:
 
 1. host: GPU, compute capability, driver (nvidia-smi, else torch);
 2. versions: Python, torch and its CUDA, TensorRT, docker, against the pin
-   (scripts/triton_version.sh): driver and compute capability minimums, the
-   CUDA major of torch;
+   (dinov2_triton.core.release_pin): driver and compute capability minimums,
+   the CUDA major of torch;
 3. with docker: the pin's UNVERIFIED figures read from the pinned containers
    themselves (TensorRT version, Python, Triton version);
 4. dinov2_triton.qa.gpu_check: AMP fine-tune steps, eager FP32/FP16/BF16, TorchScript, parity;
@@ -13,19 +14,26 @@ Runs what the host allows and says what it skipped, in about 10 minutes:
    the repository (dinov2_onnx, dinov2_onnx_int8) and their parity against
    ONNX Runtime FP32 on the same inputs;
 6. with docker and the plans: the plans served by the pinned Triton
-   container (scripts/serve.sh container) and a short perf_analyzer sweep
-   through python -m dinov2_triton.pipeline.bench_stage (needs --model_path and --data_path).
+   container (dinov2_triton.serve.container, as ``dinov2-triton serve
+   container``) and a short perf_analyzer sweep through ``dinov2-triton
+   bench`` (needs --model-path and --data-path).
 
 Every step is OK, SKIPPED or FAILED with its reason; the table is printed and
-written to <out>/acceptance.md (+ acceptance.json, gpu_check.md).
-Standard library at import; each step imports what it needs."""
+written to <out>/acceptance.md (+ acceptance.json, gpu_check.md); default
+<out>: ./reports/gpu-acceptance-<time>. The whole run stops after
+--time-limit seconds (the pulls of the pinned images are the slow part the
+first time; each step has its own timeout as well).
+Exit code: 0 all OK or SKIPPED, 1 a step FAILED, 2 no GPU.
+Standard library at import; each step imports what it needs, so it runs on
+a host with only PyTorch + CUDA (no TensorRT, Triton or docker) and skips
+what that host lacks."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +41,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+PROG = "dinov2-triton qa gpu-acceptance"
 TRT_MODELS = {"trt_fp16": ("dinov2_onnx", "fp16"), "trt_int8": ("dinov2_onnx_int8", "int8")}
 
 
@@ -173,14 +181,14 @@ def _latest_version_dir(model_dir: Path) -> Path | None:
 def step_trt_plan(acc: Acceptance, args, variant: str) -> str:
     source_model, precision = TRT_MODELS[variant]
     if "tensorrt" not in acc.facts:
-        raise Skip("TensorRT not importable here (the lent GPU machines have torch only): "
-                   "scripts/build_engines.sh builds inside the pinned TensorRT container")
+        raise Skip("TensorRT not importable here (a host with torch only): "
+                   "dinov2-triton export --in-container builds inside the pinned TensorRT container")
     if not acc.facts.get("gpu"):
         raise Skip("no GPU")
     version_dir = _latest_version_dir(args.repository / source_model)
     onnx_path = version_dir / "model.onnx" if version_dir else None
     if onnx_path is None or not onnx_path.is_file():
-        raise Skip(f"no CPU-built {source_model} in {args.repository} (python -m export --variants "
+        raise Skip(f"no CPU-built {source_model} in {args.repository} (dinov2-triton export --variants "
                    f"onnx,onnx_int8 on any machine, then copy the repository here)")
     from dinov2_triton.export.trt_build_main import build_plan
     from dinov2_triton.export.variants.tensorrt import engine_runner
@@ -210,18 +218,6 @@ def step_trt_plan(acc: Acceptance, args, variant: str) -> str:
             f"top-1 agreement {agree:.2%}, logit cosine {cos:.5f}, max abs diff {np.abs(ref - logits).max():.4f}")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _write_trt_configs(acc: Acceptance, args) -> list[str]:
     from dinov2_triton.export.registry import get_variant
     from dinov2_triton.export.triton_config import classifier_config, parse_config, validate_config
@@ -247,83 +243,126 @@ def _write_trt_configs(acc: Acceptance, args) -> list[str]:
     return names
 
 
+def _wait_ready(http: int, models: list[str], server: subprocess.Popen, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    ready: list[str] = []
+    while time.monotonic() < deadline and server.poll() is None:
+        ready = []
+        for m in models:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/{m}/ready", timeout=5) as r:
+                    if r.status == 200:
+                        ready.append(m)
+            except OSError:
+                pass
+        if len(ready) == len(models):
+            break
+        time.sleep(3)
+    return ready
+
+
+def bench_command(args, *, grpc: int, http: int, metrics: int, key_file: Path, repository: Path,
+                  models: list[str], out: Path) -> list[str]:
+    """The short perf sweep through the served plans: ``dinov2-triton bench`` with this interpreter."""
+    return [sys.executable, "-m", "dinov2_triton.cli", "bench", "--model-path", str(args.model_path),
+            "--data-path", str(args.data_path), "--url", f"127.0.0.1:{grpc}", "--http-url", f"127.0.0.1:{http}",
+            "--metrics-url", f"127.0.0.1:{metrics}", "--api-key-file", str(key_file),
+            "--repository", str(repository), "--models", ",".join(models), "--protocols", "grpc",
+            "--concurrency", "1,4", "--batch-sizes", f"1,{args.max_batch}", "--window-ms", "2000", "--keep-going",
+            "--no-in-process", "--out", str(out)]
+
+
 def step_serve_and_sweep(acc: Acceptance, args) -> str:
     if not acc.facts.get("docker"):
         raise Skip("no docker: the pinned Triton container cannot run here")
     if not acc.facts.get("plans"):
         raise Skip("no TensorRT plans were built in this run")
+    from dinov2_triton.serve import container as box
+    from dinov2_triton.serve.local_server import find_free_ports, write_api_key
+
     models = _write_trt_configs(acc, args)
-    http, grpc, metrics = _free_ports(3)
-    name = f"dinov2-acceptance-{os.getpid()}"
-    env = {**os.environ, "HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics),
-           "CONTAINER_NAME": name}
-    log = (acc.out / "triton-container.log").open("w")
-    server = subprocess.Popen([str(ROOT / "scripts" / "serve.sh"), "container", "--repository",
-                               str(acc.out / "model_repository"), "--models", ",".join(models)],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    repository = acc.out / "model_repository"
+    http, grpc, metrics = find_free_ports(3)
+    key_file = acc.out / "triton-container.api_key"
+    launch = box.plan_container(repository, api_key=write_api_key(key_file), models=models, http_port=http,
+                                grpc_port=grpc, metrics_port=metrics, name=f"dinov2-acceptance-{os.getpid()}")
+    box.build_image(launch)
+    log = acc.out / "triton-container.log"
+    server = box.start_container(launch, log)
     try:
-        deadline = time.monotonic() + args.server_timeout
-        ready = []
-        while time.monotonic() < deadline and server.poll() is None:
-            ready = []
-            for m in models:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/{m}/ready", timeout=5) as r:
-                        if r.status == 200:
-                            ready.append(m)
-                except OSError:
-                    pass
-            if len(ready) == len(models):
-                break
-            time.sleep(3)
+        ready = _wait_ready(http, models, server, args.server_timeout)
         if len(ready) != len(models):
             raise RuntimeError(f"{sorted(set(models) - set(ready))} not ready after {args.server_timeout:.0f} s "
-                               f"(see {acc.out / 'triton-container.log'})")
-        served = f"{', '.join(models)} ready in {acc.facts['triton_image']}"
+                               f"(see {log})")
+        served = f"{', '.join(models)} ready in {launch.pin.triton_image}"
         if not (args.model_path and args.data_path):
-            return served + "; perf sweep SKIPPED: needs --model_path and --data_path"
-        cmd = [sys.executable, "-m", "dinov2_triton.pipeline.bench_stage", "--model_path", str(args.model_path), "--data_path",
-               str(args.data_path), "--url", f"127.0.0.1:{grpc}", "--http-url", f"127.0.0.1:{http}",
-               "--metrics-url", f"127.0.0.1:{metrics}", "--api-key-file", str(ROOT / "logs" /
-                                                                               "triton-container.api_key"),
-               "--repository", str(acc.out / "model_repository"), "--models", ",".join(models),
-               "--protocols", "grpc", "--concurrency", "1,4", "--batch-sizes", f"1,{args.max_batch}",
-               "--window-ms", "2000", "--keep-going", "--no-in-process", "--out", str(acc.out / "perf")]
-        proc = _run(cmd, args.sweep_timeout, cwd=ROOT)
+            return served + "; perf sweep SKIPPED: needs --model-path and --data-path"
+        cmd = bench_command(args, grpc=grpc, http=http, metrics=metrics, key_file=key_file, repository=repository,
+                            models=models, out=acc.out / "perf")
+        proc = _run(cmd, args.sweep_timeout)
         (acc.out / "perf_run.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            raise RuntimeError(f"{served}; dinov2_triton.pipeline.bench_stage exit {proc.returncode} (perf_run.log): "
+            raise RuntimeError(f"{served}; dinov2-triton bench exit {proc.returncode} (perf_run.log): "
                                f"{(proc.stderr.strip().splitlines() or [''])[-1][:200]}")
         return f"{served}; perf sweep: {acc.out / 'perf'} (report.md)"
     finally:
-        subprocess.run(["docker", "stop", name], capture_output=True, timeout=120)
+        box.stop_container(launch.name)
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-        log.close()
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="scripts/gpu_acceptance.sh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repository", type=Path, default=ROOT / "model_repository",
-                   help="repository holding CPU-built dinov2_onnx / dinov2_onnx_int8")
-    p.add_argument("--model_path", type=Path, default=None, help="model_final.pth, for the perf sweep's parity")
-    p.add_argument("--data_path", type=Path, default=None, help="prepared data folder, for the perf sweep")
-    p.add_argument("--out", type=Path, default=None, help="default: perf/reports/gpu-acceptance-<time>")
-    p.add_argument("--img-size", type=int, default=224, help="gpu_check image size")
-    p.add_argument("--batch", type=int, default=32, help="gpu_check large batch")
-    p.add_argument("--max-batch", type=int, default=8, help="TensorRT profile max = Triton max_batch_size")
-    p.add_argument("--parity-inputs", type=int, default=64)
-    p.add_argument("--server-timeout", type=float, default=240)
-    p.add_argument("--sweep-timeout", type=float, default=240)
-    args = p.parse_args(argv)
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repository", type=Path, default=Path("model_repository"),
+                   help="repository holding CPU-built dinov2_onnx / dinov2_onnx_int8 (default: %(default)s)")
+    p.add_argument("--model-path", type=Path, default=None, help="model_final.pth, for the perf sweep's parity")
+    p.add_argument("--data-path", type=Path, default=None, help="prepared data folder, for the perf sweep")
+    p.add_argument("--out", type=Path, default=None, help="default: reports/gpu-acceptance-<time>")
+    p.add_argument("--img-size", type=int, default=224, help="gpu-check image size (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="gpu-check large batch (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="TensorRT profile max = Triton max_batch_size (default: %(default)s)")
+    p.add_argument("--parity-inputs", type=int, default=64, help="default: %(default)s")
+    p.add_argument("--server-timeout", type=float, default=240, help="seconds (default: %(default)s)")
+    p.add_argument("--sweep-timeout", type=float, default=240, help="seconds (default: %(default)s)")
+    p.add_argument("--time-limit", type=float, default=1500,
+                   help="stop the whole run after this many seconds, printing where it was (default: %(default)s)")
+    return p
+
+
+def print_host_line(pin) -> None:
+    """The interpreter, the pin and nvidia-smi's view of the GPUs, before any step (stderr)."""
+    unverified = " ".join(pin.unverified) or "none"
+    print(f"[gpu_acceptance] Python {platform.python_version()} ({sys.executable}); pin: Triton {pin.container_tag}, "
+          f"CUDA {pin.cuda}, TensorRT {pin.tensorrt} (unverified: {unverified})", file=sys.stderr, flush=True)
+    if shutil.which("nvidia-smi"):
+        try:
+            proc = _run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version,memory.total",
+                         "--format=csv,noheader"], 60)
+            print(proc.stdout.strip() or "[gpu_acceptance] nvidia-smi failed", file=sys.stderr, flush=True)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"[gpu_acceptance] nvidia-smi failed: {exc}", file=sys.stderr, flush=True)
+
+
+def main(argv=None, *, prog: str | None = None) -> int:
+    args = build_parser(prog or PROG).parse_args(argv)
+    if args.time_limit > 0:
+        faulthandler.dump_traceback_later(args.time_limit, exit=True)
+    try:
+        return run_acceptance(args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run_acceptance(args) -> int:
     from dinov2_triton.core.release_pin import load_pin
 
     pin = load_pin()
-    out = args.out or ROOT / "perf" / "reports" / time.strftime("gpu-acceptance-%Y%m%d-%H%M%S")
+    print_host_line(pin)
+    out = args.out or Path("reports") / time.strftime("gpu-acceptance-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     acc = Acceptance(out)
     acc.facts["triton_image"] = pin.triton_image

@@ -1,5 +1,5 @@
-"""GPU check for a CUDA machine with PyTorch, without Triton or TensorRT
-(python -m dinov2_triton.qa.gpu_check, or scripts/gpu_check.sh).
+"""GPU check for a CUDA machine with PyTorch, without Triton or TensorRT:
+``dinov2-triton qa gpu-check`` (< 8 minutes; --time-limit stops it).
 
 1. matrix-multiply peak in FP32, TF32, FP16 and BF16 (torch only);
 2. a few fine-tuning steps of ViT-S/14 with AMP (xformers attention when it
@@ -240,28 +240,57 @@ def format_table(info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vits14")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--train-steps", type=int, default=20)
-    p.add_argument("--iters", type=int, default=30)
+PROG = "dinov2-triton qa gpu-check"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Exit code: 0 every row OK or SKIPPED, 1 a row FAILED, 2 no CUDA GPU / no "
+                                       "torch.")
+    p.add_argument("--arch", default="vits14", help="default: %(default)s")
+    p.add_argument("--img-size", type=int, default=224, help="default: %(default)s")
+    p.add_argument("--batch", type=int, default=64, help="the large batch (default: %(default)s)")
+    p.add_argument("--train-steps", type=int, default=20, help="default: %(default)s")
+    p.add_argument("--iters", type=int, default=30, help="timed iterations per row (default: %(default)s)")
     p.add_argument("--json", help="also write the numbers to this file")
-    a = p.parse_args(argv)
+    p.add_argument("--time-limit", type=float, default=480,
+                   help="stop after this many seconds, printing where it was; 0: no limit (default: %(default)s)")
+    return p
+
+
+def _print_gpus() -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        print("[gpu_check] nvidia-smi not found", file=sys.stderr)
+        return
+    proc = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version,memory.total",
+                           "--format=csv,noheader"], capture_output=True, text=True, timeout=60)
+    print(proc.stdout.strip() or f"[gpu_check] nvidia-smi failed: {proc.stderr.strip()[-200:]}", file=sys.stderr)
+
+
+def main(argv=None, *, prog: str | None = None) -> int:
+    a = build_parser(prog or PROG).parse_args(argv)
+    import faulthandler
+
+    if a.time_limit > 0:
+        faulthandler.dump_traceback_later(a.time_limit, exit=True)
     try:
+        _print_gpus()
         info = run_gpu_check(arch=a.arch, img_size=a.img_size, batch=a.batch, train_steps=a.train_steps,
                              iters=a.iters)
     except RuntimeError as exc:
         print(f"gpu_check: {exc}", file=sys.stderr)
         return 2
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     print(format_table(info))
     if a.json:
         from dinov2_triton.core.artifact_io import atomic_write_json
 
         atomic_write_json(a.json, info)
     return 1 if any(r["status"] == "FAILED" for r in info["rows"]) else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

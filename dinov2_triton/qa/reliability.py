@@ -1,6 +1,7 @@
 """How the served repository behaves when things go wrong, measured against
-the REAL local Triton server: ``python -m dinov2_triton.qa.reliability`` (or
-``scripts/reliability.sh``).
+the REAL local Triton server: ``dinov2-triton qa reliability [--repository DIR]
+[--seconds 10] [--out runs/reliability.json]`` (it starts and stops its own
+servers on free loopback ports).
 
 Scenarios, each on its own server started here on free loopback ports, over
 a temporary copy of the repository (the rollout publishes versions; the
@@ -516,9 +517,12 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} cores, {' '.join(wanted) or 'no AVX2'}"
 
 
+SCENARIOS = ("overload", "bombs", "rollout", "shutdown", "bad_requests")
+
+
 def run_reliability(repository: str | Path, *, model: str | None = None, ensemble: str = "dinov2",
                     batch_size: int = 8, overload_factor: float = 3.0, seconds: float = 5.0,
-                    scenarios: Sequence[str] = ("overload", "bombs", "rollout", "shutdown", "bad_requests"),
+                    scenarios: Sequence[str] = SCENARIOS,
                     say: Callable[[str], None] = print) -> dict[str, Any]:
     """Every scenario against a local server on a copy of ``repository``."""
     from dinov2_triton.export.triton_config import PREPROCESS_MODEL
@@ -589,17 +593,31 @@ def run_reliability(repository: str | Path, *, model: str | None = None, ensembl
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dinov2_triton.qa.reliability", description=__doc__.split("\n")[0])
-    p.add_argument("--repository", default="model_repository", help="default: %(default)s")
+PROG = "dinov2-triton qa reliability"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--repository", default="model_repository",
+                   help="the repository to test; a temporary copy is served (default: %(default)s)")
     p.add_argument("--model", default=None, help="classifier to load (default: the ensemble's)")
-    p.add_argument("--ensemble", default="dinov2")
+    p.add_argument("--ensemble", default="dinov2", help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=8, help="images per request (default: %(default)s)")
-    p.add_argument("--overload-factor", type=float, default=3.0)
+    p.add_argument("--overload-factor", type=float, default=3.0,
+                   help="offered load in multiples of the measured capacity (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=5.0, help="overload duration (default: %(default)s)")
-    p.add_argument("--scenarios", default="overload,bombs,rollout,shutdown,bad_requests")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: %(default)s)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    args = build_parser(prog or PROG).parse_args(argv)
+    unknown = [s for s in args.scenarios.split(",") if s and s not in SCENARIOS]
+    if unknown:
+        print(f"error: --scenarios: unknown {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})",
+              file=sys.stderr)
+        return 2
     from dinov2_triton.core.artifact_io import atomic_write_json
     from dinov2_triton.serve.errors import ServeError
     from dinov2_triton.serve.triton_access import TritonError
