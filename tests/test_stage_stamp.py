@@ -1,8 +1,6 @@
-"""Stage fingerprints (train/stage_stamp.py) and the root-level seed scripts."""
+"""Stage fingerprints (core/stage_stamp.py). The seed's root scripts: tests/test_cli.py, tests/test_seed_model.py."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -65,33 +63,28 @@ def test_resume_only_with_the_same_inputs(tmp_path):
     assert not stage_stamp.may_resume(state, "train", a["inputs"], ["lr=9"])
 
 
-def test_cli_exit_codes(tmp_path, capsys):
+def test_stamp_hashes_its_inputs_once_and_agrees_with_the_functions(tmp_path):
+    """The Stamp class (what the pipeline runner uses): check/start/finish/may_resume
+    on one fingerprint, computed when first needed, the same as the module functions'."""
     src, out, state = _tree(tmp_path), tmp_path / "m.pth", tmp_path / "state"
+    a = _args(src, out)
+    stamp = stage_stamp.Stamp(state, "export", inputs=a["inputs"], params=a["params"], outputs=a["outputs"])
+    assert stamp.fingerprint == stage_stamp.fingerprint("export", a["inputs"], a["params"])
+    ok, why = stamp.check()
+    assert not ok and "no finished run" in why
+    assert not stamp.may_resume()
+    stamp.start()
+    assert stamp.may_resume() and stage_stamp.may_resume(state, "export", a["inputs"], a["params"])
     out.write_bytes(b"x")
-    argv = ["--state", str(state), "--stage", "export", "--input", str(src), "--param", "v=onnx",
-            "--output", str(out)]
-    assert stage_stamp.main(["check", *argv]) == 1
-    assert "export: runs (no finished run recorded)" in capsys.readouterr().out
-    assert stage_stamp.main(["finish", *argv]) == 0
-    assert stage_stamp.main(["check", *argv]) == 0
-    assert "export: up to date, skipped" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("script,usage", [("load_data.py", "dinov2_triton.data.load"),
-                                          ("finetune.py", "dinov2_triton.train.finetune"),
-                                          ("production_benchmarking.py", "dinov2_triton.pipeline.production_benchmarking")])
-def test_seed_commands_work_from_the_repository_root(script, usage):
-    res = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert usage in res.stdout
-
-
-def test_root_model_module_is_the_model_definition():
-    res = subprocess.run([sys.executable, "-c", "import model, dinov2_triton.train.model; "
-                          "assert model.build_model is dinov2_triton.train.model.build_model; print('ok')"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    # an input changed while the stage ran: the stamp records what the run started from
+    (src / "cat" / "a.jpg").write_bytes(b"changed during the run")
+    stamp.finish()
+    ok, why = stage_stamp.check(state, "export", a["inputs"], a["params"], a["outputs"])
+    assert not ok and "inputs or parameters changed" in why
+    (src / "cat" / "a.jpg").write_bytes(b"a")
+    assert stage_stamp.check(state, "export", a["inputs"], a["params"], a["outputs"])[0]
+    with pytest.raises(ValueError, match="started or done"):
+        stage_stamp.record(state, "export", "begun", a["inputs"], a["params"], a["outputs"])
 
 
 def test_pycache_does_not_count(tmp_path):

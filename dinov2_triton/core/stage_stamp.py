@@ -1,32 +1,33 @@
 """Skip a pipeline stage whose inputs have not changed (what ``make`` does, by content).
 
-``scripts/pipeline.sh`` wraps every stage in::
+The pipeline runner (dinov2_triton.pipeline.runner) wraps every stage that
+builds something (data, train, export) in a :class:`Stamp`::
 
-    python -m dinov2_triton.core.stage_stamp check  --state DIR --stage train --input data/manifest.csv \
-        --param "lr=1e-3" ... --output models/model_final.pth
-    python -m dinov2_triton.core.stage_stamp start  ...same arguments...   # before running it
-    python -m dinov2_triton.core.stage_stamp finish ...same arguments...   # after it succeeded
+    stamp = Stamp(state_dir, "train", inputs=[data / "manifest.csv", train_code_dir],
+                  params=["train={...}"], outputs=[models / "model_final.pth"])
+    up_to_date, why = stamp.check()        # skip the stage when True
+    stamp.start()                          # before running it
+    ...
+    stamp.finish()                         # after it succeeded
 
 The fingerprint of a stage is the SHA-256 of its inputs' content (a folder:
 every file's relative path and checksum, links followed, so an ImageFolder
 tree's listing *and* its bytes count; ``__pycache__`` is left out, so a
-stage's own source package can be an input: new code reruns the stage), its parameters (flags, weights) and
-the stage name. ``check`` exits 0 ("up to date": the last finished run had
-the same fingerprint and its outputs still hold the bytes it wrote) or 1,
-and prints one line saying why. ``start`` records the fingerprint of a run
-that has begun: ``check --print-resume`` then tells the pipeline whether an
-unfinished run with the *same* inputs may resume (training resumes exactly
-inside its stage) or must start over.
+stage's own source package can be an input: new code reruns the stage), its
+parameters (settings, weights) and the stage name. ``check`` says "up to
+date" when the last finished run had the same fingerprint and its outputs
+still hold the bytes it wrote. ``start`` records the fingerprint of a run that
+has begun: ``may_resume`` then tells whether an unfinished run with the *same*
+inputs may resume (training resumes exactly inside its stage) or must start
+over.
 
-Stamps are small JSON files under ``--state`` (the pipeline uses
-``runs/pipeline/``), written atomically.
+Stamps are small JSON files (``<stage>.started.json``, ``<stage>.done.json``)
+in the state folder (the pipeline's ``<workdir>/state/``), written atomically.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -65,13 +66,10 @@ def _outputs_digest(outputs: Iterable[str | os.PathLike]) -> dict[str, str | Non
 
 
 def _stamp_path(state: Path, stage: str, kind: str) -> Path:
-    return state / f"{stage}.{kind}.json"
+    return Path(state) / f"{stage}.{kind}.json"
 
 
-def check(state: Path, stage: str, inputs: Sequence[str], params: Sequence[str],
-          outputs: Sequence[str]) -> tuple[bool, str]:
-    """(up_to_date, one-line reason)."""
-    want = fingerprint(stage, inputs, params)
+def _check(state: Path, stage: str, want: str, outputs: Sequence[str | os.PathLike]) -> tuple[bool, str]:
     path = _stamp_path(state, stage, "done")
     if not path.is_file():
         return False, "no finished run recorded"
@@ -83,8 +81,7 @@ def check(state: Path, stage: str, inputs: Sequence[str], params: Sequence[str],
         return False, f"{path}: stamp of another schema"
     if done.get("fingerprint") != want:
         return False, "inputs or parameters changed since the last run"
-    now = _outputs_digest(outputs)
-    for out, digest in now.items():
+    for out, digest in _outputs_digest(outputs).items():
         if digest is None:
             return False, f"output {out} is missing"
         if done.get("outputs", {}).get(out) != digest:
@@ -92,23 +89,20 @@ def check(state: Path, stage: str, inputs: Sequence[str], params: Sequence[str],
     return True, f"inputs unchanged since {done.get('finished', '?')}"
 
 
-def may_resume(state: Path, stage: str, inputs: Sequence[str], params: Sequence[str]) -> bool:
-    """True when the last *started* run had the same fingerprint (it may
-    continue from its own checkpoint); False when inputs changed."""
+def _may_resume(state: Path, stage: str, want: str) -> bool:
     path = _stamp_path(state, stage, "started")
     if not path.is_file():
         return False
     try:
-        return read_json(path).get("fingerprint") == fingerprint(stage, inputs, params)
+        return read_json(path).get("fingerprint") == want
     except ValueError:
         return False
 
 
-def record(state: Path, stage: str, kind: str, inputs: Sequence[str], params: Sequence[str],
-           outputs: Sequence[str]) -> Path:
-    doc = {"schema_version": SCHEMA_VERSION, "stage": stage,
-           "fingerprint": fingerprint(stage, inputs, params),
-           "inputs": list(inputs), "params": sorted(params)}
+def _record(state: Path, stage: str, kind: str, want: str, inputs: Sequence[str | os.PathLike],
+            params: Sequence[str], outputs: Sequence[str | os.PathLike]) -> Path:
+    doc = {"schema_version": SCHEMA_VERSION, "stage": stage, "fingerprint": want,
+           "inputs": [str(i) for i in inputs], "params": sorted(params)}
     if kind == "done":
         doc.update(finished=utc_now(), outputs=_outputs_digest(outputs))
     else:
@@ -116,30 +110,53 @@ def record(state: Path, stage: str, kind: str, inputs: Sequence[str], params: Se
     return atomic_write_json(_stamp_path(state, stage, kind), doc)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dinov2_triton.core.stage_stamp", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("check", "start", "finish", "resume"),
-                   help="check: exit 0 if up to date; start/finish: record a run; "
-                        "resume: exit 0 if an unfinished run with the same inputs may resume")
-    p.add_argument("--state", required=True, type=Path, help="folder holding the stamps")
-    p.add_argument("--stage", required=True)
-    p.add_argument("--input", action="append", default=[], help="file or folder whose content counts")
-    p.add_argument("--param", action="append", default=[], help="KEY=VALUE that counts (flags, weights)")
-    p.add_argument("--output", action="append", default=[], help="file the stage produces")
-    return p
+def check(state: Path, stage: str, inputs: Sequence[str | os.PathLike], params: Sequence[str],
+          outputs: Sequence[str | os.PathLike]) -> tuple[bool, str]:
+    """(up_to_date, one-line reason)."""
+    return _check(state, stage, fingerprint(stage, inputs, params), outputs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    if a.action == "check":
-        ok, why = check(a.state, a.stage, a.input, a.param, a.output)
-        print(f"[pipeline] {a.stage}: {'up to date, skipped' if ok else 'runs'} ({why})", flush=True)
-        return 0 if ok else 1
-    if a.action == "resume":
-        return 0 if may_resume(a.state, a.stage, a.input, a.param) else 1
-    record(a.state, a.stage, "done" if a.action == "finish" else "started", a.input, a.param, a.output)
-    return 0
+def may_resume(state: Path, stage: str, inputs: Sequence[str | os.PathLike], params: Sequence[str]) -> bool:
+    """True when the last *started* run had the same fingerprint (it may
+    continue from its own checkpoint); False when inputs changed."""
+    return _may_resume(state, stage, fingerprint(stage, inputs, params))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def record(state: Path, stage: str, kind: str, inputs: Sequence[str | os.PathLike], params: Sequence[str],
+           outputs: Sequence[str | os.PathLike]) -> Path:
+    """Write the ``started`` or ``done`` stamp of a run."""
+    if kind not in ("started", "done"):
+        raise ValueError(f"stamp kind {kind!r}: choose started or done")
+    return _record(state, stage, kind, fingerprint(stage, inputs, params), inputs, params, outputs)
+
+
+class Stamp:
+    """One stage's stamps: its inputs are hashed once, when first needed, so
+    ``check``, ``start`` and ``finish`` agree on what the run was made from
+    (an input the stage itself rewrites does not make its own run look stale)."""
+
+    def __init__(self, state: str | os.PathLike, stage: str, *, inputs: Sequence[str | os.PathLike] = (),
+                 params: Sequence[str] = (), outputs: Sequence[str | os.PathLike] = ()) -> None:
+        self.state, self.stage = Path(state), stage
+        self.inputs, self.params, self.outputs = list(inputs), list(params), list(outputs)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.stage, self.inputs, self.params)
+        return self._fingerprint
+
+    def check(self) -> tuple[bool, str]:
+        """(up_to_date, one-line reason)."""
+        return _check(self.state, self.stage, self.fingerprint, self.outputs)
+
+    def may_resume(self) -> bool:
+        """An unfinished run with the same fingerprint was started: it may continue."""
+        return _may_resume(self.state, self.stage, self.fingerprint)
+
+    def start(self) -> Path:
+        return _record(self.state, self.stage, "started", self.fingerprint, self.inputs, self.params, self.outputs)
+
+    def finish(self) -> Path:
+        return _record(self.state, self.stage, "done", self.fingerprint, self.inputs, self.params, self.outputs)
