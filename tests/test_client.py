@@ -84,7 +84,7 @@ def test_server_not_reachable(protocol, tmp_path, capsys):
     with pytest.raises(ta.ServerUnreachable) as info:
         pcl.TritonClassifier(url, protocol, timeout_s=5)
     msg = str(info.value)
-    assert msg.startswith(f"cannot reach Triton at {url} (is the server running? scripts/serve.sh local)")
+    assert msg.startswith(f"cannot reach Triton at {url} (is the server running? dinov2-triton serve start)")
     assert "\n" not in msg
     img = tmp_path / "a.png"
     img.write_bytes(b"x")

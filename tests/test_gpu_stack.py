@@ -1,21 +1,23 @@
-"""The GPU stack agrees with itself: the release pin (scripts/triton_version.sh),
-requirements/lock-gpu.txt, the `gpu` extra, environment.yml, serve/Dockerfile
-and the scripts that start the NVIDIA containers.
+"""The GPU stack agrees with itself: the release pin (package data
+core/resources/triton_release.env, one reader: dinov2_triton.core.release_pin),
+requirements/lock-gpu.txt, the `gpu` extra, environment.yml, the serving
+Dockerfile and its Pillow, and the commands that start the NVIDIA containers
+(dinov2_triton.serve.container, dinov2_triton.export.container).
 
 No network: the pin parses and marks what it could not confirm, the lock has
-one CUDA major, the containers' Python and the pinned TensorRT, and the
-scripts read the pin instead of repeating it (the scripts run here with a
-fake `docker` and `nvidia-smi` that record their arguments).
+one CUDA major, the containers' Python and the pinned TensorRT, nothing in
+the package or the scripts repeats the pin, and the docker command lines are
+built from the pin and the repository (checked as argv lists, and end to end
+with stand-in `docker` and `nvidia-smi` that record their arguments).
 PyPI (marked slow): pip resolves the lock for the containers' Python and
 platform from wheels alone, and every generated config.pbtxt parses with the
 model-config protobuf of the local server's release and of the pinned
 container's release (their tritonclient wheels)."""
 from __future__ import annotations
 
+import ast
 import os
 import re
-import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +25,13 @@ from pathlib import Path
 import pytest
 
 from dinov2_triton.core.release_pin import PIN_FILE, PinError, load_pin, read_pin
+from dinov2_triton.export import container as trt_box
+from dinov2_triton.serve import container as box
+from tests.fixtures import fake_docker
 from tests.fixtures import gpu_stack as gs
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("scripts/serve.sh", "scripts/build_engines.sh", "scripts/gpu_acceptance.sh")
+PACKAGE = ROOT / "dinov2_triton"
 
 
 # --------------------------------------------------------------------------- the pin
@@ -69,12 +74,36 @@ def test_pin_needs_the_full_tensorrt_version(tmp_path):
         load_pin(tmp_path / "pin.sh")
 
 
-def test_shell_and_python_read_the_same_values():
-    out = subprocess.run(["bash", "-c", "source scripts/triton_version.sh && set -o posix && set"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    shell = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    for key, value in read_pin().items():
-        assert shell[key].strip("'") == value, key
+def _code_strings(path: Path) -> list[str]:
+    """The string constants of a module's code (docstrings and comments left out)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_the_pin_is_data_with_one_reader():
+    """The pin is package data (KEY=VALUE, no shell), read only through
+    dinov2_triton.core.release_pin; no module or script repeats its figures."""
+    pin = load_pin()
+    assert PIN_FILE.parent.name == "resources" and PIN_FILE.suffix == ".env"
+    assert read_pin()["TRITON_CONTAINER_IMAGE"] == pin.triton_image
+    text = PIN_FILE.read_text()
+    assert "shellcheck" not in text and "source " not in text and not re.search(r"^export ", text, re.M)
+    literals = (pin.triton_image, pin.tensorrt_image, pin.tensorrt, pin.triton_server, f"{pin.container_tag}-py3",
+                "nvcr.io/", "triton_release.env")
+    for module in sorted(PACKAGE.rglob("*.py")):
+        if module.name == "release_pin.py" or "resources" in module.parts:
+            continue
+        for value in _code_strings(module):
+            for literal in literals:
+                assert literal not in value, f"{module.relative_to(ROOT)} repeats {literal!r}: read the pin"
+    for script in sorted((ROOT / "scripts").glob("*.sh")):
+        code = "\n".join(ln for ln in script.read_text().splitlines() if not ln.lstrip().startswith("#"))
+        for literal in (*literals, pin.container_tag, "triton_version.sh"):
+            assert literal not in code, f"{script.name} repeats {literal!r}"
 
 
 # --------------------------------------------------------------------------- the lock (offline)
@@ -128,72 +157,24 @@ def test_environment_yml_and_dockerfile_read_the_lock():
     assert re.search(rf"^\s*- python={re.escape(pin.python)}\s*$", env, re.M)
     pip_lines = [ln.strip()[2:] for ln in env.split("- pip:", 1)[1].splitlines() if ln.strip().startswith("- ")]
     assert pip_lines == ["-r requirements/lock-gpu.txt"], "environment.yml pins nothing of its own"
-    docker = (ROOT / "serve" / "Dockerfile").read_text()
-    assert "${PILLOW_REQUIREMENT}" in docker and not re.search(r"pillow\s*[=<>]", docker, re.I)
+    docker = box.dockerfile().read_text()
+    assert "FROM ${TRITON_IMAGE}" in docker and "${PILLOW_REQUIREMENT}" in docker
+    assert not re.search(r"pillow\s*[=<>]", docker, re.I) and "nvcr.io" not in docker
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_scripts_source_the_pin_instead_of_repeating_it(script):
-    pin = load_pin()
-    text = (ROOT / script).read_text()
-    assert "source scripts/triton_version.sh" in text
-    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
-    for literal in (pin.container_tag, pin.tensorrt, pin.triton_server, "nvcr.io/", "torch=="):
-        assert literal not in code, f"{script} repeats {literal!r}: read it from the pin or the lock"
+def test_the_containers_pillow_is_the_locks():
+    """The Pillow the serving image installs is a constant of the package (an
+    installed package has no requirements/): it must be the lock's, and the
+    one the package itself depends on."""
+    pillow = gs.read_lock().get("pillow")
+    assert pillow is not None, "lock-gpu.txt pins no pillow"
+    assert box.PILLOW_REQUIREMENT == f"pillow=={pillow.version}"
+    assert f'"{box.PILLOW_REQUIREMENT}"' in gs.PYPROJECT.read_text()
+    build = box.build_argv(load_pin())
+    assert f"PILLOW_REQUIREMENT={box.PILLOW_REQUIREMENT}" in build
 
 
-# --------------------------------------------------------------------------- the scripts, with a fake docker
-def _fake_bin(tmp_path) -> Path:
-    """docker and nvidia-smi that succeed and append their argv to $FAKE_LOG
-    (NUL-separated words, a \\036 word ends each call)."""
-    bin_dir = tmp_path / "bin"
-    if bin_dir.is_dir():
-        return bin_dir
-    bin_dir.mkdir()
-    for name in ("docker", "nvidia-smi"):
-        f = bin_dir / name
-        f.write_text('#!/bin/bash\n{ printf "%s\\0" "$(basename "$0")" "$@"; printf "\\036\\0"; } >>"$FAKE_LOG"\n')
-        f.chmod(f.stat().st_mode | stat.S_IEXEC)
-    for tool in ("bash", "env", "dirname", "basename", "cat", "grep", "od", "tr", "mkdir", "sha256sum", "cut",
-                 "awk", "id", "pwd", "printf", "sed", "head"):
-        path = shutil.which(tool)
-        if path and not (bin_dir / tool).exists():
-            (bin_dir / tool).symlink_to(path)
-    return bin_dir
-
-
-def _calls(log: Path, program: str) -> list[list[str]]:
-    out, words = [], []
-    for word in log.read_text().split("\0")[:-1]:
-        if word == "\036":            # end of one call
-            if words and words[0] == program:
-                out.append(words[1:])
-            words = []
-        else:
-            words.append(word)
-    return out
-
-
-def _checkout(tmp_path) -> Path:
-    """A copy of what the scripts read (serve.sh writes logs/ under its checkout)."""
-    root = tmp_path / "checkout"
-    if not root.is_dir():
-        for folder in ("scripts", "serve", "requirements"):
-            shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    return root
-
-
-def _run(script: str, args, tmp_path, **env):
-    bin_dir = _fake_bin(tmp_path)
-    log = tmp_path / "calls.log"
-    log.write_text("")
-    root = _checkout(tmp_path)
-    full_env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "FAKE_LOG": str(log), **env}
-    proc = subprocess.run([str(root / script), *args], cwd=root, env=full_env, capture_output=True, text=True,
-                          timeout=60)
-    return proc, log
-
-
+# --------------------------------------------------------------------------- the containers' command lines
 def _repo(tmp_path, *, version_compatible: bool | None) -> Path:
     repo = tmp_path / "repo"
     (repo / "dinov2_onnx" / "1").mkdir(parents=True)
@@ -210,60 +191,140 @@ def _repo(tmp_path, *, version_compatible: bool | None) -> Path:
 def test_serve_container_uses_the_pin_and_enables_version_compatible_plans(tmp_path, version_compatible):
     pin = load_pin()
     repo = _repo(tmp_path, version_compatible=version_compatible)
-    proc, log = _run("scripts/serve.sh", ["container", "--repository", str(repo)], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    builds = [c for c in _calls(log, "docker") if c[:1] == ["build"]]
-    runs = [c for c in _calls(log, "docker") if c[:1] == ["run"]]
-    assert len(builds) == 1 and len(runs) == 1
-    assert f"TRITON_IMAGE={pin.triton_image}" in builds[0]
-    assert "PILLOW_REQUIREMENT=pillow==13.0.0" in builds[0]          # the lock's Pillow
-    flag = "--backend-config=tensorrt,version-compatible=true"
-    assert (flag in runs[0]) is bool(version_compatible)
-    if version_compatible:
-        assert "version-compatible TensorRT plans (dinov2_trt_fp16)" in proc.stdout
+    launch = box.plan_container(repo, api_key="k" * 43)
+    assert launch.build_argv[:2] == ["docker", "build"]
+    assert f"TRITON_IMAGE={pin.triton_image}" in launch.build_argv
+    assert launch.build_argv[launch.build_argv.index("-t") + 1] == f"{box.IMAGE_NAME}:{pin.container_tag}"
+    assert launch.build_argv[-1] == str(box.dockerfile().parent)
+    run = launch.run_argv
+    assert run[:3] == ["docker", "run", "--rm"] and run[run.index("--gpus") + 1] == "all"
+    assert run[run.index("tritonserver") - 1] == launch.image == f"{box.IMAGE_NAME}:{pin.container_tag}"
+    assert f"{repo.resolve()}:/models:ro" in run and "--load-model=*" in run
+    assert (box.VERSION_COMPATIBLE_FLAG in run) is bool(version_compatible)
+    assert launch.version_compatible == (("dinov2_trt_fp16",) if version_compatible else ())
+    if version_compatible:       # only the selected models decide
+        only_onnx = box.plan_container(repo, api_key="k" * 43, models=["dinov2_onnx"])
+        assert box.VERSION_COMPATIBLE_FLAG not in only_onnx.run_argv
+        assert "--load-model=dinov2_onnx" in only_onnx.run_argv and "--load-model=*" not in only_onnx.run_argv
+        assert any("version-compatible TensorRT plans (dinov2_trt_fp16)" in line
+                   for line in box.describe(launch, "key"))
+
+
+def test_serve_container_refuses_bad_input_naming_it(tmp_path):
+    repo = _repo(tmp_path, version_compatible=None)
+    (repo / "broken").mkdir()
+    (repo / "broken" / "config.pbtxt").write_text("name: \"broken\"\nplatform: [\n")
+    cases = [
+        (dict(repository=tmp_path / "none"), "does not exist"),
+        (dict(models=["dinov2_onnx", "nope"]), "--models: nope not in"),
+        (dict(models=["broken"]), f"{repo / 'broken' / 'config.pbtxt'}: cannot be parsed"),
+        (dict(exit_timeout_s=-1), "--exit-timeout-secs -1"),
+        (dict(http_port=8000, grpc_port=8000), "must differ"),
+        (dict(host="0.0.0.0 x"), "--host"),
+        (dict(name="a b"), "--name 'a b'"),
+    ]
+    for kwargs, message in cases:
+        kwargs = {"repository": repo, "models": ["dinov2_onnx"], **kwargs}
+        with pytest.raises(box.ContainerError, match=re.escape(message)):
+            box.plan_container(kwargs.pop("repository"), api_key="k" * 43, **kwargs)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(box.ContainerError, match="holds no model"):
+        box.plan_container(empty, api_key="k" * 43)
+
+
+def _trt_argv(tmp_path, mode, args):
+    return trt_box.docker_argv(args, mode=mode, pin=load_pin(), workdir=tmp_path, cache=tmp_path / "cache",
+                               package_dir=PACKAGE, lock_file=gs.LOCK_FILE if mode == "export" else None,
+                               user="1000:1000", environ={"PIP_INDEX_URL": "https://mirror/simple", "HOME": "/x"})
 
 
 def test_build_engines_keeps_the_cache_and_installs_the_lock(tmp_path):
     pin = load_pin()
+    cache = (tmp_path / "cache").resolve()
+    run = _trt_argv(tmp_path, "export", ["--variants", "trt_fp16,trt_int8", "--model-path", "m.pth"])
+    image = run.index(pin.tensorrt_image)
+    docker, inner = run[:image], run[image + 1:]
+    assert docker[:3] == ["docker", "run", "--rm"] and docker[docker.index("--gpus") + 1] == "all"
+    assert f"{cache}:{cache}" in docker, "the cache (timing caches, packages) must outlive `docker run --rm`"
+    assert f"DINOV2_TRITON_CACHE={cache}" in docker and docker[docker.index("--user") + 1] == "1000:1000"
+    assert f"{tmp_path.resolve()}:{tmp_path.resolve()}" in docker and docker[docker.index("-w") + 1] == str(
+        tmp_path.resolve())
+    assert f"{PACKAGE}:{trt_box.PACKAGE_MOUNT}/dinov2_triton:ro" in docker
+    assert f"PYTHONPATH={trt_box.PACKAGE_MOUNT}" in docker
+    assert docker[docker.index("PIP_INDEX_URL") - 1] == "-e" and "HOME" not in docker, "pip's own settings pass"
+    assert f"{gs.LOCK_FILE}:{gs.LOCK_FILE}:ro" in docker
+    assert inner[:3] == ["python3", "-m", "dinov2_triton.export.container"]
+    assert inner[inner.index("--python") + 1] == pin.python and inner[inner.index("--mode") + 1] == "export"
+    assert inner[inner.index("--lock-file") + 1] == str(gs.LOCK_FILE)
+    assert inner[inner.index("--") + 1:] == ["--variants", "trt_fp16,trt_int8", "--model-path", "m.pth"]
+    plans = _trt_argv(tmp_path, "plans", ["--onnx", "x.onnx"])
+    assert plans[plans.index("--mode") + 1] == "plans" and "--lock-file" not in plans
+    assert plans[-3:] == ["--", "--onnx", "x.onnx"]
+    # what is installed in the container: the lock without TensorRT (the container's own) and NVIDIA's index
+    lock = gs.LOCK_FILE.read_text()
+    req = trt_box.requirements_without_tensorrt(lock)
+    assert "--extra-index-url" in lock and "--extra-index-url" not in req
+    assert re.search(r"^tensorrt", lock, re.M | re.I) and not re.search(r"^tensorrt", req, re.M | re.I)
+    kept = [ln for ln in lock.splitlines() if ln and not ln.startswith("#") and not ln.startswith("-")
+            and not ln.lower().startswith("tensorrt")]
+    assert kept and all(ln in req.splitlines() for ln in kept)
+
+
+def test_export_in_container_runs_the_same_command_in_the_tensorrt_container(tmp_path, monkeypatch, capsys):
+    """`dinov2-triton export --in-container ...` with stand-in docker and nvidia-smi:
+    one `docker run` of the pinned TensorRT image with the same arguments, minus
+    the container flags; a path outside the current folder is refused first."""
+    from dinov2_triton.export.cli import main as export_main
+
+    log = tmp_path / "calls.log"
+    bin_dir = fake_docker.install(tmp_path / "bin", log)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("DINOV2_TRITON_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    (work / "models" / "m.pth").write_bytes(b"x")
+    monkeypatch.chdir(work)
+    lock = os.path.relpath(gs.LOCK_FILE, work)
+    code = export_main(["--in-container", "--lock-file", lock, "--variants", "trt_fp16", "--model-path",
+                        "models/m.pth"])
+    assert code == 0, capsys.readouterr().err
+    runs = fake_docker.subcommand(log, "run")
+    assert len(runs) == 1 and load_pin().tensorrt_image in runs[0]
+    assert runs[0][runs[0].index("--") + 1:] == ["--variants", "trt_fp16", "--model-path", "models/m.pth"]
+    assert (tmp_path / "cache").is_dir()
+    outside = tmp_path / "elsewhere.pth"
+    outside.write_bytes(b"x")
+    assert export_main(["--in-container", "--model-path", str(outside), "--lock-file", lock]) == 2
+    assert f"{outside} is outside the current folder" in capsys.readouterr().err
+    assert export_main(["--in-container", "--model-path", "models/m.pth", "--lock-file", "no-lock.txt"]) == 2
+    assert "--lock-file no-lock.txt: not found" in capsys.readouterr().err
+    assert len(fake_docker.subcommand(log, "run")) == 1
+
+
+def test_container_boot_refuses_another_python_and_reuses_an_installed_lock(tmp_path):
+    """The in-container entry, run here with this interpreter: a Python other
+    than the pin's stops before installing anything; a lock installed once is
+    reused without pip (no network here: pip would fail)."""
+    def boot(*args):
+        return subprocess.run([sys.executable, "-m", "dinov2_triton.export.container", "--boot", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     cache = tmp_path / "cache"
-    proc, log = _run("scripts/build_engines.sh", ["--", "--model_path", "m.pth"], tmp_path,
-                     DINOV2_TRITON_CACHE=str(cache))
-    assert proc.returncode == 0, proc.stderr
-    run = [c for c in _calls(log, "docker") if c[:1] == ["run"]][0]
-    assert pin.tensorrt_image in run and "--gpus" in run
-    assert f"{cache}:{cache}" in run, "the cache (timing caches, packages) must outlive `docker run --rm`"
-    assert f"DINOV2_TRITON_CACHE={cache}" in run and f"PIN_PYTHON={pin.python}" in run and "MODE=export" in run
-    inner = run[run.index("-c") + 1]
-    assert "requirements/lock-gpu.txt" in inner and '--target "$deps.partial"' in inner
-    assert 'grep -vE "^(tensorrt|--extra-index-url)"' in inner       # the container's TensorRT is used
-    assert run[run.index("build_engines.sh") + 1:] == ["-m", "export", "--variants", "trt_fp16,trt_int8",
-                                                        "--model_path", "m.pth"]
-    proc, log = _run("scripts/build_engines.sh", ["--plans-only", "--", "--onnx", "x.onnx"], tmp_path,
-                     DINOV2_TRITON_CACHE=str(cache))
-    run = [c for c in _calls(log, "docker") if c[:1] == ["run"]][0]
-    assert "MODE=plans" in run and run[-3:] == ["dinov2_triton.export.trt_build_main", "--onnx", "x.onnx"]
-
-
-def test_container_inner_script_refuses_another_python(tmp_path):
-    """The in-container part, run here with python3 = this interpreter: a
-    Python other than the pin's stops before installing anything."""
-    proc, log = _run("scripts/build_engines.sh", ["--plans-only", "--", "--help"], tmp_path,
-                     DINOV2_TRITON_CACHE=str(tmp_path / "cache"))
-    run = [c for c in _calls(log, "docker") if c[:1] == ["run"]][0]
-    inner = run[run.index("-c") + 1]
-    py_dir = tmp_path / "py"
-    py_dir.mkdir()
-    (py_dir / "python3").symlink_to(sys.executable)
-    env = {"PATH": f"{py_dir}{os.pathsep}{os.environ['PATH']}", "PIN_PYTHON": "2.7", "MODE": "plans",
-           "IMAGE": "test-image", "DINOV2_TRITON_CACHE": str(tmp_path / "cache"), "LOCK_ID": "x",
-           "PIP_EXTRA_ARGS": ""}
-    proc = subprocess.run(["bash", "-c", inner, "build_engines.sh", "-c", "print('ran')"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "is for Python 2.7" in proc.stderr and "ran" not in proc.stdout
-    env["PIN_PYTHON"] = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    proc = subprocess.run(["bash", "-c", inner, "build_engines.sh", "-c", "print('ran')"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ran", proc.stderr
+    proc = boot("--mode", "plans", "--python", "2.7", "--cache", str(cache), "--", "--help")
+    assert proc.returncode == 2 and f"has Python {here}; the lock is for Python 2.7" in proc.stderr
+    assert "usage:" not in proc.stdout
+    proc = boot("--mode", "plans", "--python", here, "--cache", str(cache), "--", "--help")
+    assert proc.returncode == 0 and "--onnx" in proc.stdout, proc.stderr
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# python: 3.12\n--extra-index-url https://pypi.nvidia.com\nno-such-package==1.0\n")
+    deps = cache / f"pydeps-py{here}-{trt_box.lock_id(lock.read_text())}"
+    (deps / ".complete").parent.mkdir(parents=True)
+    (deps / ".complete").touch()
+    proc = boot("--mode", "export", "--python", here, "--cache", str(cache), "--lock-file", str(lock), "--",
+                "--help")
+    assert proc.returncode == 0 and "--model-path" in proc.stdout, proc.stderr
+    assert "installing" not in proc.stderr
 
 
 # --------------------------------------------------------------------------- PyPI
@@ -405,10 +466,18 @@ def test_gpu_check_without_a_gpu_says_so(capsys):
     assert "no CUDA GPU visible to PyTorch" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- scripts/gpu_acceptance.sh here
+# --------------------------------------------------------------------------- gpu acceptance here
+def test_gpu_acceptance_script_is_setup_and_one_call():
+    text = (ROOT / "scripts" / "gpu_acceptance.sh").read_text()
+    assert len(text.splitlines()) < 20
+    calls = re.findall(r"^\s*exec (.+)$", text, re.M)
+    assert calls and all(c.endswith('qa gpu-acceptance "$@"') for c in calls)
+    assert not (ROOT / "scripts" / "serve.sh").exists() and not (ROOT / "scripts" / "build_engines.sh").exists()
+
+
 def test_gpu_acceptance_on_a_host_without_gpu_skips_every_step_with_a_reason(tmp_path):
     env = {**os.environ, "PATH": "/usr/bin:/bin"}        # no nvidia-smi, no docker
-    proc = subprocess.run([str(ROOT / "scripts" / "gpu_acceptance.sh"), "--out", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([str(ROOT / "scripts" / "gpu_acceptance.sh"), "--out", str(tmp_path)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr          # 2: no GPU
     table = (tmp_path / "acceptance.md").read_text()
@@ -419,3 +488,14 @@ def test_gpu_acceptance_on_a_host_without_gpu_skips_every_step_with_a_reason(tmp
         assert status in ("OK", "SKIPPED") and result.strip(" |"), row
     assert "no docker" in table and "TensorRT not importable" in table and "no GPU" in table
     assert table in proc.stdout
+    assert f"pin: Triton {load_pin().container_tag}" in proc.stderr
+
+
+def test_gpu_acceptance_writes_under_the_current_folder_by_default(tmp_path):
+    """No checkout lookup: run from any folder, the report lands in ./reports/."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "dinov2_triton.cli", "qa", "gpu-acceptance", "--time-limit", "240"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    (out,) = (tmp_path / "reports").glob("gpu-acceptance-*")
+    assert (out / "acceptance.md").is_file() and (out / "acceptance.json").is_file()

@@ -6,7 +6,8 @@ Kubernetes OpenAPI schemas of dinov2_triton.serve.kubernetes.KUBERNETES_VERSION
 (kubernetes-validate). CRDs (ServiceMonitor, InferenceService) have no
 schema there; their fields that matter are checked below. Then the
 semantics that break deployments: ports and probe paths against the server
-flags, the flags against scripts/serve.sh, the HPA's metric against the
+flags, the flags against those of ``dinov2-triton serve container``
+(dinov2_triton.serve.container), the HPA's metric against the
 Prometheus-adapter rule and the rule's series against the /metrics of the
 real local server, the image tag against the pin, the grace period against
 the exit timeout, the security context, the NetworkPolicy; and the overlay
@@ -135,18 +136,18 @@ def test_network_policy_opens_inference_to_all_and_metrics_to_monitoring(rendere
         "kubernetes.io/metadata.name": "monitoring"}}}], "ports": [{"port": "metrics", "protocol": "TCP"}]}]
 
 
-def _serve_sh_flags() -> dict[str, list[str]]:
-    """The tritonserver flags of `scripts/serve.sh container` (its docker run line; the
-    models come from its "${load[@]}", --load-model=* without --models)."""
-    text = (ROOT / "scripts" / "serve.sh").read_text()
-    run = text[text.index("tritonserver --model-repository"):]
-    run = run[:run.index("\n}")]
-    assert '"${load[@]}"' in run and 'load=("--load-model=*")' in text
-    return flags(re.findall(r"--[a-z-]+(?:=[^\s\"]*)?", run) + ["--load-model=*"])
+def _container_flags() -> dict[str, list[str]]:
+    """The tritonserver flags of `dinov2-triton serve container` for every model
+    (--load-model=*), as its docker run line gives them."""
+    from dinov2_triton.serve.container import tritonserver_args
+
+    args = tritonserver_args(api_key="KEY")
+    assert args[0] == "tritonserver" and "--load-model=*" in args
+    return flags(args[1:])
 
 
-def test_flags_are_those_of_serve_sh_container(rendered):
-    want = _serve_sh_flags()
+def test_flags_are_those_of_serve_container(rendered):
+    want = _container_flags()
     assert {"--model-control-mode", "--exit-on-error", "--http-restricted-api",
             "--grpc-restricted-protocol", "--load-model"} <= set(want)
     kserve_args = one(rendered["kserve"], "InferenceService")["spec"]["predictor"]["model"]["args"]
@@ -203,8 +204,10 @@ def test_image_tag_is_the_pinned_release(rendered):
     want = f"{k8s.IMAGE_NAME}:{pin.container_tag}"
     assert container(rendered["gpu"])["image"] == want == container(rendered["cpu"])["image"]
     assert one(rendered["kserve"], "InferenceService")["spec"]["predictor"]["model"]["image"] == want
-    # the name scripts/serve.sh builds the derived image under
-    assert f'local image="{k8s.IMAGE_NAME}:${{TRITON_CONTAINER_TAG}}"' in (ROOT / "scripts" / "serve.sh").read_text()
+    # the name `serve container` builds the derived image under
+    from dinov2_triton.serve.container import build_argv, image_tag
+
+    assert image_tag(pin) == want and build_argv(pin)[build_argv(pin).index("-t") + 1] == want
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered):

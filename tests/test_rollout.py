@@ -1,12 +1,9 @@
 """Rollouts and shutdowns that lose no request, against the REAL local Triton
-server: a new version published and loaded under load (``python -m serve
-reload``), a rollback (``python -m serve rollback``), ``python -m serve stop``
-with requests in flight, and the container script's drain settings."""
+server: a new version published and loaded under load (``dinov2-triton serve
+reload``), a rollback (``dinov2-triton serve rollback``), ``dinov2-triton serve stop``
+with requests in flight, and the drain settings of ``dinov2-triton serve container``."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +15,7 @@ from dinov2_triton.qa import reliability as rel
 from dinov2_triton.serve import local_server as ls
 from dinov2_triton.serve import rollout
 from dinov2_triton.serve.cli import main as serve_main
+from tests.fixtures import fake_docker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,36 +178,30 @@ def test_stop_under_load_answers_what_it_accepted(triton_server_factory, tmp_pat
         conn.infer("slow", [conn.tensor_input("pixel_values", x)])
 
 
-def _fake_container_env(tmp_path: Path) -> tuple[Path, dict, Path]:
-    root = tmp_path / "checkout"
-    for folder in ("scripts", "serve", "requirements"):
-        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "model_repository").mkdir()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("dirname", "basename", "grep", "od", "tr", "mkdir", "cat", "head", "sed", "awk"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
-    calls = tmp_path / "docker_calls"
-    (bin_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n'
-                                    'case "$1" in ps) echo abc123 ;; esac\nexit 0\n')
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
-    for tool in ("docker", "nvidia-smi"):
-        (bin_dir / tool).chmod(0o755)
-    return root, {"PATH": str(bin_dir), "HOME": os.environ.get("HOME", "/root")}, calls
-
-
 @pytest.mark.parametrize("flag, seconds", [([], 30), (["--exit-timeout-secs", "12"], 12)])
-def test_container_drains_with_the_same_exit_timeout(tmp_path, flag, seconds):
+def test_container_drains_with_the_same_exit_timeout(tmp_path, monkeypatch, capsys, flag, seconds):
     """The container's tritonserver gets --exit-timeout-secs (default 30, as the
-    local server) and docker waits 10 s longer before SIGKILL, on run and on stop."""
+    local server) and docker waits 10 s longer before SIGKILL: on run (its
+    --stop-timeout) and on `serve stop` (docker stop without -t uses it)."""
     assert ls.DEFAULT_EXIT_TIMEOUT_S == 30
-    root, env, calls = _fake_container_env(tmp_path)
-    result = subprocess.run(["/bin/bash", str(root / "scripts" / "serve.sh"), "container", *flag], env=env,
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    run = next(line for line in calls.read_text().splitlines() if line.startswith("run ")).split()
+    repo = tmp_path / "model_repository"
+    (repo / "m").mkdir(parents=True)
+    (repo / "m" / "config.pbtxt").write_text('name: "m"\nplatform: "onnxruntime_onnx"\n')
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("PATH", str(fake_docker.install(tmp_path / "bin", log, running=True)))
+    assert serve_main(["container", "--repository", str(repo), "--name", "drain-test",
+                       "--api-key-file", str(tmp_path / "key"), *flag]) == 0
+    (run,) = fake_docker.subcommand(log, "run")
     assert f"--exit-timeout-secs={seconds}" in run
     assert run[run.index("--stop-timeout") + 1] == str(seconds + 10)
-    bad = subprocess.run(["/bin/bash", str(root / "scripts" / "serve.sh"), "container", "--exit-timeout-secs",
-                          "soon"], env=env, capture_output=True, text=True, timeout=30)
-    assert bad.returncode == 1 and "'soon' is not a number of seconds" in bad.stderr
+    assert run[run.index("--name") + 1] == "drain-test"
+    capsys.readouterr()
+    assert serve_main(["stop", "--name", "drain-test", "--pid-file", str(tmp_path / "none.pid"),
+                       "--replica-file", str(tmp_path / "none.json")]) == 0
+    assert fake_docker.subcommand(log, "stop") == [["stop", "drain-test"]]
+    assert "stopped container drain-test" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        serve_main(["container", "--repository", str(repo), "--exit-timeout-secs", "soon"])
+    assert bad.value.code == 2 and "--exit-timeout-secs: invalid int value: 'soon'" in capsys.readouterr().err
+    assert serve_main(["container", "--repository", str(repo), "--exit-timeout-secs", "-1", "--dry-run"]) == 1
+    assert "--exit-timeout-secs -1: a whole number of seconds >= 0" in capsys.readouterr().err

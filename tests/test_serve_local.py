@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import socket
 import stat
@@ -26,6 +25,7 @@ from dinov2_triton.serve import install, model_plan
 from dinov2_triton.serve import local_server as ls
 from dinov2_triton.serve import triton_access as ta
 from dinov2_triton.serve.install import STANDIN_BACKENDS
+from tests.fixtures import fake_docker
 from tests.fixtures.triton import TINY_IMAGE, tiny_config, tiny_config_message, tiny_reference, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_errors_are_typed_from_what_tritonclient_raises():
     assert type(bad) is ta.RequestError and str(bad) == "model 'm': inference request batch-size must be <= 4"
     assert issubclass(ta.Overloaded, ta.RequestError) and issubclass(ta.AccessDenied, ta.RequestError)
     unreachable = str(ta.classify_error(ConnectionRefusedError(111, "Connection refused"), url))
-    assert unreachable.startswith(f"cannot reach Triton at {url} (is the server running? scripts/serve.sh local)")
+    assert unreachable.startswith(f"cannot reach Triton at {url} (is the server running? dinov2-triton serve start)")
 
 
 def test_model_config_has_one_shape_whatever_the_protocol():
@@ -183,60 +183,64 @@ def test_ports_in_use_and_find_free_ports():
             ls._check_ports({"http": busy, "grpc": free[0], "metrics": free[1]}, "127.0.0.1")
 
 
-def test_container_runs_the_pinned_release_with_the_key_restricted(tmp_path):
-    """`scripts/serve.sh container` with stand-in docker/nvidia-smi: the image it
+def _container_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "model_repository"
+    (repo / "tiny_onnx" / "1").mkdir(parents=True, exist_ok=True)
+    (repo / "tiny_onnx" / "config.pbtxt").write_text(tiny_config("tiny_onnx", "onnxruntime_onnx"))
+    return repo
+
+
+def test_container_runs_the_pinned_release_with_the_key_restricted(tmp_path, monkeypatch, capsys):
+    """`dinov2-triton serve container` with stand-in docker/nvidia-smi: the image it
     builds on is the pinned release (container_versions()), and the container's
-    repository API is restricted to the key it writes (0600) for HTTP and gRPC."""
+    repository API is restricted to the key it writes (0600) for HTTP and gRPC;
+    the key is never printed."""
+    from dinov2_triton.serve.cli import main as serve_main
+
     versions = ls.container_versions()
     tag = versions["TRITON_CONTAINER_TAG"]
     assert versions["TRITON_CONTAINER_IMAGE"] == f"nvcr.io/nvidia/tritonserver:{tag}-py3"
-
-    root = tmp_path / "checkout"  # a copy: the script writes logs/ under its checkout
-    for folder in ("scripts", "serve", "requirements"):  # what the script reads
-        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "model_repository").mkdir()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("dirname", "basename", "grep", "od", "tr", "mkdir", "cat", "head", "sed", "awk"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
-    calls = tmp_path / "docker_calls"
-    (bin_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexit 0\n')
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
-    for tool in ("docker", "nvidia-smi"):
-        (bin_dir / tool).chmod(0o755)
-    env = {"PATH": str(bin_dir), "HOME": os.environ.get("HOME", "/root")}
-    result = subprocess.run(["/bin/bash", str(root / "scripts" / "serve.sh"), "container"], env=env,
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    lines = calls.read_text().splitlines()
-    build = next(line for line in lines if line.startswith("build "))
-    run = next(line for line in lines if line.startswith("run "))
-    assert f"TRITON_IMAGE={versions['TRITON_CONTAINER_IMAGE']}" in build.split()
-    key_file = root / "logs" / "triton-container.api_key"
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("PATH", str(fake_docker.install(tmp_path / "bin", log)))
+    key_file = tmp_path / "logs" / "container.api_key"
+    code = serve_main(["container", "--repository", str(_container_repo(tmp_path)), "--api-key-file",
+                       str(key_file), "--http-port", "18000", "--grpc-port", "18001", "--metrics-port", "18002"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    (build,), (run,) = fake_docker.subcommand(log, "build"), fake_docker.subcommand(log, "run")
+    assert f"TRITON_IMAGE={versions['TRITON_CONTAINER_IMAGE']}" in build
+    assert f"dinov2-triton-serve:{tag}" in build and f"dinov2-triton-serve:{tag}" in run
     key = ta.read_api_key(file=key_file)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and len(key) >= 32
-    assert f"--http-restricted-api=model-repository:{ta.API_KEY_HEADER}={key}" in run.split()
-    assert f"--grpc-restricted-protocol=model-repository:{ta.API_KEY_HEADER}={key}" in run.split()
-    assert key not in result.stdout + result.stderr
+    assert f"--http-restricted-api=model-repository:{ta.API_KEY_HEADER}={key}" in run
+    assert f"--grpc-restricted-protocol=model-repository:{ta.API_KEY_HEADER}={key}" in run
+    assert ["-p", "127.0.0.1:18000:8000"] == run[run.index("127.0.0.1:18000:8000") - 1:][:2]
+    assert "--load-model=tiny_onnx" not in run and "--load-model=*" in run
+    assert key not in out.out + out.err and str(key_file) in out.out
+    # --dry-run prints the same commands, key elided, and needs no docker
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert serve_main(["container", "--repository", str(_container_repo(tmp_path)), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "docker build" in printed and "triton-api-key=<api-key>" in printed and key not in printed
 
 
-def _run_serve_sh(args, path_dir: Path):
-    env = {"PATH": str(path_dir), "HOME": os.environ.get("HOME", "/root")}
-    return subprocess.run(["/bin/bash", str(ROOT / "scripts" / "serve.sh"), *args], env=env,
-                          capture_output=True, text=True, timeout=30)
+def test_serve_container_fails_clearly_without_docker_daemon_or_gpu(tmp_path, monkeypatch, capsys):
+    from dinov2_triton.serve.cli import main as serve_main
 
-
-def test_serve_sh_container_fails_clearly_without_docker(tmp_path):
-    (tmp_path / "dirname").symlink_to(subprocess.check_output(["which", "dirname"], text=True)
-                                      .strip())
-    result = _run_serve_sh(["container"], tmp_path)  # no docker on PATH
-    assert result.returncode == 1
-    assert "docker not found" in result.stderr and "scripts/serve.sh local" in result.stderr
-
-    (tmp_path / "docker").write_text("#!/bin/sh\nexit 1\n")  # a docker whose daemon is down
-    (tmp_path / "docker").chmod(0o755)
-    result = _run_serve_sh(["container"], tmp_path)
-    assert result.returncode == 1 and "daemon is not reachable" in result.stderr
+    repo = _container_repo(tmp_path)
+    for name, kwargs, message in (("none", dict(docker=False), "docker not found"),
+                                  ("down", dict(daemon=False), "daemon is not reachable"),
+                                  ("nogpu", dict(gpu=False), "no NVIDIA GPU or driver found")):
+        log = tmp_path / f"{name}.log"
+        monkeypatch.setenv("PATH", str(fake_docker.install(tmp_path / name, log, **kwargs)))
+        key_file = tmp_path / f"{name}.key"
+        assert serve_main(["container", "--repository", str(repo), "--api-key-file", str(key_file)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "dinov2-triton serve start" in err, err
+        assert not fake_docker.subcommand(log, "run") and not key_file.exists()
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert serve_main(["container", "--repository", str(tmp_path / "missing")]) == 1
+    assert "model repository" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- stand-ins in-process
@@ -579,7 +583,7 @@ def test_second_server_on_the_same_ports_is_refused(triton_server, tmp_path):
                         metrics_port=triton_server.metrics_port, log_file=tmp_path / "t.log")
     message = str(excinfo.value)
     assert f"port {triton_server.http_port} (http)" in message and "already in use" in message
-    assert "scripts/serve.sh stop" in message
+    assert "dinov2-triton serve stop" in message
     assert not (tmp_path / "t.log").exists()
     assert triton_server.is_ready()
 

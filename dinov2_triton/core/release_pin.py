@@ -1,7 +1,7 @@
-"""The pinned NVIDIA GPU release (scripts/triton_version.sh): the one reader.
+"""The pinned NVIDIA GPU release (package data core/resources/triton_release.env): the one reader.
 
-The shell scripts ``source`` the file; Python reads it here and nowhere else
-(dinov2_triton.export.trt_build_main, dinov2_triton.serve.local_server.container_versions, the GPU-stack
+Everything reads it here and nowhere else (dinov2_triton.export.trt_build_main,
+dinov2_triton.serve.container, dinov2_triton.serve.local_server.container_versions, the GPU-stack
 checks, dinov2_triton.qa.gpu_acceptance). Standard library only: it also runs inside the
 NVIDIA TensorRT container, which has none of this project's dependencies.
 

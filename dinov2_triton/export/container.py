@@ -50,7 +50,8 @@ DEFAULT_LOCK_FILE = "requirements/lock-gpu.txt"
 #: where this package is mounted inside the container (read-only), put on PYTHONPATH
 PACKAGE_MOUNT = "/opt/dinov2-triton"
 MODES = ("export", "plans")
-MODULES = {"export": "dinov2_triton.export.cli", "plans": "dinov2_triton.export.trt_build_main"}
+#: what runs in the container, per mode: ``python3 -m <these> ARGS``
+MODULES = {"export": ("dinov2_triton.cli", "export"), "plans": ("dinov2_triton.export.trt_build_main",)}
 #: lines of the lock that are not installed in the container: its own TensorRT and NVIDIA's index
 _NOT_IN_CONTAINER = re.compile(r"^\s*(tensorrt[\w.-]*\s*(\[|==)|--extra-index-url\b)", re.I)
 
@@ -129,7 +130,7 @@ def run_in_container(args: Sequence[str], *, mode: str, lock_file: str | os.Path
                        package_dir=Path(dinov2_triton.__file__).parent,
                        lock_file=lock_file if mode == "export" else None, user=f"{os.getuid()}:{os.getgid()}")
     print(f"[in-container] {pin.tensorrt_image} (TensorRT {pin.tensorrt}, Python {pin.python}), cache {cache}: "
-          f"{MODULES[mode]} {' '.join(args)}", file=sys.stderr, flush=True)
+          f"python3 -m {' '.join((*MODULES[mode], *args))}", file=sys.stderr, flush=True)
     return subprocess.run(argv).returncode
 
 
@@ -231,7 +232,7 @@ def boot(argv: Sequence[str]) -> int:
         env["PYTHONPATH"] = os.pathsep.join(x for x in (str(deps), env.get("PYTHONPATH", "")) if x)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", MODULES[a.mode], *rest], env)
+    os.execve(sys.executable, [sys.executable, "-m", *MODULES[a.mode], *rest], env)
     return 0  # not reached
 
 

@@ -30,7 +30,6 @@ what that host lacks."""
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import os
 import platform
 import shutil
@@ -349,12 +348,10 @@ def print_host_line(pin) -> None:
 
 def main(argv=None, *, prog: str | None = None) -> int:
     args = build_parser(prog or PROG).parse_args(argv)
-    if args.time_limit > 0:
-        faulthandler.dump_traceback_later(args.time_limit, exit=True)
-    try:
+    from dinov2_triton.qa.gpu_check import time_limit
+
+    with time_limit(args.time_limit):
         return run_acceptance(args)
-    finally:
-        faulthandler.cancel_dump_traceback_later()
 
 
 def run_acceptance(args) -> int:

@@ -30,6 +30,38 @@ class SkipRow(Exception):
     """This row cannot run here; str() is the reason."""
 
 
+class time_limit:
+    """Stop the process after ``seconds`` (0: never), printing every thread's
+    traceback first (faulthandler): a bound on a GPU run that hangs in a
+    driver call, which no Python timeout could interrupt."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self):
+        if self.seconds > 0:
+            import faulthandler
+
+            stream = sys.stderr if _has_fileno(sys.stderr) else sys.__stderr__
+            faulthandler.dump_traceback_later(self.seconds, exit=True, file=stream)
+        return self
+
+    def __exit__(self, *exc):
+        if self.seconds > 0:
+            import faulthandler
+
+            faulthandler.cancel_dump_traceback_later()
+        return False
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _timed(fn, sync, iters: int) -> list[float]:
     out = []
     for _ in range(iters):
@@ -272,19 +304,14 @@ def _print_gpus() -> None:
 
 def main(argv=None, *, prog: str | None = None) -> int:
     a = build_parser(prog or PROG).parse_args(argv)
-    import faulthandler
-
-    if a.time_limit > 0:
-        faulthandler.dump_traceback_later(a.time_limit, exit=True)
     try:
-        _print_gpus()
-        info = run_gpu_check(arch=a.arch, img_size=a.img_size, batch=a.batch, train_steps=a.train_steps,
-                             iters=a.iters)
+        with time_limit(a.time_limit):
+            _print_gpus()
+            info = run_gpu_check(arch=a.arch, img_size=a.img_size, batch=a.batch, train_steps=a.train_steps,
+                                 iters=a.iters)
     except RuntimeError as exc:
         print(f"gpu_check: {exc}", file=sys.stderr)
         return 2
-    finally:
-        faulthandler.cancel_dump_traceback_later()
     print(format_table(info))
     if a.json:
         from dinov2_triton.core.artifact_io import atomic_write_json

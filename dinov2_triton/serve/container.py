@@ -200,10 +200,11 @@ def check_host(*, gpu: bool = True, which: Callable[[str], str | None] = shutil.
     try:
         info = run(["docker", "info"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ContainerError(f"`docker info` failed ({exc}): is the docker daemon running?") from None
+        raise ContainerError(f"`docker info` failed ({exc}): is the docker daemon running? {LOCAL_HINT}") from None
     if info.returncode != 0:
+        said = (info.stderr or "").strip()[-200:]
         raise ContainerError("docker is installed but its daemon is not reachable (is it running? are you in "
-                             f"the docker group?): {(info.stderr or '').strip()[-200:]}")
+                             f"the docker group?){': ' + said if said else ''}; {LOCAL_HINT}")
     if not gpu:
         return
     smi = which("nvidia-smi")

@@ -16,7 +16,7 @@ Public API: :func:`start_server` -> :class:`ServerHandle`
 (``wait_ready``, ``stop``, ``connect``, ``url_http``, ``url_grpc``, ``pid``),
 :func:`stop_server`, :func:`server_status`, :func:`find_free_ports`,
 :func:`ports_in_use`, :func:`write_api_key`, :func:`container_versions`
-(the pinned NVIDIA container, scripts/triton_version.sh).
+(the pinned NVIDIA container, core/resources/triton_release.env).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 #: tritonserver --exit-timeout-secs (Triton's own default): on SIGTERM the
 #: server refuses new requests and answers the ones it holds for up to this
-#: long before it exits. scripts/serve.sh container uses the same value.
+#: long before it exits. `serve container` and the Kubernetes manifests use the same value.
 DEFAULT_EXIT_TIMEOUT_S = 30
 #: stop waits this much longer than the exit timeout before SIGKILL (unloading
 #: the models and the Python backend stubs after the drain)
@@ -87,8 +87,8 @@ def _check_ports(ports: Mapping[str, int], host: str) -> None:
         taken = ", ".join(f"{port} ({label})" for label, port in ports.items() if port in busy)
         raise PortsBusyError(
             f"cannot start Triton on {host}: port {taken} already in use. Another server is "
-            f"probably running: check it with `python -m serve status` / `scripts/serve.sh "
-            f"status`, stop it with `scripts/serve.sh stop`, or pick free ports "
+            f"probably running: check it with `dinov2-triton serve status`, stop it with "
+            f"`dinov2-triton serve stop`, or pick free ports "
             f"(--http-port/--grpc-port/--metrics-port or HTTP_PORT/GRPC_PORT/METRICS_PORT).")
 
 
@@ -511,7 +511,7 @@ def server_status(pid_file: str | os.PathLike) -> dict:
 
 
 def container_versions(path: str | os.PathLike | None = None) -> dict:
-    """The pinned Triton container release (``KEY=VALUE`` lines of scripts/triton_version.sh),
+    """The pinned Triton container release (``KEY=VALUE`` lines of core/resources/triton_release.env),
     read by the one parser, dinov2_triton.core.release_pin.read_pin. The local server's own
     release is ``LOCAL_TRITON_SERVER_VERSION``; ``TRITON_SERVER_VERSION`` is the container's."""
     from dinov2_triton.core.release_pin import PIN_FILE, read_pin

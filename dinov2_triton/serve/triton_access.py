@@ -1,11 +1,12 @@
 """The one way this project talks to a Triton server, over HTTP or gRPC.
 
-Every client in the project (dinov2_triton.client.classifier, dinov2_triton.qa.parity, dinov2_triton.bench.perf_analyzer,
-dinov2_triton.pipeline.bench_stage, the local-server handle) goes through :func:`connect`; no other
+Every client in the project (dinov2_triton.client.classifier, dinov2_triton.qa.parity,
+dinov2_triton.bench.perf_analyzer, dinov2_triton.pipeline.bench_stage, the local-server handle) goes
+through :func:`connect`; no other
 module creates a ``tritonclient`` client. One place therefore decides:
 
 * **the API key**: the local server (serve/local_server.py) and the container
-  (scripts/serve.sh) restrict the model-repository API (index, load, unload)
+  (serve/container.py) restrict the model-repository API (index, load, unload)
   to requests carrying ``triton-api-key: <key>``. Over gRPC Triton reads that
   header from the metadata key ``triton-grpc-protocol-triton-api-key``: the
   prefix is easy to forget and then every restricted call fails with
@@ -47,7 +48,7 @@ GRPC_API_KEY_HEADER = GRPC_HEADER_PREFIX + API_KEY_HEADER
 API_KEY_ENV = "TRITON_API_KEY"
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
-SERVE_HINT = "is the server running? scripts/serve.sh local"
+SERVE_HINT = "is the server running? dinov2-triton serve start"
 KEY_HINT = ("pass the server's API key (--api-key-file; the local server writes it next to its "
             "log, e.g. logs/triton.api_key)")
 
