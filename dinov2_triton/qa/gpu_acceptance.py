@@ -233,7 +233,7 @@ def _write_trt_configs(acc: Acceptance, args) -> list[str]:
                                 parameters=info["config_parameters"])
         for group in cfg.instance_group:
             group.gpus.extend(info["instance_gpus"])
-        model_dir = Path(built["plan"]).parents[1]
+        model_dir = Path(built["plan"]).parent.parent   # <model>/<version>/model.plan -> <model>
         (model_dir / "config.pbtxt").write_text(validate_config(cfg))
         labels = args.repository / "dinov2_onnx" / "labels.txt"
         if labels.is_file():
