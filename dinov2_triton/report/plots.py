@@ -165,6 +165,10 @@ def _accuracy_vs_throughput(plt, save, rows: Sequence[VariantRow], op) -> None:
                     xytext=(5, 6 + 11 * (i % 4)), fontsize=8,
                     arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
     ax.axhline(0, color="grey", lw=0.8)
+    # headroom above the highest point for its staggered labels (they would cross the title)
+    ys = [y for *_, y, _k in acc_rows] + [0.0]
+    span = max(max(ys) - min(ys), 1.0)
+    ax.set_ylim(min(ys) - 0.1 * span, max(ys) + 0.35 * span)
     kinds = {k for *_, k in acc_rows}
     ax.set_ylabel("accuracy delta vs FP32 (points)" if kinds == {"delta"} else
                   "accuracy delta, or top-1 agreement - 100 % (points)")
