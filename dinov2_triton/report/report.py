@@ -2,7 +2,7 @@
 size and memory, and names the variant to deploy.
 
     generate_report(results, out_dir) -> Report(md, html, json, plots, results)
-    dinov2-triton report render --results perf/reports/<run-id>/results.json
+    dinov2-triton report render --results <reports>/<run-id>/results.json
 
 ``results`` is the :class:`dinov2_triton.bench.results.PerfResults` that dinov2_triton.pipeline.bench_stage collects.
 The rows and the recommendation come from dinov2_triton.report.ranking, the figures from
@@ -494,7 +494,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog or "dinov2-triton report render",
                                 description="Re-generate a perf report from a stored results.json.")
     req = p.add_argument_group("Required")
-    req.add_argument("--results", required=True, help="perf/reports/<run-id>/results.json")
+    req.add_argument("--results", required=True, help="a run's results.json (<reports>/<run-id>/results.json)")
     opt = p.add_argument_group("Optional")
     opt.add_argument("--out", default=None, help="output folder (default: the results file's folder)")
     opt.add_argument("--batch-size", type=int, default=None, help="operating point: batch size")
