@@ -461,6 +461,14 @@ def _source_of(loc: Sequence[Any], layers: Sequence[Layer]) -> str:
     return layers[-1].source if layers else "recipe"
 
 
+def _field_path(loc: Sequence[Any]) -> str:
+    """('bench', 'protocols', 1) -> 'bench.protocols[1]' (the style of dinov2_triton.core.records)."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(recipe)"
+
+
 def validate(layers: Sequence[Layer], *, context: str = "") -> Recipe:
     """Merge ``layers`` and validate the result; RecipeError names the layer and key."""
     merged: dict[str, Any] = {}
@@ -475,8 +483,7 @@ def validate(layers: Sequence[Layer], *, context: str = "") -> Recipe:
         if errors[0].get("type") == "value_error":   # our own checks: their message says it all
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             msg = str(errors[0].get("msg", "")).removeprefix("Value error, ")
-            raise RecipeError(f"{source}: field '{'.'.join(str(k) for k in loc) or '(recipe)'}': {msg}{more}") \
-                from None
+            raise RecipeError(f"{source}: field '{_field_path(loc)}': {msg}{more}") from None
         raise RecipeError(format_validation_error(exc, source)) from None
 
 

@@ -124,6 +124,7 @@ class Context:
     variants: list[str] = field(default_factory=list)
     export_options: dict[str, Any] = field(default_factory=dict)
     server: "ServerHandle | None" = None
+    server_pids: list[int] = field(default_factory=list)   # every server this run started
     bench_results: Path | None = None       # results.json of this run's bench stage
     thread_study: str | None = None         # markdown of the thread-settings study
     warnings: list[str] = field(default_factory=list)
@@ -375,6 +376,7 @@ def start_local_server(ctx: Context) -> "ServerHandle":
     except (ServeError, OSError, ValueError) as exc:
         raise StageError(f"serve: {exc}") from None
     ctx.server = handle
+    ctx.server_pids.append(handle.pid)
     try:
         handle.wait_ready(timeout=ctx.recipe.serve.ready_timeout_s)
     except ServeError as exc:

@@ -1,0 +1,236 @@
+"""dinov2-triton pipeline: recipe files (validation, layers), stage skipping and
+--force on the real data stage, and one end-to-end run of every stage on tiny
+settings against the real local Triton server."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dinov2_triton.pipeline import recipes
+from dinov2_triton.pipeline.recipes import Recipe, RecipeError, resolve
+from dinov2_triton.pipeline.runner import main, run_pipeline
+
+# A tiny Fashion-MNIST run: 2x2 patches of 14 px, a 2-block ViT of width 48.
+TINY_DATA = ["data.per_class=4", "data.test_per_class=2"]
+TINY = TINY_DATA + [
+    "train.img_size=28", "train.backbone_overrides={depth: 2, embed_dim: 48, num_heads: 3}", "train.epochs=1",
+    "train.batch_size=16", "train.num_workers=0",
+    "export.variants=[onnx]", "export.bench_seconds=0", "export.eval_size=16", "export.calib_size=16",
+]
+
+
+def _write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+# --------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("name", recipes.shipped_recipes())
+def test_every_shipped_recipe_validates(name, tmp_path):
+    images = tmp_path if name == "images" else None
+    r = resolve(name, images=images)
+    assert r.recipe.ordered_stages()
+    for _, run in r.runs:
+        assert isinstance(run, Recipe)
+
+
+def test_the_shipped_recipes_are_what_the_scripts_were():
+    assert {"demo", "images", "bench-224", "cpu-sweep", "capacity"} <= set(recipes.shipped_recipes())
+    demo = resolve("demo").recipe
+    assert demo == Recipe(description=demo.description), "the record's defaults are the demo recipe"
+    assert (demo.train.img_size, demo.data.per_class, demo.train.epochs) == (56, 300, 5)
+    bench = resolve("bench-224").recipe
+    assert (bench.train.img_size, bench.train.mode, bench.train.cache_features) == (224, "linear", True)
+    assert bench.workdir == "runs/bench-224" and bench.export.allow_failed_gates
+    sweep = resolve("cpu-sweep")
+    assert [n for n, _ in sweep.runs] == ["56px", "224px"]
+    assert [r.train.img_size for _, r in sweep.runs] == [56, 224]
+    assert all(r.export.variants == ["cpu-auto"] and r.bench.thread_study for _, r in sweep.runs)
+    cap = resolve("capacity").recipe
+    assert cap.ordered_stages() == ["serve", "capacity"] and cap.omp_num_threads == 1
+
+
+def test_train_section_covers_the_finetune_config():
+    """Every FinetuneConfig field is a train key (or set by the pipeline itself)."""
+    from dataclasses import fields
+
+    from dinov2_triton.train.finetune_config import FinetuneConfig
+
+    train_keys = set(recipes.TrainSection.model_fields) - {"augment"} | {"no_augment"}
+    config_keys = {f.name for f in fields(FinetuneConfig)} - set(recipes.PIPELINE_TRAIN_FIELDS)
+    assert train_keys == config_keys
+
+
+@pytest.mark.parametrize("text,field,msg", [
+    ("base: demo\ntrain:\n  epoch: 5\n", "train.epoch", "unknown field"),
+    ("base: demo\ntrain:\n  epochs: five\n", "train.epochs", "valid integer"),
+    ("train:\n  img_size: 50\n", "train.img_size", "multiple of the patch size 14"),
+    ("export:\n  variants: [onnx, tensorflow]\n", "export.variants", "unknown variant"),
+    ("bench:\n  protocols: [grpc, smtp]\n", "bench.protocols[1]", "'grpc' or 'http'"),
+    ("stages: [data, bench]\n", "stages", "need(s) the local server"),
+])
+def test_a_bad_recipe_file_names_the_file_and_the_key(tmp_path, text, field, msg):
+    path = _write(tmp_path / "mine.yaml", text)
+    with pytest.raises(RecipeError) as err:
+        resolve(str(path))
+    assert str(err.value).startswith(f"{path}: field '{field}'"), err.value
+    assert msg in str(err.value)
+
+
+def test_errors_name_the_layer_that_set_the_value(tmp_path):
+    _write(tmp_path / "base.yaml", "base: demo\ntrain:\n  epochs: 2\n")
+    child = _write(tmp_path / "child.yaml", "base: base.yaml\ndata:\n  per_class: -1\n")
+    with pytest.raises(RecipeError, match=rf"^{child}: field 'data.per_class': Input should be greater"):
+        resolve(str(child))
+    assert resolve(str(child), sets=["data.per_class=3"]).recipe.train.epochs == 2
+    loop = _write(tmp_path / "loop.yaml", "base: loop.yaml\n")
+    with pytest.raises(RecipeError, match="base chain loops"):
+        resolve(str(loop))
+    with pytest.raises(RecipeError, match="field 'sweep'.*'b'"):
+        resolve("demo", sets=["sweep=[{name: b}, {name: b}]"])
+    with pytest.raises(RecipeError, match=r"sweep\[0\] 'x'.*field 'train.epochs'"):
+        resolve("demo", sets=["sweep=[{name: x, overlay: {train: {epochs: [1]}}}]"])
+    with pytest.raises(RecipeError, match="no such recipe; shipped: .*demo"):
+        resolve("demoo")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        resolve(str(_write(tmp_path / "bad.yaml", "train: [\n")))
+
+
+def test_config_and_set_overlay_the_recipe_in_order(tmp_path):
+    cfg = _write(tmp_path / "over.yaml", {"train": {"epochs": 3, "lr": 0.01}, "bench": {"concurrency": [2]}})
+    r = resolve("bench-224", config=cfg, sets=["train.epochs=1", "export.variants=[onnx, onnx_int8]"])
+    t = r.recipe.train
+    assert (t.epochs, t.lr, t.img_size, t.mode) == (1, 0.01, 224, "linear")   # --set > --config > recipe
+    assert r.recipe.bench.concurrency == [2] and r.recipe.export.variants == ["onnx", "onnx_int8"]
+    assert [layer.source for layer in r.layers][-3:] == [str(cfg), "--set train.epochs=1",
+                                                         "--set export.variants=[onnx, onnx_int8]"]
+    with pytest.raises(RecipeError, match=rf"^{cfg}: field 'train.lr': Input should be a valid number"):
+        resolve("demo", config=_write(cfg, {"train": {"lr": "fast"}}))
+    with pytest.raises(RecipeError, match="'base': not allowed in a --config"):
+        resolve("demo", config=_write(cfg, {"base": "demo"}))
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        resolve("demo", sets=["train.epochs"])
+    # --set and the overlay of a sweep: --set wins over every run's overlay
+    sweep = resolve("cpu-sweep", sets=["train.epochs=1"])
+    assert [run.train.epochs for _, run in sweep.runs] == [1, 1]
+    # --images: the images recipe, the folder absolute
+    img = resolve(None, images=tmp_path)
+    assert img.name == "images" and img.recipe.data.images == str(tmp_path.resolve())
+    with pytest.raises(RecipeError, match="images.yaml: field 'data': source image-folder needs data.images"):
+        resolve("images")
+
+
+def test_the_resolved_recipe_is_a_recipe_file(tmp_path, capsys):
+    assert main(["--recipe", "bench-224", "--set", "train.epochs=2", "--print-recipe"]) == 0
+    text = capsys.readouterr().out
+    assert "--set train.epochs=2" in text          # the layers, as comments
+    path = _write(tmp_path / "resolved.yaml", text)
+    assert resolve(str(path)).recipe == resolve("bench-224", sets=["train.epochs=2"]).recipe
+
+
+def test_train_settings_follow_the_weights():
+    from dinov2_triton.pipeline.recipes import train_settings
+
+    t = resolve("demo").recipe.train
+    random = train_settings(t, weights="random", pretrained=False)
+    assert (random["lr"], random["layer_decay"], random["no_augment"], random["lp_epochs"]) == (1e-3, 1.0, True, 0)
+    pre = train_settings(t, weights="/w.pth", pretrained=True)
+    assert (pre["lr"], pre["layer_decay"], pre["no_augment"], pre["lp_epochs"]) == (1e-4, 0.75, False, 1)
+    linear = train_settings(t.model_copy(update={"mode": "linear"}), weights="/w.pth", pretrained=True)
+    assert linear["lp_epochs"] == 0
+    with pytest.raises(RecipeError, match="^train: --lp-epochs"):
+        train_settings(t.model_copy(update={"mode": "linear", "lp_epochs": 2}), weights="random", pretrained=False)
+    explicit = train_settings(t.model_copy(update={"lr": 0.5}), weights="random", pretrained=False)
+    assert explicit["lr"] == 0.5
+
+
+def test_bad_input_exits_2_with_the_key(tmp_path, capsys):
+    assert main(["--set", "train.epochs=x", "--workdir", str(tmp_path)]) == 2
+    assert "--set train.epochs=x: field 'train.epochs'" in capsys.readouterr().err
+    assert main(["--force", "trian", "--workdir", str(tmp_path)]) == 2
+    assert "unknown stage(s) ['trian']" in capsys.readouterr().err
+    assert main(["--images", str(tmp_path / "nowhere"), "--workdir", str(tmp_path)]) == 2
+    assert "nowhere: no such folder" in capsys.readouterr().out
+    # the capacity recipe needs an exported repository in the workdir
+    assert main(["--recipe", "capacity", "--workdir", str(tmp_path / "empty")]) == 2
+    assert "export_manifest.json, which the export stage writes" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- skipping
+def _run(workdir: Path, *sets: str, force: str = "", recipe: str | None = None):
+    from dinov2_triton.pipeline.runner import parse_force
+
+    out = run_pipeline(resolve(recipe, sets=list(sets)), workdir, force=parse_force(force), say=lambda m: None)
+    return out.exit_code, {r.stage: r.status for r in out.results}
+
+
+def test_a_stage_skips_when_its_inputs_are_unchanged_and_force_redoes_it(tmp_path):
+    """The real data stage (Fashion-MNIST, 4 images per class): skipped by its
+    stamp, redone by --force, by a changed setting, or a changed output."""
+    data_only = [*TINY_DATA, "stages=[data]"]
+    assert _run(tmp_path, *data_only) == (0, {"data": "ran"})
+    assert (tmp_path / "recipe.yaml").is_file() and (tmp_path / "logs" / "pipeline_times.txt").is_file()
+    assert _run(tmp_path, *data_only) == (0, {"data": "skipped"})
+    assert _run(tmp_path, *data_only, force="data") == (0, {"data": "ran"})
+    assert _run(tmp_path, *data_only, force="all") == (0, {"data": "ran"})
+    assert _run(tmp_path, *data_only) == (0, {"data": "skipped"})
+    assert _run(tmp_path, *data_only, "data.seed=1") == (0, {"data": "ran"})
+    (tmp_path / "data" / "summary.json").write_text("{}")
+    assert _run(tmp_path, *data_only, "data.seed=1") == (0, {"data": "ran"})
+    assert _run(tmp_path, *data_only, "data.seed=1") == (0, {"data": "skipped"})
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.triton
+@pytest.mark.slow
+def test_the_pipeline_runs_every_stage_to_the_report_and_stops_the_server(tmp_path, capfd):
+    import psutil
+
+    from dinov2_triton.bench.results import read_results
+
+    work = tmp_path / "work"
+    cfg = _write(tmp_path / "tiny.yaml", {
+        "classify": {"protocols": ["grpc", "http"]},
+        "bench": {"in_process": False, "concurrency": [1], "batch_sizes": [1], "fixed_requests": 20,
+                  "parity_max_images": 8}})
+    argv = ["--config", str(cfg), "--workdir", str(work)] + [a for s in TINY for a in ("--set", s)]
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    assert "NO PRETRAINED DINOv2 WEIGHTS AVAILABLE" in out
+    assert "accuracy" in out and "over grpc" in out and "over http" in out
+    assert "stage times" in out
+    times = (work / "logs" / "pipeline_times.txt").read_text()
+    for stage in ("data", "train", "export", "serve", "classify", "bench"):
+        assert f"\n{stage} " in "\n" + times and "failed" not in times, times
+    reports = [p for p in (work / "reports").iterdir() if (p / "results.json").is_file()]
+    assert len(reports) == 1 and (reports[0] / "report.md").is_file()
+    res = read_results(reports[0] / "results.json")
+    assert res.perf_analyzer and res.perf_analyzer.points and not res.errors
+    assert res.parity and res.parity.n_images == 8
+    assert {v.model: (v.passed, v.error) for v in res.parity.variants}["dinov2_onnx"] == (True, None)
+    assert yaml.safe_load((work / "recipe.yaml").read_text())["train"]["epochs"] == 1
+    assert not (work / "logs" / "triton.pid").exists()
+    log_head = (work / "logs" / "triton.log").read_text().splitlines()[0]
+    assert "starting tritonserver" in log_head
+
+    # unchanged inputs: data, train and export are skipped; the server is stopped again
+    outcome = run_pipeline(resolve(None, sets=[*TINY, "stages=[data, train, export, serve]"]), work,
+                           say=lambda m: None)
+    assert outcome.exit_code == 0
+    assert [r.status for r in outcome.results] == ["skipped", "skipped", "skipped", "ran"]
+    pids = outcome.contexts[0].server_pids
+    assert len(pids) == 1 and not psutil.pid_exists(pids[0])
+
+    # an interrupted train stage (its checkpoint_last.pth and started stamp, no finished stamp) resumes
+    (work / "models" / "model_final.pth").unlink()
+    (work / "state" / "train.done.json").unlink()
+    train_only = [*TINY, "stages=[train]"]
+    resumed = run_pipeline(resolve(None, sets=train_only), work, say=lambda m: None)
+    assert [(r.status, r.note) for r in resumed.results] == [("ran", "resumed and finished")]
+    assert (work / "models" / "model_final.pth").is_file()
+    assert _run(work, *train_only) == (0, {"train": "skipped"})
+    # --force train: starts over
+    forced = run_pipeline(resolve(None, sets=train_only), work, force=frozenset({"train"}), say=lambda m: None)
+    assert [(r.status, r.note) for r in forced.results] == [("ran", "trained")]
