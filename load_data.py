@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
-"""`python load_data.py ...` is `python -m dinov2_triton.data.load ...` (same flags; see --help)."""
+"""The seed's command: `python load_data.py --data_path DIR [--image_folder PATH] ...` is `dinov2-triton data`.
+
+The seed's underscore spellings (--data_path) and the package's kebab ones
+(--data-path) both work; see `python load_data.py --help`. Runs under the
+checkout's .venv when there is one (dinov2_triton/seed_commands.py)."""
+import os
 import sys
 
-from dinov2_triton.seed_commands import run_module_main
+from dinov2_triton.seed_commands import run_seed_command
 
 if __name__ == "__main__":
-    sys.exit(run_module_main("dinov2_triton.data.load"))
+    sys.exit(run_seed_command("dinov2_triton.data.load", os.path.dirname(os.path.abspath(__file__))))

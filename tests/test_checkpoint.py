@@ -75,7 +75,7 @@ def test_format_v1_checkpoints_still_load(tmp_path):
 @pytest.mark.parametrize("changes,message", [
     ({"img_size": 42}, r"field 'schema_version': missing \(img_size 42 and preprocessing.image_size 28 disagree"),
     ({"num_classes": 4}, r"num_classes 4 but 3 class_names"),
-    ({"format_version": 7}, r"field 'schema_version'.*not a checkpoint of dinov2_triton.train.finetune"),
+    ({"format_version": 7}, r"field 'schema_version'.*not a checkpoint of dinov2-triton train"),
     ({"head": "cls_max"}, r"field 'head': Input should be 'cls_mean', 'cls' or 'mean'"),
     ({"class_names": "cat"}, r"field 'class_names': Input should be a valid list"),
     ({"img_size": 30, "preprocessing": dict(PRE.to_dict(), image_size=30, resize_size=34)},
@@ -129,7 +129,7 @@ def test_data_summary_reader(tiny_dataset, tmp_path):
     with pytest.raises(RecordError, match=r"summary.json: field 'seed'"):
         read_summary(data)
     (data / "summary.json").unlink()
-    with pytest.raises(RecordError, match=r"summary.json: not found; run `python -m dinov2_triton.data.load"):
+    with pytest.raises(RecordError, match=r"summary.json: not found; run `dinov2-triton data"):
         read_summary(data)
 
 

@@ -264,11 +264,11 @@ def test_cli_accuracy_of_a_prepared_split(server, reference, tiny_dataset, proto
 
     labels = np.array([r.label for r in read_manifest(tiny_dataset, "test")])
     correct = int((reference["logits"].argmax(1) == labels).sum())
-    rc = pc.main(["--url", _url(server, protocol), "--protocol", protocol, "--data_path", str(tiny_dataset),
+    rc = pc.main(["--url", _url(server, protocol), "--protocol", protocol, "--data-path", str(tiny_dataset),
                   "--split", "test", "--quiet"])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(out) == 1, out
     assert f"({correct}/{len(labels)})" in out[0] and "on the test split" in out[0]
-    with pytest.raises(SystemExit) as exc:   # paths and --data_path together: a usage error
-        pc.main(["--url", _url(server, protocol), "--protocol", protocol, "--data_path", str(tiny_dataset), "x.png"])
+    with pytest.raises(SystemExit) as exc:   # paths and --data-path together: a usage error
+        pc.main(["--url", _url(server, protocol), "--protocol", protocol, "--data-path", str(tiny_dataset), "x.png"])
     assert exc.value.code == 2

@@ -38,7 +38,7 @@ def cpu_repository(tiny_checkpoint, tiny_dataset, tmp_path_factory):
     from dinov2_triton.export.cli import main
 
     repo = tmp_path_factory.mktemp("cpu_repo")
-    code = main(["--model_path", str(tiny_checkpoint), "--repository", str(repo), "--data_path",
+    code = main(["--model-path", str(tiny_checkpoint), "--repository", str(repo), "--data-path",
                  str(tiny_dataset), "--variants", "cpu-auto", "--bench-seconds", "0.5", "-q"])
     assert code == 0
     return repo

@@ -212,7 +212,7 @@ def test_export_manifest_record_reader(tiny_repository, tmp_path):
         text = str(info.value)
         assert text.startswith(f"{tmp_path / 'export_manifest.json'}: ") and message in text, text
         assert "\n" not in text
-    assert "regenerate it with: python -m export" in str(pytest.raises(RecordError, reads, old).value)
+    assert "regenerate it with: dinov2-triton export" in str(pytest.raises(RecordError, reads, old).value)
     with pytest.raises(FileNotFoundError, match="no such export manifest"):
         read_export_manifest(tmp_path / "nothing_here")
     assert read_export_manifest(tmp_path / "nothing_here", missing_ok=True) is None
@@ -289,17 +289,15 @@ def test_failed_verification_publishes_nothing(tiny_checkpoint, tiny_dataset, tm
     assert manifest.exit_code == 0
 
 
-@pytest.mark.parametrize("flag", ["--gates", "--thresholds"])
-def test_impossible_gate_fails_through_cli(flag, tiny_checkpoint, tiny_dataset, tmp_path, capsys):
+def test_impossible_gate_fails_through_cli(tiny_checkpoint, tiny_dataset, tmp_path, capsys):
     from dinov2_triton.export.cli import main
 
     repo = tmp_path / "repo"
-    rc = main(["--model_path", str(tiny_checkpoint), "--repository", str(repo), "--data_path",
+    rc = main(["--model-path", str(tiny_checkpoint), "--repository", str(repo), "--data-path",
                str(tiny_dataset), "--variants", "torchscript", "--bench-seconds", "0", "-q",
-               flag, "dinov2_torchscript.min_logit_cosine=1.5", "fp32.min_top1_agreement=1.0"])
+               "--gates", "dinov2_torchscript.min_logit_cosine=1.5", "fp32.min_top1_agreement=1.0"])
     assert rc == 1
     captured = capsys.readouterr()
-    assert ("--thresholds is deprecated; use --gates" in captured.err) == (flag == "--thresholds")
     manifest = json.loads((repo / "export_manifest.json").read_text())
     v = manifest["variants"]["torchscript"]
     assert v["status"] == "GATE_FAILED" and not v["published"]
@@ -434,7 +432,7 @@ def test_skip_variant_reason_keeps_exit_zero(tiny_checkpoint, tmp_path, monkeypa
     v = manifest.variants["torchscript"]
     assert v.status == "SKIPPED" and v.reason == "not built: needs an NVIDIA GPU and TensorRT"
     assert manifest.exit_code == 0
-    assert manifest.eval_set.synthetic  # no --data_path: loud random-input verification
+    assert manifest.eval_set.synthetic  # no --data-path: loud random-input verification
     assert any("RANDOM" in w for w in manifest.warnings)
 
 
@@ -455,7 +453,7 @@ def test_calibration_uses_only_train_split(tiny_checkpoint, tiny_dataset, tmp_pa
     assert len(everything) == n_train
     assert not set(ctx.calibration_files) & set(ctx.eval_set().names)
     assert {split_of[n] for n in ctx.eval_set().names} == {"test"}
-    with pytest.raises(SkipVariant, match="--data_path"):
+    with pytest.raises(SkipVariant, match="--data-path"):
         _ctx(tiny_checkpoint, None, tmp_path).calibration_images(4)
 
 
@@ -562,13 +560,13 @@ def test_benchmark_and_slower_flag():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model_path", "/nonexistent/model_final.pth"], "checkpoint not found"),
-    (["--model_path", "CKPT", "--variants", "torchscript,tensorflow"], "unknown ['tensorflow']"),
-    (["--model_path", "CKPT", "--preferred-batch-sizes", "4,16"], "--preferred-batch-sizes [16]"),
-    (["--model_path", "CKPT", "--gates", "fp32.min_top1=1"], "unknown field 'min_top1'"),
-    (["--model_path", "CKPT", "--accuracy-budget", "-1"], "--accuracy-budget -1.0: must be"),
-    (["--model_path", "CKPT", "--opset", "13"], "--opset 13"),
-    (["--model_path", "CKPT", "--data_path", "/nonexistent/data"], "--data_path /nonexistent/data"),
+    (["--model-path", "/nonexistent/model_final.pth"], "checkpoint not found"),
+    (["--model-path", "CKPT", "--variants", "torchscript,tensorflow"], "unknown ['tensorflow']"),
+    (["--model-path", "CKPT", "--preferred-batch-sizes", "4,16"], "--preferred-batch-sizes [16]"),
+    (["--model-path", "CKPT", "--gates", "fp32.min_top1=1"], "unknown field 'min_top1'"),
+    (["--model-path", "CKPT", "--accuracy-budget", "-1"], "--accuracy-budget -1.0: must be"),
+    (["--model-path", "CKPT", "--opset", "13"], "--opset 13"),
+    (["--model-path", "CKPT", "--data-path", "/nonexistent/data"], "--data-path /nonexistent/data"),
 ])
 def test_cli_bad_input_exits_2(argv, message, tiny_checkpoint, tmp_path, capsys):
     from dinov2_triton.export.cli import main

@@ -297,7 +297,7 @@ def _cli(*args: str, timeout: int = 180, env_extra: dict | None = None) -> subpr
 
 def test_cli_smoke_run_writes_all_outputs(tiny_data, tmp_path):
     out = tmp_path / "models"
-    r = _cli("--data_path", str(tiny_data), "--output_path", str(out), "--weights", "random",
+    r = _cli("--data-path", str(tiny_data), "--output-path", str(out), "--weights", "random",
              "--img-size", str(TINY_IMG), "--backbone-overrides", json.dumps(TINY), "--epochs", "2",
              "--batch-size", "8", "--num-workers", "0", "--max-train-batches", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -327,7 +327,7 @@ def test_cli_smoke_run_writes_all_outputs(tiny_data, tmp_path):
 
 def test_cli_offline_hub_weights_fail_fast_with_exit_2(tiny_data, tmp_path):
     # An endpoint that refuses connections stands in for "offline" even on a connected CI host.
-    r = _cli("--data_path", str(tiny_data), "--output_path", str(tmp_path / "m"), "--weights", "hub",
+    r = _cli("--data-path", str(tiny_data), "--output-path", str(tmp_path / "m"), "--weights", "hub",
              "--img-size", str(TINY_IMG), "--backbone-overrides", json.dumps(TINY),
              env_extra={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hf")},
              timeout=60)
@@ -337,25 +337,25 @@ def test_cli_offline_hub_weights_fail_fast_with_exit_2(tiny_data, tmp_path):
 
 
 def test_cli_bad_flags_exit_2(tiny_data, tmp_path):
-    r = _cli("--data_path", str(tmp_path / "missing"), "--output_path", str(tmp_path / "m"), "--weights", "random")
+    r = _cli("--data-path", str(tmp_path / "missing"), "--output-path", str(tmp_path / "m"), "--weights", "random")
     assert r.returncode == 2 and "labels.txt: not found" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("--data_path", str(tiny_data), "--output_path", str(tmp_path / "m"), "--img-size", "100")
+    r = _cli("--data-path", str(tiny_data), "--output-path", str(tmp_path / "m"), "--img-size", "100")
     assert r.returncode == 2 and "--img-size 100" in r.stderr
 
 
 def test_ddp_two_cpu_processes_match_one_process(tiny_data, tmp_path):
     """torchrun with 2 gloo processes x batch 4 equals 1 process x batch 8
     (same samples per step, gradients averaged); only rank 0 writes."""
-    common = ["--data_path", str(tiny_data), "--weights", "random", "--img-size", str(TINY_IMG),
+    common = ["--data-path", str(tiny_data), "--weights", "random", "--img-size", str(TINY_IMG),
               "--backbone-overrides", json.dumps(TINY), "--epochs", "2", "--num-workers", "0",
               "--no-progress", "--lr", "1e-3", "--warmup-epochs", "0.5"]
     ddp_out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # Own session: on a timeout the whole group (torchrun + workers) is killed, no orphans.
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--standalone", "-m", "dinov2_triton.train.finetune", *common, "--output_path", str(ddp_out),
-                             "--batch-size", "4"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             "--standalone", "-m", "dinov2_triton.train.finetune", *common,
+                             "--output-path", str(ddp_out), "--batch-size", "4"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:

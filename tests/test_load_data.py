@@ -426,21 +426,21 @@ def cli(*args, cwd=ROOT):
 def test_cli_help():
     p = cli("--help")
     assert p.returncode == 0
-    for flag in ("--data_path", "--dataset", "--image_folder", "--per-class", "--seed",
+    for flag in ("--data-path", "--dataset", "--image-folder", "--per-class", "--seed",
                  "--val-fraction", "--test-fraction", "--force"):
         assert flag in p.stdout
 
 
 def test_cli_run_and_errors(tmp_path):
     src = odd_tree(tmp_path / "src")
-    p = cli("--data_path", tmp_path / "data", "--image_folder", src, "--seed", "3")
+    p = cli("--data-path", tmp_path / "data", "--image-folder", src, "--seed", "3")
     assert p.returncode == 0, p.stderr
     assert "extension .jpg but content is PNG" in p.stdout      # rejected table
     assert "total" in p.stdout and "cat" in p.stdout            # counts table
     assert json.loads((tmp_path / "data" / "summary.json").read_text())["seed"] == 3
-    p = cli("--data_path", tmp_path / "data", "--image_folder", src)
+    p = cli("--data-path", tmp_path / "data", "--image-folder", src)
     assert p.returncode == 2 and "--force" in p.stderr and "Traceback" not in p.stderr
     one = make_class_tree(tmp_path / "one", {"cat": 3})
-    p = cli("--data_path", tmp_path / "d2", "--image_folder", one)
+    p = cli("--data-path", tmp_path / "d2", "--image-folder", one)
     assert p.returncode == 2 and "at least 2 classes" in p.stderr
     assert "Traceback" not in p.stderr

@@ -145,11 +145,11 @@ def test_large_splits_are_memory_mapped(tmp_path, monkeypatch):
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
-    assert parity.main(["--data_path", str(tmp_path / "nope"), "--model_path", "x.pth",
+    assert parity.main(["--data-path", str(tmp_path / "nope"), "--model-path", "x.pth",
                         "--url", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
-    assert parity.main(["--data_path", str(tmp_path), "--gates", "fp16.bogus=1"]) == 2
+    assert parity.main(["--data-path", str(tmp_path), "--gates", "fp16.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
 
 
@@ -216,8 +216,8 @@ def test_corrupted_variant_fails_its_gate_honest_ones_pass(served, tiny_dataset,
 
 @pytest.mark.triton
 def test_cli_exit_codes(served, tiny_dataset, tiny_checkpoint, tmp_path, capsys):
-    common = ["--url", served.url_http, "--protocol", "http", "--data_path", str(tiny_dataset),
-              "--model_path", str(tiny_checkpoint), "--quiet"]
+    common = ["--url", served.url_http, "--protocol", "http", "--data-path", str(tiny_dataset),
+              "--model-path", str(tiny_checkpoint), "--quiet"]
     out = tmp_path / "parity.json"
     assert parity.main(common + ["--models", "dinov2_onnx_int8,dinov2", "--out", str(out)]) == 1
     text = capsys.readouterr().out

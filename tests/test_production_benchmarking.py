@@ -153,7 +153,7 @@ def test_run_inprocess_benchmark_isolated(tiny_checkpoint, tiny_repository, tiny
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
-    assert production_benchmarking.main(["--model_path", str(tmp_path / "missing.pth")]) == 2
+    assert production_benchmarking.main(["--model-path", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth: file not found" in capsys.readouterr().err
 
 
@@ -161,8 +161,8 @@ def test_perf_run_in_process_only(tiny_checkpoint, tiny_repository, tiny_dataset
     from dinov2_triton.bench.results import PerfResults, read_results
     from dinov2_triton.pipeline import bench_stage as run
 
-    code = run.main(["--model_path", str(tiny_checkpoint), "--repository", str(tiny_repository),
-                     "--data_path", str(tiny_dataset), "--batch-sizes", "1,2", "--threads", "1",
+    code = run.main(["--model-path", str(tiny_checkpoint), "--repository", str(tiny_repository),
+                     "--data-path", str(tiny_dataset), "--batch-sizes", "1,2", "--threads", "1",
                      "--seconds", "0.1", "--warmup", "1", "--no-isolate", "--out", str(tmp_path), "--run-id", "r1"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -175,7 +175,7 @@ def test_perf_run_in_process_only(tiny_checkpoint, tiny_repository, tiny_dataset
     assert any("no --url" in s.reason for s in res.skipped)
     assert (tmp_path / "r1" / "report.html").is_file() and "recommended:" in out
     # the same run id twice is refused, not overwritten
-    assert run.main(["--model_path", str(tiny_checkpoint), "--repository", str(tiny_repository),
+    assert run.main(["--model-path", str(tiny_checkpoint), "--repository", str(tiny_repository),
                      "--out", str(tmp_path), "--run-id", "r1", "--no-isolate", "--seconds", "0.1"]) == 2
 
 

@@ -303,7 +303,7 @@ def test_cli_bad_results_file(tmp_path, capsys):
     (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
     assert rp.main(["--results", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
-    assert "x.json: field 'schema_version': missing" in err and "python -m dinov2_triton.pipeline.bench_stage" in err
+    assert "x.json: field 'schema_version': missing" in err and "dinov2-triton bench" in err
 
 
 def test_summarize_does_not_modify_its_input():

@@ -110,14 +110,14 @@ def test_rollback_and_reload_errors_are_one_line(server, live_repo, capsys):
 @pytest.mark.triton
 def test_export_reload_switches_the_live_server_to_what_it_published(server, live_repo, tiny_checkpoint,
                                                                      tiny_dataset, capsys):
-    """`python -m export ... --reload URL`: the versions it published are the
+    """`dinov2-triton export ... --reload URL`: the versions it published are the
     ones the server answers with afterwards."""
     from dinov2_triton.export.cli import main as export_main
 
     with server.connect("http") as admin:
         before = {m: rollout.served_versions(admin, m) for m in ("dinov2_onnx", "dinov2_preprocess", "dinov2")}
-    code = export_main(["--model_path", str(tiny_checkpoint), "--repository", str(live_repo),
-                        "--data_path", str(tiny_dataset), "--variants", "onnx", "--bench-seconds", "0",
+    code = export_main(["--model-path", str(tiny_checkpoint), "--repository", str(live_repo),
+                        "--data-path", str(tiny_dataset), "--variants", "onnx", "--bench-seconds", "0",
                         "--eval-size", "16", "--reload", server.url_http,
                         "--api-key-file", str(server.api_key_file), "-q"])
     out = capsys.readouterr().out

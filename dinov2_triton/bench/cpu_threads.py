@@ -1,4 +1,4 @@
-"""`python -m dinov2_triton.bench.cpu_threads`: how to spend this host's cores on one model,
+"""``dinov2-triton cpu-threads``: how to spend this host's cores on one model,
 measured, not assumed: one instance with every core as intra-op threads
 (or, for OpenVINO, as streams) versus several instances with fewer threads
 each, at one batch size, in this process.
@@ -152,8 +152,11 @@ def render(study: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dinov2_triton.bench.cpu_threads",
+PROG = "dinov2-triton cpu-threads"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog or PROG,
                                 description="Measure one instance with every core vs several instances with fewer "
                                             "threads (ONNX Runtime and OpenVINO variants of an exported repository).")
     p.add_argument("--repository", required=True, help="model repository with export_manifest.json")
@@ -164,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.batch_size < 1 or args.seconds <= 0:
         print(f"error: --batch-size {args.batch_size} must be >= 1 and --seconds {args.seconds} > 0", file=sys.stderr)
         return 2

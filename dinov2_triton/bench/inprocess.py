@@ -1,6 +1,6 @@
 """In-process benchmark of the fine-tuned model and every exported variant
-(the library behind ``python -m dinov2_triton.pipeline.production_benchmarking`` and step 1 of
-``python -m dinov2_triton.pipeline.bench_stage``).
+(the library behind ``python production_benchmarking.py`` and step 1 of
+``dinov2-triton bench``).
 
     run_inprocess_benchmark(model_path, repository=..., data_path=...) -> dinov2_triton.bench.results.InProcess
 
@@ -44,7 +44,7 @@ log = logging.getLogger("dinov2_triton.bench.inprocess")
 EAGER_LABEL = "PyTorch eager FP32"
 #: how the report names a registry platform's runtime ("ONNX Runtime INT8")
 RUNTIME_NAMES = {"pytorch_libtorch": "TorchScript", "onnxruntime_onnx": "ONNX Runtime", "tensorrt_plan": "TensorRT"}
-TENSORRT_REASON = "needs an NVIDIA GPU and TensorRT (build the engine on a GPU host: python -m export)"
+TENSORRT_REASON = "needs an NVIDIA GPU and TensorRT (build the engine on a GPU host: dinov2-triton export)"
 INT8_PEAK_CAVEAT = ("INT8 math is compared with the FP32 matmul peak; the INT8 (VNNI/AMX/tensor-core) "
                     "peak is higher, so this is not a fraction of that variant's own limit")
 
@@ -245,7 +245,7 @@ def discover_variants(model_path: str | os.PathLike, repository: str | os.PathLi
         if name in entries:
             continue
         why = (f"TensorRT {TENSORRT_REASON}" if v.platform == "tensorrt_plan"
-               else f"export it with: python -m export --variants {name}")
+               else f"export it with: dinov2-triton export --variants {name}")
         specs.append(VariantSpec(name=name, label=variant_label(v), precision=v.precision, platform=v.platform,
                                  parent=v.parent or EAGER, model_name=v.model_name, gate=v.gate, status="SKIPPED",
                                  reason=f"not in the export manifest: {why}"))
@@ -455,11 +455,11 @@ def run_inprocess_benchmark(model_path: str | os.PathLike, *, repository: str | 
     try:
         model, record = load_classifier(model_path)
     except (WeightsError, RecordError) as exc:
-        raise BenchmarkInputError(f"--model_path: {exc}") from None
+        raise BenchmarkInputError(f"--model-path: {exc}") from None
     if data_path is not None and not Path(data_path).is_dir():
-        raise BenchmarkInputError(f"--data_path {data_path}: not a folder (python -m dinov2_triton.data.load first)")
+        raise BenchmarkInputError(f"--data-path {data_path}: not a folder (dinov2-triton data first)")
     if repository is not None and not Path(repository).is_dir():
-        raise BenchmarkInputError(f"--repository {repository}: not a folder (python -m export first)")
+        raise BenchmarkInputError(f"--repository {repository}: not a folder (dinov2-triton export first)")
     specs = discover_variants(model_path, repository, only=variants)
     try:  # the checkpoint's record, which must equal the repository's (dinov2_triton.train.preprocessing_source)
         preprocessing, _ = resolve_preprocessing(model_path=model_path, repository=repository,

@@ -92,7 +92,7 @@ def synthetic_samples(chw: Sequence[int], *, n: int = 16, seed: int = 0, encoded
         Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
         enc.append(buf.getvalue())
     return Samples(pix, enc, [f"random-{i}" for i in range(n)],
-                   f"SYNTHETIC random tensors / noise images ({n}); no --data_path given", synthetic=True)
+                   f"SYNTHETIC random tensors / noise images ({n}); no --data-path given", synthetic=True)
 
 
 def serialize_bytes_element(data: bytes) -> bytes:

@@ -84,7 +84,7 @@ class Machine(Section):
 
 
 class ModelInfo(Section):
-    """The checkpoint that is the FP32 reference (or, without --model_path,
+    """The checkpoint that is the FP32 reference (or, without --model-path,
     what the export manifest says about it). ``pretrained`` is the
     checkpoint's own boolean; None when the source does not record it."""
     checkpoint: str | None
@@ -470,7 +470,7 @@ class PerfResults(Record):
 
     SCHEMA_VERSION: ClassVar[int] = 3
     KIND: ClassVar[str] = "perf results.json"
-    REGENERATE: ClassVar[str] = "python -m dinov2_triton.pipeline.bench_stage --model_path ... (see python -m dinov2_triton.pipeline.bench_stage --help)"
+    REGENERATE: ClassVar[str] = "dinov2-triton bench --model-path ... (see dinov2-triton bench --help)"
 
     run_id: str
     created: str
@@ -531,7 +531,7 @@ def read_results(path: str | os.PathLike) -> PerfResults:
     from dinov2_triton.core.artifact_io import read_json
 
     try:
-        data = read_json(path, what="perf results.json (python -m dinov2_triton.pipeline.bench_stage writes it)")
+        data = read_json(path, what="perf results.json (dinov2-triton bench writes it)")
     except (OSError, ValueError) as exc:
         raise RecordError(str(exc)) from None
     return PerfResults.from_dict(data, source=path)

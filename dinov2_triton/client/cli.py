@@ -1,4 +1,4 @@
-"""Command line of the Triton image client: ``python -m dinov2_triton.client.cli PATH... | --data_path DIR``.
+"""Command line of the Triton image client: ``dinov2-triton classify PATH... | --data-path DIR``.
 
 Classifies image files or folders (or a prepared data split, printing its
 accuracy) with a DINOv2 model served by Triton; the work is done by
@@ -16,20 +16,22 @@ from typing import Sequence
 
 from dinov2_triton.export.triton_config import ENSEMBLE_MODEL, PREPROCESS_MODEL
 
+PROG = "dinov2-triton classify"
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dinov2_triton.client.cli",
+        prog=prog or PROG,
         description="Classify image files or folders with a DINOv2 model served by Triton "
                     "(top-k labels through the classification extension, optional embeddings).")
     req = p.add_argument_group("Required (one of)")
     req.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (recursive)")
-    req.add_argument("--data_path", "--data-path", dest="data_path",
+    req.add_argument("--data-path",
                      help="a prepared data folder: classify its --split and print the accuracy "
                           "against the manifest's labels")
     opt = p.add_argument_group("Optional")
     opt.add_argument("--split", default="test", choices=("train", "val", "test"),
-                     help="with --data_path: which split (default: %(default)s)")
+                     help="with --data-path: which split (default: %(default)s)")
     opt.add_argument("--quiet", action="store_true", help="no line per image, only the summary")
     opt.add_argument("--url", default=None,
                      help="Triton address host:port (default localhost:8001 for grpc, "
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--preprocess-model", default=PREPROCESS_MODEL,
                      help="server preprocessing model (default: %(default)s)")
     src = opt.add_mutually_exclusive_group()
-    src.add_argument("--model-path", "--model_path", dest="model_path",
+    src.add_argument("--model-path",
                      help="checkpoint whose 'preprocessing' record (and class names) to use")
     src.add_argument("--preprocessing", help="preprocessing.json (or export_manifest.json)")
     src.add_argument("--repository", help="local model repository: reads "
@@ -72,8 +74,8 @@ def _format(pred) -> str:
     return f"{pred.path}: {tops}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top-k {args.top_k}: must be >= 1")
@@ -84,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.retries < 0:
         parser.error(f"--retries {args.retries}: must be >= 0")
     if bool(args.paths) == bool(args.data_path):
-        parser.error("give image PATHs or --data_path (not both)")
+        parser.error("give image PATHs or --data-path (not both)")
     import numpy as np
 
     from dinov2_triton.client.classifier import TritonClassifier

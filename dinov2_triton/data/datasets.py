@@ -1,4 +1,4 @@
-"""Read the data folder written by `python -m dinov2_triton.data.load` (contract:
+"""Read the data folder written by `dinov2-triton data` (contract:
 train/data_folder.py, docs/architecture.md "Stage 1"): the manifest, the
 labels and a map-style dataset for torch's DataLoader.
 
@@ -42,7 +42,7 @@ def read_labels(data_path: str | Path) -> list[str]:
     try:
         text = f.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ManifestError(f"{f}: not found; run `python -m dinov2_triton.data.load --data_path "
+        raise ManifestError(f"{f}: not found; run `dinov2-triton data --data-path "
                             f"{data_path}` first") from exc
     names = text.split("\n")
     if names and names[-1] == "":
@@ -75,7 +75,7 @@ def read_manifest(data_path: str | Path, split: str | Iterable[str] | None = Non
     try:
         fh = open(f, newline="", encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ManifestError(f"{f}: not found; run `python -m dinov2_triton.data.load --data_path "
+        raise ManifestError(f"{f}: not found; run `dinov2-triton data --data-path "
                             f"{data_path}` first") from exc
     with fh:
         reader = csv.reader(fh)

@@ -69,7 +69,7 @@ class DataSummary(Record):
 
     SCHEMA_VERSION: ClassVar[int] = 2
     KIND: ClassVar[str] = "data summary"
-    REGENERATE: ClassVar[str] = "python -m dinov2_triton.data.load --data_path DATA --force ..."
+    REGENERATE: ClassVar[str] = "dinov2-triton data --data-path DATA --force ..."
 
     tool: Literal["dinov2_triton.data.load"] = "dinov2_triton.data.load"
     source: DataSource
@@ -155,7 +155,7 @@ def read_summary(data_path: str | Path) -> DataSummary:
     try:
         data = read_json(f, what="data summary")
     except FileNotFoundError:
-        raise RecordError(f"{f}: not found; run `python -m dinov2_triton.data.load --data_path {data_path}` "
+        raise RecordError(f"{f}: not found; run `dinov2-triton data --data-path {data_path}` "
                           "first") from None
     except ValueError as exc:
         raise RecordError(str(exc)) from None

@@ -245,31 +245,34 @@ def format_report(summary: DataSummary) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def build_parser() -> argparse.ArgumentParser:
+PROG = "dinov2-triton data"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dinov2_triton.data.load",
+        prog=prog or PROG,
         description="Stage 1: validate images and write the data folder "
                     "(images/<split>/<class>/, manifest.csv, labels.txt, summary.json).",
-        epilog="Without --image_folder the embedded Fashion-MNIST is used "
+        epilog="Without --image-folder the embedded Fashion-MNIST is used "
                "(apt-get install dataset-fashion-mnist). Split rules: see the module docstring "
-               "of train/data_sources.py and docs/architecture.md.")
-    p.add_argument("--data_path", "--data-path", default="./data/",
+               "of dinov2_triton/data/sources.py and docs/architecture.md.")
+    p.add_argument("--data-path", default="./data/",
                    help="output data folder (default: ./data/)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", choices=[FASHION_MNIST], default=None,
-                     help="embedded data set (default when --image_folder is not given)")
-    src.add_argument("--image_folder", "--image-folder", default=None, metavar="PATH",
+                     help="embedded data set (default when --image-folder is not given)")
+    src.add_argument("--image-folder", default=None, metavar="PATH",
                      help="ImageFolder tree: PATH/<class>/<images> or "
                           "PATH/{train,val,test}/<class>/<images>")
-    p.add_argument("--per-class", "--per_class", type=int, default=None, metavar="N",
+    p.add_argument("--per-class", type=int, default=None, metavar="N",
                    help="seeded, stratified subset: N train+val images per class")
-    p.add_argument("--test-per-class", "--test_per_class", type=int, default=None, metavar="M",
+    p.add_argument("--test-per-class", type=int, default=None, metavar="M",
                    help="test images per class with --per-class (default: "
                         "max(1, round(N * test_fraction / (1 - test_fraction))))")
     p.add_argument("--seed", type=int, default=0, help="split/subset seed (default: 0)")
-    p.add_argument("--val-fraction", "--val_fraction", type=float, default=0.15,
+    p.add_argument("--val-fraction", type=float, default=0.15,
                    help="share of the images for val (default: 0.15)")
-    p.add_argument("--test-fraction", "--test_fraction", type=float, default=0.15,
+    p.add_argument("--test-fraction", type=float, default=0.15,
                    help="share of the images for test (default: 0.15)")
     p.add_argument("--workers", type=int, default=None,
                    help="threads used to check images (default: CPU count, at most 8)")
@@ -279,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         summary = prepare_dataset(
             args.data_path, dataset=args.dataset, image_folder=args.image_folder,
@@ -290,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # e.g. no permission to write --data_path; nothing half-written is left
+    except OSError as exc:  # e.g. no permission to write --data-path; nothing half-written is left
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

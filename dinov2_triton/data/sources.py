@@ -182,7 +182,7 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> dict[str, Any]:
     if missing:
         raise DatasetError(
             f"Fashion-MNIST files not found: {', '.join(missing)}. Install the Debian "
-            f"package: apt-get install dataset-fashion-mnist (or pass --image_folder PATH)")
+            f"package: apt-get install dataset-fashion-mnist (or pass --image-folder PATH)")
     out: dict[str, Any] = {"files": {f"{p}-{k}": str(v) for (p, k), v in files.items()}}
     for part, split in (("train", "train"), ("t10k", "test")):
         images = read_idx(files[(part, "images-idx3")])

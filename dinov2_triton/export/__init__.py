@@ -1,6 +1,6 @@
 """Export stage: checkpoint -> verified, benchmarked Triton model repository.
 
-`python -m export --model_path models/model_final.pth --repository model_repository/`
+`dinov2-triton export --model-path models/model_final.pth --repository model_repository/`
 builds every requested variant (TorchScript, ONNX, and the FP16/INT8/TensorRT
 variants registered in `dinov2_triton.export.registry`), verifies each one against the eager
 FP32 model on held-out images before it is published, measures its speed, and

@@ -1,4 +1,4 @@
-"""`python -m export`: thin CLI over dinov2_triton.export.pipeline.run_export.
+"""``dinov2-triton export``: thin CLI over dinov2_triton.export.pipeline.run_export.
 
 Exit codes: 0 every requested variant OK (or SKIPPED with a reason);
 1 a variant FAILED or failed its accuracy gate (the manifest is written
@@ -10,10 +10,10 @@ import logging
 import sys
 from typing import Sequence
 
-THRESHOLDS_NOTE = "note: --thresholds is deprecated; use --gates (same SCOPE.FIELD=VALUE entries)"
+PROG = "dinov2-triton export"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from dinov2_triton.core.image_limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
     from dinov2_triton.export.gates import FLAG, override_help
     from dinov2_triton.export.modelopt_worker import CALIB_METHODS
@@ -29,23 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
         f"{n} ({get_variant(n).precision}, {get_variant(n).platform}"
         + (f", from {get_variant(n).parent})" if get_variant(n).parent else ")") for n in names)
     p = argparse.ArgumentParser(
-        prog="python -m export",
+        prog=prog or PROG,
         description="Export a fine-tuned DINOv2 checkpoint to a Triton model repository: build each "
                     "variant, verify it against eager FP32 on held-out images, measure its speed, and "
                     "publish it atomically as a new model version.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     req = p.add_argument_group("Required")
-    req.add_argument("--model_path", "--model-path", required=True,
-                     help="checkpoint written by dinov2_triton.train.finetune (e.g. ./models/model_final.pth)")
+    req.add_argument("--model-path", required=True,
+                     help="checkpoint written by dinov2-triton train (e.g. ./models/model_final.pth)")
     opt = p.add_argument_group("Optional")
     opt.add_argument("--repository", default="./model_repository/", help="Triton model repository to publish into")
-    opt.add_argument("--data_path", "--data-path", default=None,
-                     help="data folder from dinov2_triton.data.load: test split for verification, train split "
+    opt.add_argument("--data-path", default=None,
+                     help="data folder from dinov2-triton data: test split for verification, train split "
                           "for calibration (without it: random tensors, no accuracy)")
     opt.add_argument("--variants", default=",".join(default_variants()),
                      help=variants_help + "; or 'cpu-auto': every CPU variant, and the dinov2 ensemble calls "
                           "the fastest one that passed its gate, measured in this run")
-    opt.add_argument("--max-batch-size", "--max_batch_size", type=int, default=8,
+    opt.add_argument("--max-batch-size", type=int, default=8,
                      help="config max_batch_size (= TensorRT profile max) and the verification batch")
     opt.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
     opt.add_argument("--onnx-exporter", choices=("dynamo", "legacy"), default="dynamo",
@@ -75,13 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--reload", metavar="URL", default=None,
                      help="after publishing, load every published model on the Triton server at this "
                           "host:port (HTTP) through its key-protected repository API, so traffic "
-                          "switches to the new versions (python -m serve reload)")
+                          "switches to the new versions (dinov2-triton serve reload)")
     opt.add_argument("--api-key-file", default=None,
                      help="with --reload: the server's API key file (default: $TRITON_API_KEY)")
     opt.add_argument(FLAG, dest="gates", nargs="*", default=[], metavar="SCOPE.FIELD=VALUE",
                      help=override_help() + ", e.g. fp16.min_top1_agreement=0.99 batch.max_rel_diff=1e-3")
-    opt.add_argument("--thresholds", dest="thresholds", nargs="*", default=None, metavar="SCOPE.FIELD=VALUE",
-                     help=f"deprecated spelling of {FLAG}")
     opt.add_argument("--allow-failed-gates", action="store_true",
                      help="publish variants that fail their gate (marked GATE_FAILED in the manifest)")
     opt.add_argument("--default-variant", default=None, choices=names,
@@ -145,8 +143,8 @@ def _expand_cpu_auto(variants: str, extra: dict) -> str:
     return ",".join(expanded)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.in_container:
         from dinov2_triton.export.container import main_in_container
 
@@ -163,9 +161,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     variants = _expand_cpu_auto(args.variants, extra)
     gates = list(args.gates)
-    if args.thresholds is not None:
-        print(THRESHOLDS_NOTE, file=sys.stderr)
-        gates += args.thresholds
     try:
         manifest = run_export(
             args.model_path, args.repository, data_path=args.data_path, variants=variants,

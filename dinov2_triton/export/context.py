@@ -167,7 +167,7 @@ class ExportContext:
             from dinov2_triton.data.folder import read_summary
 
             if self.data_path is None:
-                raise DataUnavailable("no --data_path given")
+                raise DataUnavailable("no --data-path given")
             labels = read_labels(self.data_path)
             try:  # the data stage's record: the folder is one dinov2_triton.data.load wrote, whole
                 self.data_summary = read_summary(self.data_path)
@@ -175,7 +175,7 @@ class ExportContext:
                 raise DataUnavailable(str(exc)) from None
             if self.data_summary.classes != labels:
                 raise DataUnavailable(f"{self.data_path / 'summary.json'} lists classes {self.data_summary.classes}, "
-                                      f"labels.txt {labels}: the data folder is inconsistent; rerun dinov2_triton.data.load")
+                                      f"labels.txt {labels}: the data folder is inconsistent; rerun dinov2-triton data")
             if labels != self.class_names:
                 raise DataUnavailable(
                     f"{self.data_path / 'labels.txt'} lists classes {labels}, but the checkpoint "
@@ -196,7 +196,7 @@ class ExportContext:
         from the TRAIN split only. Fewer when the split is smaller (warned).
         Raises SkipVariant when there is no data folder to calibrate on."""
         if self.data_path is None:
-            raise SkipVariant("not built: calibration needs real training images; pass --data_path")
+            raise SkipVariant("not built: calibration needs real training images; pass --data-path")
         train = [r for r in self._manifest() if r.split == "train"]
         if not train:
             raise SkipVariant(f"not built: {self.data_path / 'manifest.csv'} has no train split to "
@@ -230,9 +230,9 @@ class ExportContext:
         limit = int(self.options.get("eval_size") or DEFAULT_EVAL_SIZE)
         if self.data_path is None:
             n = min(limit, SYNTHETIC_EVAL_SIZE)
-            msg = (f"NO --data_path: verifying on {n} RANDOM tensors. Tensor parity is checked, "
+            msg = (f"NO --data-path: verifying on {n} RANDOM tensors. Tensor parity is checked, "
                    f"but no accuracy is measured and random inputs do not look like images; "
-                   f"pass --data_path for a real verification")
+                   f"pass --data-path for a real verification")
             log.warning(msg)
             rng = np.random.default_rng(0)
             x = rng.standard_normal(self.input_shape(n)).astype(np.float32)

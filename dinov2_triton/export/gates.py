@@ -1,10 +1,10 @@
 """The accuracy gates: one module for export verification, the INT8 search
-and the live-endpoint parity check (``python -m dinov2_triton.qa.parity``).
+and the live-endpoint parity check (``dinov2-triton qa parity``).
 
 A :class:`Gate` is a set of pass/fail thresholds of a candidate against the
 FP32 reference; :data:`GATES` holds one per precision. Users override them
-with one flag spelling, ``--gates SCOPE.FIELD=VALUE`` (``python -m export``
-also accepts the old ``--thresholds``), parsed by
+with one flag, ``--gates SCOPE.FIELD=VALUE`` (``dinov2-triton export``,
+``dinov2-triton qa parity``, ``dinov2-triton bench``), parsed by
 :func:`parse_gate_overrides`:
 
 * SCOPE is a precision (``fp16``), an export variant (``onnx_int8``), a

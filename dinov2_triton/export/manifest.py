@@ -134,7 +134,7 @@ class ServingModelEntry(_Part):
 class ExportManifest(Record):
     SCHEMA_VERSION = 1
     KIND = "export manifest"
-    REGENERATE = "python -m export --model_path <checkpoint> --repository <repository>"
+    REGENERATE = "dinov2-triton export --model-path <checkpoint> --repository <repository>"
 
     tool: Literal["export"] = "export"
     run_id: str
@@ -223,7 +223,7 @@ def read_export_manifest(path_or_repository: str | os.PathLike, *, missing_ok: b
     path = manifest_path(path_or_repository)
     if missing_ok and not path.is_file():
         return None
-    data = read_json(path, what="export manifest (run python -m export first)")
+    data = read_json(path, what="export manifest (run dinov2-triton export first)")
     return ExportManifest.from_dict(data, source=path)
 
 

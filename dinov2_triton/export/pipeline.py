@@ -179,14 +179,14 @@ def run_export(model_path: str | os.PathLike, repository: str | os.PathLike, *,
     if data_path is not None:
         data_path = Path(data_path)
         if not data_path.is_dir():
-            raise ExportInputError(f"--data_path {data_path}: not a folder (prepare it with "
-                                   f"python -m dinov2_triton.data.load --data_path {data_path})")
+            raise ExportInputError(f"--data-path {data_path}: not a folder (prepare it with "
+                                   f"dinov2-triton data --data-path {data_path})")
     timings: dict[str, float] = {}
     t = time.perf_counter()
     try:
         model, record = load_classifier(model_path)
     except (WeightsError, RecordError) as exc:
-        raise ExportInputError(f"--model_path: {exc}") from None
+        raise ExportInputError(f"--model-path: {exc}") from None
     timings["load_checkpoint_s"] = time.perf_counter() - t
 
     repository.mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,7 @@ def _run(model, record, model_path: Path, repository: Path, data_path, order, ad
     try:
         es = ctx.eval_set()
     except (ManifestError, DataUnavailable) as exc:
-        raise ExportInputError(f"--data_path: {exc}") from None
+        raise ExportInputError(f"--data-path: {exc}") from None
     warnings += es.notes if es.synthetic or es.split != "test" else []
     timings["eval_set_s"] = time.perf_counter() - t
     t = time.perf_counter()

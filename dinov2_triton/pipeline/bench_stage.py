@@ -1,7 +1,7 @@
 """The perf stage: measure every variant and write one report.
 
-    python -m dinov2_triton.pipeline.bench_stage --url localhost:8001 --http-url localhost:8000 \\
-        --repository ./model_repository --model_path ./models/model_final.pth --data_path ./data \\
+    dinov2-triton bench --url localhost:8001 --http-url localhost:8000 \\
+        --repository ./model_repository --model-path ./models/model_final.pth --data-path ./data \\
         --models all --protocols grpc,http --concurrency 1,2,4 --batch-sizes 1,8 --window-ms 10000 \\
         --out perf/reports
 
@@ -124,7 +124,7 @@ def export_summary(manifest: "ExportManifest | None") -> dict[str, Any] | None:
 
 
 def _manifest_model_info(manifest: "ExportManifest") -> dict[str, Any]:
-    """dinov2_triton.bench.results.ModelInfo from the export manifest (no --model_path)."""
+    """dinov2_triton.bench.results.ModelInfo from the export manifest (no --model-path)."""
     return {"checkpoint": manifest.source_checkpoint.path, "arch": manifest.arch, "img_size": manifest.img_size,
             "num_classes": manifest.num_classes, "class_names": list(manifest.class_names),
             "weights_source": manifest.weights_source, "pretrained": manifest.pretrained,
@@ -202,15 +202,15 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
     say = progress or (lambda m: log.info(m))
     model_path = Path(model_path) if model_path else None
     if model_path is not None and not model_path.is_file():
-        raise PerfInputError(f"--model_path {model_path}: file not found")
+        raise PerfInputError(f"--model-path {model_path}: file not found")
     if data_path is not None and not Path(data_path).is_dir():
-        raise PerfInputError(f"--data_path {data_path}: not a folder (python -m dinov2_triton.data.load first)")
+        raise PerfInputError(f"--data-path {data_path}: not a folder (run dinov2-triton data first)")
     if repository is not None and not Path(repository).is_dir():
         if url is None:
-            raise PerfInputError(f"--repository {repository}: not a folder (python -m export first)")
+            raise PerfInputError(f"--repository {repository}: not a folder (run dinov2-triton export first)")
         repository = None  # a remote server: the repository is not needed
     if in_process and model_path is None:
-        raise PerfInputError("--model_path is needed for the in-process benchmark (or pass --no-in-process)")
+        raise PerfInputError("--model-path is needed for the in-process benchmark (or pass --no-in-process)")
     if url is None and not in_process:
         raise PerfInputError("nothing to do: no --url (server) and --no-in-process")
     protocols = list(protocols or (["grpc", "http"] if http_url else ["grpc"]))
@@ -244,7 +244,7 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
         try:
             results["model"] = _model_info(model_path)
         except (RecordError, OSError) as exc:
-            raise PerfInputError(f"--model_path: {exc}") from None
+            raise PerfInputError(f"--model-path: {exc}") from None
     elif manifest is not None:
         results["model"] = _manifest_model_info(manifest)
 
@@ -333,13 +333,14 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
             results["skipped"].append({"what": "live parity", "reason": "--no-parity"})
         elif data_path is None or model_path is None:
             results["skipped"].append({"what": "live parity",
-                                       "reason": "needs --data_path (labelled test images) and --model_path "
+                                       "reason": "needs --data-path (labelled test images) and --model-path "
                                                  "(the FP32 reference)"})
         else:
             try:
                 from dinov2_triton.qa.parity import ParityInputError, run_parity
             except ImportError as exc:
-                results["skipped"].append({"what": "live parity", "reason": f"dinov2_triton.qa.parity unavailable: {exc}"})
+                results["skipped"].append({"what": "live parity",
+                                           "reason": f"dinov2_triton.qa.parity unavailable: {exc}"})
             else:
                 from dinov2_triton.export.triton_config import PREPROCESS_MODEL
 
@@ -418,9 +419,12 @@ def print_run(run: PerfRun, *, in_process_json: str | os.PathLike | None = None)
 
 
 # ----------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
+PROG = "dinov2-triton bench"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dinov2_triton.pipeline.bench_stage",
+        prog=prog or PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Perf stage: in-process benchmark, perf_analyzer sweep against a Triton server, live "
                     "parity, and one report (perf/reports/<run-id>/report.md, report.html, results.json).",
@@ -429,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                "server's memory then comes from its metrics endpoint only).\n"
                "Exit codes: 0 done, 1 report written but something failed, 2 bad input.")
     req = p.add_argument_group("Required (in-process benchmark and parity)")
-    req.add_argument("--model_path", default=None, help="fine-tuned checkpoint (model_final.pth): the FP32 reference")
+    req.add_argument("--model-path", default=None, help="fine-tuned checkpoint (model_final.pth): the FP32 reference")
     srv = p.add_argument_group("Server (omit --url for in-process numbers only)")
     srv.add_argument("--url", default=None, help="gRPC address host:port of a running Triton (e.g. localhost:8001)")
     srv.add_argument("--http-url", default=None, help="HTTP address host:port (e.g. localhost:8000)")
@@ -459,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip = p.add_argument_group("In-process benchmark")
     ip.add_argument("--repository", default="./model_repository",
                     help="model repository with export_manifest.json (default: %(default)s)")
-    ip.add_argument("--data_path", default=None, help="data folder: test-split images as inputs and for parity")
+    ip.add_argument("--data-path", default=None, help="data folder: test-split images as inputs and for parity")
     ip.add_argument("--threads", default="1,2,4", help="client threads sharing one model (default: %(default)s)")
     ip.add_argument("--seconds", type=float, default=5.0, help="seconds per cell (default: %(default)s)")
     ip.add_argument("--warmup", type=int, default=10, help="warm-up calls per batch size (default: %(default)s)")
@@ -510,8 +514,8 @@ def _capacity_flags(args) -> dict[str, Any] | None:
             "recheck_margin": args.recheck_margin}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from dinov2_triton.bench.perf_analyzer import MeasurementSettings
 

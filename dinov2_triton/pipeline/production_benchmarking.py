@@ -1,14 +1,19 @@
-"""``python -m dinov2_triton.pipeline.production_benchmarking``: the in-process benchmark of the
+"""The seed's ``python production_benchmarking.py``: the in-process benchmark of the
 fine-tuned model and every exported variant, as a report.
 
-    python -m dinov2_triton.pipeline.production_benchmarking --model_path ./models/model_final.pth \\
-        [--repository ./model_repository] [--data_path ./data] [--batch-sizes 1,8] \\
+    python production_benchmarking.py --model-path ./models/model_final.pth \\
+        [--repository ./model_repository] [--data-path ./data] [--batch-sizes 1,8] \\
         [--threads 1,2,4] [--seconds 5] [--warmup 10] [--url localhost:8001]
 
-A thin CLI over dinov2_triton.pipeline.bench_stage.run_perf (which runs dinov2_triton.bench.inprocess.run_inprocess_benchmark
-and writes perf/reports/<run-id>/{report.md, report.html, results.json}).
+(the root script also takes the seed's spellings, ``--model_path`` and
+``--data_path``). Installed, the same run is ``dinov2-triton bench``, which
+has every option; this module is the seed's smaller command over it.
+
+A thin CLI over dinov2_triton.pipeline.bench_stage.run_perf (which runs
+dinov2_triton.bench.inprocess.run_inprocess_benchmark and writes
+perf/reports/<run-id>/{report.md, report.html, results.json}).
 With ``--url`` the perf_analyzer sweep and the live-endpoint parity run as
-well, as in ``python -m dinov2_triton.pipeline.bench_stage`` (which has every flag).
+well, as in ``dinov2-triton bench``.
 """
 from __future__ import annotations
 
@@ -17,19 +22,21 @@ import logging
 import sys
 from typing import Sequence
 
+PROG = "python production_benchmarking.py"
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dinov2_triton.pipeline.production_benchmarking",
+        prog=prog or PROG,
         description="In-process latency/throughput/memory of the fine-tuned model and every exported "
-                    "variant; with --url also the perf_analyzer sweep and live parity (python -m dinov2_triton.pipeline.bench_stage "
+                    "variant; with --url also the perf_analyzer sweep and live parity (dinov2-triton bench "
                     "has every option). Writes a report under --out.")
     req = p.add_argument_group("Required")
-    req.add_argument("--model_path", required=True, help="the fine-tuned checkpoint (model_final.pth)")
+    req.add_argument("--model-path", required=True, help="the fine-tuned checkpoint (model_final.pth)")
     opt = p.add_argument_group("Optional")
     opt.add_argument("--repository", default="./model_repository",
                      help="model repository with export_manifest.json (default: %(default)s)")
-    opt.add_argument("--data_path", default=None, help="data folder: inputs are its test-split images")
+    opt.add_argument("--data-path", default=None, help="data folder: inputs are its test-split images")
     opt.add_argument("--batch-sizes", default="1,8", help="comma-separated (default: %(default)s)")
     opt.add_argument("--threads", default="1,2,4",
                      help="concurrent client threads sharing one model (default: %(default)s)")
@@ -50,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from dinov2_triton.pipeline.bench_stage import PerfInputError, parse_ints, parse_names, print_run, run_perf
 

@@ -192,7 +192,7 @@ def _run_parity(tmp: Path, url: str | None, protocol: str, *, data_path, model_p
     if max_images is not None and max_images < 1:
         raise ParityInputError(f"max_images={max_images}: must be >= 1")
     if reference == "eager" and model_path is None:
-        raise ParityInputError("--reference eager needs --model_path (the FP32 checkpoint)")
+        raise ParityInputError("--reference eager needs --model-path (the FP32 checkpoint)")
 
     # --- data
     try:
@@ -443,17 +443,20 @@ def print_report(result: Mapping[str, Any], console=None) -> None:
 
 
 # --------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
+PROG = "dinov2-triton qa parity"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dinov2_triton.qa.parity",
+        prog=prog or PROG,
         description="Compare every served variant with the FP32 reference through the live "
                     "Triton endpoint (ensemble: real file bytes; variants: client-preprocessed "
                     "tensors) and gate each one. Exit 0 all pass, 1 a gate fails, 2 bad input.")
     req = p.add_argument_group("Required")
-    req.add_argument("--data_path", "--data-path", dest="data_path", required=True,
-                     help="data folder with manifest.csv and labels.txt (python -m dinov2_triton.data.load)")
+    req.add_argument("--data-path", required=True,
+                     help="data folder with manifest.csv and labels.txt (dinov2-triton data)")
     opt = p.add_argument_group("Optional")
-    opt.add_argument("--model_path", "--model-path", dest="model_path",
+    opt.add_argument("--model-path",
                      help="FP32 checkpoint: the eager reference and the preprocessing record")
     opt.add_argument("--url", default=None, help="host:port (default localhost:8001 grpc, :8000 http)")
     opt.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
@@ -461,12 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated served models, or 'all' (every ready model with a "
                           "logits output) (default: %(default)s)")
     opt.add_argument("--reference", default="eager",
-                     help="'eager' (PyTorch from --model_path, in this process) or a served FP32 "
+                     help="'eager' (PyTorch from --model-path, in this process) or a served FP32 "
                           "model such as dinov2_onnx (default: %(default)s)")
     opt.add_argument("--split", choices=("train", "val", "test"), default="test")
-    opt.add_argument("--max-images", "--max_images", dest="max_images", type=int, default=None,
+    opt.add_argument("--max-images", type=int, default=None,
                      help="first N images of the split only")
-    opt.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+    opt.add_argument("--batch-size", type=int, default=None,
                      help="images per request (default and maximum: each model's max_batch_size)")
     opt.add_argument("--gates", nargs="*", default=[], metavar="KEY.FIELD=VALUE",
                      help="override gate thresholds; KEY is a precision (fp32, fp16, int8, fp8) "
@@ -487,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be >= 1")

@@ -1,6 +1,6 @@
 """Training throughput of a DINOv2 classifier on this machine.
 
-    python -m dinov2_triton.train.benchmark --arch vits14 --img-size 224 112 --batch-size 8 --steps 5
+    dinov2-triton train-bench --arch vits14 --img-size 224 112 --batch-size 8 --steps 5
 
 For each (mode, image size) a fresh subprocess builds the model (random
 init: speed does not depend on the weights), runs `--warmup` untimed steps,
@@ -92,7 +92,7 @@ def measure(*, arch: str, img_size: int, batch_size: int, steps: int, warmup: in
 
 def run_isolated(**kw: Any) -> dict[str, Any]:
     """measure() in a fresh interpreter (clean peak-memory accounting)."""
-    cmd = [sys.executable, "-m", "dinov2_triton.train.benchmark", "--_one", json.dumps(kw)]
+    cmd = [sys.executable, "-m", "dinov2_triton.train.benchmark", "--measure-one", json.dumps(kw)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if r.returncode != 0:
         raise RuntimeError(f"benchmark of {kw} failed:\n{r.stderr[-2000:]}")
@@ -109,13 +109,16 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dinov2_triton.train.benchmark",
+PROG = "dinov2-triton train-bench"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog or PROG,
                                 description="Training throughput (images/s) and peak memory per mode and image size.")
     p.add_argument("--arch", default="vits14", help="dinov2_triton.train.model.ARCHS name (default: vits14)")
-    p.add_argument("--img-size", "--img_size", dest="img_size", type=int, nargs="+", default=[224],
+    p.add_argument("--img-size", dest="img_size", type=int, nargs="+", default=[224],
                    help="one or more sizes, multiples of 14 (default: 224)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="(default: 8)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="(default: 8)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=["linear", "full"],
@@ -124,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: cpu)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    p.add_argument("--_one", help=argparse.SUPPRESS)
+    p.add_argument("--measure-one", metavar="JSON", help=argparse.SUPPRESS)  # run_isolated's child
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args._one:
-        print(json.dumps(measure(**json.loads(args._one))))
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.measure_one:
+        print(json.dumps(measure(**json.loads(args.measure_one))))
         return 0
     bad = [s for s in args.img_size if s <= 0 or s % 14]
     if bad:

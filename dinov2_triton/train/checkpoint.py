@@ -85,7 +85,7 @@ class CheckpointRecord(Record):
 
     SCHEMA_VERSION: ClassVar[int] = 2
     KIND: ClassVar[str] = "checkpoint"
-    REGENERATE: ClassVar[str] = "python -m dinov2_triton.train.finetune --data_path DATA --output_path MODELS ..."
+    REGENERATE: ClassVar[str] = "dinov2-triton train --data-path DATA --output-path MODELS ..."
 
     arch: str                                       # short name (dinov2_triton.train.model.ARCHS), e.g. "vits14"
     head: Literal[HEADS]
@@ -99,7 +99,7 @@ class CheckpointRecord(Record):
     backbone_overrides: dict[str, Any] = Field(default_factory=dict)   # extra timm kwargs (tiny test models)
     state_dict: dict[str, Any]                      # plain model keys -> tensors (no peft wrappers)
     metrics: dict[str, Any] = Field(default_factory=dict)
-    config: dict[str, Any] = Field(default_factory=dict)   # dinov2_triton.train.finetune_config.FinetuneConfig.to_dict()
+    config: dict[str, Any] = Field(default_factory=dict)  # train.finetune_config.FinetuneConfig.to_dict()
     versions: dict[str, str] = Field(default_factory=dict)
     git_revision: str = "unknown"
     mode: str | None = None                         # linear | full | lora | lastn
@@ -162,7 +162,7 @@ class CheckpointRecord(Record):
         if version == 0 and data.get("format_version") == 1:
             return _migrate_format_v1(data)
         if version == 0:
-            raise RecordError("no schema_version and no format_version 1: not a checkpoint of dinov2_triton.train.finetune")
+            raise RecordError("no schema_version and no format_version 1: not a checkpoint of dinov2-triton train")
         raise RecordError(f"schema_version {version} is not one this code wrote")
 
 
@@ -241,7 +241,7 @@ def read_checkpoint(path: str | Path) -> CheckpointRecord:
 
     path = Path(path)
     if not path.is_file():
-        raise RecordError(f"{path}: checkpoint not found (train first: python -m dinov2_triton.train.finetune ...)")
+        raise RecordError(f"{path}: checkpoint not found (train first: dinov2-triton train ...)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure: name the file, one line

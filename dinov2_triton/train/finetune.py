@@ -1,12 +1,12 @@
-"""Stage 2: fine-tune a DINOv2 classifier on the data folder from dinov2_triton.data.load.
+"""Stage 2: fine-tune a DINOv2 classifier on the data folder from ``dinov2-triton data``.
 
-    python -m dinov2_triton.train.finetune --data_path ./data/ --output_path ./models/ [flags]
+    dinov2-triton train --data-path ./data/ --output-path ./models/ [flags]
     torchrun --nproc_per_node N -m dinov2_triton.train.finetune ...        (DDP)
 
 Configuration is layered: defaults < `--config file.yaml` < command-line flags
 (train/finetune_config.py); the resolved configuration is written to
-`<output_path>/config.yaml` with the git revision and library versions. A run
-resumes from `<output_path>/checkpoint_last.pth` by default (`--no-resume`
+`<output-path>/config.yaml` with the git revision and library versions. A run
+resumes from `<output-path>/checkpoint_last.pth` by default (`--no-resume`
 starts over). The run itself is train/trainer.py (`finetune(cfg)`).
 
 Outputs (rank 0 only): model_final.pth, model_best.pth, checkpoint_last.pth,
@@ -37,25 +37,28 @@ from dinov2_triton.train.finetune_config import (
 _DEFAULTS = FinetuneConfig()
 
 
-def build_parser() -> argparse.ArgumentParser:
+PROG = "dinov2-triton train"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     d = _DEFAULTS
     S = argparse.SUPPRESS  # only flags given on the command line override the YAML file
     p = argparse.ArgumentParser(
-        prog="python -m dinov2_triton.train.finetune",
-        description="Stage 2: fine-tune a DINOv2 classifier on a data folder written by dinov2_triton.data.load.",
+        prog=prog or PROG,
+        description="Stage 2: fine-tune a DINOv2 classifier on a data folder written by dinov2-triton data.",
         epilog="Precedence: defaults < --config YAML < flags. Resumes from OUTPUT/checkpoint_last.pth "
                "unless --no-resume. Multi-process: torchrun --nproc_per_node N -m dinov2_triton.train.finetune ...")
     g = p.add_argument_group("Required (defaults follow the seed contract)")
-    g.add_argument("--data_path", "--data-path", default=S, metavar="DIR",
-                   help=f"data folder from dinov2_triton.data.load (default: {d.data_path})")
-    g.add_argument("--output_path", "--output-path", default=S, metavar="DIR",
+    g.add_argument("--data-path", dest="data_path", default=S, metavar="DIR",
+                   help=f"data folder from dinov2-triton data (default: {d.data_path})")
+    g.add_argument("--output-path", dest="output_path", default=S, metavar="DIR",
                    help=f"where models, metrics and plots go (default: {d.output_path})")
     g = p.add_argument_group("Model")
     g.add_argument("--arch", choices=ARCH_NAMES, default=S, help=f"backbone (default: {d.arch})")
     g.add_argument("--weights", default=S, metavar="SRC",
                    help="random | hub | a hub id (e.g. timm/vit_small_patch14_dinov2.lvd142m) | a local "
                         f".pth/.safetensors file, official or timm layout (default: {d.weights})")
-    g.add_argument("--img-size", "--img_size", dest="img_size", type=int, default=S, metavar="PX",
+    g.add_argument("--img-size", dest="img_size", type=int, default=S, metavar="PX",
                    help=f"input size, a multiple of 14 (default: {d.img_size})")
     g.add_argument("--head", choices=HEADS, default=S,
                    help=f"embedding fed to the linear head (default: {d.head})")
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"lr of the warm start (default: {d.lp_lr})")
     g = p.add_argument_group("Optimisation")
     g.add_argument("--epochs", type=int, default=S, metavar="N", help=f"(default: {d.epochs}, plus --lp-epochs)")
-    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=S, metavar="N",
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=S, metavar="N",
                    help=f"per process (default: {d.batch_size})")
     g.add_argument("--lr", type=float, default=S, metavar="X",
                    help="peak AdamW lr of the head (default by mode: "
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML with any of these options (keys with _ or -); flags override it")
     g.add_argument("--device", choices=DEVICES, default=S, help=f"(default: {d.device})")
-    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=S, metavar="N",
+    g.add_argument("--num-workers", dest="num_workers", type=int, default=S, metavar="N",
                    help="DataLoader workers per process (default: min(8, CPUs - 1))")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=S,
                    help="continue from OUTPUT/checkpoint_last.pth if present (default: on)")
@@ -126,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    args = vars(build_parser(prog).parse_args(argv))
     config_file = args.pop("config", None)
     try:
         cfg = resolve_config(args, config_file)

@@ -57,7 +57,7 @@ def repository_preprocessing_file(repository: str | Path, model: str = PREPROCES
         if cand.is_file():
             return cand
     raise PreprocessingError(f"--repository {repo}: neither {model_dir}/<version>/{PREPROCESSING_FILE} "
-                             f"nor {repo / 'export_manifest.json'} exists; was it written by `python -m export`?")
+                             f"nor {repo / 'export_manifest.json'} exists; was it written by `dinov2-triton export`?")
 
 
 def _differences(a: PreprocessConfig, b: PreprocessConfig) -> str:
@@ -104,7 +104,7 @@ def resolve_preprocessing(*, preprocessing=None, model_path=None, repository=Non
             raise PreprocessingError(
                 f"{repo_file} and {model_path} hold different preprocessing records "
                 f"({_differences(served, ckpt)}): the repository was exported from another checkpoint. "
-                f"Re-export it (python -m export --model_path {model_path} ...) or pass the checkpoint "
+                f"Re-export it (dinov2-triton export --model-path {model_path} ...) or pass the checkpoint "
                 "it was exported from")
         return served, (f"{repo_file} (= {model_path})" if ckpt is not None else str(repo_file))
     if ckpt is not None:

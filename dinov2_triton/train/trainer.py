@@ -1,4 +1,4 @@
-"""The fine-tuning run behind `python -m dinov2_triton.train.finetune`: data, model (fresh or
+"""The fine-tuning run behind `dinov2-triton train`: data, model (fresh or
 resumed), what the loop trains on, the epochs, the checkpoints and the final
 outputs, each a method of :class:`Trainer`.
 
@@ -135,7 +135,7 @@ def check_resume_compatible(ckpt, cfg: FinetuneConfig, class_names: Sequence[str
         bad.append(f"class_names: checkpoint {list(ckpt.class_names)} vs labels.txt {list(class_names)}")
     if bad:
         raise ConfigError(f"{path}: cannot resume, the run differs in: {'; '.join(bad)}. "
-                          "Use --no-resume to start over or another --output_path.")
+                          "Use --no-resume to start over or another --output-path.")
     changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in RESUME_SHOULD_MATCH if old.get(k) != new[k]]
     if changed:
         log.warning("resuming with changed settings (%s): the result will differ from an uninterrupted run",
@@ -205,7 +205,7 @@ class Trainer:
         from dinov2_triton.train.distributed import barrier
 
         self.t_start = time.perf_counter()
-        read_labels(self.cfg.data_path)   # a wrong --data_path fails before anything is written
+        read_labels(self.cfg.data_path)   # a wrong --data-path fails before anything is written
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier(self.dist)

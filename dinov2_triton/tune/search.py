@@ -1,9 +1,9 @@
-"""python -m dinov2_triton.tune.search: the serving configuration with the most capacity
+"""``dinov2-triton tune``: the serving configuration with the most capacity
 at a p99 SLO, among the variants that pass their accuracy gates, measured
 through the running server.
 
-    python -m dinov2_triton.tune.search --url localhost:8001 --api-key-file logs/triton.api_key \\
-        --repository model_repository --data_path data --slo-p99-ms 100 --budget-min 10 [--apply]
+    dinov2-triton tune --url localhost:8001 --api-key-file logs/triton.api_key \\
+        --repository model_repository --data-path data --slo-p99-ms 100 --budget-min 10 [--apply]
 
 * Who competes: the export manifest's variants that are published with
   status OK and a passed gate and are READY on the server. A variant that
@@ -28,8 +28,8 @@ through the running server.
   one after the other, in the same run (``comparison.ratio``).
 * ``--apply`` writes the winner into ``<repository>/<model>/config.pbtxt``
   atomically (validated by export's checker; the run id and the numbers in
-  its ``parameters``) and loads it, so a restarted server, ``serve.sh
-  container`` and the Kubernetes manifests serve what was measured.
+  its ``parameters``) and loads it, so a restarted server, ``dinov2-triton
+  serve container`` and the Kubernetes manifests serve what was measured.
 
 The run folder also gets results.json (dinov2_triton.bench.results.PerfResults with the
 ``search`` section) and report.md/report.html (dinov2_triton.report.report). Exit codes:
@@ -89,7 +89,7 @@ def _read_settings(run_dir: Path):
 
     path = run_dir / SETTINGS_FILE
     try:
-        return SearchSettings.model_validate(read_json(path, what="search settings (dinov2_triton.tune.search writes it)"))
+        return SearchSettings.model_validate(read_json(path, what="search settings (dinov2-triton tune writes it)"))
     except ValidationError as exc:
         raise SearchInputError(format_validation_error(exc, str(path))) from None
     except (OSError, ValueError) as exc:
@@ -242,7 +242,7 @@ def run_search(*, url: str, repository: str | Path, data_path: str | Path | None
     except KeyboardInterrupt:
         stopped = "interrupted"
         say(f"interrupted: {len(session.points)} points kept in {run_dir / POINTS_DIR}; continue with "
-            f"python -m dinov2_triton.tune.search --resume {run_dir} (and the same --url/--repository)")
+            f"dinov2-triton tune --resume {run_dir} (and the same --url/--repository)")
     finally:
         for t in targets:
             if applied is None or t.model != applied.model:
@@ -400,9 +400,12 @@ def _preferred(text: str | None) -> list[list[int]]:
     return [[] if part.strip().lower() == "none" else _ints(part, "--preferred") for part in text.split(";")]
 
 
-def build_parser() -> argparse.ArgumentParser:
+PROG = "dinov2-triton tune"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dinov2_triton.tune.search", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog or PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Search the serving configuration with the most capacity at a p99 SLO among the variants "
                     "that pass their accuracy gates, through the running Triton server.",
         epilog="Exit codes: 0 done, 1 no feasible winner or a failure, 2 bad input, 130 interrupted (--resume).")
@@ -412,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="the repository API key (or $TRITON_API_KEY)")
     srv.add_argument("--api-key-file", default=None, help="file holding it (serve writes logs/triton.api_key)")
     srv.add_argument("--server-pid", type=int, default=None, help="for memory (default: found from the port)")
-    srv.add_argument("--data_path", default=None, help="data folder: test-split images as inputs")
+    srv.add_argument("--data-path", default=None, help="data folder: test-split images as inputs")
     obj = p.add_argument_group("Objective and constraints")
     obj.add_argument("--slo-p99-ms", type=float, default=None, help="p99 latency the capacity is measured at")
     obj.add_argument("--min-throughput", type=float, default=None, help="img/s at the SLO a config must reach")
@@ -451,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from dinov2_triton.serve.triton_access import read_api_key
 
@@ -460,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         space_flags = ("--instances", "--threads", "--queue-delays-us", "--preferred", "--max-batch-sizes",
                        "--queue-policies",
                        "--slo-p99-ms", "--variants", "--strategy")
-        given = [f for f in space_flags if any(a == f or a.startswith(f + "=") for a in (argv or sys.argv[1:]))]
+        given = [f for f in space_flags if any(a == f or a.startswith(f + "=") for a in argv)]
         if args.resume and given:
             raise SearchInputError(f"--resume continues the stored search: drop {', '.join(given)}")
         api_key = read_api_key(args.api_key, args.api_key_file)
