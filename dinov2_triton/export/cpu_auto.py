@@ -1,4 +1,4 @@
-"""`python -m export --variants cpu-auto`: build every CPU candidate, then let
+"""`dinov2-triton export --variants cpu-auto`: build every CPU candidate, then let
 the `dinov2` ensemble call the fastest one that passed its gate, measured in
 this same run on this host.
 

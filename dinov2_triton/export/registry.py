@@ -16,7 +16,7 @@ Public API for the other stages: `variant_names()`, `get_variant(name)`,
 `model_name(variant_or_name)` (= `Variant.model_name`), `build_order(names)`,
 `default_variants()`, `ensemble_candidates()`, `gate_scopes()`.
 
-Light at import (standard library + dinov2_triton.export.gates): `python -m export --help`
+Light at import (standard library + dinov2_triton.export.gates): `dinov2-triton export --help`
 lists the registered variants without importing torch.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def get_variant(name: str) -> Variant:
 
 
 def default_variants() -> list[str]:
-    """What `python -m export` builds when --variants is not given."""
+    """What `dinov2-triton export` builds when --variants is not given."""
     return [n for n, v in load_builtin_variants().items() if v.default]
 
 

@@ -1,4 +1,4 @@
-"""Run an export worker (`python -m export.<module> ...`) in a child process.
+"""Run an export worker (`python -m dinov2_triton.export.<module> ...`) in a child process.
 
 ModelOpt patches ONNX Runtime's quantizer and logging at import
 (docs/environment.md), so the variants that use it (onnx_fp16, onnx_int8,

@@ -86,7 +86,7 @@ def _parent_onnx(ctx, source: str) -> Path:
     path = ctx.artifacts.get(source)
     if path is None or not Path(path).is_file():
         raise EngineBuildError(f"the `{source}` artifact is missing: build the {source} variant first "
-                               f"(python -m export --variants {source},...)")
+                               f"(dinov2-triton export --variants {source},...)")
     return Path(path)
 
 
