@@ -258,7 +258,7 @@ def test_cli(server, reference, tiny_dataset, tmp_path, capsys):
 @pytest.mark.triton
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_cli_accuracy_of_a_prepared_split(server, reference, tiny_dataset, protocol, capsys):
-    """--data_path/--split: classifies the split through the ensemble and
+    """--data-path/--split: classifies the split through the ensemble and
     prints the accuracy against the manifest labels (same as eager's)."""
     from dinov2_triton.data.datasets import read_manifest
 
