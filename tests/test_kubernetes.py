@@ -11,7 +11,7 @@ flags, the flags against those of ``dinov2-triton serve container``
 Prometheus-adapter rule and the rule's series against the /metrics of the
 real local server, the image tag against the pin, the grace period against
 the exit timeout, the security context, the NetworkPolicy; and the overlay
-``python -m serve kubernetes`` writes for an exported repository.
+``dinov2-triton serve kubernetes`` writes for an exported repository.
 """
 from __future__ import annotations
 

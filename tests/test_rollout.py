@@ -134,7 +134,7 @@ def test_export_reload_switches_the_live_server_to_what_it_published(server, liv
 
 @pytest.mark.triton
 def test_stop_under_load_answers_what_it_accepted(triton_server_factory, tmp_path, capsys):
-    """`python -m serve stop` with requests in flight on a 300 ms-per-batch
+    """`dinov2-triton serve stop` with requests in flight on a 300 ms-per-batch
     model: every accepted request is answered, new ones are refused, the
     process is gone well within the exit timeout."""
     from tests.fixtures.slow_model import write_slow_model

@@ -397,7 +397,7 @@ def test_server_loads_what_it_can_and_logs_why_not(triton_server):
     log_text = triton_server.log_file.read_text()
     assert "tiny_trt_plan: not loaded: needs an NVIDIA GPU and TensorRT" in log_text
     assert triton_server.api_key not in log_text
-    # the local binary's release is pinned beside the container's (scripts/triton_version.sh)
+    # the local binary's release is pinned beside the container's (core/resources/triton_release.env)
     version = triton_server.server_metadata()["version"]
     assert version == ls.container_versions()["LOCAL_TRITON_SERVER_VERSION"]
 

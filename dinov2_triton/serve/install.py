@@ -1,7 +1,7 @@
 """Where the tritonserver binary is, and the backend directory it runs with.
 
 nvidia-pytriton 0.7.0 carries a tritonserver 2.51.0 binary (the server of
-the NVIDIA container pinned in scripts/triton_version.sh) with only the
+the NVIDIA container of the release pin, dinov2_triton.core.release_pin) with only the
 ``python`` backend. To serve the project's model repository UNCHANGED,
 :func:`build_backend_dir` builds a backend directory::
 

@@ -4,7 +4,7 @@ The server runs with explicit model control, so only what can run here is
 asked for: TensorRT plans and KIND_GPU instance groups need an NVIDIA GPU,
 an unparsable config.pbtxt cannot load, and an ensemble is only as runnable
 as its steps. Each skipped model gets a reason that goes to the server log
-and to ``python -m serve start|status``.
+and to ``dinov2-triton serve start|status``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``logs/triton-replicas.json``: what ``python -m serve start --replicas N`` started.
+"""``logs/triton-replicas.json``: what ``dinov2-triton serve start --replicas N`` started.
 
 :class:`ReplicaSetRecord` is the one record of this file; it has one writer
 (:func:`write_replica_set`, called by dinov2_triton.serve.replicas whenever the set
@@ -50,7 +50,7 @@ class BalancerEntry(_Part):
 class ReplicaSetRecord(Record):
     SCHEMA_VERSION = 1
     KIND = "replica set record"
-    REGENERATE = "python -m serve start --replicas N"
+    REGENERATE = "dinov2-triton serve start --replicas N"
 
     created: str
     repository: str

@@ -1,4 +1,4 @@
-"""N local Triton replicas behind one load balancer: ``python -m serve start --replicas N``.
+"""N local Triton replicas behind one load balancer: ``dinov2-triton serve start --replicas N``.
 
 Each replica is the single local server of dinov2_triton.serve.local_server on its own
 loopback ports, pinned to its share of this machine's CPUs (``taskset``;
@@ -17,7 +17,7 @@ are loaded after their steps.
 
 One API key for the whole set (written once, 0600): a client holding it can
 use the restricted APIs through the balancer, which reach ONE replica; load
-or unload models at each replica's own address (``python -m serve status``).
+or unload models at each replica's own address (``dinov2-triton serve status``).
 
 Public API: :func:`start_replica_set` -> :class:`ReplicaSet` (``stop``,
 ``kill_replica``, ``restart_replica``, ``wait_in_rotation``, ``connect``),
@@ -307,13 +307,13 @@ def start_replica_set(repository: str | os.PathLike, n: int, *, host: str = ls.D
     busy = ls.ports_in_use(front, host)
     if busy:
         raise ServeError(f"cannot start the balancer on {host}: port(s) {busy} already in use (is a server "
-                         f"running? python -m serve status; stop it with python -m serve stop)")
+                         f"running? dinov2-triton serve status; stop it with dinov2-triton serve stop)")
     if record_file is not None:
         existing = read_replica_set(record_file)
         if existing is not None and lb._process_matches(existing.balancer.pid, existing.balancer.started,
                                                         "haproxy"):
             raise ServeError(f"a replica set recorded in {record_file} is running (balancer pid "
-                             f"{existing.balancer.pid}); stop it first: python -m serve stop")
+                             f"{existing.balancer.pid}); stop it first: dinov2-triton serve stop")
     lb.find_haproxy()
     shares = cpu_shares(n, cpus)
     repository = Path(repository).resolve()

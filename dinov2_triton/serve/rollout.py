@@ -186,7 +186,7 @@ def resolve_target(*, url: str | None, protocol: str, api_key_file: str | None, 
                       Path(repository) if repository else None)
     handle = handle_from_pid_file(pid_file)
     if handle is None:
-        raise RolloutError(f"no local server recorded in {pid_file}; start one (python -m serve "
+        raise RolloutError(f"no local server recorded in {pid_file}; start one (dinov2-triton serve "
                            f"start) or give --url HOST:PORT and --api-key-file")
     key = read_api_key(file=api_key_file) if api_key_file else (handle.api_key or None)
     return Target(handle.url(protocol), protocol, key, Path(repository) if repository else handle.repository)
