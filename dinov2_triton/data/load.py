@@ -278,6 +278,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="threads used to check images (default: CPU count, at most 8)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing data folder written by this tool")
+    p.add_argument("--skip-empty-classes", action="store_true",
+                   help="leave out class folders with no usable image (listed as skipped) instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -289,7 +291,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             args.data_path, dataset=args.dataset, image_folder=args.image_folder,
             per_class=args.per_class, test_per_class=args.test_per_class, seed=args.seed,
             val_fraction=args.val_fraction, test_fraction=args.test_fraction, force=args.force,
-            workers=args.workers, progress=not args.no_progress)
+            skip_empty_classes=args.skip_empty_classes, workers=args.workers, progress=not args.no_progress)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
