@@ -234,3 +234,20 @@ def test_the_pipeline_runs_every_stage_to_the_report_and_stops_the_server(tmp_pa
     # --force train: starts over
     forced = run_pipeline(resolve(None, sets=train_only), work, force=frozenset({"train"}), say=lambda m: None)
     assert [(r.status, r.note) for r in forced.results] == [("ran", "trained")]
+
+
+def test_weights_auto_finds_the_official_checkpoint_or_falls_back_to_random(tmp_path, monkeypatch):
+    from dinov2_triton.pipeline.stages import Layout, PipelineInputError, resolve_weights
+
+    monkeypatch.chdir(tmp_path)
+    layout = Layout(tmp_path / "work")
+    assert resolve_weights("auto", "vits14", layout) == ("random", False)
+    ckpt = layout.root / "weights" / "dinov2_vits14_pretrain.pth"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"stand-in")
+    assert resolve_weights("auto", "vits14", layout) == (str(ckpt), True)
+    assert resolve_weights("auto", "vitb14", layout) == ("random", False)
+    assert resolve_weights("random", "vits14", layout) == ("random", False)
+    assert resolve_weights("timm/vit_small_patch14_dinov2.lvd142m", "vits14", layout)[1] is True
+    with pytest.raises(PipelineInputError, match="train.weights missing.pth: file not found"):
+        resolve_weights("missing.pth", "vits14", layout)

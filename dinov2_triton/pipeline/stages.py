@@ -23,7 +23,6 @@ checkpoint_last.pth. A stage raises :class:`PipelineInputError` for bad input
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -156,7 +155,7 @@ def resolve_weights(spec: str, arch: str, layout: Layout) -> tuple[str, bool]:
     path = Path(spec).expanduser()
     if path.exists():
         return str(path.resolve()), True
-    if spec.endswith(WEIGHT_SUFFIXES) or os.sep in spec:
+    if spec.endswith(WEIGHT_SUFFIXES) or spec.startswith(("/", "./", "../", "~")):
         raise PipelineInputError(f"train.weights {spec}: file not found")
     return spec, True            # hub, or a hub id such as timm/vit_small_patch14_dinov2.lvd142m
 
