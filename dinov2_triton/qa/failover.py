@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -115,52 +116,104 @@ class SteadyLoad:
 
 
 # --------------------------------------------------------------------------- analysis
-def read_access_log(path: str | os.PathLike) -> dict[str, dict]:
-    """``{request_id: entry}`` from the balancer's access log (dinov2_triton.serve.balancer.parse_access_line)."""
+def read_access_lines(path: str | os.PathLike) -> list[dict]:
+    """Every request line of the balancer's access log (dinov2_triton.serve.balancer.parse_access_line), in order."""
     from dinov2_triton.serve.balancer import parse_access_line
 
-    entries = {}
-    for line in Path(path).read_text(errors="replace").splitlines():
-        e = parse_access_line(line)
-        if e is not None and e["request_id"] not in ("-", ""):
-            entries[e["request_id"]] = e
-    return entries
+    lines = (parse_access_line(line) for line in Path(path).read_text(errors="replace").splitlines())
+    return [e for e in lines if e is not None and e["request_id"] not in ("-", "")]
 
 
-def analyse_kill(outcomes: Sequence[Outcome], entries: dict[str, dict], *, killed: str, kill_time: float,
-                 until: float | None = None, slack_s: float = 0.005) -> dict[str, Any]:
-    """Sort the requests of a kill by what the client saw and the balancer logged.
+def read_access_log(path: str | os.PathLike) -> dict[str, dict]:
+    """``{request_id: entry}`` from the balancer's access log (the last line of an id wins)."""
+    return {e["request_id"]: e for e in read_access_lines(path)}
 
-    A failed request counts as *in flight on the killed replica* when it was
-    outstanding at the kill (sent before, answered after, ``slack_s`` for
-    clock resolution) and the balancer either logged it on the killed
-    replica or logged nothing for it (HAProxy 2.6 writes no line for an
-    HTTP/2 stream it resets with REFUSED_STREAM when the replica's
-    connection dies). Every other failure is listed in ``failed_elsewhere``:
-    the claim "only the requests in flight on the killed replica fail" holds
-    when it is empty. ``until``: the restart (requests after it are not
-    about the kill)."""
+
+#: the first termination flag of an access-log line when the server side ended the request (HAProxy: S = server)
+_SERVER_ABORT = "S"
+
+
+def analyse_kill(outcomes: Sequence[Outcome], log_lines: Sequence[dict], *, killed: str, kill_time: float,
+                 until: float | None = None,
+                 server_counts: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Sort the failed requests of a kill by what the balancer says about each.
+
+    * A failed request with an access-log line was routed to the replica the
+      line names: *in flight on the killed replica* when that is ``killed``,
+      the line says the server side ended it (termination flag ``S``: its
+      connection died, it was not an answer of the replica) and it reached
+      the balancer before the restart (``until``); a failure elsewhere
+      otherwise.
+    * A failed request with no log line: HAProxy writes none for a request
+      whose server connection closed before the server answered (it resets
+      the HTTP/2 stream with REFUSED_STREAM, or closes the HTTP/1.1 client
+      connection, so that the client may retry; haproxy/haproxy#3414). Which
+      server it was sent to comes from the balancer's own counts over the
+      whole run (``server_counts``: ``{server: (requests assigned, requests
+      redispatched to another server)}``, show stat's stot and wredis after
+      the load minus before it): a server's requests without a log line are
+      those assigned to it, less its log lines, less those resent elsewhere.
+      The killed replica's explain as many unlogged failures; any more, or
+      any request without a log line on another replica (or no counts), make
+      them failures elsewhere.
+
+    ``log_lines``: the balancer's access-log lines (lines of other runs are
+    ignored). Client-side timestamps never decide: a request sent a few
+    milliseconds after the kill was asked for may still reach the replica
+    before it dies (seen: 20-30 ms under load). ``failed_elsewhere`` empty is
+    the claim "only the requests in flight on the killed replica fail"."""
     until = until if until is not None else float("inf")
-    failed = [o for o in outcomes if not o.ok]
-    in_flight, unlogged, elsewhere = [], 0, []
+    ids = {o.request_id for o in outcomes}
+    lines = [e for e in log_lines if e["request_id"] in ids]  # the log outlives a run
+    entries = {e["request_id"]: e for e in lines}
+    failed = sorted((o for o in outcomes if not o.ok), key=lambda o: o.start)
+    in_flight, elsewhere, unlogged = [], [], []
+
+    def other(o: Outcome, e: dict | None, why: str) -> dict:
+        return {"request_id": o.request_id, "error": o.error, "why": why,
+                "log": {k: e[k] for k in ("server", "status", "termination", "retries")} if e else None,
+                "sent_after_kill_s": round(o.start - kill_time, 4)}
+
     for o in failed:
         e = entries.get(o.request_id)
-        outstanding = o.start <= kill_time + slack_s and o.end >= kill_time - slack_s
-        if outstanding and (e is None or e["server"] == killed):
-            in_flight.append(o.request_id)
-            unlogged += e is None
+        if e is None:
+            unlogged.append(o)
+        elif e["server"] != killed:
+            elsewhere.append(other(o, e, f"routed to {e['server']}"))
+        elif e["start_time"] >= until:
+            elsewhere.append(other(o, e, f"on {killed} after its restart"))
+        elif not e["termination"].startswith(_SERVER_ABORT):
+            elsewhere.append(other(o, e, f"{killed} answered it (status {e['status']}), it did not die with it"))
         else:
-            elsewhere.append({"request_id": o.request_id, "error": o.error,
-                              "log": {k: e[k] for k in ("server", "status", "termination", "retries")} if e else None,
-                              "sent_after_kill_s": round(o.start - kill_time, 4)})
-    window = [e for e in entries.values() if kill_time - slack_s < e["start_time"] < until]
+            in_flight.append(o.request_id)
+    logged: dict[str, int] = {}
+    for e in lines:
+        logged[e["server"]] = logged.get(e["server"], 0) + 1
+    silent = {srv: assigned - logged.get(srv, 0) - resent for srv, (assigned, resent) in (server_counts or {}).items()}
+    silent_elsewhere = {srv: n for srv, n in silent.items() if srv != killed and n}
+    explained = 0 if server_counts is None or silent_elsewhere else max(0, silent.get(killed, 0))
+    for k, o in enumerate(unlogged):
+        if k < explained:
+            in_flight.append(o.request_id)
+        elif server_counts is None:
+            elsewhere.append(other(o, None, "no log line and no request counts from the balancer"))
+        elif silent_elsewhere:
+            where = ", ".join(f"{srv} ({n})" for srv, n in sorted(silent_elsewhere.items()))
+            elsewhere.append(other(o, None, f"no log line, and the balancer's counts leave requests without a log "
+                                            f"line on {where}"))
+        else:
+            elsewhere.append(other(o, None, f"no log line, beyond the {explained} requests without one that the "
+                                            f"balancer sent to {killed}"))
+    window = [e for e in entries.values() if kill_time < e["start_time"] < until]
     # after the kill a request routed to the dead replica either failed there (logged on it)
     # or found its connection refused and was resent to another replica (logged there with retries > 0)
     routed = [e["start_time"] - kill_time for e in window if e["server"] == killed or e["retries"] > 0]
     return {"sent": len(outcomes), "ok": len(outcomes) - len(failed), "failed": len(failed),
             "outstanding_at_kill": sum(1 for o in outcomes if o.start <= kill_time <= o.end),
-            "failed_in_flight_on_killed": len(in_flight), "failed_in_flight_unlogged": unlogged,
+            "failed_in_flight_on_killed": len(in_flight),
+            "failed_in_flight_unlogged": min(len(unlogged), explained),
             "failed_elsewhere": elsewhere,
+            "unlogged_by_server": silent,
             "routed_to_killed_after_kill": len(routed),
             "last_routed_to_killed_s": round(max(routed), 4) if routed else 0.0,
             "redispatched_ok": sum(1 for e in window if e["retries"] > 0 and e["status"] == 200)}
@@ -218,8 +271,11 @@ def run_failover(rs, model: str, *, protocol: str = "grpc", concurrency: int = 4
 
     killed = rs.name(victim)
     restart_wall = None
+    backend = BACKEND_GRPC if protocol == "grpc" else BACKEND_HTTP
+    before = rs.balancer.server_states(backend)  # the balancer's counts before the first request of this run
+    # request ids unique to this run: the balancer's log outlives it (a set is killed more than once)
     load = SteadyLoad(rs.url(protocol), protocol, model, input_name=name, shape=shape, datatype=dtype,
-                      concurrency=concurrency, api_key=None, tag=f"{protocol}{os.getpid()}").start()
+                      concurrency=concurrency, api_key=None, tag=f"{protocol}-{uuid.uuid4().hex[:8]}").start()
     result: dict[str, Any] = {"model": model, "protocol": protocol, "concurrency": concurrency,
                               "batch_size": batch_size, "replicas": len(rs.replicas), "killed": killed}
     try:
@@ -227,10 +283,9 @@ def run_failover(rs, model: str, *, protocol: str = "grpc", concurrency: int = 4
         sent, failed = load.counts()
         if sent == 0 or failed:
             raise RuntimeError(f"the load did not run cleanly before the kill ({sent} sent, {failed} failed)")
-        backend = BACKEND_GRPC if protocol == "grpc" else BACKEND_HTTP
         result["on_killed_before_kill"] = rs.balancer.server_states(backend)[killed].current
-        kill_wall = time.time()
         t_kill = rs.kill_replica(victim)
+        kill_wall = time.time() - (time.monotonic() - t_kill)  # the SIGKILL, on the wall clock of the log
         while rs.balancer.server_states(backend)[killed].up:
             if time.monotonic() - t_kill > 60:
                 raise RuntimeError(f"the balancer kept {killed} in rotation 60 s after it was killed")
@@ -251,9 +306,30 @@ def run_failover(rs, model: str, *, protocol: str = "grpc", concurrency: int = 4
             time.sleep(after_restart_s)
     finally:
         outcomes = load.stop()
-    result.update(analyse_kill(outcomes, read_access_log(rs.balancer.log_file), killed=killed,
-                               kill_time=kill_wall, until=restart_wall))
+    lines = _complete_log(rs.balancer.log_file, outcomes)
+    after = rs.balancer.server_states(backend)
+    counts = {srv: (after[srv].total - before[srv].total, after[srv].redispatched - before[srv].redispatched)
+              for srv in after if srv in before}
+    result.update(analyse_kill(outcomes, lines, killed=killed, kill_time=kill_wall, until=restart_wall,
+                               server_counts=counts))
     return result
+
+
+def _complete_log(log_file: Path, outcomes: Sequence[Outcome], timeout: float = 10.0) -> list[dict]:
+    """The access log once it holds a line for every request that succeeded
+    (HAProxy writes a line when a stream ends, a moment after the client has
+    its answer); raises if lines are still missing after ``timeout``."""
+    ok = {o.request_id for o in outcomes if o.ok}
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = read_access_lines(log_file)
+        missing = ok - {e["request_id"] for e in lines}
+        if not missing:
+            return lines
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{log_file}: no access-log line for {len(missing)} answered requests after "
+                               f"{timeout:.0f} s (e.g. {sorted(missing)[:3]})")
+        time.sleep(0.05)
 
 
 def compare_layouts(repository: str | os.PathLike, model: str, *, layouts: Sequence[int] = (1, 2),
