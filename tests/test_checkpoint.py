@@ -40,7 +40,8 @@ def test_checkpoint_roundtrip_holds_image_size_once(tmp_path):
                                  metrics={"test": {"accuracy": 0.75}}, epochs_trained=3)
     path = save_checkpoint(rec, tmp_path / "model_final.pth")
     raw = torch.load(path, weights_only=True)            # plain types + tensors only
-    assert raw["schema_version"] == 2 and "img_size" not in raw and "num_classes" not in raw
+    assert raw["schema_version"] == 3 and "img_size" not in raw and "num_classes" not in raw
+    assert (raw["family"], raw["position_encoding"]) == ("dinov2", "learned")
     assert raw["preprocessing"] == PRE.to_dict()
     back = read_checkpoint(path)
     assert isinstance(back, CheckpointRecord) and back.preprocessing == PRE
@@ -96,13 +97,13 @@ def test_unknown_schema_version_missing_file_and_pickled_objects(tmp_path):
     rec = make_checkpoint_record(tiny_model(), arch="vits14", class_names=CLASSES, preprocessing=PRE,
                                  weights_source="random init", pretrained=False, backbone_overrides=TINY)
     data = rec.to_dict()
-    data["schema_version"] = 3
+    data["schema_version"] = 4
     torch.save(data, tmp_path / "new.pth")
-    with pytest.raises(RecordError, match=r"new.pth: field 'schema_version': 3 is newer than this code"):
+    with pytest.raises(RecordError, match=r"new.pth: field 'schema_version': 4 is newer than this code"):
         read_checkpoint(tmp_path / "new.pth")
     with pytest.raises(RecordError, match=r"missing.pth: checkpoint not found"):
         read_checkpoint(tmp_path / "missing.pth")
-    data["schema_version"] = 2
+    data["schema_version"] = 3
     data["versions"] = {"torch": torch.__version__}      # a TorchVersion object, not a str
     torch.save(data, tmp_path / "object.pth")
     with pytest.raises(RecordError, match=r"object.pth: refused .*not a plain weights file: .*TorchVersion"):

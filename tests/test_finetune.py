@@ -312,7 +312,7 @@ def test_cli_smoke_run_writes_all_outputs(tiny_data, tmp_path):
     assert "NOT pretrained" in r.stderr and "NOT pretrained" in (out / "train.log").read_text()
     model, record = load_classifier(out / "model_final.pth")
     assert "NOT pretrained" in record.weights_source and record.pretrained is False
-    assert record.schema_version == 2 and record.epochs_trained == 2
+    assert record.schema_version == 3 and record.epochs_trained == 2
     assert record.image_size == TINY_IMG and record.class_names == ["cat", "dog", "fox"]
     assert record.metrics["test"]["accuracy"] == metrics["test"]["accuracy"]
     assert read_checkpoint(out / "checkpoint_last.pth").weights_source == metrics["weights_source"]

@@ -62,13 +62,16 @@ def test_missing_weights_file_is_a_weights_error(tmp_path):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_every_arch_builds_tiny(arch):
-    model = build_model(arch, weights="random", num_classes=4, img_size=TINY_IMG,
+    dinov3 = arch.startswith("dinov3_")
+    size = 32 if dinov3 else TINY_IMG          # 2x2 patches of 16 px (DINOv3) or 14 px (DINOv2)
+    model = build_model(arch, weights="random", num_classes=4, img_size=size,
                         backbone_overrides=TINY).model.eval()
-    x = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         logits, emb = model.forward_with_embedding(x)
     assert logits.shape == (2, 4) and emb.shape == (2, model.embed_dim)
-    assert model.backbone.num_prefix_tokens == (5 if arch.endswith("_reg4") else 1)
+    assert model.backbone.num_prefix_tokens == (5 if arch.endswith("_reg4") or dinov3 else 1)
+    assert model.family == ("dinov3" if dinov3 else "dinov2")
 
 
 def test_pos_embed_resampled_at_build_not_at_run_time(tmp_path):

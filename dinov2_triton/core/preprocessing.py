@@ -18,13 +18,15 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PATCH_SIZE = 14
+#: patch sizes of the model families (DINOv2 14 px, DINOv3 16 px); the model
+#: factory checks the exact one of the arch (dinov2_triton.train.archs)
+PATCH_SIZES = (14, 16)
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    image_size: int = 224          # square crop fed to the network; multiple of 14
+    image_size: int = 224          # square crop fed to the network; multiple of the patch size (14 or 16)
     resize_size: int = 256         # shorter side is resized to this before the crop
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -33,10 +35,10 @@ class PreprocessConfig:
     layout: str = field(default="NCHW")  # what the graph's `pixel_values` expects
 
     def __post_init__(self) -> None:
-        if self.image_size <= 0 or self.image_size % PATCH_SIZE:
+        if self.image_size <= 0 or all(self.image_size % p for p in PATCH_SIZES):
             raise ValueError(
                 f"preprocessing.image_size={self.image_size}: must be a positive multiple of "
-                f"the DINOv2 patch size {PATCH_SIZE} (e.g. 112, 224, 518)")
+                f"a patch size (14 for DINOv2, 16 for DINOv3; e.g. 112, 224, 518)")
         if self.resize_size < self.image_size:
             raise ValueError(
                 f"preprocessing.resize_size={self.resize_size} is smaller than "

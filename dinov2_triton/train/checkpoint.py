@@ -23,7 +23,11 @@ Schema history (``schema_version``):
   resample (``pos_embed_resampling: "timm_bicubic_antialias"``); the reader
   warns in one line where that differs from the official DINOv2
   interpolation (plain arch, pretrained, not 518 px).
-* 2 - this module.
+* 2 - typed records; DINOv2 only.
+* 3 - this module: adds ``family`` ("dinov2" | "dinov3") and
+  ``position_encoding`` ("learned" | "rope"), which must agree with ``arch``
+  (dinov2_triton.train.archs). A schema-2 file is a DINOv2 one (family
+  "dinov2", a learned position embedding); ``_migrate`` says so.
 
 Importing this module does not import torch (``dinov2_triton.train.model`` imports it)."""
 from __future__ import annotations
@@ -32,11 +36,21 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dinov2_triton.core.preprocessing import PreprocessConfig
 from dinov2_triton.core.records import Record, RecordError
-from dinov2_triton.train.pos_embed import LEGACY_TIMM, METHODS, OFFICIAL_GRID_PX, official_method
+from dinov2_triton.train.archs import FAMILIES, POSITION_ENCODINGS, SPECS, check_image_size
+from dinov2_triton.train.pos_embed import LEGACY_TIMM, METHODS, OFFICIAL_GRID_PX, ROPE_FIXED_GRID, official_method
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +94,16 @@ class TrainingResume(BaseModel):
 
 
 class CheckpointRecord(Record):
-    """A trained DINOv2 classifier: weights plus everything needed to rebuild,
-    preprocess for and describe it (fields: docs/architecture.md)."""
+    """A trained DINOv2 or DINOv3 classifier: weights plus everything needed
+    to rebuild, preprocess for and describe it (fields: docs/architecture.md)."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
     KIND: ClassVar[str] = "checkpoint"
     REGENERATE: ClassVar[str] = "dinov2-triton train --data-path DATA --output-path MODELS ..."
 
-    arch: str                                       # short name (dinov2_triton.train.model.ARCHS), e.g. "vits14"
+    arch: str                                       # short name (dinov2_triton.train.archs.SPECS), e.g. "vits14"
+    family: Literal[FAMILIES]                       # "dinov2" | "dinov3" (the arch's)
+    position_encoding: Literal[tuple(POSITION_ENCODINGS.values())]   # "learned" (DINOv2) | "rope" (DINOv3)
     head: Literal[HEADS]
     class_names: list[str] = Field(min_length=2)    # label index order (labels.txt)
     preprocessing: PreprocessingField               # the one image size: preprocessing.image_size
@@ -137,6 +153,23 @@ class CheckpointRecord(Record):
             raise ValueError(f"{value!r} is not one of {list(METHODS)}")
         return value
 
+    @model_validator(mode="after")
+    def _arch_family_agree(self) -> "CheckpointRecord":
+        spec = SPECS.get(self.arch)
+        if spec is None:
+            raise ValueError(f"arch {self.arch!r} is not one of {list(SPECS)}")
+        if self.family != spec.family or self.position_encoding != spec.position_encoding:
+            raise ValueError(f"family {self.family!r} / position_encoding {self.position_encoding!r} do not "
+                             f"describe arch {self.arch!r} ({spec.family}, {spec.position_encoding})")
+        if (self.pos_embed_resampling == ROPE_FIXED_GRID) != (spec.family == "dinov3"):
+            raise ValueError(f"pos_embed_resampling {self.pos_embed_resampling!r} is not one of a "
+                             f"{spec.family} model")
+        try:
+            check_image_size(self.arch, self.preprocessing.image_size, flag="preprocessing.image_size")
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
     @field_validator("class_names")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
@@ -160,10 +193,23 @@ class CheckpointRecord(Record):
     @classmethod
     def _migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
         if version == 0 and data.get("format_version") == 1:
-            return _migrate_format_v1(data)
+            return _migrate_schema_2(_migrate_format_v1(data))
         if version == 0:
             raise RecordError("no schema_version and no format_version 1: not a checkpoint of dinov2-triton train")
+        if version == 2:
+            return _migrate_schema_2(data)
         raise RecordError(f"schema_version {version} is not one this code wrote")
+
+
+def _migrate_schema_2(data: dict[str, Any]) -> dict[str, Any]:
+    """schema 2 -> 3: every schema-2 checkpoint is a DINOv2 one (learned position embedding)."""
+    data = dict(data)
+    for key in ("family", "position_encoding"):
+        if key in data:
+            raise RecordError(f"schema_version 2 with a {key!r} field: not a file this code wrote")
+    data["family"], data["position_encoding"] = "dinov2", POSITION_ENCODINGS["dinov2"]
+    data["schema_version"] = CheckpointRecord.SCHEMA_VERSION
+    return data
 
 
 def _migrate_format_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +236,7 @@ def _migrate_format_v1(data: dict[str, Any]) -> dict[str, Any]:
         data.pop("step", None)
         data["training"] = {k: data.pop(k) for k in ("optimizer", "scheduler", "scaler", "rng", "train_state")
                             if k in data}
-    data["schema_version"] = CheckpointRecord.SCHEMA_VERSION
+    data["schema_version"] = 2
     return data
 
 
@@ -204,7 +250,8 @@ def make_checkpoint_record(model, *, arch: str, class_names: Sequence[str], prep
                            training: TrainingResume | Mapping[str, Any] | None = None,
                            pos_embed_resampling: str | None = None) -> CheckpointRecord:
     """The record of a DinoV2Classifier (weights copied to CPU) with the
-    versions and git revision of this run.
+    versions and git revision of this run; family and position encoding are
+    the arch's (dinov2_triton.train.archs).
 
     pos_embed_resampling: dinov2_triton.train.model.BuildResult.pos_embed_resampling, or
     for a resumed run the resumed record's value; None means the method
@@ -212,16 +259,22 @@ def make_checkpoint_record(model, *, arch: str, class_names: Sequence[str], prep
     from dinov2_triton.core.artifact_io import git_revision, jsonable, library_versions
 
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    spec = SPECS.get(arch)
+    if spec is None:
+        raise ValueError(f"arch {arch!r}: choose one of {list(SPECS)}")
+    reg = getattr(model.backbone, "reg_token", None)
+    n_reg = int(reg.shape[1]) if reg is not None else 0
     # jsonable: metrics/config must be plain values for torch.load(weights_only=True)
     return CheckpointRecord.new(
-        arch=arch, head=model.head_type, class_names=list(class_names), preprocessing=preprocessing,
+        arch=arch, family=spec.family, position_encoding=spec.position_encoding, head=model.head_type,
+        class_names=list(class_names), preprocessing=preprocessing,
         weights_source=weights_source, pretrained=bool(pretrained),
         backbone_overrides=jsonable(dict(backbone_overrides or {})), state_dict=state,
         metrics=jsonable(dict(metrics or {})), config=jsonable(dict(config or {})),
         versions=library_versions(), git_revision=git_revision(), mode=mode,
         lora=jsonable(dict(lora)) if lora else None, best_epoch=best_epoch, epochs_trained=epochs_trained,
         training=training,
-        pos_embed_resampling=pos_embed_resampling or official_method(model.backbone.num_reg_tokens))
+        pos_embed_resampling=pos_embed_resampling or official_method(n_reg, spec.family))
 
 
 def save_checkpoint(record: CheckpointRecord, path: str | Path) -> Path:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from dinov2_triton.train.archs import ARCH_NAMES, check_image_size
 from dinov2_triton.train.checkpoint import HEADS
 
 log = logging.getLogger("dinov2_triton.train.finetune")
@@ -21,9 +22,7 @@ MODES = ("linear", "full", "lora", "lastn")
 AMPS = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTIONS = ("sdpa", "xformers")
-#: = dinov2_triton.train.model.ARCHS (kept literal so importing this module does not import torch;
-#: tests/test_finetune.py checks the two agree)
-ARCH_NAMES = ("vits14", "vitb14", "vitl14", "vitg14", "vits14_reg4", "vitb14_reg4", "vitl14_reg4", "vitg14_reg4")
+# ARCH_NAMES: dinov2_triton.train.archs (no torch), the table dinov2_triton.train.model.ARCHS is built from
 # Learning rate when --lr is not given: a linear probe wants a large step,
 # a full fine-tune of a pretrained backbone a small one.
 DEFAULT_LR = {"linear": 1e-3, "full": 1e-4, "lora": 5e-4, "lastn": 2e-4}
@@ -164,8 +163,10 @@ def validate_config(cfg: FinetuneConfig) -> None:
     need(cfg.amp in AMPS, f"--amp {cfg.amp!r}: choose one of {', '.join(AMPS)}")
     need(cfg.device in DEVICES, f"--device {cfg.device!r}: choose one of {', '.join(DEVICES)}")
     need(cfg.attention in ATTENTIONS, f"--attention {cfg.attention!r}: choose one of {', '.join(ATTENTIONS)}")
-    need(cfg.img_size > 0 and cfg.img_size % 14 == 0,
-         f"--img-size {cfg.img_size}: must be a positive multiple of the patch size 14 (e.g. 112, 224, 518)")
+    try:   # a multiple of the arch's patch size: 14 (DINOv2) or 16 (DINOv3)
+        check_image_size(cfg.arch, cfg.img_size, flag="--img-size")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     need(cfg.epochs >= 1, f"--epochs {cfg.epochs}: must be >= 1")
     need(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be >= 1")
     need(cfg.accum_steps >= 1, f"--accum-steps {cfg.accum_steps}: must be >= 1")

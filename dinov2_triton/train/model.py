@@ -1,18 +1,21 @@
-"""DINOv2 backbones (timm) with a classification head, one weight loader.
+"""DINOv2 and DINOv3 backbones (timm) with a classification head, one weight loader.
 
-Weights come from exactly one of: a hub id (timm / Hugging Face, needs a
-network), a local file or folder in any of the layouts users have (the
-official facebookresearch `dinov2_vits14_pretrain.pth`, a Hugging Face
-`Dinov2Model` folder or its `model.safetensors`, timm's own keys), or
-`random`. Every source is converted in `dinov2_triton.train.weight_layouts.
-to_backbone_state_dict` and loaded with `strict=True`: a partial load is an
-error, never a log line.
+The architectures are one table (`dinov2_triton.train.archs`): DINOv2
+(`vits14` ... `vitg14_reg4`, 14 px patches, learned position embedding) and
+DINOv3 (`dinov3_vits16` ... `dinov3_vit7b16`, 16 px patches, 4 registers,
+RoPE). Weights come from exactly one of: a hub id (timm / Hugging Face, needs
+a network), a local file or folder in any of the layouts users have (the
+official facebookresearch checkpoint, a Hugging Face model folder or its
+`model.safetensors`, timm's own keys), or `random`. Every source is converted
+in `dinov2_triton.train.weight_layouts.to_backbone_state_dict` and loaded
+with `strict=True`: a partial load is an error, never a log line.
 
-The position embedding is resampled once, at build time, to the fixed input
-size with exactly the official model's run-time interpolation for the
-architecture (train/pos_embed.py), so the backbone reproduces the official
-`forward_features` at that size and exported graphs contain no run-time
-interpolation.
+Positions are fixed for the input size at build time (train/pos_embed.py),
+so the backbone reproduces its reference at that size and exported graphs
+contain no run-time interpolation or RoPE construction: DINOv2's position
+embedding is resampled once with exactly the official model's interpolation
+for the architecture; DINOv3's RoPE sin/cos tables are computed once for the
+fixed patch grid from the periods the weights carry.
 """
 from __future__ import annotations
 
@@ -26,49 +29,41 @@ import torch
 from torch import nn
 
 from dinov2_triton.core.artifact_io import sha256_bytes, sha256_file
+from dinov2_triton.train.archs import SPECS, arch_spec, check_image_size
 from dinov2_triton.train.checkpoint import HEADS
-from dinov2_triton.train.pos_embed import OFFICIAL_GRID_PX, official_method
-from dinov2_triton.train.weight_layouts import RawWeights, WeightsError, read_weights, to_backbone_state_dict
+from dinov2_triton.train.pos_embed import OFFICIAL_GRID_PX, keep_rope_periods, official_method
+from dinov2_triton.train.weight_layouts import (
+    RawWeights,
+    WeightsError,
+    backbone_family,
+    read_weights,
+    to_backbone_state_dict,
+)
 
 if TYPE_CHECKING:
     from dinov2_triton.train.checkpoint import CheckpointRecord
 
 log = logging.getLogger(__name__)
 
-# Short names users type -> timm architecture names.
-ARCHS: dict[str, str] = {
-    "vits14": "vit_small_patch14_dinov2",
-    "vitb14": "vit_base_patch14_dinov2",
-    "vitl14": "vit_large_patch14_dinov2",
-    "vitg14": "vit_giant_patch14_dinov2",
-    "vits14_reg4": "vit_small_patch14_reg4_dinov2",
-    "vitb14_reg4": "vit_base_patch14_reg4_dinov2",
-    "vitl14_reg4": "vit_large_patch14_reg4_dinov2",
-    "vitg14_reg4": "vit_giant_patch14_reg4_dinov2",
-}
-PATCH_SIZE = 14
-# The official checkpoints, for the error message that says how to get weights.
-OFFICIAL_URLS = {
-    name: f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{name.removesuffix('_reg4')}/dinov2_{name}_pretrain.pth"
-    for name in ARCHS
-}
+# Short names users type -> timm architecture names (the table: dinov2_triton.train.archs).
+ARCHS: dict[str, str] = {name: spec.timm_name for name, spec in SPECS.items()}
 
 
 def resolve_arch(arch: str) -> str:
-    if arch in ARCHS:
-        return ARCHS[arch]
-    if arch in ARCHS.values():
-        return arch
-    raise ValueError(f"--arch {arch!r}: choose one of {sorted(ARCHS)} "
-                     f"(or the timm names {sorted(ARCHS.values())})")
+    """The timm name of a short (or timm) arch name; ValueError naming --arch otherwise."""
+    return arch_spec(arch).timm_name
 
 
-def _short_name(timm_arch: str) -> str:
-    return next((k for k, v in ARCHS.items() if v == timm_arch), timm_arch)
+def num_registers(backbone: nn.Module) -> int:
+    """Register tokens of a timm DINOv2 (VisionTransformer) or DINOv3 (Eva) backbone."""
+    if hasattr(backbone, "num_reg_tokens"):
+        return int(backbone.num_reg_tokens)
+    reg = getattr(backbone, "reg_token", None)
+    return int(reg.shape[1]) if reg is not None else 0
 
 
 class DinoV2Classifier(nn.Module):
-    """A DINOv2 backbone plus a linear head.
+    """A DINOv2 or DINOv3 backbone plus a linear head (`family` says which).
 
     `cls_mean` (default) concatenates the class token with the mean of the
     patch tokens, as DINOv2's linear evaluation does; `cls` and `mean` use one
@@ -82,6 +77,7 @@ class DinoV2Classifier(nn.Module):
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
         self.backbone = backbone
+        self.family = backbone_family(backbone)
         self.head_type = head
         dim = backbone.num_features
         self.embed_dim = 2 * dim if head == "cls_mean" else dim
@@ -120,10 +116,27 @@ class BuildResult:
 def _create_backbone(timm_arch: str, img_size: int, **overrides: Any) -> nn.Module:
     import timm
 
-    # dynamic_img_size=False: the position embedding is stored for img_size and
-    # the graph never interpolates it at run time.
-    return timm.create_model(timm_arch, pretrained=False, num_classes=0, img_size=img_size,
-                             dynamic_img_size=False, **overrides)
+    # dynamic_img_size=False: the position embedding (DINOv2) or the RoPE
+    # table (DINOv3) is stored for img_size; the graph never rebuilds it.
+    backbone = timm.create_model(timm_arch, pretrained=False, num_classes=0, img_size=img_size,
+                                 dynamic_img_size=False, **overrides)
+    _prepare_dinov3(backbone)
+    return backbone
+
+
+def _prepare_dinov3(backbone: nn.Module) -> None:
+    """DINOv3 (timm Eva) backbones: the RoPE periods become part of the state
+    dict and the table is baked for the grid (train/pos_embed.py); and the
+    query/value biases are added after the `qkv` module instead of inside
+    one fused F.linear on its weight, so LoRA adapters injected into `qkv`
+    take part in the forward pass (the fused path reads `qkv.weight` and
+    skips any wrapper)."""
+    if backbone_family(backbone) != "dinov3":
+        return
+    keep_rope_periods(backbone)
+    for block in backbone.blocks:
+        if getattr(block.attn, "q_bias", None) is not None:
+            block.attn.qkv_bias_separate = True
 
 
 def _load_strict(backbone: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
@@ -138,30 +151,33 @@ def _load_strict(backbone: nn.Module, sd: Mapping[str, torch.Tensor], source: st
         raise WeightsError(
             f"{source}: checkpoint does not match the architecture "
             f"(missing {len(missing)} keys, e.g. {missing[:5]}; unexpected {len(unexpected)} keys, "
-            f"e.g. {unexpected[:5]}). Check --arch (with/without registers, size).")
+            f"e.g. {unexpected[:5]}). Check --arch (family, size, with/without registers).")
 
 
 def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: int,
                 img_size: int = 224, head: str = "cls_mean", attention: str = "sdpa",
                 backbone_overrides: Mapping[str, Any] | None = None) -> BuildResult:
-    """Build a DINOv2 classifier.
+    """Build a DINOv2 or DINOv3 classifier.
 
+    arch: a dinov2_triton.train.archs name (vits14 ... vitg14_reg4,
+    dinov3_vits16 ... dinov3_vit7b16) or the timm name it is built as.
     weights: "random" | a local file (.pth/.pt/.bin/.safetensors) or Hugging
-    Face model folder, in the official, transformers or timm layout | "hub"
-    (timm's default pretrained tag for the arch) | a hub id such as
-    "timm/vit_small_patch14_dinov2.lvd142m" (needs network access).
-    img_size: a multiple of 14; pretrained position embeddings are resampled
-    to it once, here, with the official interpolation of the arch.
+    Face model folder, in the official, transformers or timm layout of the
+    arch's family | "hub" (timm's default pretrained tag for the arch) | a
+    hub id such as "timm/vit_small_patch14_dinov2.lvd142m" (needs network access).
+    img_size: a multiple of the arch's patch size (14 DINOv2, 16 DINOv3);
+    DINOv2 position embeddings are resampled to it once, here, with the
+    official interpolation of the arch; DINOv3 RoPE tables are computed for it.
     backbone_overrides: extra timm kwargs (tests use depth/embed_dim for tiny models).
     """
-    timm_arch = resolve_arch(arch)
-    if not isinstance(img_size, int) or img_size <= 0 or img_size % PATCH_SIZE:
-        raise ValueError(f"img_size {img_size!r}: must be a positive multiple of the patch size "
-                         f"{PATCH_SIZE} (e.g. 112, 224, 518)")
+    spec = arch_spec(arch)
+    timm_arch = spec.timm_name
+    check_image_size(spec.name, img_size, flag="img_size")
     overrides = dict(backbone_overrides or {})
     if weights == "random":
         backbone = _create_backbone(timm_arch, img_size, **overrides)
-        source = "random init (NOT pretrained: accuracy will be far below a DINOv2 fine-tune)"
+        source = (f"random init (NOT pretrained: accuracy will be far below a {spec.family_name} "
+                  f"fine-tune)")
     elif Path(weights).suffix in (".pth", ".pt", ".safetensors", ".bin") or Path(weights).exists():
         backbone = _create_backbone(timm_arch, img_size, **overrides)
         raw = read_weights(weights)
@@ -173,20 +189,22 @@ def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: i
 
         hub_id = None if weights == "hub" else weights
         try:
-            # Built at the checkpoint's own 518 px grid (no timm resampling),
-            # then converted like a local file, so the official interpolation applies.
+            # DINOv2: built at the checkpoint's own 518 px grid (no timm
+            # resampling), then converted like a local file, so the official
+            # interpolation applies. DINOv3 weights do not depend on the size.
             native = timm.create_model(
-                timm_arch, pretrained=True, num_classes=0, img_size=OFFICIAL_GRID_PX,
+                timm_arch, pretrained=True, num_classes=0,
+                img_size=OFFICIAL_GRID_PX if spec.family == "dinov2" else img_size,
                 dynamic_img_size=False,
                 **({"pretrained_cfg_overlay": {"hf_hub_id": hub_id.removeprefix("hf-hub:")}} if hub_id else {}),
                 **overrides)
         except Exception as exc:  # noqa: BLE001 - offline is the common case
-            short = _short_name(timm_arch)
             raise WeightsError(
-                f"--weights {weights}: could not download pretrained DINOv2 weights for {timm_arch} "
-                f"({type(exc).__name__}: {str(exc)[:200]}). Offline? Download the official checkpoint "
-                f"on a connected machine ({OFFICIAL_URLS.get(short, 'see facebookresearch/dinov2')}) and pass "
-                f"--weights /path/to/file.pth, or pass --weights random for a smoke test.") from exc
+                f"--weights {weights}: could not download pretrained {spec.family_name} weights for "
+                f"{timm_arch} ({type(exc).__name__}: {str(exc)[:200]}). Offline? On a connected machine "
+                f"download the official checkpoint ({spec.weights_hint}) or the Hugging Face folder "
+                f"{spec.hf_repo}, and pass --weights /path/to/file.pth (or the folder), or pass --weights "
+                f"random for a smoke test.") from exc
         backbone = _create_backbone(timm_arch, img_size, **overrides)
         raw = RawWeights(dict(native.state_dict()), Path(hub_id or timm_arch), [])
         del native
@@ -197,7 +215,7 @@ def build_model(arch: str = "vits14", *, weights: str = "random", num_classes: i
     elif attention != "sdpa":
         raise ValueError(f"--attention {attention!r}: choose 'sdpa' or 'xformers'")
     model = DinoV2Classifier(backbone, num_classes=num_classes, head=head)
-    resampling = official_method(backbone.num_reg_tokens)   # what weight_layouts applied
+    resampling = official_method(num_registers(backbone), spec.family)   # what weight_layouts applied
     log.info("built %s (%s head, %d classes, %d px) with weights: %s",
              timm_arch, head, num_classes, img_size, source)
     return BuildResult(model=model, weights_source=source, pos_embed_resampling=resampling)
@@ -227,6 +245,10 @@ def enable_xformers(backbone: nn.Module) -> None:
     """Swap each block's attention kernel for xformers' memory-efficient one
     (GPU training only, as the official DINOv2 code does). Weights are
     unchanged, so the checkpoint exports with the default SDPA path."""
+    if backbone_family(backbone) == "dinov3":
+        raise ValueError("--attention xformers: DINOv2 backbones only (DINOv3's attention applies RoPE to "
+                         "the patch tokens inside the block); use --attention sdpa, which PyTorch runs with "
+                         "its own memory-efficient kernels on GPUs")
     try:
         from xformers.ops import memory_efficient_attention
     except ImportError as exc:
