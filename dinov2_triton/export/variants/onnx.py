@@ -6,8 +6,16 @@ Exporter: torch.onnx's dynamo exporter (default). Measured here on the DINOv2
 wrapper it gives half the nodes of the legacy TorchScript exporter, fuses
 LayerNormalization (opset >= 17, what TensorRT maps to its normalization
 layer) and keeps the embedding width static. Only the batch axis is
-dynamic: the position embedding was resampled to the fixed size at build
-time. `--onnx-exporter legacy` selects dynamo=False."""
+dynamic: the position embedding was resampled (DINOv2) or the RoPE sin/cos
+tables computed (DINOv3) for the fixed size at build time, so they are
+constants of the graph. `check_static_graph` proves it on every dynamo
+export: no `If`/`Loop`/`Scan` (subgraphs walked too), no `Range` fed by a
+computed value, no symbolic dimension but the batch (the shape-dependent
+RoPE subgraphs that TensorRT rejects, facebookresearch/dinov3#312, cannot
+reach a published graph). `--onnx-exporter legacy` selects dynamo=False;
+DINOv2 only: the TorchScript-based exporter fails on DINOv3's attention
+(`scaled_dot_product_attention(): argument 'is_causal' must be bool, not
+Tensor`)."""
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +40,78 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 class OnnxContractError(RuntimeError):
     """The exported graph does not have the serving contract's I/O."""
+
+
+#: control flow that has no place in a fixed-size image graph
+CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
+
+
+def _subgraphs(node):
+    from onnx import AttributeProto
+
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def graph_facts(model) -> dict:
+    """What makes a graph fixed-size, read from the ONNX model (subgraphs
+    walked): control-flow nodes, `Range` nodes whose bounds are computed
+    (not initializers or Constant outputs), `Sin`/`Cos` nodes (RoPE tables
+    built at run time) and the symbolic dimension names of the graph's
+    values. Paths are "graph/node" names."""
+    import re
+
+    facts = {"control_flow": [], "computed_ranges": [], "trig_ops": [], "symbols": set()}
+
+    def walk(graph, where: str, constants: set[str]) -> None:
+        constants = constants | {i.name for i in graph.initializer}
+        constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+        for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+            for d in v.type.tensor_type.shape.dim:
+                if d.dim_param:
+                    facts["symbols"].update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", d.dim_param))
+        for i, node in enumerate(graph.node):
+            name = f"{where}/{node.name or f'{node.op_type}_{i}'}"
+            if node.op_type in CONTROL_FLOW_OPS:
+                facts["control_flow"].append(name)
+            if node.op_type == "Range" and any(x and x not in constants for x in node.input):
+                facts["computed_ranges"].append(name)
+            if node.op_type in ("Sin", "Cos"):
+                facts["trig_ops"].append(name)
+            for sub in _subgraphs(node):
+                walk(sub, name, constants)
+
+    walk(model.graph, model.graph.name or "main", set())
+    facts["symbols"] = sorted(facts["symbols"])
+    return facts
+
+
+def check_static_graph(model, *, batch_symbol: str | None = None) -> dict:
+    """Raise OnnxContractError unless the graph has no control flow, no
+    computed `Range`, no run-time `Sin`/`Cos` and no symbolic dimension other
+    than the batch (`batch_symbol`, default: the one of the first input).
+    Returns graph_facts."""
+    facts = graph_facts(model)
+    if batch_symbol is None:
+        first = model.graph.input[0].type.tensor_type.shape.dim[0]
+        batch_symbol = first.dim_param or None
+    problems = []
+    if facts["control_flow"]:
+        problems.append(f"control flow {facts['control_flow'][:5]}")
+    if facts["computed_ranges"]:
+        problems.append(f"Range nodes with computed bounds {facts['computed_ranges'][:5]}")
+    if facts["trig_ops"]:
+        problems.append(f"Sin/Cos computed at run time {facts['trig_ops'][:5]} (position tables not baked)")
+    other = [s for s in facts["symbols"] if s != batch_symbol]
+    if other:
+        problems.append(f"dynamic dimensions other than the batch axis {batch_symbol!r}: {other[:5]}")
+    if problems:
+        raise OnnxContractError("ONNX graph is not fixed-size apart from the batch: " + "; ".join(problems)
+                                + ". Export from a model built for one image size (dynamic_img_size=False).")
+    return facts
 
 
 def check_io(model, *, image_size: int | None = None, num_classes: int | None = None,
@@ -139,6 +219,10 @@ def build(ctx, path: Path) -> dict:
 
     opset = int(ctx.options.get("opset", 18))
     exporter = ctx.options.get("onnx_exporter", "dynamo")
+    if exporter == "legacy" and getattr(ctx.model, "family", "dinov2") == "dinov3":
+        raise OnnxContractError("--onnx-exporter legacy cannot export DINOv3: the TorchScript-based exporter "
+                                "fails on its attention (scaled_dot_product_attention(): argument 'is_causal' "
+                                "must be bool, not Tensor); use the default dynamo exporter")
     n_bytes = sum(p.numel() * p.element_size() for p in ctx.model.parameters())
     external = n_bytes > EXTERNAL_DATA_BYTES
     export_onnx(ctx.export_module(), ctx.example_input(2), path, opset=opset, exporter=exporter,
@@ -153,13 +237,18 @@ def build(ctx, path: Path) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     shapes = check_io(model, image_size=ctx.image_size, num_classes=ctx.num_classes,
                       embed_dim=ctx.embed_dim)
+    # the legacy exporter (DINOv2 only) leaves unnamed intermediate dims; its
+    # graph is recorded, the dynamo one must be fixed-size apart from the batch
+    facts = check_static_graph(model) if exporter == "dynamo" else graph_facts(model)
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     opset_used = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"exporter": exporter, "opset": opset_used, "ir_version": model.ir_version,
             "torch": torch.__version__, "onnx": onnx.__version__, "nodes": len(model.graph.node),
-            "op_types": dict(sorted(ops.items())), "io": shapes, "external_data": external}
+            "op_types": dict(sorted(ops.items())), "io": shapes, "external_data": external,
+            "fixed_size": {"checked": exporter == "dynamo", "control_flow": len(facts["control_flow"]),
+                           "computed_ranges": len(facts["computed_ranges"]), "symbols": facts["symbols"]}}
 
 
 def load_runner(path: Path):
