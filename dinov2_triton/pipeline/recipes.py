@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dinov2_triton.core.records import format_validation_error
+from dinov2_triton.train.archs import check_image_size
 from dinov2_triton.train.finetune_config import AMPS, ARCH_NAMES, ATTENTIONS, DEVICES, HEADS, MODES
 
 RECIPES_PACKAGE = "dinov2_triton.pipeline"
@@ -133,10 +134,9 @@ class TrainSection(Section):
 
     @field_validator("img_size")
     @classmethod
-    def _patch_multiple(cls, v: int) -> int:
-        if v % 14:
-            raise ValueError(f"must be a multiple of the patch size 14 (e.g. 56, 112, 224), got {v}")
-        return v
+    def _patch_multiple(cls, v: int, info: ValidationInfo) -> int:
+        # 14 px patches for DINOv2, 16 px for DINOv3 (dinov2_triton.train.archs); arch is validated first
+        return check_image_size(info.data.get("arch", "vits14"), v, flag="img_size")
 
 
 class ExportSection(Section):
