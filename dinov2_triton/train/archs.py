@@ -45,6 +45,14 @@ class ArchSpec:
     def family_name(self) -> str:
         return FAMILY_NAMES[self.family]
 
+    @property
+    def weights_file_glob(self) -> str:
+        """The official checkpoint's file name as released (DINOv3 files carry
+        the data set and a hash: dinov3_vits16_pretrain_lvd1689m-08c60483.pth)."""
+        if self.family == "dinov2":
+            return f"dinov2_{self.name}_pretrain.pth"
+        return f"{self.name}_pretrain_*.pth"
+
 
 def _v2(name: str, size: str) -> ArchSpec:
     reg = name.endswith("_reg4")

@@ -2,9 +2,14 @@
 Triton's libtorch backend (`pytorch_libtorch`, model.pt).
 
 Traced, not scripted: the timm ViT is traceable and the position embedding is
-already resampled to the fixed input size, so the trace has no data-dependent
-control flow. Not frozen: a frozen module inlines weights as constants, which
-the libtorch backend cannot move to the GPU of a KIND_GPU instance."""
+already resampled (DINOv2) or the RoPE table computed (DINOv3) for the fixed
+input size, so the trace has no data-dependent control flow. DINOv3 traces
+too: the wrapper calls the backbone with timm's Python defaults, so
+`is_causal` reaches scaled_dot_product_attention as a constant bool (the
+TorchScript-based ONNX exporter is what fails on it, see variants/onnx.py);
+verify.py checks the traced file at batch 1 and max_batch_size like any other.
+Not frozen: a frozen module inlines weights as constants, which the libtorch
+backend cannot move to the GPU of a KIND_GPU instance."""
 from __future__ import annotations
 
 import warnings
