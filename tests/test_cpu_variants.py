@@ -57,6 +57,40 @@ def test_variants_declared_with_their_parents_and_backends():
     assert not [c for c in cands if get_variant(c).platform == "tensorrt_plan"]
 
 
+def test_bf16_variant_is_declared_gated_like_fp16_and_asks_the_backend_for_bf16():
+    from dinov2_triton.export.gates import GATES, resolve_gate
+    from dinov2_triton.export.variants.openvino import compile_properties, runtime_parameters
+
+    bf16 = get_variant("openvino_bf16")
+    assert (bf16.parent, bf16.platform, bf16.filename, bf16.precision) == ("openvino", "openvino", "model.xml", "bf16")
+    gate = resolve_gate(bf16)
+    assert gate.name == "bf16"
+    assert (gate.min_top1_agreement, gate.min_embedding_cosine) == (GATES["fp16"].min_top1_agreement,
+                                                                    GATES["fp16"].min_embedding_cosine)
+    params = runtime_parameters({}, bf16=True)
+    assert params["HINT_BF16"] == "YES" and "HINT_BF16" not in runtime_parameters({})
+    assert compile_properties(params)["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert "INFERENCE_PRECISION_HINT" not in compile_properties(runtime_parameters({}))
+
+
+@pytest.mark.parametrize("flags, builds", [
+    ({"avx2", "fma"}, False),                                         # this kind of EPYC
+    ({"avx2", "avx512f", "avx512_vnni"}, False),                      # AVX-512 VNNI, no BF16
+    ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, True),         # AVX-512 BF16
+    ({"avx2", "avx512f", "amx_tile", "amx_int8", "amx_bf16"}, True),   # AMX
+])
+def test_bf16_variant_is_built_only_where_the_cpu_has_bf16(flags, builds):
+    from dinov2_triton.export.registry import SkipVariant
+    from dinov2_triton.export.variants.openvino import bf16_gate
+
+    if builds:
+        bf16_gate(flags)
+    else:
+        with pytest.raises(SkipVariant) as exc:
+            bf16_gate(flags)
+        assert str(exc.value) == "not built: this CPU has no BF16 arithmetic (no avx512_bf16 / amx_bf16)"
+
+
 def test_cli_expands_cpu_auto():
     from dinov2_triton.export.cli import _expand_cpu_auto
     from dinov2_triton.export.cpu_auto import cpu_candidates
@@ -131,6 +165,31 @@ def test_cpu_variants_exported_verified_published(cpu_repository):
     assert 1 <= ov32.build_info["max_opset"] <= 16
     # FP32 really computed in FP32 (on a BF16-capable CPU an unmarked IR drifts ~1e-2)
     assert ov32.headline.logits_max_abs_diff < 1e-4 and ov32.headline.top1_agreement == 1.0
+    # what each one computes in, read from the engine (manifest `arithmetic`)
+    units = ("AMX", "VNNI", "AVX-512", "AVX2", "SSE")
+    arith = {n: v.arithmetic for n, v in m.variants.items() if v.status == "OK"}
+    assert all(a is not None and a.unit in units for a in arith.values()), arith
+    assert arith["openvino"].arithmetic == "FP32" and arith["openvino"].shares == {"FP32": 1.0}   # precise layers
+    assert arith["openvino"].source.startswith("engine: OpenVINO compiled runtime model")
+    assert all(k.endswith(("_f32", "_F32")) for k in arith["openvino"].kernels), arith["openvino"].kernels
+    assert arith["openvino_int8"].arithmetic == "INT8" and 0 < arith["openvino_int8"].shares["INT8"] < 1
+    assert arith["onnx"].arithmetic == "FP32" and arith["onnx"].source.startswith("engine: ONNX Runtime profile")
+    dyn_kernels = arith["onnx_int8_dynamic"].source
+    assert arith["onnx_int8_dynamic"].arithmetic == "INT8"
+    assert "DynamicQuantizeMatMul" in dyn_kernels or "MatMulInteger" in dyn_kernels, dyn_kernels
+    if "onnx_fp16" in arith:   # no FP16 matmul kernels on the CPU: ONNX Runtime casts to FP32
+        assert arith["onnx_fp16"].arithmetic == "FP32" and "FP16 graph" in arith["onnx_fp16"].note
+    # the BF16 variant: built where the CPU has BF16, SKIPPED with the reason elsewhere
+    from dinov2_triton.core.cpu_features import bf16_support, read_cpu_flags
+
+    bf16 = m.variants["openvino_bf16"]
+    if bf16_support(read_cpu_flags())[0]:
+        assert bf16.status == "OK" and bf16.arithmetic.arithmetic == "BF16", (bf16.status, bf16.reason)
+        assert bf16.arithmetic.unit in ("AMX", "AVX-512")
+        assert "HINT_BF16" in (cpu_repository / "dinov2_openvino_bf16" / "config.pbtxt").read_text()
+    else:
+        assert bf16.status == "SKIPPED" and not bf16.published
+        assert bf16.reason == "not built: this CPU has no BF16 arithmetic (no avx512_bf16 / amx_bf16)"
     ov8 = m.variants["openvino_int8"].build_info
     assert ov8["fake_quantize"] > 0 and ov8["calibration"]["split"] == "train"
     assert ov8["search"]["attempts"][0]["label"].startswith("nncf ptq")
@@ -171,6 +230,74 @@ def test_nncf_accuracy_control_meets_the_gate(tiny_checkpoint, tiny_dataset, tmp
     assert set(ctx.calibration_splits) == {"train"}
 
 
+def test_bf16_build_refuses_a_cpu_where_openvino_runs_no_bf16(cpu_repository, tiny_checkpoint, tiny_dataset,
+                                                             tmp_path, monkeypatch):
+    """A CPU that claims BF16 but whose OpenVINO compiles no layer in BF16 gets
+    no BF16 variant (it would be FP32 under a BF16 name). On a host without
+    BF16 that is what OpenVINO does once the flag check is passed."""
+    from dinov2_triton.core.cpu_features import bf16_support, read_cpu_flags
+    from dinov2_triton.export.manifest import read_export_manifest
+    from dinov2_triton.export.registry import SkipVariant
+    from dinov2_triton.export.variants import openvino as ovv
+
+    if bf16_support(read_cpu_flags())[0]:
+        pytest.skip("this CPU has BF16: the export test checks the real BF16 build")
+    monkeypatch.setattr(ovv, "read_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    ctx = _ctx(tiny_checkpoint, tiny_dataset, tmp_path)
+    m = read_export_manifest(cpu_repository)
+    ctx.artifacts["openvino"] = Path(m.variants["openvino"].path) / "model.xml"
+    with pytest.raises(SkipVariant, match="compiled no layer in BF16 on this CPU .*avx512_bf16.*f32"):
+        ovv.build_bf16(ctx, tmp_path / "model.xml")
+
+
+def test_standin_honours_the_bf16_parameter(cpu_repository, tmp_path, monkeypatch):
+    """HINT_BF16=YES in config.pbtxt (what openvino_bf16 ships) reaches the
+    local stand-in's compile as INFERENCE_PRECISION_HINT=bf16, as in the
+    native backend; the compiled model then says what it runs."""
+    import importlib.util
+    import shutil
+
+    from dinov2_triton.core.cpu_features import bf16_support, read_cpu_flags
+    from dinov2_triton.export.triton_config import to_text
+    from dinov2_triton.serve import install
+    from dinov2_triton.serve.model_plan import read_model_config
+
+    # the real triton_python_backend_utils (what the stub imports), plus the exception the C++ stub adds
+    spec = importlib.util.spec_from_file_location(
+        "triton_python_backend_utils", install.find_triton().python_backend / "triton_python_backend_utils.py")
+    pb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb)
+    pb.TritonModelException = type("TritonModelException", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location("standin_openvino_bf16",
+                                                  install.STANDIN_BACKENDS / "openvino" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def params(**kv):
+        return {"parameters": {k: {"string_value": v} for k, v in kv.items()}}
+    assert module.compile_properties(params(HINT_BF16="YES"), "m") == {"INFERENCE_PRECISION_HINT": "bf16"}
+    assert "INFERENCE_PRECISION_HINT" not in module.compile_properties(params(PERFORMANCE_HINT="LATENCY"), "m")
+    with pytest.raises(pb.TritonModelException, match="'HINT_BF16' to be YES, got NO"):
+        module.compile_properties(params(HINT_BF16="NO"), "m")
+
+    model_dir = tmp_path / "dinov2_openvino_bf16"
+    shutil.copytree(cpu_repository / "dinov2_openvino", model_dir)
+    cfg = read_model_config(model_dir / "config.pbtxt")
+    cfg.name = model_dir.name
+    cfg.parameters["HINT_BF16"].string_value = "YES"
+    (model_dir / "config.pbtxt").write_text(to_text(cfg))
+    from google.protobuf import json_format
+
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
+                      "model_name": model_dir.name, "model_repository": str(model_dir), "model_version": "1"})
+    want = "bf16" if bf16_support(read_cpu_flags())[0] else "f32"   # no BF16 arithmetic: OpenVINO runs FP32
+    assert model.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == want
+    lo, em = model._run({"pixel_values": np.zeros((2, 3, 28, 28), np.float32)})
+    assert lo.shape == (2, 3) and np.isfinite(lo).all()
+
+
 def test_missing_library_is_skipped_with_the_reason(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
     from dinov2_triton.export.pipeline import run_export
 
@@ -197,9 +324,9 @@ def test_missing_nncf_or_ort_quantizer_is_skipped(tiny_checkpoint, tiny_dataset,
 
 
 def test_dynamic_worker_bad_input_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dinov2_triton.export.variants.onnx_int8_dynamic", "--onnx", str(tmp_path / "no.onnx"),
-                           "--output", str(tmp_path / "out.onnx")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "dinov2_triton.export.variants.onnx_int8_dynamic",
+                           "--onnx", str(tmp_path / "no.onnx"), "--output", str(tmp_path / "out.onnx")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no.onnx: file not found" in proc.stderr
 
 

@@ -339,7 +339,9 @@ def test_gate_overrides_one_parser_one_order():
     assert gate.name == "fp32+overrides" and GATES["fp32"].min_top1_agreement == 0.999
     assert resolve_gate(REGISTRY["torchscript"], {}).min_top1_agreement == 0.999
     assert resolve_gate("dinov2_onnx", ov, precision="fp32").min_logit_cosine == 0.5
-    assert resolve_gate("dinov2_x_bf16", precision="bf16").name == "fp32"   # no bf16 gate: fp32's
+    assert resolve_gate("dinov2_x_bf16", precision="bf16").name == "bf16"   # gated like FP16
+    assert resolve_gate("dinov2_x_bf16", precision="bf16").min_embedding_cosine == GATES["fp16"].min_embedding_cosine
+    assert resolve_gate("dinov2_x_fp4", precision="fp4").name == "fp32"     # no gate of its own: fp32's
     assert batch_tolerance("fp32", ov) == {"max_rel_diff": 1e-3, "min_top1_agreement": 1.0}
     assert batch_tolerance("int8")["max_rel_diff"] == 5e-2
     result = gate.evaluate({"n": 4, "top1_agreement": 0.75, "flipped": 1, "embedding": {"cosine_mean": 1.0},

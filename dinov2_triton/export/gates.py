@@ -32,7 +32,7 @@ GATE_FIELDS = ("min_top1_agreement", "min_embedding_cosine", "min_logit_cosine",
                "max_logit_abs_diff")
 BATCH_SCOPE = "batch"
 BATCH_FIELDS = ("max_rel_diff", "min_top1_agreement")
-#: the precision whose gate judges a precision that has none of its own (e.g. bf16)
+#: the precision whose gate judges a precision that has none of its own
 FALLBACK_PRECISION = "fp32"
 
 # A value exactly on a threshold passes: EPS absorbs float rounding such as
@@ -105,11 +105,12 @@ class GateResult:
         return {"passed": self.passed, "failures": list(self.failures), "gate": self.gate.to_dict()}
 
 
-# Default gates per precision (FP16 >= 99.9% top-1 and cosine >= 0.999;
+# Default gates per precision (FP16 and BF16 >= 99.9% top-1 and cosine >= 0.999;
 # INT8/FP8 >= 99% top-1 and <= 1 accuracy point lost).
 GATES: dict[str, Gate] = {
     "fp32": Gate(name="fp32", min_top1_agreement=0.999, min_embedding_cosine=0.9999),
     "fp16": Gate(name="fp16", min_top1_agreement=0.999, min_embedding_cosine=0.999),
+    "bf16": Gate(name="bf16", min_top1_agreement=0.999, min_embedding_cosine=0.999),
     "int8": Gate(name="int8", min_top1_agreement=0.99, max_accuracy_drop=0.01),
     "fp8": Gate(name="fp8", min_top1_agreement=0.99, max_accuracy_drop=0.01),
 }
@@ -118,7 +119,7 @@ GATES: dict[str, Gate] = {
 # batch 1 and batch N outputs of the same images. FP32 kernels differ only in
 # summation order (~1e-6 measured); reduced-precision engines may pick other
 # kernels per batch size, hence the looser bounds.
-BATCH_MAX_REL_DIFF = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2, "fp8": 5e-2}
+BATCH_MAX_REL_DIFF = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2, "int8": 5e-2, "fp8": 5e-2}
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -184,7 +185,7 @@ def resolve_gate(subject: Any, overrides: Mapping[str, Mapping[str, Any]] | None
     `subject` is a registry Variant (its ``gate`` key; overrides by precision,
     then by variant name, then by model name) or a served model name with
     `precision` (overrides by precision, then by model name). A precision
-    without a gate of its own (bf16) is judged by the fp32 gate. GATES itself
+    without a gate of its own is judged by the fp32 gate. GATES itself
     is never modified."""
     key, names = _scopes_of(subject, precision)
     base = GATES.get(key) or GATES[FALLBACK_PRECISION]

@@ -80,6 +80,25 @@ class Verification(_Part):
     seconds: float
 
 
+class Arithmetic(_Part):
+    """What a variant's matrix multiplies and convolutions actually compute
+    in, and on which unit (dinov2_triton.export.arithmetic.describe_arithmetic):
+    read from the engine where it can tell (OpenVINO's compiled runtime
+    model, ONNX Runtime's profile of one batch), from the CPU flags otherwise."""
+    arithmetic: str                            # FP32 | BF16 | FP16 | INT8 | FP8 (the largest share)
+    unit: str                                  # AMX | VNNI | AVX-512 | AVX2 | SSE | GPU
+    instructions: list[str] = []               # the CPU flags that give that unit (avx512_vnni, amx_bf16 ...)
+    shares: dict[str, float] = {}              # arithmetic -> fraction of the matmul/convolution layers
+    kernels: list[str] = []                    # the engine's kernel names for them (OpenVINO primitive types)
+    source: str                                # how it was found
+    note: str | None = None
+
+    def label(self) -> str:
+        """e.g. "INT8 on VNNI (INT8 67%, FP32 33%)"."""
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in sorted(self.shares.items(), key=lambda kv: -kv[1]))
+        return f"{self.arithmetic} on {self.unit}" + (f" ({mix})" if len(self.shares) > 1 else "")
+
+
 class VariantEntry(_Part):
     """One requested (or parent) variant: what happened to it and why."""
     # static facts (registry.Variant.describe)
@@ -116,6 +135,8 @@ class VariantEntry(_Part):
     benchmark: dict[str, Any] | None = None
     speed: dict[str, Any] | None = None        # dinov2_triton.export.benchmark.compare vs the parent
     slower_than_parent: bool | None = None
+    # what it computes in, on which unit (None in manifests written before the field)
+    arithmetic: Arithmetic | None = None
 
 
 class ServingModelEntry(_Part):
@@ -244,7 +265,7 @@ def summary_rows(manifest: ExportManifest) -> list[dict[str, str]]:
         rows.append({"variant": "eager (pytorch)", "status": "baseline", "model": "-", "version": "-",
                      "size_mb": "-", "top1": "100%", "cos": "1", "acc": _num(acc, ".3f"),
                      "lat": f"{eager['batch1']['median_ms']:.2f}", "thr": _thr(eager), "secs": "-",
-                     "note": ""})
+                     "arith": "FP32", "note": ""})
     for name, v in manifest.variants.items():
         h = v.headline or Headline()
         bench = v.benchmark
@@ -267,6 +288,7 @@ def summary_rows(manifest: ExportManifest) -> list[dict[str, str]]:
             "acc": _num(h.accuracy, ".3f"),
             "lat": f"{bench['batch1']['median_ms']:.2f}" if bench else "-",
             "thr": _thr(bench) if bench else "-", "secs": secs,
+            "arith": v.arithmetic.label() if v.arithmetic else "-",
             "note": " | ".join(n for n in notes if n),
         })
     return rows
@@ -281,7 +303,7 @@ def _thr(bench: Mapping[str, Any]) -> str:
 
 
 COLUMNS = [("variant", "variant"), ("status", "status"), ("version", "ver"), ("size_mb", "MB"),
-           ("top1", "top-1 agree"), ("cos", "emb cos min"), ("acc", "accuracy"),
+           ("arith", "arithmetic"), ("top1", "top-1 agree"), ("cos", "emb cos min"), ("acc", "accuracy"),
            ("lat", "b1 ms (p50)"), ("thr", "b8 img/s"),
            ("secs", "build/verify/bench s"), ("note", "note")]
 

@@ -360,6 +360,8 @@ def export_variant(ctx, name: str, repository: Path, opts, gates, manifest, ckpt
         entry["gate"] = verification["gate"]["name"]
         entry["gate_passed"] = verification["passed"]
         entry["gate_failures"] = verification["failures"]
+        entry["arithmetic"] = _arithmetic(variant, runner, artifact,
+                                          ctx.eval_set().pixel_values[:opts["max_batch_size"]])
         if not verification["passed"]:
             for f in verification["failures"]:
                 log.warning("%-12s gate %s: %s", name, variant.gate, f)
@@ -408,6 +410,20 @@ def export_variant(ctx, name: str, repository: Path, opts, gates, manifest, ckpt
         return finish("OK")
     return finish("GATE_FAILED", "failed its accuracy gate; published anyway (--allow-failed-gates): "
                                  + "; ".join(verification["failures"]))
+
+
+def _arithmetic(variant, runner, artifact: Path, sample) -> dict[str, Any] | None:
+    """What the variant's layers compute in, on which unit (manifest
+    ``arithmetic``); None, with a warning, where the engine cannot be read."""
+    from dinov2_triton.export.arithmetic import describe_arithmetic
+
+    try:
+        info = describe_arithmetic(variant, runner, artifact, sample)
+    except Exception as exc:  # noqa: BLE001 - informative only: never fails a variant
+        log.warning("%-12s arithmetic not read: %s: %s", variant.name, type(exc).__name__, exc)
+        return None
+    log.info("%-12s runs %s on %s (%s)", variant.name, info["arithmetic"], info["unit"], info["source"])
+    return info
 
 
 def exit_code(manifest) -> int:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # "openvino" is a Triton backend name, not a platform string: its config.pbtxt
 # says backend: "openvino" (dinov2_triton.export.triton_config.BACKEND_PLATFORMS).
 PLATFORMS = ("pytorch_libtorch", "onnxruntime_onnx", "tensorrt_plan", "openvino")
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 MODEL_PREFIX = "dinov2_"
 
 # The modules that declare variants, in the order their variants are listed

@@ -119,11 +119,14 @@ def _parameters(cfg, params: Mapping[str, Any]) -> None:
 
 
 def openvino_parameters(*, performance_hint: str = "LATENCY", num_streams: str | int = "1",
-                        inference_num_threads: int | None = None, batch_padding: bool = True) -> dict[str, str]:
+                        inference_num_threads: int | None = None, batch_padding: bool = True,
+                        hint_bf16: bool = False) -> dict[str, str]:
     """The `parameters` of a `backend: "openvino"` model, checked the way the
     backend checks them. ENABLE_BATCH_PADDING=YES: the backend compiles the
     model for exactly max_batch_size and, without it, fails every smaller
-    batch ("expected requests with batch size ..."); with it, it pads."""
+    batch ("expected requests with batch size ..."); with it, it pads.
+    HINT_BF16=YES is the backend's INFERENCE_PRECISION_HINT=bf16 (its only
+    precision parameter; it reads no key named INFERENCE_PRECISION_HINT)."""
     hint = str(performance_hint).upper()
     if hint not in OPENVINO_HINTS:
         raise ConfigError(f"PERFORMANCE_HINT {performance_hint!r}: choose from {OPENVINO_HINTS}")
@@ -138,6 +141,8 @@ def openvino_parameters(*, performance_hint: str = "LATENCY", num_streams: str |
         params["INFERENCE_NUM_THREADS"] = str(int(inference_num_threads))
     if batch_padding:
         params["ENABLE_BATCH_PADDING"] = "YES"
+    if hint_bf16:
+        params["HINT_BF16"] = "YES"
     return params
 
 

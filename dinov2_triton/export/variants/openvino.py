@@ -20,6 +20,17 @@ model.bin in the version folder, the backend's default file name).
   (`quantize_with_accuracy_control`) reverts the most harmful layers to
   floating point until the same gate holds (`ov_int8_accuracy_control`).
   Every attempt is recorded, as for `onnx_int8` (dinov2_triton.export.quant_search).
+- `openvino_bf16`: the same IR without the precise marks, compiled with
+  INFERENCE_PRECISION_HINT=bf16 (Triton's OpenVINO backend parameter
+  HINT_BF16=YES, honoured by the local stand-in too): BF16 matrix multiplies
+  on AMX or AVX-512 BF16, FP32 weights on disk. Built only on a CPU with
+  avx512_bf16 or amx_bf16 (elsewhere SKIPPED with that reason: OpenVINO would
+  silently run it in FP32), gated like FP16.
+
+Each variant's manifest entry says which arithmetic its layers actually run
+and on which unit, read from the compiled model (`runtime_arithmetic`):
+the plain `openvino` variant says FP32 also on a BF16 CPU (its layers are
+precise), the INT8 one says which layers stayed in floating point.
 
 Runtime settings, in the served config and in the in-process runner alike:
 PERFORMANCE_HINT=LATENCY, NUM_STREAMS=1 (one infer request per model
@@ -45,6 +56,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dinov2_triton.core.cpu_features import bf16_support, read_cpu_flags
 from dinov2_triton.export.registry import SkipVariant, Variant, register
 
 log = logging.getLogger(__name__)
@@ -57,6 +69,10 @@ OUTPUT_NAMES = ("logits", "embedding")
 PRECISE_ATTRIBUTE = "precise"
 PRECISE_RT_KEY = "DisablePrecisionConversion_0"
 AC_MODES = ("auto", "never", "always")
+#: OpenVINO CPU layer types that multiply matrices (what the arithmetic record counts)
+MATMUL_LAYERS = ("FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution",
+                 "ScaledDotProductAttention", "Gemm")
+_OV_ARITHMETIC = {"f32": "FP32", "bf16": "BF16", "f16": "FP16", "i8": "INT8", "u8": "INT8", "f64": "FP64"}
 
 DEFAULTS: dict[str, Any] = {
     "ov_performance_hint": "LATENCY",
@@ -105,22 +121,23 @@ def _import_nncf():
     return nncf
 
 
-def runtime_parameters(options: Mapping[str, Any]) -> dict[str, str]:
+def runtime_parameters(options: Mapping[str, Any], *, bf16: bool = False) -> dict[str, str]:
     """The OpenVINO backend parameters of the served config (validated by
     dinov2_triton.export.triton_config.openvino_parameters, the one place that knows the
-    backend's parameter names and values)."""
+    backend's parameter names and values); `bf16`: HINT_BF16=YES."""
     from dinov2_triton.export.triton_config import openvino_parameters
 
     threads = int(_option(options, "ov_threads") or 0)
     return openvino_parameters(performance_hint=str(_option(options, "ov_performance_hint")),
                                num_streams=str(_option(options, "ov_num_streams")),
-                               inference_num_threads=threads or None, batch_padding=True)
+                               inference_num_threads=threads or None, batch_padding=True, hint_bf16=bf16)
 
 
 def compile_properties(parameters: Mapping[str, str]) -> dict[str, Any]:
     """OpenVINO compile properties for the backend parameters, as the native
     backend maps them (and the local stand-in): PERFORMANCE_HINT,
-    NUM_STREAMS, INFERENCE_NUM_THREADS."""
+    NUM_STREAMS, INFERENCE_NUM_THREADS, HINT_BF16=YES ->
+    INFERENCE_PRECISION_HINT=bf16."""
     props: dict[str, Any] = {}
     if parameters.get("PERFORMANCE_HINT"):
         props["PERFORMANCE_HINT"] = parameters["PERFORMANCE_HINT"].upper()
@@ -128,6 +145,8 @@ def compile_properties(parameters: Mapping[str, str]) -> dict[str, Any]:
         props["NUM_STREAMS"] = parameters["NUM_STREAMS"].upper()
     if parameters.get("INFERENCE_NUM_THREADS"):
         props["INFERENCE_NUM_THREADS"] = int(parameters["INFERENCE_NUM_THREADS"])
+    if str(parameters.get("HINT_BF16") or "").lower() == "yes":
+        props["INFERENCE_PRECISION_HINT"] = "bf16"
     return props
 
 
@@ -156,6 +175,53 @@ def ov_runner(path: Path, parameters: Mapping[str, str] | None = None):
 
 def load_runner(path: Path):
     return ov_runner(path)
+
+
+def load_runner_bf16(path: Path):
+    """Compiled as the served BF16 config is (HINT_BF16=YES)."""
+    return ov_runner(path, runtime_parameters({}, bf16=True))
+
+
+def _rt(rt: Mapping[str, Any], key: str) -> str:
+    value = rt[key] if key in rt else None
+    if value is None:
+        return ""
+    return value.astype(str) if hasattr(value, "astype") else str(getattr(value, "value", value))
+
+
+def runtime_arithmetic(compiled, *, flags) -> dict[str, Any]:
+    """What the compiled model's matrix multiply / convolution layers run:
+    their runtimePrecision and primitiveType in the runtime (execution)
+    model (dinov2_triton.export.arithmetic.record). Read after the model ran
+    once: before that a dynamic-shape layer's primitive is still "undef".
+    The compiled INFERENCE_PRECISION_HINT is noted (BF16 asked for on a CPU
+    without BF16 reads back as f32)."""
+    from dinov2_triton.export.arithmetic import record
+
+    layers = []
+    for op in compiled.get_runtime_model().get_ops():
+        rt = op.get_rt_info()
+        if _rt(rt, "layerType") not in MATMUL_LAYERS:
+            continue
+        precision = _rt(rt, "runtimePrecision")
+        layers.append((_OV_ARITHMETIC.get(precision, precision.upper() or "?"), _rt(rt, "primitiveType") or None))
+    try:
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+    except Exception:  # noqa: BLE001 - a property an OpenVINO version lacks is left out, not fatal
+        hint = None
+    return record(layers, flags=flags,
+                  source="engine: OpenVINO compiled runtime model (runtimePrecision and primitiveType of "
+                         f"{len(layers)} matrix multiply / convolution layers)",
+                  note=f"compiled INFERENCE_PRECISION_HINT {hint}" if hint else None)
+
+
+def bf16_gate(flags) -> None:
+    """Raise SkipVariant (with the reason) on a CPU without BF16 arithmetic:
+    there OpenVINO accepts the BF16 hint and silently runs FP32."""
+    ok, why = bf16_support(flags)
+    if not ok:
+        raise SkipVariant(f"not built: {why}")
 
 
 def device_facts(ov) -> dict[str, Any]:
@@ -282,6 +348,40 @@ def build_fp32(ctx, path: Path) -> dict:
             "compute_precision": "f32: every layer marked precise, so BF16/FP16-capable CPUs keep FP32",
             "precise_layers": n_layers, "io": shapes, "op_types": _op_counts(back), "max_opset": max_opset(path),
             "config_parameters": params}
+
+
+# ---------------------------------------------------------------------------
+# openvino_bf16
+# ---------------------------------------------------------------------------
+def build_bf16(ctx, path: Path) -> dict:
+    flags = read_cpu_flags()
+    bf16_gate(flags)
+    ov = _import_openvino()
+
+    parent_xml = ctx.artifacts.get("openvino")
+    if parent_xml is None or not Path(parent_xml).is_file():
+        raise OpenVinoError("the FP32 `openvino` artifact is missing: build the openvino variant first")
+    core = ov.Core()
+    model = core.read_model(str(parent_xml))
+    stripped = strip_precise(model)
+    ov.save_model(model, str(path), compress_to_fp16=False)   # FP32 weights; BF16 is the compute precision
+    back = core.read_model(str(path))
+    left = sum(PRECISE_RT_KEY in op.get_rt_info() for op in back.get_ops())
+    if left:
+        raise OpenVinoError(f"{path}: {left} layers still read back as precise (they would stay FP32)")
+    shapes = check_ir_io(back, image_size=ctx.image_size, num_classes=ctx.num_classes, embed_dim=ctx.embed_dim)
+    params = runtime_parameters(ctx.options, bf16=True)
+    runner = ov_runner(path, params)
+    runner(np.ascontiguousarray(ctx.eval_set().pixel_values[:1]))   # kernels are chosen at the first run
+    arithmetic = runtime_arithmetic(runner.compiled, flags=flags)
+    if not arithmetic["shares"].get("BF16"):
+        raise SkipVariant(f"not built: OpenVINO {ov.get_version()} compiled no layer in BF16 on this CPU "
+                          f"({', '.join(f for f in sorted(flags) if 'bf16' in f)}): {arithmetic['note']}")
+    return {"tool": "openvino.save_model (precise marks removed), INFERENCE_PRECISION_HINT=bf16",
+            **device_facts(ov), "source": str(parent_xml), "precise_marks_removed": stripped,
+            "compute_precision": "bf16 (backend parameter HINT_BF16=YES), FP32 weights and I/O",
+            "cpu_bf16_flags": [f for f in sorted(flags) if "bf16" in f], "runtime_check": arithmetic,
+            "io": shapes, "op_types": _op_counts(back), "max_opset": max_opset(path), "config_parameters": params}
 
 
 # ---------------------------------------------------------------------------
@@ -415,6 +515,12 @@ _FP32 = register(Variant(
     name="openvino", platform="openvino", filename="model.xml", precision="fp32",
     build=build_fp32, load_runner=load_runner, parent="onnx", gate="fp32",
     description="OpenVINO IR FP32 (from the onnx graph, every layer kept FP32), Triton OpenVINO backend"))
+
+_BF16 = register(Variant(
+    name="openvino_bf16", platform="openvino", filename="model.xml", precision="bf16",
+    build=build_bf16, load_runner=load_runner_bf16, parent="openvino", gate="bf16",
+    description="OpenVINO IR run in BF16 (INFERENCE_PRECISION_HINT=bf16: backend parameter HINT_BF16=YES) on "
+                "CPUs with AMX-BF16 or AVX-512 BF16; SKIPPED elsewhere, Triton OpenVINO backend"))
 
 _INT8 = register(Variant(
     name="openvino_int8", platform="openvino", filename="model.xml", precision="int8",

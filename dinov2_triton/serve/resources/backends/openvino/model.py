@@ -13,7 +13,9 @@ It behaves like the native backend where that decides speed or errors:
 - the model parameters the native backend reads, with its values and its
   error for a bad value: PERFORMANCE_HINT (LATENCY / THROUGHPUT /
   CUMULATIVE_THROUGHPUT), NUM_STREAMS (AUTO / NUMA / n),
-  INFERENCE_NUM_THREADS, COMPILATION_NUM_THREADS (n), HINT_BF16 (YES),
+  INFERENCE_NUM_THREADS, COMPILATION_NUM_THREADS (n), HINT_BF16 (YES: compiled
+  with INFERENCE_PRECISION_HINT=bf16, the export's openvino_bf16 variant; on a
+  CPU without BF16 arithmetic OpenVINO then still runs FP32),
   ENABLE_BATCH_PADDING (YES); other parameters are ignored, as there;
 - with max_batch_size > 0 the model is compiled for exactly that batch (the
   native backend calls ov::set_batch(max_batch_size)), and a smaller batch
