@@ -318,8 +318,8 @@ def test_export_summary_of_a_real_manifest_with_skipped_variants_validates():
     headline, no speed) becomes the results' export section without a type
     error (this failed at the end of a 20-minute perf run once)."""
     from dinov2_triton.bench.results import ExportSummary
+    from dinov2_triton.bench.targets import export_summary
     from dinov2_triton.export.manifest import read_export_manifest
-    from dinov2_triton.pipeline.bench_stage import export_summary
 
     manifest = read_export_manifest(Path(__file__).parent / "data" / "export_manifest_pipeline.json")
     assert manifest.variants["trt_fp16"].status == "SKIPPED" and manifest.variants["trt_fp16"].headline is None

@@ -353,7 +353,7 @@ class Parity(Copied):
 
 
 class ExportSummary(Section):
-    """The export manifest's verdicts (dinov2_triton.pipeline.bench_stage.export_summary)."""
+    """The export manifest's verdicts (dinov2_triton.bench.targets.export_summary)."""
     run_id: str | None = None
     created: str | None = None
     weights_source: str | None = None

@@ -52,12 +52,20 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:
     from dinov2_triton.bench.results import PerfResults
-    from dinov2_triton.export.manifest import ExportManifest
     from dinov2_triton.report.report import Report
 
-log = logging.getLogger("dinov2_triton.pipeline.bench_stage")
+from dinov2_triton.bench.targets import (
+    LOCAL_HOSTS,
+    candidate_models,
+    checkpoint_model_info,
+    default_metrics_url,
+    export_summary,
+    host_port,
+    manifest_model_info,
+    server_metadata,
+)
 
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "::1", "[::1]")
+log = logging.getLogger("dinov2_triton.pipeline.bench_stage")
 
 
 class PerfInputError(ValueError):
@@ -78,78 +86,6 @@ def parse_names(text: str | Sequence[str] | None) -> list[str] | None:
         return None
     items = [text] if isinstance(text, str) else list(text)
     return [n.strip() for item in items for n in item.split(",") if n.strip()]
-
-
-def _host_port(url: str) -> tuple[str, int | None]:
-    u = url.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = u.rpartition(":")
-    try:
-        return (host or u), int(port)
-    except ValueError:
-        return u, None
-
-
-def default_metrics_url(url: str) -> str:
-    host, _ = _host_port(url)
-    return f"{host}:8002/metrics"
-
-
-def candidate_models(repository: str | os.PathLike | None, manifest: "ExportManifest | None"
-                     ) -> list[str] | None:
-    """Model names the repository offers: its config.pbtxt folders, plus the
-    manifest's published variants, preprocess and ensemble models."""
-    names: list[str] = []
-    if manifest is not None:
-        names += [e.model_name for e in manifest.variants.values() if e.published and e.model_name]
-        for e in (manifest.preprocess, manifest.ensemble):
-            if e is not None and e.status == "OK" and e.model_name:
-                names.append(e.model_name)
-    if repository and Path(repository).is_dir():
-        names += sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt"))
-    return list(dict.fromkeys(names)) or None
-
-
-def export_summary(manifest: "ExportManifest | None") -> dict[str, Any] | None:
-    """The manifest's verdicts (dinov2_triton.bench.results.ExportSummary)."""
-    if manifest is None:
-        return None
-    keep = {"model_name", "platform", "precision", "parent", "gate", "status", "reason", "published", "version",
-            "size_bytes", "headline", "gate_passed", "gate_failures", "slower_than_parent", "speed"}
-    out = manifest.model_dump(include={"run_id", "created", "weights_source", "img_size", "eval_set", "reference",
-                                       "versions", "preprocess", "ensemble"})
-    # exclude_none: a SKIPPED variant has no headline/speed; the section's
-    # defaults stand for "not measured" (None would fail its types)
-    out["variants"] = {n: e.model_dump(include=keep, exclude_none=True) for n, e in manifest.variants.items()}
-    return out
-
-
-def _manifest_model_info(manifest: "ExportManifest") -> dict[str, Any]:
-    """dinov2_triton.bench.results.ModelInfo from the export manifest (no --model-path)."""
-    return {"checkpoint": manifest.source_checkpoint.path, "arch": manifest.arch, "img_size": manifest.img_size,
-            "num_classes": manifest.num_classes, "class_names": list(manifest.class_names),
-            "weights_source": manifest.weights_source, "pretrained": manifest.pretrained,
-            "preprocessing": manifest.preprocessing}
-
-
-def _model_info(model_path: Path) -> dict[str, Any]:
-    from dinov2_triton.train.checkpoint import read_checkpoint
-
-    rec = read_checkpoint(model_path)
-    return {"checkpoint": str(model_path), "arch": rec.arch, "img_size": rec.image_size,
-            "num_classes": rec.num_classes, "class_names": list(rec.class_names),
-            "weights_source": rec.weights_source, "pretrained": rec.pretrained,
-            "preprocessing": rec.preprocessing.to_dict()}
-
-
-def _server_metadata(url: str, protocol: str, api_key: str | None) -> dict[str, Any]:
-    """The server's name/version/extensions for the report, or {"error": ...}."""
-    from dinov2_triton.serve.triton_access import TritonError, connect
-
-    try:
-        with connect(url, protocol, api_key=api_key, timeout_s=10.0) as conn:
-            return conn.server_metadata()
-    except TritonError as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _ready_models(url: str, protocol: str, candidates: Sequence[str] | None, api_key: str | None) -> list[str]:
@@ -242,11 +178,11 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
                                    "reason": f"{Path(repository) / 'export_manifest.json'} not found"})
     if model_path is not None:
         try:
-            results["model"] = _model_info(model_path)
+            results["model"] = checkpoint_model_info(model_path)
         except (RecordError, OSError) as exc:
             raise PerfInputError(f"--model-path: {exc}") from None
     elif manifest is not None:
-        results["model"] = _manifest_model_info(manifest)
+        results["model"] = manifest_model_info(manifest)
 
     # 1. in process
     if in_process:
@@ -274,7 +210,7 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
         cfg_proto = protocols[0]
         metrics_url = metrics_url or default_metrics_url(url)
         results["server"] = {"url": url, "http_url": http_url, "metrics_url": metrics_url,
-                             "metadata": _server_metadata(urls[cfg_proto], cfg_proto, api_key)}
+                             "metadata": server_metadata(urls[cfg_proto], cfg_proto, api_key)}
         wanted = parse_names(models)
         try:
             if wanted is None:
@@ -292,7 +228,7 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
         except ValueError as exc:
             raise PerfInputError(str(exc)) from None
         samples = load_samples(data_path, pre, n=max(n_samples, max(batch_sizes)))
-        host, port = _host_port(url)
+        host, port = host_port(url)
         pid = server_pid or (find_listening_pid(port) if host in LOCAL_HOSTS and port else None)
         say(f"== perf_analyzer sweep: {', '.join(wanted)} ({', '.join(protocols)}; batch {batch_sizes}; "
             f"concurrency {concurrency}; {settings.window_ms} ms windows)")

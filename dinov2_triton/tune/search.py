@@ -107,11 +107,11 @@ def _planned(settings) -> int:
 
 def _server_pid(url: str, given: int | None) -> int | None:
     from dinov2_triton.bench.memory import find_listening_pid
-    from dinov2_triton.pipeline.bench_stage import LOCAL_HOSTS, _host_port
+    from dinov2_triton.bench.targets import LOCAL_HOSTS, host_port
 
     if given:
         return given
-    host, port = _host_port(url)
+    host, port = host_port(url)
     return find_listening_pid(port) if host in LOCAL_HOSTS and port else None
 
 
@@ -360,15 +360,15 @@ def _write(run_dir: Path, run, manifest, url: str, api_key: str | None, errors: 
            cli_settings: Mapping[str, Any] | None):
     from dinov2_triton.bench.results import RESULTS_FILE, PerfResults
     from dinov2_triton.bench.system_info import machine_info, versions
+    from dinov2_triton.bench.targets import export_summary, manifest_model_info, server_metadata
     from dinov2_triton.core.artifact_io import git_revision, utc_now
-    from dinov2_triton.pipeline.bench_stage import _manifest_model_info, _server_metadata, export_summary
     from dinov2_triton.report.report import generate_report
 
     data = {"schema_version": PerfResults.SCHEMA_VERSION, "run_id": run_dir.name, "created": utc_now(),
             "finished": utc_now(), "git_revision": git_revision(), "machine": machine_info(),
             "versions": versions(), "settings": dict(cli_settings or {}),
-            "model": _manifest_model_info(manifest), "export": export_summary(manifest),
-            "server": {"url": url, "metadata": _server_metadata(url, "grpc", api_key)},
+            "model": manifest_model_info(manifest), "export": export_summary(manifest),
+            "server": {"url": url, "metadata": server_metadata(url, "grpc", api_key)},
             "search": run.model_dump(), "errors": errors}
     record = PerfResults.from_dict(data, source=run_dir / RESULTS_FILE)
     report = generate_report(record, run_dir)
