@@ -118,6 +118,12 @@ def test_image_size_must_be_a_multiple_of_16():
         resolve_config({"arch": "dinov3_vitz16"})
 
 
+def test_xformers_attention_is_refused_for_dinov3():
+    with pytest.raises(ValueError, match=r"--attention xformers: DINOv2 backbones only .*use --attention sdpa"):
+        build_model("dinov3_vits16", weights="random", num_classes=3, img_size=TINY3_IMG, attention="xformers",
+                    backbone_overrides=TINY3)
+
+
 def test_rope_is_baked_for_the_fixed_grid_and_travels_with_the_weights():
     """The table every forward pass uses is computed once (our rope_tables,
     equal to timm's own at float32 periods); the periods are in the state
