@@ -136,9 +136,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     if args.measure_one:
         print(json.dumps(measure(**json.loads(args.measure_one))))
         return 0
-    bad = [s for s in args.img_size if s <= 0 or s % 14]
-    if bad:
-        print(f"error: --img-size {bad}: must be positive multiples of 14", file=sys.stderr)
+    from dinov2_triton.train.archs import check_image_size
+
+    try:
+        for size in args.img_size:
+            check_image_size(args.arch, size)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
         print("error: --steps and --batch-size must be >= 1, --warmup >= 0", file=sys.stderr)

@@ -59,7 +59,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="random | hub | a hub id (e.g. timm/vit_small_patch14_dinov2.lvd142m) | a local "
                         f".pth/.safetensors file, official or timm layout (default: {d.weights})")
     g.add_argument("--img-size", dest="img_size", type=int, default=S, metavar="PX",
-                   help=f"input size, a multiple of 14 (default: {d.img_size})")
+                   help=f"input size, a multiple of the patch (14 DINOv2, 16 DINOv3; default: {d.img_size})")
     g.add_argument("--head", choices=HEADS, default=S,
                    help=f"embedding fed to the linear head (default: {d.head})")
     g.add_argument("--attention", choices=ATTENTIONS, default=S,
