@@ -10,6 +10,7 @@ import pytest
 
 from dinov2_triton.core.cpu_features import (
     NO_BF16_REASON,
+    arithmetic_record,
     bf16_support,
     compute_unit,
     read_cpu_flags,
@@ -60,8 +61,7 @@ def test_unit_of_kernel_names():
 
 
 def test_record_takes_the_largest_share_and_the_unit_its_kernels_name():
-    from dinov2_triton.export.arithmetic import record
-
+    record = arithmetic_record
     layers = [("INT8", "brgemm_avx512_amx_int8")] * 3 + [("BF16", "brgemm_avx512_amx_bf16")]
     r = record(layers, flags=XEON_AMX, source="engine: test")
     assert (r["arithmetic"], r["unit"], r["instructions"]) == ("INT8", "AMX", ["amx_int8"])

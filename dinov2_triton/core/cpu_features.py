@@ -4,6 +4,7 @@
     bf16_support(flags)               -> (True, None) | (False, NO_BF16_REASON)
     compute_unit(arithmetic, flags)   -> ("VNNI", ["avx512_vnni"])
     unit_of_kernel("brgemm_avx2_f32") -> "AVX2" (OpenVINO/oneDNN primitive names)
+    arithmetic_record(layers, flags=..., source=...) -> the export manifest's Arithmetic record
 
 Every function takes the flag set as an argument, so a test can ask what a
 host with AMX or with AVX2 only would get. Standard library only.
@@ -14,8 +15,9 @@ dot products for INT8), AVX-512, AVX2, SSE (the vector unit), GPU.
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 ARITHMETICS = ("FP32", "BF16", "FP16", "INT8", "FP8")
 UNITS = ("AMX", "VNNI", "AVX-512", "AVX2", "SSE", "GPU")
@@ -91,3 +93,28 @@ def unit_of_kernel(kernel: str) -> str | None:
         if token in k:
             return unit
     return None
+
+
+def arithmetic_record(layers: Iterable[tuple[str, str | None]], *, flags: Iterable[str], source: str,
+                      note: str | None = None) -> dict[str, Any]:
+    """An Arithmetic record from the matrix multiply / convolution layers,
+    each (arithmetic, kernel name or None): the largest share names the
+    arithmetic; the unit is the one its layers' kernel names say (OpenVINO),
+    else the CPU flags'."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError("no matrix multiply or convolution found to describe")
+    counts = Counter(a for a, _ in layers)
+    shares = {k: round(v / len(layers), 4) for k, v in counts.most_common()}
+    arithmetic = next(iter(shares))
+    flags = frozenset(flags)
+    unit, instructions = compute_unit(arithmetic, flags)
+    named = [u for a, k in layers if a == arithmetic and k for u in [unit_of_kernel(k)] if u]
+    if named:
+        unit = Counter(named).most_common(1)[0][0]
+        instructions = unit_flags(arithmetic, unit, flags)
+        source += "; unit from the kernel names"
+    else:
+        source += "; unit from the CPU flags"
+    return {"arithmetic": arithmetic, "unit": unit, "instructions": instructions, "shares": shares,
+            "kernels": sorted({k for _, k in layers if k}), "source": source, "note": note}

@@ -20,6 +20,8 @@ So the engine is asked where it can tell:
 * TensorRT: the build precision on the GPU (not inspected here).
 
     describe_arithmetic(variant, runner, artifact, sample, flags=None) -> dict (Arithmetic)
+
+(The record itself is built by dinov2_triton.core.cpu_features.arithmetic_record.)
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from dinov2_triton.core.cpu_features import compute_unit, read_cpu_flags, unit_flags, unit_of_kernel
+from dinov2_triton.core.cpu_features import arithmetic_record, compute_unit, read_cpu_flags
 
 #: ONNX Runtime kernels that multiply integers (their inputs are u8/i8, the accumulation int32)
 ORT_INT8_OPS = frozenset({"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QGemm", "QLinearConv",
@@ -41,31 +43,6 @@ _ORT_TYPES = {"float": "FP32", "float16": "FP16", "bfloat16": "BF16", "double": 
               "uint8": "INT8", "int8": "INT8"}
 #: declared precision -> arithmetic, where the engine cannot be asked
 DECLARED = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "int8": "INT8", "fp8": "FP8"}
-
-
-def record(layers: Iterable[tuple[str, str | None]], *, flags: Iterable[str], source: str,
-           note: str | None = None) -> dict[str, Any]:
-    """An Arithmetic record from the matrix multiply / convolution layers,
-    each (arithmetic, kernel name or None): the largest share names the
-    arithmetic; the unit is the one its layers' kernel names say (OpenVINO),
-    else the CPU flags'."""
-    layers = list(layers)
-    if not layers:
-        raise ValueError("no matrix multiply or convolution found to describe")
-    counts = Counter(a for a, _ in layers)
-    shares = {k: round(v / len(layers), 4) for k, v in counts.most_common()}
-    arithmetic = next(iter(shares))
-    flags = frozenset(flags)
-    unit, instructions = compute_unit(arithmetic, flags)
-    named = [u for a, k in layers if a == arithmetic and k for u in [unit_of_kernel(k)] if u]
-    if named:
-        unit = Counter(named).most_common(1)[0][0]
-        instructions = unit_flags(arithmetic, unit, flags)
-        source += "; unit from the kernel names"
-    else:
-        source += "; unit from the CPU flags"
-    return {"arithmetic": arithmetic, "unit": unit, "instructions": instructions, "shares": shares,
-            "kernels": sorted({k for _, k in layers if k}), "source": source, "note": note}
 
 
 def ort_profile_arithmetic(path: str | Path, sample, *, flags: Iterable[str]) -> dict[str, Any]:
@@ -102,7 +79,7 @@ def ort_profile_arithmetic(path: str | Path, sample, *, flags: Iterable[str]) ->
     note = None
     if "FP16" not in {a for a, _ in layers} and _has_fp16_weights(path):
         note = "FP16 graph: ONNX Runtime's CPU kernels ran its matrix multiplies in FP32 (inserted casts)"
-    return record(layers, flags=flags, note=note,
+    return arithmetic_record(layers, flags=flags, note=note,
                   source="engine: ONNX Runtime profile of one batch (kernels "
                          + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) + ")")
 

@@ -56,7 +56,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dinov2_triton.core.cpu_features import bf16_support, read_cpu_flags
+from dinov2_triton.core.cpu_features import arithmetic_record, bf16_support, read_cpu_flags
 from dinov2_triton.export.registry import SkipVariant, Variant, register
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,10 @@ def _rt(rt: Mapping[str, Any], key: str) -> str:
 def runtime_arithmetic(compiled, *, flags) -> dict[str, Any]:
     """What the compiled model's matrix multiply / convolution layers run:
     their runtimePrecision and primitiveType in the runtime (execution)
-    model (dinov2_triton.export.arithmetic.record). Read after the model ran
+    model (dinov2_triton.core.cpu_features.arithmetic_record). Read after the model ran
     once: before that a dynamic-shape layer's primitive is still "undef".
     The compiled INFERENCE_PRECISION_HINT is noted (BF16 asked for on a CPU
     without BF16 reads back as f32)."""
-    from dinov2_triton.export.arithmetic import record
-
     layers = []
     for op in compiled.get_runtime_model().get_ops():
         rt = op.get_rt_info()
@@ -210,7 +208,7 @@ def runtime_arithmetic(compiled, *, flags) -> dict[str, Any]:
         hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
     except Exception:  # noqa: BLE001 - a property an OpenVINO version lacks is left out, not fatal
         hint = None
-    return record(layers, flags=flags,
+    return arithmetic_record(layers, flags=flags,
                   source="engine: OpenVINO compiled runtime model (runtimePrecision and primitiveType of "
                          f"{len(layers)} matrix multiply / convolution layers)",
                   note=f"compiled INFERENCE_PRECISION_HINT {hint}" if hint else None)
