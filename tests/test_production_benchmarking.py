@@ -66,17 +66,40 @@ def test_runner_errors_propagate():
 def test_efficiency_and_bytes_moved():
     bench = {"grid": [{"batch_size": 1, "threads": 1, "images_per_s": 10.0},
                       {"batch_size": 8, "threads": 2, "images_per_s": 20.0}]}
-    eff = pb.efficiency(bench, 12.25, 270.0, "int8")
+    eff = pb.efficiency(bench, 12.25, {"gflops": 980.0, "method": "onnxruntime MatMulInteger"}, "int8")
     assert eff["best"]["achieved_gflops"] == pytest.approx(245.0)
-    assert eff["best"]["fraction_of_fp32_peak"] == pytest.approx(245.0 / 270.0)
-    assert eff["max_images_per_s_at_fp32_peak"] == pytest.approx(270.0 / 12.25)
-    assert "INT8" in eff["caveat"]
-    assert "caveat" not in pb.efficiency(bench, 12.25, 270.0, "fp32")
+    assert eff["best"]["fraction_of_peak"] == pytest.approx(245.0 / 980.0)   # the INT8 peak, not FP32's
+    assert eff["max_images_per_s_at_peak"] == pytest.approx(980.0 / 12.25) and eff["arithmetic"] == "int8"
+    assert "caveat" not in eff and "caveat" not in pb.efficiency(bench, 12.25, {"gflops": 270.0}, "fp32")
+    over = pb.efficiency(bench, 12.25, {"gflops": 200.0}, "fp32")
+    assert over["best"]["fraction_of_peak"] > 1 and "that peak measurement is wrong" in over["caveat"]
+    # the arithmetic a variant is measured against: the manifest's record, else its precision
+    assert pb.variant_arithmetic("fp16", {"arithmetic": "FP32"}) == "fp32"
+    assert pb.variant_arithmetic("int8", None) == "int8"
+    assert pb.variant_arithmetic("bf16", None, flags={"avx2"}) == "fp32"           # no BF16 arithmetic
+    assert pb.variant_arithmetic("bf16", None, flags={"avx2", "amx_bf16"}) == "bf16"
     moved = pb.bytes_moved(image_size=224, num_classes=10, embed_dim=768, weight_bytes=88_000_000,
                            batch_sizes=[1, 8], gflops_per_image=12.25)
     assert moved["input_bytes_per_image"] == 3 * 224 * 224 * 4
     assert moved["output_bytes_per_image"] == (10 + 768) * 4
     assert moved["per_batch_size"]["8"]["weight_bytes_per_image"] == pytest.approx(11_000_000)
+
+
+def test_a_peak_per_arithmetic():
+    """FP32 with torch, INT8 with ONNX Runtime's integer GEMM, BF16 only on
+    a CPU with BF16 arithmetic (flags injected); small sizes: no timed asserts."""
+    from dinov2_triton.bench.system_info import PeakUnavailable, arithmetic_peak
+
+    fp32 = arithmetic_peak("fp32", 1, size=64, seconds=0.05)
+    assert fp32["gflops"] > 0 and fp32["arithmetic"] == "fp32" and fp32["method"] == "torch.matmul float32 64x64"
+    int8 = arithmetic_peak("int8", 1, size=64, seconds=0.05)
+    assert int8["gflops"] > 0 and int8["arithmetic"] == "int8" and int8["threads"] == 1
+    assert "MatMulInteger uint8 x int8 64x64" in int8["method"] and int8["repeats"] >= 3
+    with pytest.raises(PeakUnavailable, match=r"this CPU has no BF16 arithmetic \(no avx512_bf16 / amx_bf16\)"):
+        arithmetic_peak("bf16", 1, flags={"avx2", "fma"})
+    assert arithmetic_peak("bf16", 1, flags={"amx_bf16"}, size=64, seconds=0.05)["dtype"] == "bfloat16"
+    with pytest.raises(PeakUnavailable, match="no FP16 matrix multiply peak"):
+        arithmetic_peak("fp16", 1)
 
 
 def _child_peak(q):
@@ -137,6 +160,7 @@ def test_run_inprocess_benchmark_isolated(tiny_checkpoint, tiny_repository, tiny
     assert res.input_data.synthetic is False and "test split" in res.input_data.source
     assert res.model.pretrained is False and res.flops.gflops > 0
     assert res.matmul_peak.gflops > 0 and len(res.matmul_peak.measurements_gflops) == 2
+    assert res.matmul_peaks["fp32"] == res.matmul_peak and res.matmul_peak.arithmetic == "fp32"
     for name in ("pytorch", "onnx"):
         v = res.variants[name]
         assert v.status == "OK", v.reason
@@ -145,8 +169,8 @@ def test_run_inprocess_benchmark_isolated(tiny_checkpoint, tiny_repository, tiny
         assert {(c.batch_size, c.threads) for c in v.benchmark.grid} == {(1, 1), (1, 2), (2, 1), (2, 2)}
         mem = v.memory
         assert 0 < mem.baseline_rss_bytes <= mem.peak_rss_bytes and mem.peak_over_baseline_bytes >= 0
-        assert 0 < v.efficiency.best.fraction_of_fp32_peak
-        assert v.efficiency.fp32_peak_gflops == res.matmul_peak.gflops   # the kept (higher) peak
+        assert 0 < v.efficiency.best.fraction_of_peak and v.arithmetic == v.efficiency.arithmetic == "fp32"
+        assert v.efficiency.peak_gflops == res.matmul_peak.gflops   # the kept (higher) peak
         assert v.bytes_moved.input_bytes_per_image == 3 * 28 * 28 * 4
     assert res.variants["trt_fp16"].status == "SKIPPED"
     assert any("TensorRT" in s.what for s in res.skipped)

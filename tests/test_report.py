@@ -184,7 +184,8 @@ def test_unknown_pretrained_is_said(tmp_path):
 def test_a_skipped_variant_is_listed_once(tmp_path):
     res = make_results()
     reason = res["in_process"]["variants"]["trt_fp16"]["reason"]
-    res["skipped"] = [{"what": "in-process TensorRT FP16", "reason": reason}]   # what dinov2_triton.pipeline.bench_stage records too
+    # what dinov2_triton.pipeline.bench_stage records too
+    res["skipped"] = [{"what": "in-process TensorRT FP16", "reason": reason}]
     md = _report(res, tmp_path).md.read_text()
     section = md.split("## Skipped or failed")[1].split("\n## ")[0]
     assert section.count(reason) == 1 and "dinov2_trt_fp16 (SKIPPED)" in section
@@ -237,10 +238,13 @@ def test_cli_regenerates_from_results_json(tmp_path, capsys):
 def test_golden_report_of_a_stored_results_json(tmp_path):
     """tests/data/perf_results_v1_server.json was written by the dinov2_triton.report.report of
     commit 81348c4 (before the record existed) from make_results(), and
-    perf_report_v1_server.md is the report.md it rendered then. Reading the
+    perf_report_v1_server.md is the report.md rendered from it. Reading the
     old file and rendering it again must give the same page, number for
-    number. (A deliberate change of the report's text: regenerate both files
-    with generate_report(PerfResults.from_dict(make_results()), ...).)"""
+    number. (A deliberate change of the report's text: regenerate the .md
+    with generate_report(read_results(that file), ...). Changed since: the
+    efficiency column names the peak it divides by (the old file measured
+    the FP32 one only), the arithmetic column, and a GATE_FAILED export
+    verdict is the row's status.)"""
     out = rp.generate_report(read_results(DATA / "perf_results_v1_server.json"), tmp_path)
     want = (DATA / "perf_report_v1_server.md").read_text()
     got = out.md.read_text()
@@ -253,9 +257,13 @@ def test_real_in_process_results_json_still_reads(tmp_path):
     only, tiny model, no server) of commit 81348c4, the old TensorRT
     placeholder entry included."""
     res = read_results(DATA / "perf_results_v1_inprocess.json")
-    # schema 1 on disk, read as the current schema (2 and 3 added optional fields only)
-    assert res.schema_version == 3 and res.model.pretrained is False
+    # schema 1 on disk, read as the current schema (2 and 3 added optional fields; 4 renamed the
+    # efficiency's FP32-only fields: a version-3 efficiency was against the FP32 peak)
+    assert res.schema_version == 4 and res.model.pretrained is False
     assert res.in_process.variants["onnx"].benchmark.grid[0].images_per_s > 0
+    eff = res.in_process.variants["onnx"].efficiency
+    assert eff.arithmetic == "fp32" and eff.peak_gflops == res.in_process.matmul_peak.gflops
+    assert 0 < eff.best.fraction_of_peak and list(res.in_process.matmul_peaks) == ["fp32"]
     out = rp.generate_report(res, tmp_path)
     assert out.recommendation.variant == res.recommendation.variant == "dinov2_onnx"
     assert [r.key for r in out.rows] == [r.key for r in res.rows]
@@ -279,7 +287,7 @@ def test_results_round_trip_and_strict_json(tmp_path):
     (lambda d: d["in_process"]["variants"]["onnx"]["benchmark"]["grid"][0].update(images_per_s="fast"),
      "field 'in_process.variants.onnx.benchmark.grid[0].images_per_s': Input should be a valid number"),
     (lambda d: d["model"].update(pretrained="maybe"), "field 'model.pretrained'"),
-    (lambda d: d.update(schema_version=99), "field 'schema_version': 99 is newer than this code reads (3)"),
+    (lambda d: d.update(schema_version=99), "field 'schema_version': 99 is newer than this code reads (4)"),
     (lambda d: d.pop("schema_version"), "field 'schema_version': missing"),
     (lambda d: d.update(surprise=1), "field 'surprise': unknown field"),
 ])
@@ -336,7 +344,128 @@ def test_a_version_2_capacity_run_reads_as_measured_once(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(data))
     res = read_results(path)
-    assert res.schema_version == 3 and res.capacity.settings.recheck_margin == 0.0
+    assert res.schema_version == 4 and res.capacity.settings.recheck_margin == 0.0
     data["schema_version"] = 3
     path.write_text(json.dumps(data))
     assert read_results(path).capacity.settings.recheck_margin == 0.5
+
+
+# ----------------------------------------------------------------------------- the roofline per arithmetic
+def test_each_variant_is_divided_by_the_peak_of_its_own_arithmetic(tmp_path):
+    """INT8 against the INT8 (integer GEMM) peak, FP32 against FP32; the
+    report names the peak; a value above 100 % gets a neutral note that the
+    peak measurement is wrong, never a banner blaming the machine."""
+    from dinov2_triton.bench.inprocess import efficiency
+
+    res = make_results(server=False, parity=False)
+    fp32 = {"gflops": 270.0, "gflops_median": 260.0, "threads": 2, "size": 2048, "dtype": "float32", "repeats": 9,
+            "arithmetic": "fp32", "method": "torch.matmul float32 2048x2048"}
+    int8 = {"gflops": 1000.0, "gflops_median": 950.0, "threads": 2, "size": 2048, "dtype": "uint8 x int8 -> int32",
+            "repeats": 9, "arithmetic": "int8", "method": "onnxruntime MatMulInteger uint8 x int8 2048x2048"}
+    ip = res["in_process"]
+    ip["matmul_peaks"] = {"fp32": fp32, "int8": int8}
+    ip["peaks_not_measured"] = {"bf16": "this CPU has no BF16 arithmetic (no avx512_bf16 / amx_bf16)"}
+    for v in ip["variants"].values():
+        if v["status"] == "OK":
+            peak = int8 if v["precision"] == "int8" else fp32
+            v["arithmetic"] = peak["arithmetic"]
+            v["efficiency"] = efficiency(v["benchmark"], 12.25, peak, peak["arithmetic"])
+    # an FP32 variant faster than the FP32 peak: the peak measurement is what is wrong
+    ip["variants"]["onnx"]["efficiency"] = efficiency({"grid": [{"batch_size": 8, "threads": 2,
+                                                                 "images_per_s": 30.0}]}, 12.25, fp32, "fp32")
+    res["in_process"]["variants"]["onnx_int8"]["export"].update(
+        arithmetic={"arithmetic": "INT8", "unit": "VNNI", "instructions": ["avx512_vnni"],
+                    "shares": {"INT8": 0.8, "FP32": 0.2}, "source": "engine: test"})
+    out = _report(res, tmp_path)
+    rows = {r.key: r for r in out.rows}
+    int8_row = rows["dinov2_onnx_int8"]
+    best = max(c["images_per_s"] for c in ip["variants"]["onnx_int8"]["benchmark"]["grid"])
+    assert int8_row.in_process.efficiency == pytest.approx(best * 12.25 / 1000.0)
+    assert int8_row.in_process.efficiency_peak == "INT8" and rows["dinov2_onnx"].in_process.efficiency_peak == "FP32"
+    assert int8_row.arithmetic == "INT8 on VNNI (INT8 80%, FP32 20%)"
+    assert rows["dinov2_onnx"].in_process.efficiency == pytest.approx(30.0 * 12.25 / 270.0)   # > 100 %
+    md = out.md.read_text()
+    assert "busier" not in md and "ABOVE the FP32" not in md and "WARNING: dinov2_onnx" not in md
+    assert "that peak measurement is wrong, lower than what this engine's kernels reached" in md
+    assert "- INT8: 1000.0 GOP/s (onnxruntime MatMulInteger uint8 x int8 2048x2048, 2 threads)" in md
+    assert "- FP32: 270.0 GFLOP/s (torch.matmul float32 2048x2048, 2 threads)" in md
+    assert "- BF16: not measured (this CPU has no BF16 arithmetic (no avx512_bf16 / amx_bf16))" in md
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    assert "| INT8 on VNNI (INT8 80%, FP32 20%) |" in summary and f"{best * 12.25 / 10:.1f}% INT8 |" in summary
+    assert read_results(out.json).in_process.matmul_peaks["int8"].gflops == 1000.0
+
+
+def test_efficiency_record_names_its_peak():
+    from dinov2_triton.bench.inprocess import efficiency
+
+    bench = {"grid": [{"batch_size": 8, "threads": 2, "images_per_s": 20.0}]}
+    peak = {"gflops": 490.0, "method": "onnxruntime MatMulInteger"}
+    eff = efficiency(bench, 12.25, peak, "int8", shares={"INT8": 0.75, "FP32": 0.25})
+    assert eff["arithmetic"] == "int8" and eff["best"]["fraction_of_peak"] == pytest.approx(0.5)
+    assert eff["peak_method"] == "onnxruntime MatMulInteger" and eff["max_images_per_s_at_peak"] == 40.0
+    assert "mixed precision: INT8 75% of the matrix multiply layers, FP32 25%; divided by the INT8 peak" in eff[
+        "caveat"]
+    none = efficiency(bench, 12.25, None, "bf16", unavailable="this CPU has no BF16 arithmetic")
+    assert none["best"]["fraction_of_peak"] is None
+    assert none["caveat"] == "no BF16 peak measured on this host: this CPU has no BF16 arithmetic"
+    assert "caveat" not in efficiency(bench, 12.25, {"gflops": 490.0}, "fp32")
+
+
+# ----------------------------------------------------------------------------- statuses from the manifest
+def test_search_report_keeps_the_manifest_statuses(tmp_path, capsys):
+    """`dinov2-triton tune --variants onnx_int8` on a repository whose export
+    manifest SKIPPED the TensorRT variants: its results, report and printed
+    table say SKIPPED with the manifest's reason, never OK."""
+    from dinov2_triton.bench.capacity_records import (
+        Capacity,
+        CapacitySettings,
+        SearchPoint,
+        SearchRun,
+        SearchSettings,
+        ServingConfig,
+    )
+    from dinov2_triton.export.manifest import read_export_manifest
+    from dinov2_triton.tune import search as ps
+
+    manifest = read_export_manifest(DATA / "export_manifest_pipeline.json")
+    skipped = {n: e.reason for n, e in manifest.variants.items() if e.status == "SKIPPED"}
+    assert set(skipped) == {"trt_fp16", "trt_int8"}
+    cfg = ServingConfig(instances=2, threads=1, max_queue_delay_us=0, max_batch_size=8)
+    cap = Capacity(model="dinov2_onnx_int8", capacity_rps=40.0, capacity_img_s=40.0, p99_at_capacity_ms=80.0,
+                   failed_rps=44.0, knee_rps=30.0, stop="converged", reason="converged", wall_s=60.0)
+    run = SearchRun(settings=SearchSettings(strategy="grid", space={"dinov2_onnx_int8": {"instances": [1, 2]}},
+                                            budget_s=600.0, repository="model_repository", url="127.0.0.1:1",
+                                            capacity=CapacitySettings(slo_p99_ms=100.0)),
+                    points=[SearchPoint(index=0, key="dinov2_onnx_int8 i2", model="dinov2_onnx_int8",
+                                        variant="onnx_int8", config=cfg, capacity=cap, feasible=True,
+                                        measured="2026-12-01T00:00:00+00:00")],
+                    winner="dinov2_onnx_int8 i2")
+    record, report = ps._write(tmp_path, run, manifest, "127.0.0.1:1", None, [], {"variants": "onnx_int8"})
+    rows = {r.key: r for r in report.rows}
+    for name, reason in skipped.items():
+        row = rows[f"dinov2_{name}"]
+        assert row.status == "SKIPPED" and row.reasons == [f"export SKIPPED: {reason}"], row
+    assert rows["dinov2_onnx_int8"].status == "OK" and report.recommendation.variant == "dinov2_onnx_int8"
+    md = report.md.read_text()
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    assert "| `dinov2_trt_fp16` | fp16 | - | SKIPPED |" in summary
+    assert "| `dinov2_trt_int8` | int8 | - | SKIPPED |" in summary
+    assert f"dinov2_trt_fp16 (SKIPPED): export SKIPPED: {skipped['trt_fp16']}" in md
+    table = rp.summary_table(report.rows, report.recommendation)
+    assert [line.split()[1] for line in table.splitlines() if line.startswith("dinov2_trt_")] == ["SKIPPED"] * 2
+    assert {r.key: r.status for r in read_results(report.json).rows}["dinov2_trt_int8"] == "SKIPPED"
+
+
+@pytest.mark.parametrize("status, reason", [("FAILED", "build failed: RuntimeError: boom"),
+                                            ("GATE_FAILED", "failed its accuracy gate, not published: top-1 90%")])
+def test_bench_report_keeps_failed_and_gate_failed_from_the_manifest(tmp_path, status, reason):
+    """The export said FAILED / GATE_FAILED: the bench report's row says it too,
+    with the reason, even where its in-process and served numbers exist."""
+    res = make_results()
+    res["export"] = {"variants": {"onnx_fp16": {"model_name": "dinov2_onnx_fp16", "precision": "fp16",
+                                                "status": status, "reason": reason, "published": True}}}
+    out = _report(res, tmp_path)
+    row = {r.key: r for r in out.rows}["dinov2_onnx_fp16"]
+    assert row.status == status and f"export {status}: {reason}" in row.reasons
+    assert any(x.variant == "dinov2_onnx_fp16" for x in out.recommendation.rejected)
+    assert f"dinov2_onnx_fp16 ({status}): export {status}: {reason}" in out.md.read_text()

@@ -16,7 +16,9 @@ manifest does not have, SKIPPED with the reason):
 - memory: artifact size, resident memory before/after loading and the peak of
   the run, each variant in a FRESH spawned process so peaks never mix;
 - compute efficiency: images/s x FLOPs per image vs this machine's measured
-  FP32 matmul peak (for INT8 the FP32 peak is not the INT8 peak: said so);
+  matrix multiply peak of the arithmetic the variant runs (the export
+  manifest's ``arithmetic`` record: FP32, BF16 or INT8; each peak measured
+  here on the same threads, dinov2_triton.bench.system_info.arithmetic_peak);
 - bytes moved per image: input and output tensors, plus the weights read once
   per batch.
 """
@@ -45,8 +47,6 @@ EAGER_LABEL = "PyTorch eager FP32"
 #: how the report names a registry platform's runtime ("ONNX Runtime INT8")
 RUNTIME_NAMES = {"pytorch_libtorch": "TorchScript", "onnxruntime_onnx": "ONNX Runtime", "tensorrt_plan": "TensorRT"}
 TENSORRT_REASON = "needs an NVIDIA GPU and TensorRT (build the engine on a GPU host: dinov2-triton export)"
-INT8_PEAK_CAVEAT = ("INT8 math is compared with the FP32 matmul peak; the INT8 (VNNI/AMX/tensor-core) "
-                    "peak is higher, so this is not a fraction of that variant's own limit")
 
 
 class BenchmarkInputError(ValueError):
@@ -180,9 +180,27 @@ class VariantSpec:
     status: str = "OK"             # OK | SKIPPED | FAILED (before running)
     reason: str | None = None
     export: dict[str, Any] = field(default_factory=dict)  # the manifest's verdict, for the report
+    arithmetic: str = "fp32"       # whose peak its efficiency is a fraction of (variant_arithmetic)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def variant_arithmetic(precision: str, record: Mapping[str, Any] | None = None, flags=None) -> str:
+    """The arithmetic a variant runs (fp32, bf16, fp16, int8 ...): the export
+    manifest's ``arithmetic`` record (read from the engine) when it has one;
+    else its precision, where a CPU without BF16/FP16 arithmetic computes
+    BF16/FP16 values in FP32 (manifests written before the record)."""
+    from dinov2_triton.core.cpu_features import compute_unit, read_cpu_flags
+
+    if record and record.get("arithmetic"):
+        return str(record["arithmetic"]).lower()
+    precision = precision.lower()
+    if precision in ("bf16", "fp16"):
+        flags = read_cpu_flags() if flags is None else flags
+        if compute_unit(precision, flags) == compute_unit("fp32", flags):   # no native unit: FP32 math
+            return "fp32"
+    return precision
 
 
 def variant_label(variant: "Variant") -> str:
@@ -193,7 +211,8 @@ def variant_label(variant: "Variant") -> str:
 def _export_summary(entry: "VariantEntry") -> dict[str, Any]:
     """The manifest entry's verdict, as the report reads it (dinov2_triton.bench.results.ExportVerdict)."""
     out = entry.model_dump(include={"status", "reason", "published", "version", "gate_passed", "gate_failures",
-                                    "slower_than_parent", "speed", "size_bytes", "sha256", "build_info"})
+                                    "slower_than_parent", "speed", "size_bytes", "sha256", "build_info",
+                                    "arithmetic"})
     out["headline"] = entry.headline.model_dump() if entry.headline else {}
     if entry.verification is not None:
         out["verification_batch_sizes"] = {bs: {k: r.get(k) for k in ("n", "top1_agreement", "flipped", "logits",
@@ -226,7 +245,9 @@ def discover_variants(model_path: str | os.PathLike, repository: str | os.PathLi
     for name, e in entries.items():
         spec = VariantSpec(name=name, label=variant_label(registry[name]) if name in registry else name,
                            precision=e.precision, platform=e.platform, parent=e.parent or EAGER,
-                           model_name=e.model_name, gate=e.gate, export=_export_summary(e))
+                           model_name=e.model_name, gate=e.gate, export=_export_summary(e),
+                           arithmetic=variant_arithmetic(e.precision, e.arithmetic.model_dump() if e.arithmetic
+                                                         else None))
         if not e.published:
             spec.status = "FAILED" if e.status == "FAILED" else "SKIPPED"
             spec.reason = f"export {e.status}: {e.reason or 'not published'}"
@@ -248,7 +269,7 @@ def discover_variants(model_path: str | os.PathLike, repository: str | os.PathLi
                else f"export it with: dinov2-triton export --variants {name}")
         specs.append(VariantSpec(name=name, label=variant_label(v), precision=v.precision, platform=v.platform,
                                  parent=v.parent or EAGER, model_name=v.model_name, gate=v.gate, status="SKIPPED",
-                                 reason=f"not in the export manifest: {why}"))
+                                 reason=f"not in the export manifest: {why}", arithmetic=v.precision))
     if only:
         unknown = [n for n in only if n not in {s.name for s in specs}]
         if unknown:
@@ -389,24 +410,43 @@ def run_variant(job: Mapping[str, Any], *, isolate: bool = True, timeout_s: floa
 
 
 # ----------------------------------------------------------------------------- derived numbers
-def efficiency(bench: Mapping[str, Any], gflops_per_image: float | None, peak_gflops: float | None,
-               precision: str) -> dict[str, Any] | None:
-    """Achieved GFLOP/s (images/s x GFLOP/image) and its fraction of the FP32
-    matmul peak, for the best cell of the grid and per cell."""
+def efficiency(bench: Mapping[str, Any], gflops_per_image: float | None, peak: Mapping[str, Any] | None,
+               arithmetic: str = "fp32", *, unavailable: str | None = None,
+               shares: Mapping[str, float] | None = None) -> dict[str, Any] | None:
+    """Achieved GFLOP/s (images/s x GFLOP/image) and its fraction of the
+    measured peak of the variant's own `arithmetic` (`peak`:
+    dinov2_triton.bench.system_info.arithmetic_peak output; None with the
+    reason in `unavailable`), for the best cell of the grid and per cell.
+    A value above 100 % means the peak measurement is below what the engine
+    reached (the caveat says so); `shares` (arithmetic -> fraction of the
+    layers) names a mixed-precision variant in the caveat."""
     if not gflops_per_image or not bench or not bench.get("grid"):
         return None
+    peak_gflops = float(peak["gflops"]) if peak else None
+    name = arithmetic.upper()
     cells = []
     for c in bench["grid"]:
         ach = (c.get("images_per_s") or 0) * gflops_per_image
         cells.append({"batch_size": c["batch_size"], "threads": c["threads"], "achieved_gflops": ach,
-                      "fraction_of_fp32_peak": ach / peak_gflops if peak_gflops else None})
+                      "fraction_of_peak": ach / peak_gflops if peak_gflops else None})
     best = max(cells, key=lambda c: c["achieved_gflops"])
-    out = {"gflops_per_image": gflops_per_image, "fp32_peak_gflops": peak_gflops, "best": best, "cells": cells,
-           "max_images_per_s_at_fp32_peak": peak_gflops / gflops_per_image if peak_gflops else None}
-    if precision in ("int8", "fp8"):
-        out["caveat"] = INT8_PEAK_CAVEAT
-    elif precision == "fp16":
-        out["caveat"] = "FP16 compared with the FP32 peak (a CPU without FP16 math runs it at FP32 speed or slower)"
+    out = {"gflops_per_image": gflops_per_image, "arithmetic": arithmetic.lower(), "peak_gflops": peak_gflops,
+           "peak_method": (peak or {}).get("method"), "best": best, "cells": cells,
+           "max_images_per_s_at_peak": peak_gflops / gflops_per_image if peak_gflops else None}
+    notes = []
+    if peak_gflops is None:
+        notes.append(f"no {name} peak measured on this host" + (f": {unavailable}" if unavailable else ""))
+    elif best["fraction_of_peak"] > 1.0:
+        notes.append(f"{best['fraction_of_peak']:.0%} of the measured {name} peak ({peak_gflops:.1f} GFLOP/s, "
+                     f"{(peak or {}).get('method') or 'matrix multiply'}): that peak measurement is wrong, lower "
+                     f"than what this engine's kernels reached, so it is no bound here")
+    mixed = {k: v for k, v in (shares or {}).items() if k.lower() != arithmetic.lower() and v}
+    if mixed:
+        rest = ", ".join(f"{k} {v:.0%}" for k, v in mixed.items())
+        notes.append(f"mixed precision: {name} {1 - sum(mixed.values()):.0%} of the matrix multiply layers, "
+                     f"{rest}; divided by the {name} peak")
+    if notes:
+        out["caveat"] = "; ".join(notes)
     return out
 
 
@@ -443,7 +483,7 @@ def run_inprocess_benchmark(model_path: str | os.PathLike, *, repository: str | 
 
     from dinov2_triton.bench.input_data import load_samples
     from dinov2_triton.bench.results import InProcess
-    from dinov2_triton.bench.system_info import flops_per_image, matmul_peak
+    from dinov2_triton.bench.system_info import flops_per_image
     from dinov2_triton.core.records import RecordError
     from dinov2_triton.train.model import WeightsError, load_classifier
     from dinov2_triton.train.preprocessing_source import resolve_preprocessing
@@ -474,11 +514,11 @@ def run_inprocess_benchmark(model_path: str | os.PathLike, *, repository: str | 
     import torch
 
     used_threads = torch_threads or torch.get_num_threads()
-    say(f"matmul peak ({used_threads} threads) ...")
-    # Measured before AND after the variants, the higher one kept: on a shared
-    # machine a single snapshot can land in a busy moment and make every
-    # variant look like it beats the hardware.
-    peak = matmul_peak(used_threads) if measure_peak else None
+    # One peak per arithmetic the variants run (FP32 always: the eager
+    # baseline), measured before AND after the variants, the higher one kept:
+    # on a shared machine a single snapshot can land in a busy moment.
+    arithmetics = sorted({"fp32", *(s.arithmetic for s in specs if s.status == "OK")})
+    peaks, not_measured = _measure_peaks(arithmetics, used_threads, say) if measure_peak else ({}, {})
     result: dict[str, Any] = {
         "settings": {"batch_sizes": batch_sizes, "threads": threads, "seconds": seconds, "warmup": warmup,
                      "torch_threads": used_threads, "isolated_processes": isolate, "n_samples": len(samples.names),
@@ -490,7 +530,9 @@ def run_inprocess_benchmark(model_path: str | os.PathLike, *, repository: str | 
                   "weights_source": record.weights_source, "pretrained": record.pretrained,
                   "preprocessing": preprocessing.to_dict(), "checkpoint_metrics": record.metrics},
         "flops": flops,
-        "matmul_peak": peak,
+        "matmul_peak": peaks.get("fp32"),
+        "matmul_peaks": peaks,
+        "peaks_not_measured": not_measured,
         "input_data": samples.describe(),
         "variants": {}, "skipped": [],
     }
@@ -527,14 +569,33 @@ def run_inprocess_benchmark(model_path: str | os.PathLike, *, repository: str | 
                                                batch_sizes=batch_sizes, gflops_per_image=flops["gflops"])
             result["variants"][spec.name] = entry
     if measure_peak:
-        again = matmul_peak(used_threads)
-        first = peak
-        peak = dict(max(first, again, key=lambda p: p["gflops"]))
-        peak["measurements_gflops"] = [first["gflops"], again["gflops"]]
-        result["matmul_peak"] = peak
+        again, _ = _measure_peaks(list(peaks), used_threads, say)
+        for arith, first in list(peaks.items()):
+            second = again.get(arith) or first
+            peaks[arith] = dict(max(first, second, key=lambda p: p["gflops"]),
+                                measurements_gflops=[first["gflops"], second["gflops"]])
+        result["matmul_peak"], result["matmul_peaks"] = peaks.get("fp32"), peaks
     for spec in specs:
         entry = result["variants"][spec.name]
+        entry["arithmetic"] = spec.arithmetic
         if entry.get("status") == "OK" and entry.get("benchmark"):
-            entry["efficiency"] = efficiency(entry["benchmark"], flops["gflops"], peak and peak["gflops"],
-                                             spec.precision)
+            entry["efficiency"] = efficiency(entry["benchmark"], flops["gflops"], peaks.get(spec.arithmetic),
+                                             spec.arithmetic, unavailable=not_measured.get(spec.arithmetic),
+                                             shares=(spec.export.get("arithmetic") or {}).get("shares"))
     return InProcess.model_validate(result)
+
+
+def _measure_peaks(arithmetics, threads: int, say) -> tuple[dict[str, dict], dict[str, str]]:
+    """{arithmetic: its peak} and {arithmetic: why it has none} on `threads` threads."""
+    from dinov2_triton.bench.system_info import PeakUnavailable, arithmetic_peak
+
+    peaks, not_measured = {}, {}
+    for arith in arithmetics:
+        try:
+            peaks[arith] = arithmetic_peak(arith, threads)
+            say(f"{arith.upper()} matrix multiply peak ({threads} threads): {peaks[arith]['gflops']:.1f} "
+                f"G{'OP' if arith == 'int8' else 'FLOP'}/s ({peaks[arith]['method']})")
+        except PeakUnavailable as exc:
+            not_measured[arith] = str(exc)
+            say(f"{arith.upper()} peak not measured: {exc}")
+    return peaks, not_measured

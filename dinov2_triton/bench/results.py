@@ -25,8 +25,14 @@ version (``model.pretrained`` included); version 2 adds the optional
 ``search`` (dinov2_triton.tune.search: the configuration search) sections and the
 recommendation's capacity fields; version 3 adds the capacity rates'
 ``rechecked``/``mean_p99_ms`` and the settings' ``recheck_margin`` (a
-marginal verdict measured again). Older files read as version 3 without them
-(a version-2 capacity run measured every rate once: ``recheck_margin`` 0).
+marginal verdict measured again); version 4 measures a matrix multiply peak
+per arithmetic (``in_process.matmul_peaks``: fp32, bf16, int8) and divides
+each variant by the peak of the arithmetic it runs (its ``arithmetic``,
+from the export manifest): ``efficiency.arithmetic``/``peak_gflops``/
+``fraction_of_peak`` replace the FP32-only ``fp32_peak_gflops``/
+``fraction_of_fp32_peak``. Older files read as version 4 (a version-2
+capacity run measured every rate once: ``recheck_margin`` 0; a version-3
+efficiency was against the FP32 peak: ``arithmetic`` fp32).
 """
 from __future__ import annotations
 
@@ -109,8 +115,9 @@ class Flops(Section):
 
 
 class MatmulPeak(Section):
-    """dinov2_triton.bench.system_info.matmul_peak(); ``measurements_gflops`` when measured
-    before and after the variants (the higher one is kept)."""
+    """dinov2_triton.bench.system_info.arithmetic_peak(); ``measurements_gflops`` when measured
+    before and after the variants (the higher one is kept). INT8: integer
+    GOP/s, 2 per multiply-accumulate."""
     gflops: float
     gflops_median: float
     threads: int
@@ -118,6 +125,8 @@ class MatmulPeak(Section):
     dtype: str
     repeats: int
     measurements_gflops: list[float] | None = None
+    arithmetic: str = "fp32"          # fp32 | bf16 | int8
+    method: str | None = None         # what was timed, e.g. "torch.matmul float32 2048x2048"
 
 
 class OperatingPoint(Section):
@@ -183,16 +192,19 @@ class EfficiencyCell(Section):
     batch_size: int
     threads: int
     achieved_gflops: float
-    fraction_of_fp32_peak: float | None
+    fraction_of_peak: float | None
 
 
 class Efficiency(Section):
-    """images/s x GFLOP per image against the measured FP32 matmul peak."""
+    """images/s x GFLOP per image against the measured matrix multiply peak
+    of the arithmetic the variant runs (``arithmetic``)."""
     gflops_per_image: float
-    fp32_peak_gflops: float | None
+    arithmetic: str = "fp32"                  # whose peak: fp32 | bf16 | int8 ...
+    peak_gflops: float | None
+    peak_method: str | None = None
     best: EfficiencyCell
     cells: list[EfficiencyCell]
-    max_images_per_s_at_fp32_peak: float | None
+    max_images_per_s_at_peak: float | None
     caveat: str | None = None
 
 
@@ -221,6 +233,7 @@ class ExportVerdict(Copied):
     headline: dict[str, Any] = {}
     gate_passed: bool | None = None
     gate_failures: list[str] = []
+    arithmetic: dict[str, Any] | None = None     # dinov2_triton.export.manifest.Arithmetic
 
 
 class InProcessVariant(Section):
@@ -247,6 +260,8 @@ class InProcessVariant(Section):
     traceback: str | None = None
     efficiency: Efficiency | None = None
     bytes_moved: BytesMoved | None = None
+    #: the arithmetic its efficiency is measured against (fp32 | bf16 | int8 ...)
+    arithmetic: str | None = None
 
 
 class InProcessSettings(Section):
@@ -266,7 +281,11 @@ class InProcess(Section):
     settings: InProcessSettings
     model: ModelInfo
     flops: Flops
-    matmul_peak: MatmulPeak | None
+    matmul_peak: MatmulPeak | None               # the FP32 one
+    #: arithmetic -> its measured peak (the ones the variants run)
+    matmul_peaks: dict[str, MatmulPeak] = {}
+    #: arithmetic -> why no peak was measured for it on this host
+    peaks_not_measured: dict[str, str] = {}
     input_data: InputData
     variants: dict[str, InProcessVariant]
     skipped: list[Skipped] = []
@@ -376,6 +395,7 @@ class RowInProcess(Section):
     peak_rss_bytes: int | None = None
     loaded_model_bytes: int | None = None
     efficiency: float | None = None
+    efficiency_peak: str | None = None           # whose peak efficiency is a fraction of (FP32, INT8 ...)
     efficiency_caveat: str | None = None
 
 
@@ -418,6 +438,7 @@ class VariantRow(Section):
     model_name: str | None = None
     in_process_name: str | None = None
     precision: str = "fp32"
+    arithmetic: str | None = None                # what it runs, on which unit ("INT8 on VNNI")
     parent: str | None = None
     status: str = "OK"
     reasons: list[str] = []
@@ -468,7 +489,7 @@ class PerfResults(Record):
     """``perf/reports/<run-id>/results.json``: written by dinov2_triton.pipeline.bench_stage (and again by
     dinov2_triton.report.report with ``rows`` and ``recommendation``), read by dinov2_triton.report.report."""
 
-    SCHEMA_VERSION: ClassVar[int] = 3
+    SCHEMA_VERSION: ClassVar[int] = 4
     KIND: ClassVar[str] = "perf results.json"
     REGENERATE: ClassVar[str] = "dinov2-triton bench --model-path ... (see dinov2-triton bench --help)"
 
@@ -511,8 +532,36 @@ class PerfResults(Record):
             for settings in capacity_settings:
                 if isinstance(settings, dict):
                     settings.setdefault("recheck_margin", 0.0)
-            return {**data, "schema_version": 3}
+            return cls._migrate({**data, "schema_version": 3}, 3)
+        if version == 3:   # 4: efficiency per arithmetic; 3 divided every variant by the FP32 peak
+            import copy
+
+            data = copy.deepcopy(data)
+            ip = data.get("in_process")
+            if isinstance(ip, dict):
+                if isinstance(ip.get("matmul_peak"), dict):
+                    ip.setdefault("matmul_peaks", {"fp32": ip["matmul_peak"]})
+                for v in (ip.get("variants") or {}).values():
+                    eff = v.get("efficiency") if isinstance(v, dict) else None
+                    if isinstance(eff, dict):
+                        v["efficiency"] = _efficiency_v4(eff)
+            return {**data, "schema_version": 4}
         raise RecordError(f"schema_version {version} is no longer supported")
+
+
+def _efficiency_v4(eff: dict[str, Any]) -> dict[str, Any]:
+    """A version-3 efficiency (against the FP32 peak, whatever the variant ran) in version 4's names."""
+    renames = {"fp32_peak_gflops": "peak_gflops", "max_images_per_s_at_fp32_peak": "max_images_per_s_at_peak",
+               "fraction_of_fp32_peak": "fraction_of_peak"}
+
+    def renamed(d: dict[str, Any]) -> dict[str, Any]:
+        return {renames.get(k, k): v for k, v in d.items()}
+    out = renamed(eff)
+    out.setdefault("arithmetic", "fp32")
+    if isinstance(out.get("best"), dict):
+        out["best"] = renamed(out["best"])
+    out["cells"] = [renamed(c) if isinstance(c, dict) else c for c in out.get("cells") or []]
+    return out
 
 
 def write_results(path: str | os.PathLike, results: PerfResults) -> Path:

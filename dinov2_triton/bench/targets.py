@@ -56,7 +56,8 @@ def export_summary(manifest: "ExportManifest | None") -> dict[str, Any] | None:
     if manifest is None:
         return None
     keep = {"model_name", "platform", "precision", "parent", "gate", "status", "reason", "published", "version",
-            "size_bytes", "headline", "gate_passed", "gate_failures", "slower_than_parent", "speed"}
+            "size_bytes", "headline", "gate_passed", "gate_failures", "slower_than_parent", "speed",
+            "arithmetic"}
     out = manifest.model_dump(include={"run_id", "created", "weights_source", "img_size", "eval_set", "reference",
                                        "versions", "preprocess", "ensemble"})
     # exclude_none: a SKIPPED variant has no headline/speed; the section's

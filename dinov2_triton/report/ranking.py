@@ -1,6 +1,11 @@
 """The ranking policy: one row per variant, the operating point, the
 recommendation and the slower-than-parent flags.
 
+A row's status is the export manifest's where the manifest says SKIPPED,
+FAILED or GATE_FAILED (with its reason), whatever else was measured or
+listed about that model; OK rows take the in-process benchmark's status
+(a variant that failed to run there is FAILED).
+
     summarize(results)   -> [VariantRow]  (in process + served + parity + export, per variant)
     recommend(rows, op)  -> Recommendation
 
@@ -48,6 +53,8 @@ EXTENSIONS = {"int8": ("avx512_vnni", "avx_vnni", "amx_int8"), "fp16": ("avx512_
               "fp32": ("avx512f", "avx2", "fma")}
 #: the extensions whose absence the recommendation points out
 KEY_EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
+#: export manifest statuses that a row keeps, whatever else ran
+MANIFEST_STATUSES = ("SKIPPED", "FAILED", "GATE_FAILED")
 
 
 def _ms(us: Any) -> float | None:
@@ -120,7 +127,7 @@ def summarize(results: PerfResults) -> list[VariantRow]:
         r.precision, r.file_bytes, r.platform, r.gate_name = e.precision, e.file_bytes, e.platform, e.gate
         parent_of[key] = e.parent
         if name == EAGER:
-            r.kind = "baseline"
+            r.kind, r.arithmetic = "baseline", "FP32"
         if e.status != "OK":
             r.status = e.status
             r.reasons.append(e.reason or "")
@@ -142,6 +149,8 @@ def summarize(results: PerfResults) -> list[VariantRow]:
         if kind:
             r.kind, r.label = kind
     for key, r in rows.items():
+        e = entry_of.get(key)
+        _manifest_status(r, export_of.get(key), e.export if e else None)
         pn = parent_of.get(key)
         r.parent = name_to_model.get(pn, pn) if pn else (None if r.kind != "variant" else EAGER)
         if r.kind == "ensemble":
@@ -149,11 +158,36 @@ def summarize(results: PerfResults) -> list[VariantRow]:
             par = parity.get(key)
             classifier = ens.get("classifier") or (par.default_variant if par else None)
             r.parent = name_to_model.get(classifier, classifier) if classifier else None
-        e = entry_of.get(key)
         _fill_numbers(results, r, op, e, export_of.get(key) or (e.export if e else None), parity.get(key),
                       server_mem.get(key))
     _flag_slower(rows, op)
     return sorted(rows.values(), key=lambda r: (_KIND_ORDER.get(r.kind, 9), r.key))
+
+
+def _manifest_status(r: VariantRow, *verdicts) -> None:
+    """The export manifest's SKIPPED / FAILED / GATE_FAILED, with its reason,
+    is the row's status (a search or a served-model listing never makes it
+    OK); the arithmetic the manifest recorded is the row's. `verdicts`: the
+    results' export section's entry, then the in-process entry's copy."""
+    verdicts = [v for v in verdicts if v is not None and getattr(v, "status", None)]
+    if not verdicts:
+        return
+    verdict = verdicts[0]
+    arith = next((v.arithmetic for v in verdicts if isinstance(getattr(v, "arithmetic", None), dict)), None)
+    if arith and arith.get("arithmetic"):
+        from dinov2_triton.export.manifest import Arithmetic
+
+        try:
+            r.arithmetic = Arithmetic.model_validate(arith).label()
+        except ValueError:
+            r.arithmetic = str(arith["arithmetic"])
+    status = getattr(verdict, "status", None)
+    if status not in MANIFEST_STATUSES:
+        return
+    reason = f"export {status}: {verdict.reason or 'see the export manifest'}"
+    r.status = status
+    if not any((verdict.reason or reason) in x for x in r.reasons):
+        r.reasons.append(reason)
 
 
 def _inproc_cell(e: InProcessVariant, bs: int, threads: int):
@@ -187,7 +221,8 @@ def _fill_numbers(results: PerfResults, r: VariantRow, op: OperatingPoint, e: In
             best_images_per_s=(max(c.images_per_s or 0 for c in bench.grid) if bench and bench.grid else None),
             peak_rss_bytes=e.memory.peak_rss_bytes if e.memory else None,
             loaded_model_bytes=e.memory.loaded_model_bytes if e.memory else None,
-            efficiency=eff.best.fraction_of_fp32_peak if eff else None,
+            efficiency=eff.best.fraction_of_peak if eff else None,
+            efficiency_peak=eff.arithmetic.upper() if eff else None,
             efficiency_caveat=eff.caveat if eff else None)
     if r.served:
         p = _server_point(results, r.key, op)
@@ -293,16 +328,10 @@ def recommend(rows: Sequence[VariantRow], op: OperatingPoint, machine=None) -> R
     for r in variants:
         measured = getattr(r, source)
         thr, p99 = measured.op_images_per_s, measured.op_p99_ms
-        why = None
-        if r.status != "OK":
-            why = f"{r.status}: {'; '.join(x for x in r.reasons if x)}"
-        elif r.gate.passed is None:
-            why = "no gate verdict (no parity and no export verification)"
-        elif not r.gate.passed:
-            why = "gate FAILED: " + "; ".join(r.gate.failures)
-        elif not thr:
+        why = _gate_reason(r)
+        if why is None and not thr:
             why = f"not measured at the operating point ({source})"
-        elif op.max_p99_ms and p99 is not None and p99 > op.max_p99_ms:
+        elif why is None and op.max_p99_ms and p99 is not None and p99 > op.max_p99_ms:
             why = f"p99 {p99:.1f} ms over the budget {op.max_p99_ms} ms"
         if why:
             rejected.append(Rejected(variant=r.key, reason=why))
@@ -331,6 +360,8 @@ def _gate_reason(r: VariantRow | None) -> str | None:
     """Why a row may not be recommended (None: it may)."""
     if r is None:
         return "not a variant of the export manifest"
+    if r.status == "GATE_FAILED":
+        return "gate FAILED: " + ("; ".join(r.gate.failures) or "; ".join(x for x in r.reasons if x))
     if r.status != "OK":
         return f"{r.status}: {'; '.join(x for x in r.reasons if x)}"
     if r.gate.passed is None:

@@ -209,9 +209,9 @@ def runtime_arithmetic(compiled, *, flags) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - a property an OpenVINO version lacks is left out, not fatal
         hint = None
     return arithmetic_record(layers, flags=flags,
-                  source="engine: OpenVINO compiled runtime model (runtimePrecision and primitiveType of "
-                         f"{len(layers)} matrix multiply / convolution layers)",
-                  note=f"compiled INFERENCE_PRECISION_HINT {hint}" if hint else None)
+                             source="engine: OpenVINO compiled runtime model (runtimePrecision and primitiveType "
+                                    f"of {len(layers)} matrix multiply / convolution layers)",
+                             note=f"compiled INFERENCE_PRECISION_HINT {hint}" if hint else None)
 
 
 def bf16_gate(flags) -> None:
