@@ -1,6 +1,7 @@
 """The backbone is DINOv2 at the size it is deployed at.
 
-Reference: the official facebookresearch/dinov2 code (PyPI dinov2==0.0.1.dev2,
+Reference: the official facebookresearch/dinov2 code (PyPI dinov2==0.0.1.dev2, put in
+.venv/reference/ by scripts/setup_env.sh,
 random tiny weights: depth 2, width 64, the released 518 px / 37x37 grid),
 saved in the official layout and loaded through `--weights file.pth`
 (build_model(..., weights=path)); and transformers' own Dinov2Model /
@@ -20,6 +21,7 @@ from dinov2_triton.train.pos_embed import LEGACY_TIMM, OFFICIAL_PLAIN, OFFICIAL_
 from tests.fixtures.official_dinov2 import (
     TINY_OVERRIDES,
     TINY_SWIGLU_OVERRIDES,
+    ReferenceMissing,
     import_official_vit,
     make_official,
     make_transformers_folder,
@@ -39,8 +41,11 @@ CASES = {
 
 @pytest.fixture(scope="session")
 def official_dinov2():
-    """The official code's vision_transformer module (pip-installed once, cached)."""
-    return import_official_vit()
+    """The official code's vision_transformer module (installed by scripts/setup_env.sh, never at test time)."""
+    try:
+        return import_official_vit()
+    except ReferenceMissing as exc:
+        pytest.fail(str(exc))
 
 
 def _inputs(size: int, batch: int = 2) -> torch.Tensor:
