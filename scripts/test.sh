@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Run the test suite (sets up .venv and Debian packages first, idempotently).
-# Lint runs first and fails fast: ruff (pinned in requirements/lock-cpu.txt,
-# rules in pyproject.toml) on the Python tree and shellcheck on the shell
-# scripts. LINT=0 skips it (e.g. while iterating on one test).
-# Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -k export
+# Run the tests (sets up .venv, the package and the Debian packages first, idempotently).
+#   scripts/test.sh                  the whole suite (network tests skipped)
+#   scripts/test.sh -m unit          no server, no HAProxy, no kubectl, no network (minutes)
+#   scripts/test.sh -m integration   the real Triton server, HAProxy, kubectl
+#   scripts/test.sh -m network       the checks that need the package index
+# Tiers are set by tests/conftest.py. Lint runs first and fails fast: ruff (pinned in
+# requirements/lock-cpu.txt, rules in pyproject.toml) and shellcheck; LINT=0 skips it.
+# Other arguments go to pytest, e.g. scripts/test.sh -m "not slow" -k export
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh
@@ -26,9 +29,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # OpenVINO's runtime and torch training in ONE process crash it (a segfault,
 # seen both ways round: tests/test_finetune.py after tests/test_cpu_variants.py
 # and the reverse; each file passes alone, and the pipeline never mixes them:
-# train and export are separate commands). So a whole-suite run takes the
-# OpenVINO tests in a second pytest process; a run naming test files or
-# folders runs as given.
+# train and export are separate commands). So a run of the whole tests/ folder
+# (any -m/-k selection) takes the OpenVINO tests in a second pytest process; a
+# run naming test files or folders runs as given.
 ISOLATED=tests/test_cpu_variants.py
 for arg in "$@"; do
   case "$arg" in tests*|*.py|*::*) exec .venv/bin/python -m pytest "$@" ;; esac
@@ -38,8 +41,10 @@ rc=0
 echo "[test] second process: $ISOLATED (OpenVINO runtime kept apart from torch training)"
 rc2=0
 .venv/bin/python -m pytest "$ISOLATED" "$@" || rc2=$?
-# pytest's 5 = nothing collected (e.g. -k matched nothing in one of the two)
+# pytest's 5 = nothing collected: fine in one of the two (e.g. -m or -k selected nothing there),
+# an error when neither collected anything
 [ "$rc" -eq 5 ] && [ "$rc2" -ne 5 ] && rc=0
 [ "$rc2" -eq 5 ] && [ "$rc" -ne 5 ] && rc2=0
+echo "[test] done in ${SECONDS} s (exit ${rc}/${rc2}; load $(cut -d' ' -f1-3 /proc/loadavg))"
 [ "$rc" -ne 0 ] && exit "$rc"
 exit "$rc2"

@@ -1,5 +1,30 @@
-"""Shared fixtures. Stage-specific fixtures live in tests/fixtures/*.py."""
+"""Shared fixtures, and the test tiers. Stage-specific fixtures live in tests/fixtures/*.py.
+
+Tiers (markers registered in pyproject.toml; set here at collection, from what
+a test uses, so nobody has to remember them):
+
+- ``integration``: the test runs a real external service or tool: it uses a
+  fixture that starts the local Triton server or the replica set behind
+  HAProxy (INTEGRATION_FIXTURES, directly or through another fixture), or it
+  carries one of the markers ``triton``, ``haproxy``, ``kubectl``
+  (INTEGRATION_MARKERS: it runs that program itself).
+- ``unit``: every other test that is neither ``slow`` nor ``network``: no
+  server, no HAProxy, no kubectl, no network. ``scripts/test.sh -m unit``.
+  A unit test that starts tritonserver, haproxy or kubectl anyway fails and
+  says which marker it needs.
+- ``network``: needs the package index (PyPI). Skipped unless asked for:
+  ``-m network`` (or any ``-m`` expression naming it) or
+  ``DINOV2_TRITON_NETWORK_TESTS=1``.
+
+No network unless ``network`` tests were asked for: a connection to anything
+but loopback (or a Unix socket) fails with a message saying so, and pip run
+by a test or a fixture gets ``PIP_NO_INDEX=1``.
+"""
+import errno
+import ipaddress
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +42,117 @@ pytest_plugins = [
     "tests.fixtures.data",
     "tests.fixtures.triton",
 ]
+
+#: fixtures that start the real local Triton server (tests/fixtures/triton.py) or a replica set behind HAProxy
+INTEGRATION_FIXTURES = frozenset({"triton_server", "triton_server_factory", "replica_set"})
+#: markers of tests that run the real program themselves
+INTEGRATION_MARKERS = frozenset({"triton", "haproxy", "kubectl"})
+#: programs a unit test must not start, and the marker a test that does needs
+GUARDED_PROGRAMS = {"tritonserver": "triton", "haproxy": "haproxy", "kubectl": "kubectl"}
+NETWORK_ENV = "DINOV2_TRITON_NETWORK_TESTS"
+
+
+def tier_of(item) -> str | None:
+    """``integration``, ``unit`` or None (slow or network: only in the whole suite or when asked)."""
+    marks = {m.name for m in item.iter_markers()}
+    if "network" in marks:
+        return None
+    if marks & INTEGRATION_MARKERS or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "integration"
+    return None if "slow" in marks else "unit"
+
+
+def _network_asked(config) -> bool:
+    return os.environ.get(NETWORK_ENV) == "1" or "network" in (config.getoption("markexpr") or "")
+
+
+def pytest_collection_modifyitems(config, items):
+    asked = _network_asked(config)
+    for item in items:
+        tier = tier_of(item)
+        if tier is not None:
+            item.add_marker(tier)
+        if tier == "integration" and INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker("triton")  # uses a server fixture: runs the real server
+        if item.get_closest_marker("network") and not asked:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs the package index: run with -m network (or {NETWORK_ENV}=1)"))
+
+
+# --------------------------------------------------------------------------- guards
+def _loopback(address) -> bool:
+    host = address[0] if isinstance(address, tuple) else address
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _refuse_network(sock, address) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address):
+        raise OSError(errno.ENETUNREACH, f"no network in tests (tests/conftest.py): connection to {address!r} "
+                                         f"refused; a test that needs the package index is marked network")
+
+
+def _guarded_connect(self, address):
+    _refuse_network(self, address)
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    _refuse_network(self, address)
+    return _real_connect_ex(self, address)
+
+
+_real_execute_child = subprocess.Popen._execute_child
+
+
+def _program(args, executable) -> str:
+    """The file name of the program a Popen starts (a shell command line: its first word)."""
+    if isinstance(args, (str, bytes)) and not executable:
+        words = os.fsdecode(args).split()
+        return Path(words[0]).name if words else ""
+    first = executable or (args if isinstance(args, os.PathLike) else next(iter(args), ""))
+    return Path(os.fsdecode(first)).name
+
+
+def pytest_configure(config):
+    if not _network_asked(config):
+        os.environ["PIP_NO_INDEX"] = "1"  # pip started by a test (or a fixture) cannot reach the index
+        socket.socket.connect = _guarded_connect
+        socket.socket.connect_ex = _guarded_connect_ex
+
+
+def pytest_unconfigure(config):
+    socket.socket.connect, socket.socket.connect_ex = _real_connect, _real_connect_ex
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A ``unit`` test that starts tritonserver, haproxy or kubectl fails, naming the marker it needs.
+    Guarded from setup to teardown, so a module- or session-scoped fixture it triggers is caught too."""
+    if not item.get_closest_marker("unit"):
+        yield
+        return
+
+    def execute_child(self, args, executable, *rest, **kw):
+        name = _program(args, executable)
+        if name in GUARDED_PROGRAMS:
+            raise RuntimeError(f"{item.nodeid} starts {name}: not a unit test; mark it "
+                               f"@pytest.mark.{GUARDED_PROGRAMS[name]} (tests/conftest.py)")
+        return _real_execute_child(self, args, executable, *rest, **kw)
+
+    subprocess.Popen._execute_child = execute_child
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child = _real_execute_child
 
 
 @pytest.fixture(scope="session")

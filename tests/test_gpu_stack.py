@@ -9,10 +9,11 @@ one CUDA major, the containers' Python and the pinned TensorRT, nothing in
 the package or the scripts repeats the pin, and the docker command lines are
 built from the pin and the repository (checked as argv lists, and end to end
 with stand-in `docker` and `nvidia-smi` that record their arguments).
-PyPI (marked slow): pip resolves the lock for the containers' Python and
-platform from wheels alone, and every generated config.pbtxt parses with the
-model-config protobuf of the local server's release and of the pinned
-container's release (their tritonclient wheels)."""
+Every generated config.pbtxt parses with the model-config protobuf of the
+local server's release and of the pinned container's release (their tritonclient
+wheels, downloaded by scripts/setup_env.sh). The package index (marked network,
+run with -m network): pip resolves the lock for the containers' Python and
+platform from wheels alone."""
 from __future__ import annotations
 
 import ast
@@ -327,8 +328,8 @@ def test_container_boot_refuses_another_python_and_reuses_an_installed_lock(tmp_
     assert "installing" not in proc.stderr
 
 
-# --------------------------------------------------------------------------- PyPI
-@pytest.mark.slow
+# --------------------------------------------------------------------------- the package index (-m network)
+@pytest.mark.network
 def test_lock_resolves_for_the_containers_python_from_wheels():
     pin, lock = load_pin(), gs.read_lock()
     reqs = [f"{p.name}{'[' + p.extras + ']' if p.extras else ''}=={p.version}" for p in lock.packages.values()]
@@ -337,7 +338,7 @@ def test_lock_resolves_for_the_containers_python_from_wheels():
     assert res.tensorrt_bindings["url"].endswith(f"-cp{pin.python.replace('.', '')}-none-manylinux_2_28_x86_64.whl")
 
 
-@pytest.mark.slow
+@pytest.mark.network
 def test_resolution_sees_the_cuda_major_and_python_of_the_old_stack():
     # onnxruntime-gpu 1.22 (the old pin) declares CUDA 12 libraries; torch 2.14.1 declares CUDA 13.
     res = gs.resolve(["onnxruntime-gpu[cuda,cudnn]==1.22.0"], python="3.12", platform="manylinux_2_39_x86_64")
@@ -348,6 +349,7 @@ def test_resolution_sees_the_cuda_major_and_python_of_the_old_stack():
         gs.resolve(["pillow==13.0.0"], python="3.10", platform="manylinux_2_39_x86_64")
 
 
+# --------------------------------------------------------------------------- both releases' model config
 def _generated_configs() -> dict[str, str]:
     """The config.pbtxt of every model the export can publish, TensorRT
     stamping and instance GPUs included (export/pipeline.py does the same)."""
@@ -379,7 +381,6 @@ def _generated_configs() -> dict[str, str]:
     return texts
 
 
-@pytest.mark.slow
 def test_every_generated_config_parses_with_both_releases_model_config():
     from google.protobuf import text_format
 

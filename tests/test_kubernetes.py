@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = DEPLOY_DIR
 SOURCES = {"gpu": DEPLOY / "overlays" / "gpu", "cpu": DEPLOY / "overlays" / "cpu", "kserve": DEPLOY / "kserve"}
 CRDS = {"ServiceMonitor", "InferenceService"}
+pytestmark = pytest.mark.kubectl  # every overlay is rendered by the real kubectl: the integration tier
 DEPLOYMENT_KINDS = {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
                     "HorizontalPodAutoscaler", "ServiceMonitor"}
 

@@ -46,6 +46,7 @@ def test_cpu_shares_are_disjoint_and_even():
         rp.cpu_shares(0, [0])
 
 
+@pytest.mark.haproxy
 def test_haproxy_config_is_valid_and_checks_every_model(tmp_path):
     ups = [lb.Upstream("r0", 1000, 1001), lb.Upstream("r1", 1010, 1011)]
     text = lb.haproxy_config(ups, host="127.0.0.1", http_port=2000, grpc_port=2001, stats_port=2002,
