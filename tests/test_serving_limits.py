@@ -150,33 +150,45 @@ def test_the_served_limit_is_the_config_parameter(server):
         assert conn.infer("dinov2", [conn.bytes_input("image", [image])]).as_numpy("logits").shape == (1, 3)
 
 
-@pytest.mark.triton
-def test_bad_requests_have_their_status_and_triton_2_51_answers_500_for_three(server):
-    """Each malformed request is refused with the server's message; the
-    statuses are Triton 2.51's. Three client errors get HTTP 500: pinned, so
-    that an upgrade that answers 4xx is noticed (and the README table updated)."""
+@pytest.fixture(scope="module")
+def bad_requests(server):
+    """Every malformed request of dinov2_triton.qa.reliability.bad_request_cases, sent once: case -> result."""
     with server.connect("grpc") as conn:
         config = conn.model_config("dinov2_onnx")
     dims = config["input"][0]["dims"]
-    cases = {c["case"]: c for c in rel.bad_request_cases(server.url_http, "dinov2_onnx", dims,
-                                                         config["max_batch_size"], image_model="dinov2")}
-    status = {k: c["status"] for k, c in cases.items()}
+    return {c["case"]: c for c in rel.bad_request_cases(server.url_http, "dinov2_onnx", dims,
+                                                        config["max_batch_size"], image_model="dinov2")}
+
+
+@pytest.mark.triton
+def test_bad_requests_are_refused_with_their_status_and_message(server, bad_requests):
+    """Each malformed request is refused with the server's message and a 4xx status (Triton 2.51's
+    statuses), the server stays live; the three 2.51 answers with 500 are the strict xfail below."""
+    cases = bad_requests
+    status = {k: c["status"] for k, c in cases.items() if k not in rel.HTTP_500_CLIENT_ERRORS}
     assert status == {
         "good request": 200, "wrong input name": 400, "wrong dtype": 400, "wrong shape": 400,
         "batch 9 > max_batch_size 8": 400, "unknown model": 404,
         "repository index without the API key": 403, "model load without the API key": 403,
-        "malformed JSON": 500, "data shorter than its shape": 500, "negative dimension": 500,
         "80 MB body for a 1-image tensor": 400,
         "good image (ensemble)": 200, "garbage bytes as an image": 400, "truncated PNG": 400,
         "decompression bomb (20000 x 20000 PNG)": 400, "image over max_image_bytes (21 MB)": 400,
     }, cases
-    assert set(rel.HTTP_500_CLIENT_ERRORS) == {k for k, v in status.items() if v == 500}
+    assert set(rel.HTTP_500_CLIENT_ERRORS) <= set(cases)
     assert "failed to parse the request JSON" in cases["malformed JSON"]["message"]
     assert "exceeds the limit of 20000000 encoded bytes" in cases["image over max_image_bytes (21 MB)"]["message"]
     assert "not a decodable image" in cases["truncated PNG"]["message"]
-    assert cases["decompression bomb (20000 x 20000 PNG)"]["ms"] < 3000
     with server.connect("grpc", with_key=False) as conn:
         assert conn.is_live() and conn.is_ready()
+
+
+@pytest.mark.triton
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Triton 2.51 bug: HTTP 500 for three client errors (qa.reliability.HTTP_500_CLIENT_ERRORS); "
+                          "an XPASS means the server answers 4xx now: drop the pin and the report's note")
+def test_client_errors_get_a_4xx_status__triton_2_51_bug_answers_500(bad_requests):
+    status = {k: bad_requests[k]["status"] for k in rel.HTTP_500_CLIENT_ERRORS}
+    assert all(400 <= v < 500 for v in status.values()), status
 
 
 # --------------------------------------------------------------------------- real server: overload
@@ -221,17 +233,17 @@ def test_overload_is_shed_and_accepted_requests_keep_their_latency(slow_server):
 
 
 @pytest.mark.triton
-def test_triton_2_51_stalls_while_a_queue_is_full(slow_server):
-    """Pinned server behaviour behind QUEUE_BATCHES_PER_INSTANCE: with a queue
-    small enough to fill (8 requests, no timeout), overload is shed with
-    "Exceeds maximum queue size" but the model then stalls: nothing completes
-    for the dynamic batcher's 500 ms idle wait, while requests are queued, a
-    few times a second (serving 0.29-0.50x its closed-loop capacity; a batch
-    of this 100 ms model completes every ~0.1 s without the stall). The stall
-    is detected by those gaps, not by the ratio: the ratio compares two runs,
-    and on shared cores the capacity run alone varied 30.8-38.9 req/s (0.86x
-    was once measured with stalls). If this starts failing, the server no
-    longer stalls and max_queue_size can become the first bound again."""
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Triton 2.51 bug: with a full queue the dynamic batcher sleeps its 500 ms idle wait while "
+                          "requests are queued; an XPASS means it no longer stalls: max_queue_size can become the "
+                          "first bound again (QUEUE_BATCHES_PER_INSTANCE)")
+def test_a_full_queue_does_not_stall_the_model__triton_2_51_bug(slow_server):
+    """The server behaviour behind QUEUE_BATCHES_PER_INSTANCE: with a queue small enough to fill (8 requests,
+    no timeout), overload is shed with "Exceeds maximum queue size" and the model should go on completing a
+    batch every ~0.1 s (100 ms model). Triton 2.51 stalls instead: nothing completes for the batcher's 500 ms
+    idle wait, a few times a second, while requests are queued (it then serves 0.29-0.50x its closed-loop
+    capacity). The stall is told by those gaps between completions, not by a throughput ratio (two runs on
+    shared cores differ: 0.86x was once measured with stalls)."""
     from dinov2_triton.serve.rollout import reload_model
 
     x = np.zeros((1, 3, 8, 8), np.float32)
@@ -244,28 +256,28 @@ def test_triton_2_51_stalls_while_a_queue_is_full(slow_server):
             res = rel.open_loop(conn, "slow", _inputs(x), rate=3 * capacity, seconds=2.5)
         finally:
             reload_model(admin, "slow", repository=slow_server.repository)
-    assert res.failed == 0 and res.shed > 0
-    assert all("Exceeds maximum queue size" in e for e in res.errors), res.errors
-    # a gap of 4 service times between two completions under overload is the batcher's idle wait
+    # what must hold with or without the bug (a failure here is not the pinned one)
+    if not (res.failed == 0 and res.shed > 0 and all("Exceeds maximum queue size" in e for e in res.errors)):
+        pytest.fail(f"overload was not shed by the full queue: {res.to_dict()}")
     ends = sorted(answered for _, answered, status, _ in res.records if status == "ok")
     gaps = np.diff(ends)
-    assert (gaps >= 0.4).sum() >= 1, (res.to_dict(), f"capacity {capacity:.1f} req/s",
+    # a gap of 4 service times between two completions under overload is the batcher's idle wait
+    assert (gaps >= 0.4).sum() == 0, (res.to_dict(), f"capacity {capacity:.1f} req/s",
                                       f"longest gaps {sorted(gaps)[-5:]}")
 
 
-
-
 @pytest.mark.triton
-def test_triton_2_51_stalls_with_any_queue_policy_below_overload(triton_server_factory, tmp_path):
-    """Pinned server behaviour behind export's default of NO queue policy: an
-    ONNX model with one instance (this machine's ONNX Runtime stand-in
-    backend, serve/backends/onnxruntime), four clients in a closed loop (far
-    below overload: nothing is ever shed). With a queue policy (a timeout
-    only) Triton 2.51's dynamic batcher misses wake-ups and sleeps its 500 ms
-    idle wait, so the model serves a fraction of what it serves without one
-    (measured here: 46-67 vs 1676-1821 req/s). Same server, configs swapped
-    through the repository API. If this starts failing, the server no longer
-    stalls and load shedding (--queue-timeout-ms) can become the default."""
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Triton 2.51 bug: with any queue policy the dynamic batcher misses wake-ups below "
+                          "overload; an XPASS means it no longer does: load shedding (--queue-timeout-ms) can "
+                          "become export's default")
+def test_a_queue_policy_does_not_slow_the_batcher_below_overload__triton_2_51_bug(triton_server_factory, tmp_path):
+    """The server behaviour behind export's default of NO queue policy: an ONNX model with one instance
+    (this machine's ONNX Runtime stand-in backend), four clients in a closed loop (far below overload:
+    nothing is ever shed). A queue policy (a timeout only) should cost nothing here; Triton 2.51's dynamic
+    batcher then misses wake-ups and sleeps its 500 ms idle wait, so the model serves a fraction of what it
+    serves without one (measured: 46-67 vs 1676-1821 req/s). Same server, configs swapped through the
+    repository API."""
     from tests.fixtures.busy_onnx import write_busy_onnx
 
     write_busy_onnx(tmp_path / "repo")
@@ -274,16 +286,20 @@ def test_triton_2_51_stalls_with_any_queue_policy_below_overload(triton_server_f
     rps = {}
     with server.connect("grpc") as conn:
         base = conn.model_config("busy_onnx")
-        assert "default_queue_policy" not in base["dynamic_batching"]      # export's default
+        if "default_queue_policy" in base["dynamic_batching"]:
+            pytest.fail(f"export's default config has a queue policy now: {base['dynamic_batching']}")
         for name, policy in (("none", None), ("timeout", {"default_timeout_microseconds": 2_000_000})):
             config = json.loads(json.dumps(base))
             if policy:
                 config["dynamic_batching"]["default_queue_policy"] = policy
             conn.load_model("busy_onnx", config=json.dumps(config))
             res = rel.closed_loop(conn, "busy_onnx", _inputs(x), concurrency=4, seconds=1.5)
-            assert res.failed == 0 and res.shed == 0, res.to_dict()
+            if res.failed or res.shed:
+                pytest.fail(f"requests failed or were shed far below overload ({name}): {res.to_dict()}")
             rps[name] = res.accepted_rps
-    assert rps["timeout"] < 0.5 * rps["none"], rps
+    print(f"\nreq/s without a queue policy {rps['none']:.0f}, with a timeout policy {rps['timeout']:.0f}")
+    assert rps["timeout"] >= 0.5 * rps["none"], rps
+
 
 @pytest.mark.triton
 def test_client_retries_shed_requests_with_backoff(slow_server):
