@@ -4,6 +4,11 @@ valid requests into one run, splitting the outputs back per request, error
 responses, and :class:`StandinModel`, the ``TritonPythonModel`` base both
 build on (they add only loading the model file and running it).
 
+Profiling (off by default): the model parameter ``STANDIN_PROFILE_FILE`` (a
+file path on the server machine) makes every ``execute`` append one JSON
+line there with where its time went (see :class:`Profile`); native backends
+ignore the parameter. ``dinov2_triton.bench.standin_overhead`` reads it.
+
 Each ``model.py`` loads this file by path, one folder above its own
 (``serve/backends/`` here; ``<backend_dir>/`` once
 :func:`dinov2_triton.serve.install.build_backend_dir` has copied it there): Triton's
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +31,42 @@ class TensorSpec(NamedTuple):
     triton_type: str  # e.g. "TYPE_FP32"
     dtype: np.dtype
     dims: tuple  # without the batch dimension; -1 = any
+
+
+#: model parameter: a file to append one JSON line of timings per execute to (unset: off)
+PROFILE_PARAMETER = "STANDIN_PROFILE_FILE"
+#: run_batched's phases, in order (nanoseconds each, summed over the groups of one execute)
+PHASES = ("parse", "feed", "run", "respond")
+
+
+class Profile:
+    """Where one instance's ``execute`` calls spend their time, one JSON line each.
+
+    A line: ``{"model", "instance", "pid", "start_ns"/"end_ns"`` (time.time_ns
+    at entry and exit), ``"requests"``, ``"batch"`` (images run),
+    ``"runs"`` (runtime calls), ``"parse_ns"`` (inputs fetched and checked),
+    ``"feed_ns"`` (requests joined into the runtime's feed), ``"run_ns"`` (the
+    runtime call), ``"respond_ns"`` (outputs checked, split and turned into
+    responses), ``"execute_ns"`` (entry to exit)}``. Time outside ``execute``
+    (Triton moving the requests to this process through shared memory and the
+    responses back) is in Triton's own statistics, not here.
+    """
+
+    def __init__(self, path: str, model_name: str, instance: str):
+        self.model_name, self.instance = model_name, instance
+        try:
+            self._file = open(path, "a", buffering=1)  # line-buffered: one write per execute
+        except OSError as exc:
+            raise pb_utils.TritonModelException(
+                f"model '{model_name}': parameter {PROFILE_PARAMETER}: cannot open {path}: {exc}") from None
+
+    def write(self, start_ns: int, timings: dict) -> None:
+        record = {"model": self.model_name, "instance": self.instance, "pid": os.getpid(),
+                  "start_ns": start_ns, "end_ns": time.time_ns(), **timings}
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class BadRequest(Exception):
@@ -105,11 +147,15 @@ def error_response(message: str, invalid_argument: bool = True):
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
-def run_batched(requests, in_specs, out_specs, max_batch_size, model_name, run):
+def run_batched(requests, in_specs, out_specs, max_batch_size, model_name, run, timings=None):
     """Validate each request, run valid ones in groups of equal shapes, split results.
 
-    ``run(feed: {name: array}) -> [array per out_spec]``.
+    ``run(feed: {name: array}) -> [array per out_spec]``. ``timings``: a dict
+    that receives the nanoseconds of each of :data:`PHASES` (``<phase>_ns``)
+    and the counts of :class:`Profile`; None: nothing is timed.
     """
+    clock = time.perf_counter_ns
+    t_start = clock()
     responses = [None] * len(requests)
     groups = {}
     for i, request in enumerate(requests):
@@ -123,15 +169,25 @@ def run_batched(requests, in_specs, out_specs, max_batch_size, model_name, run):
         else:
             key = ("request", i)  # no batch axis: one run per request
         groups.setdefault(key, []).append((i, arrays, batch))
+    t_parsed = clock()
+    feed_ns = run_ns = images = runs = 0
 
     for members in groups.values():
+        t0 = clock()
         if max_batch_size > 0 and len(members) > 1:
             feed = {s.name: np.concatenate([m[1][s.name] for m in members]) for s in in_specs}
         else:
             feed = {s.name: np.ascontiguousarray(members[0][1][s.name]) for s in in_specs}
         total = sum(m[2] for m in members)
+        t1 = clock()
+        feed_ns += t1 - t0
         try:
-            outputs = run(feed)
+            runs += 1
+            images += total
+            try:
+                outputs = run(feed)
+            finally:
+                run_ns += clock() - t1
             for spec, out in zip(out_specs, outputs):
                 inner = out.shape[1:] if max_batch_size > 0 else out.shape
                 if max_batch_size > 0 and (out.ndim == 0 or out.shape[0] != total):
@@ -153,6 +209,11 @@ def run_batched(requests, in_specs, out_specs, max_batch_size, model_name, run):
                        for s, o in zip(out_specs, outputs)]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start = stop or 0
+    if timings is not None:
+        total_ns = clock() - t_start
+        timings.update(requests=len(requests), batch=images, runs=runs, parse_ns=t_parsed - t_start,
+                       feed_ns=feed_ns, run_ns=run_ns,
+                       respond_ns=total_ns - (t_parsed - t_start) - feed_ns - run_ns, execute_ns=total_ns)
     return responses
 
 
@@ -161,10 +222,12 @@ class StandinModel:
 
     ``initialize`` parses the config, finds ``<model>/<version>/<default_model_filename
     or DEFAULT_FILENAME>`` and hands it to ``load(path, config)``; ``execute`` runs
-    the requests through :func:`run_batched` with ``_run(feed)``. Subclasses set
-    ``DEFAULT_FILENAME`` and write ``load`` and ``_run``.
+    the requests through :func:`run_batched` with ``_run(feed)`` (and writes a
+    :class:`Profile` line when the ``STANDIN_PROFILE_FILE`` parameter is set).
+    Subclasses set ``DEFAULT_FILENAME`` and write ``load`` and ``_run``.
     """
     DEFAULT_FILENAME = None
+    profile = None
 
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -177,6 +240,10 @@ class StandinModel:
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(f"model '{self.model_name}': {path} not found")
         self.load(path, config)
+        profile_path = config_parameter(config, PROFILE_PARAMETER)
+        if profile_path:
+            self.profile = Profile(profile_path, self.model_name,
+                                   args.get("model_instance_name", self.model_name))
 
     def load(self, path: str, config: dict):
         raise NotImplementedError
@@ -185,5 +252,16 @@ class StandinModel:
         raise NotImplementedError
 
     def execute(self, requests):
-        return run_batched(requests, self.inputs, self.outputs, self.max_batch_size,
-                           self.model_name, self._run)
+        if self.profile is None:
+            return run_batched(requests, self.inputs, self.outputs, self.max_batch_size,
+                               self.model_name, self._run)
+        start_ns, timings = time.time_ns(), {}
+        responses = run_batched(requests, self.inputs, self.outputs, self.max_batch_size,
+                                self.model_name, self._run, timings)
+        self.profile.write(start_ns, timings)
+        return responses
+
+    def close_profile(self):
+        if self.profile is not None:
+            self.profile.close()
+            self.profile = None

@@ -103,4 +103,5 @@ class TritonPythonModel(common.StandinModel):
         return self.session.run(self.output_names, feed)
 
     def finalize(self):
+        self.close_profile()
         self.session = None

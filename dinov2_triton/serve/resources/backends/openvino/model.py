@@ -182,5 +182,6 @@ class TritonPythonModel(common.StandinModel):
         return results
 
     def finalize(self):
+        self.close_profile()
         self.request = None
         self.compiled = None

@@ -122,4 +122,5 @@ class TritonPythonModel(common.StandinModel):
         return [result[k].detach().cpu().numpy() for k in self.output_index]
 
     def finalize(self):
+        self.close_profile()
         self.module = None
