@@ -8,8 +8,12 @@ a test uses, so nobody has to remember them):
   HAProxy (INTEGRATION_FIXTURES, directly or through another fixture), or it
   carries one of the markers ``triton``, ``haproxy``, ``kubectl``
   (INTEGRATION_MARKERS: it runs that program itself).
+- ``slow``: marked by hand, or set here for a test that uses a fixture
+  whose set-up alone takes tens of seconds (SLOW_FIXTURES). In the whole
+  suite, not in the unit tier.
 - ``unit``: every other test that is neither ``slow`` nor ``network``: no
-  server, no HAProxy, no kubectl, no network. ``scripts/test.sh -m unit``.
+  server, no HAProxy, no kubectl, no network, the whole tier in under 3
+  minutes on 2 cores. ``scripts/test.sh -m unit``.
   A unit test that starts tritonserver, haproxy or kubectl anyway fails and
   says which marker it needs.
 - ``network``: needs the package index (PyPI). Skipped unless asked for:
@@ -47,6 +51,12 @@ pytest_plugins = [
 INTEGRATION_FIXTURES = frozenset({"triton_server", "triton_server_factory", "replica_set"})
 #: markers of tests that run the real program themselves
 INTEGRATION_MARKERS = frozenset({"triton", "haproxy", "kubectl"})
+#: fixtures whose set-up alone takes tens of seconds on 2 cores: a test that uses one is slow (whole suite only)
+SLOW_FIXTURES = {
+    "cpu_repository": "tests/test_cpu_variants.py: exports every CPU variant (OpenVINO, NNCF, ONNX INT8)",
+    "optimized": "tests/test_optimize.py: ModelOpt FP16 and INT8 exports",
+    "impossible": "tests/test_optimize.py: the INT8 search through every configuration",
+}
 #: programs a unit test must not start, and the marker a test that does needs
 GUARDED_PROGRAMS = {"tritonserver": "triton", "haproxy": "haproxy", "kubectl": "kubectl"}
 NETWORK_ENV = "DINOV2_TRITON_NETWORK_TESTS"
@@ -55,11 +65,12 @@ NETWORK_ENV = "DINOV2_TRITON_NETWORK_TESTS"
 def tier_of(item) -> str | None:
     """``integration``, ``unit`` or None (slow or network: only in the whole suite or when asked)."""
     marks = {m.name for m in item.iter_markers()}
+    fixtures = set(getattr(item, "fixturenames", ()))
     if "network" in marks:
         return None
-    if marks & INTEGRATION_MARKERS or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+    if marks & INTEGRATION_MARKERS or INTEGRATION_FIXTURES & fixtures:
         return "integration"
-    return None if "slow" in marks else "unit"
+    return None if "slow" in marks or SLOW_FIXTURES.keys() & fixtures else "unit"
 
 
 def _network_asked(config) -> bool:
@@ -74,6 +85,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(tier)
         if tier == "integration" and INTEGRATION_FIXTURES & set(item.fixturenames):
             item.add_marker("triton")  # uses a server fixture: runs the real server
+        if SLOW_FIXTURES.keys() & set(item.fixturenames):
+            item.add_marker("slow")
         if item.get_closest_marker("network") and not asked:
             item.add_marker(pytest.mark.skip(
                 reason=f"needs the package index: run with -m network (or {NETWORK_ENV}=1)"))

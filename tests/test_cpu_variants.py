@@ -204,6 +204,7 @@ def test_cpu_variants_exported_verified_published(cpu_repository):
     assert m.options["ensemble_choice"] == "fastest"
 
 
+@pytest.mark.slow
 def test_nncf_accuracy_control_meets_the_gate(tiny_checkpoint, tiny_dataset, tmp_path):
     from dinov2_triton.export.variants.openvino import build_fp32, build_int8
 

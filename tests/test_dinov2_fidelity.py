@@ -112,7 +112,7 @@ def test_official_layout_reproduces_official_forward_features(official_checkpoin
         assert _max_diff(wrong_cls, ref_cls) > 100 * TOL
 
 
-@pytest.mark.parametrize("arch", ["vits14", "vits14_reg4"])
+@pytest.mark.parametrize("arch", ["vits14", pytest.param("vits14_reg4", marks=pytest.mark.slow)])
 def test_exported_onnx_graph_reproduces_official_model(official_checkpoints, tmp_path, arch):
     """The same comparison through the ONNX graph the export stage serves
     (dynamo exporter, ONNX Runtime CPU): embedding = [class token, mean of

@@ -72,7 +72,9 @@ def stop_at(step: int):
 
 
 # --------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("accum_steps,num_workers", [(1, 0), (2, 0), (1, 2)])
+# (1, 0) in the unit tier; accumulation and worker processes (10-20 s each on 2 cores) in the whole suite
+@pytest.mark.parametrize("accum_steps,num_workers", [(1, 0), pytest.param(2, 0, marks=pytest.mark.slow),
+                                                     pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_resume_is_exact(tiny_data, tmp_path, accum_steps, num_workers):
     """N steps + interruption + resume gives bit-identical weights to 2N steps
     uninterrupted (mid-epoch checkpoint, augmentation on, AdamW, warm-up).
@@ -295,6 +297,7 @@ def _cli(*args: str, timeout: int = 180, env_extra: dict | None = None) -> subpr
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_smoke_run_writes_all_outputs(tiny_data, tmp_path):
     out = tmp_path / "models"
     r = _cli("--data-path", str(tiny_data), "--output-path", str(out), "--weights", "random",
@@ -343,6 +346,7 @@ def test_cli_bad_flags_exit_2(tiny_data, tmp_path):
     assert r.returncode == 2 and "--img-size 100" in r.stderr
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process(tiny_data, tmp_path):
     """torchrun with 2 gloo processes x batch 4 equals 1 process x batch 8
     (same samples per step, gradients averaged); only rank 0 writes."""

@@ -10,6 +10,7 @@ each shared concept; atomic writes in one place."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -58,10 +59,11 @@ def _resolve(name: str) -> str | None:
     return name or None
 
 
-def imports_of(module: str) -> list[tuple[int, str, str]]:
+@functools.lru_cache(maxsize=None)
+def imports_of(module: str) -> tuple[tuple[int, str, str], ...]:
     """(line, imported module, how) for every import of a package module in ``module``, at any depth."""
     path = MODULES[module]
-    return imports_in(path.read_text(encoding="utf-8"), module, is_package=path.name == "__init__.py")
+    return tuple(imports_in(path.read_text(encoding="utf-8"), module, is_package=path.name == "__init__.py"))
 
 
 def imports_in(source: str, module: str, *, is_package: bool = False) -> list[tuple[int, str, str]]:
