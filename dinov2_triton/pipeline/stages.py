@@ -319,6 +319,7 @@ def run_train(ctx: Context) -> str | StageResult:
 
 # --------------------------------------------------------------------------- export
 def run_export_stage(ctx: Context) -> str | StageResult:
+    from dinov2_triton.core.artifact_io import jsonable
     from dinov2_triton.core.stage_stamp import Stamp
     from dinov2_triton.export.manifest import format_summary
     from dinov2_triton.export.pipeline import ExportInputError, run_export
@@ -326,7 +327,7 @@ def run_export_stage(ctx: Context) -> str | StageResult:
     lay = ctx.layout
     stamp = Stamp(lay.state, "export",
                   inputs=[lay.checkpoint, lay.data / "manifest.csv", *code_dirs("export")],
-                  params=[f"export={params_json({'variants': ctx.variants, **_jsonable(ctx.export_options)})}"],
+                  params=[f"export={params_json({'variants': ctx.variants, **jsonable(ctx.export_options)})}"],
                   outputs=[lay.manifest])
     ctx.say(f"export: {', '.join(ctx.variants)}")
     skipped = _skip(ctx, "export", stamp)
@@ -351,10 +352,6 @@ def run_export_stage(ctx: Context) -> str | StageResult:
     ctx.say(f"WARNING: {msg}")
     ctx.warnings.append(f"export: {msg}")
     return StageResult("export", "warning", 0.0, note)
-
-
-def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
 # --------------------------------------------------------------------------- serve
