@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dinov2_triton.core.release_pin import ReleasePin, load_pin
+from dinov2_triton.core.resources import cache_dir
 
 DEFAULT_LOCK_FILE = "requirements/lock-gpu.txt"
 #: where this package is mounted inside the container (read-only), put on PYTHONPATH
@@ -58,12 +59,6 @@ _NOT_IN_CONTAINER = re.compile(r"^\s*(tensorrt[\w.-]*\s*(\[|==)|--extra-index-ur
 
 class ContainerBuildError(RuntimeError):
     """The container cannot be run here, or its inputs are wrong; str() says what to do."""
-
-
-def cache_dir() -> Path:
-    from dinov2_triton.export.trt_build_main import cache_dir as _cache_dir
-
-    return _cache_dir()
 
 
 def lock_id(lock_text: str) -> str:

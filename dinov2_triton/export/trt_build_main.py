@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from dinov2_triton.core.artifact_io import atomic_write_bytes, atomic_write_text, dumps_json, sha256_file
 from dinov2_triton.core.release_pin import PIN_FILE, PinError, ReleasePin, load_pin
+from dinov2_triton.core.resources import CACHE_ENV, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,6 @@ NEEDS_GPU = "not built: needs an NVIDIA GPU and TensorRT"
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 # First TensorRT major without weakly typed networks (BuilderFlag.FP16/INT8 removed).
 STRONGLY_TYPED_ONLY_MAJOR = 11
-# Where the timing cache lives unless --timing-cache says otherwise;
-# `--in-container` (dinov2_triton.export.container) mounts it so `docker run --rm`
-# does not throw the cache away with the container.
-CACHE_ENV = "DINOV2_TRITON_CACHE"
 NVIDIA_SMI_QUERY = ("nvidia-smi", "--query-gpu=index,name,compute_cap,driver_version,memory.total",
                     "--format=csv,noheader,nounits")
 
@@ -248,14 +245,6 @@ def check_version(installed: str, pin: ReleasePin, *, version_compatible: bool =
         out["note"] = "MISMATCH allowed: " + msg
         log.warning("%s", out["note"])
     return out
-
-
-def cache_dir() -> Path:
-    """The project's cache folder: $DINOV2_TRITON_CACHE, else $XDG_CACHE_HOME
-    (or ~/.cache)/dinov2-triton."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dinov2-triton"
 
 
 def default_timing_cache(trt_version: str, gpu: Mapping[str, Any]) -> Path:
