@@ -74,7 +74,16 @@ def tier_of(item) -> str | None:
 
 
 def _network_asked(config) -> bool:
-    return os.environ.get(NETWORK_ENV) == "1" or "network" in (config.getoption("markexpr") or "")
+    """DINOV2_TRITON_NETWORK_TESTS=1, or a -m expression that selects a test marked network (-m network,
+    -m "network or unit"; not -m "not network")."""
+    if os.environ.get(NETWORK_ENV) == "1":
+        return True
+    expr = config.getoption("markexpr") or ""
+    if "network" not in expr:
+        return False
+    from _pytest.mark.expression import Expression  # pytest's own -m parser (pytest is pinned in the lock)
+
+    return Expression.compile(expr).evaluate(lambda name, **_: name == "network")
 
 
 def pytest_collection_modifyitems(config, items):
