@@ -155,6 +155,18 @@ def pytest_unconfigure(config):
     socket.socket.connect, socket.socket.connect_ex = _real_connect, _real_connect_ex
 
 
+def guarded_execute_child(nodeid: str):
+    """subprocess.Popen._execute_child for a unit test: refuses GUARDED_PROGRAMS, naming the marker."""
+    def execute_child(self, args, executable, *rest, **kw):
+        name = _program(args, executable)
+        if name in GUARDED_PROGRAMS:
+            raise RuntimeError(f"{nodeid} starts {name}: not a unit test; mark it "
+                               f"@pytest.mark.{GUARDED_PROGRAMS[name]} (tests/conftest.py)")
+        return _real_execute_child(self, args, executable, *rest, **kw)
+
+    return execute_child
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """A ``unit`` test that starts tritonserver, haproxy or kubectl fails, naming the marker it needs.
@@ -162,15 +174,7 @@ def pytest_runtest_protocol(item, nextitem):
     if not item.get_closest_marker("unit"):
         yield
         return
-
-    def execute_child(self, args, executable, *rest, **kw):
-        name = _program(args, executable)
-        if name in GUARDED_PROGRAMS:
-            raise RuntimeError(f"{item.nodeid} starts {name}: not a unit test; mark it "
-                               f"@pytest.mark.{GUARDED_PROGRAMS[name]} (tests/conftest.py)")
-        return _real_execute_child(self, args, executable, *rest, **kw)
-
-    subprocess.Popen._execute_child = execute_child
+    subprocess.Popen._execute_child = guarded_execute_child(item.nodeid)
     try:
         yield
     finally:
