@@ -17,7 +17,7 @@ a test uses, so nobody has to remember them):
   A unit test that starts tritonserver, haproxy or kubectl anyway fails and
   says which marker it needs.
 - ``network``: needs the package index (PyPI). Skipped unless asked for:
-  ``-m network`` (or any ``-m`` expression naming it) or
+  ``-m network`` (or any ``-m`` expression that selects it) or
   ``DINOV2_TRITON_NETWORK_TESTS=1``.
 
 No network unless ``network`` tests were asked for: a connection to anything
