@@ -12,7 +12,10 @@ What it does, per model instance:
 - opens ``<model>/<version>/<default_model_filename or model.onnx>`` with
   onnxruntime's CPUExecutionProvider; ``intra_op_thread_count`` /
   ``inter_op_thread_count`` model parameters (the native backend's names)
-  set the thread pools, default 2 / 1;
+  set the thread pools; without them, intra-op = this process's physical
+  cores divided by the model's instance count (ONNX Runtime's own default
+  is every core for each instance: two instances on two cores would run
+  four threads) and inter-op = 1;
 - checks at load time that the config's inputs/outputs exist in the graph
   with the same element type and rank, and fails the load otherwise;
 - ``execute`` receives the requests the dynamic batcher grouped, validates
@@ -32,7 +35,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 DEFAULT_FILENAME = "model.onnx"
-DEFAULT_INTRA_OP_THREADS = 2
 DEFAULT_INTER_OP_THREADS = 1
 
 _ORT_TYPES = {
@@ -61,7 +63,7 @@ class TritonPythonModel(common.StandinModel):
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(common.config_parameter(
-            config, "intra_op_thread_count", default=DEFAULT_INTRA_OP_THREADS))
+            config, "intra_op_thread_count", default=0)) or common.default_threads(config)
         options.inter_op_num_threads = int(common.config_parameter(
             config, "inter_op_thread_count", default=DEFAULT_INTER_OP_THREADS))
         try:

@@ -17,11 +17,18 @@ It behaves like the native backend where that decides speed or errors:
   with INFERENCE_PRECISION_HINT=bf16, the export's openvino_bf16 variant; on a
   CPU without BF16 arithmetic OpenVINO then still runs FP32),
   ENABLE_BATCH_PADDING (YES); other parameters are ignored, as there;
+- without INFERENCE_NUM_THREADS, a model with several instances gets this
+  process's physical cores divided by its instance count per instance
+  (OpenVINO's own default is every core for each: oversubscribed); one
+  instance keeps OpenVINO's default;
 - with max_batch_size > 0 the model is compiled for exactly that batch (the
   native backend calls ov::set_batch(max_batch_size)), and a smaller batch
   is refused with the native message unless ENABLE_BATCH_PADDING is YES, in
-  which case it is zero-padded to max_batch_size and the padding's outputs
-  dropped: a batch of 1 costs a batch of max_batch_size, as in the container;
+  which case it is zero-padded to max_batch_size (in an array reused from
+  batch to batch) and the padding's outputs dropped: a batch of 1 costs a
+  batch of max_batch_size, as in the container;
+- inputs are handed to OpenVINO without a copy (``share_inputs``; OpenVINO
+  copies what it cannot share, e.g. a read-only array);
 - one infer request per model instance (the native backend has one), so
   instances, not streams, run batches in parallel;
 - checks at load time that the config's inputs/outputs exist in the IR with
@@ -85,6 +92,8 @@ def compile_properties(config: dict, model_name: str) -> dict:
         if str(value).upper() not in HINTS:
             bad("PERFORMANCE_HINT", value, "LATENCY/THROUGHPUT/CUMULATIVE_THROUGHPUT")
         props["PERFORMANCE_HINT"] = str(value).upper()
+    if "INFERENCE_NUM_THREADS" not in props and common.instance_count(config) > 1:
+        props["INFERENCE_NUM_THREADS"] = common.default_threads(config)
     for key in ("RESHAPE_IO_LAYERS",):
         if _yes(config, key):
             raise pb_utils.TritonModelException(
@@ -122,6 +131,7 @@ class TritonPythonModel(common.StandinModel):
                 f"model '{self.model_name}': OpenVINO cannot compile {path} with {props}: {exc}") from exc
         self.request = self.compiled.create_infer_request()
         self.output_names = [s.name for s in self.outputs]
+        self._pad = common.FeedBuffers(self.max_batch_size)
 
     def _check_io(self, model):
         problems = []
@@ -170,13 +180,19 @@ class TritonPythonModel(common.StandinModel):
                                    f"... this error can be avoided by setting 'ENABLE_BATCH_PADDING' parameter "
                                    f"in model configuration to 'YES' at a performance cost.")
             pad = self.max_batch_size - total
-            feed = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], dtype=v.dtype)]) for k, v in feed.items()}
-        out = self.request.infer(feed)
+            padded = {}
+            for k, v in feed.items():
+                full = self._pad.take(k, self.max_batch_size, v.shape[1:], v.dtype)
+                full[:total] = v
+                full[total:] = 0
+                padded[k] = full
+            feed = padded
+        out = self.request.infer(feed, share_inputs=True)
         by_name = {}
         for port, value in out.items():
             for n in port.get_names():
                 by_name[n] = value
-        results = [np.array(by_name[n]) for n in self.output_names]  # copies: the request reuses its buffers
+        results = [by_name[n] for n in self.output_names]  # arrays of their own (share_outputs=False)
         if pad:
             results = [r[:total] for r in results]
         return results

@@ -18,7 +18,8 @@ Binding rules follow the native backend:
 Per model instance it loads ``<model>/<version>/<default_model_filename or
 model.pt>`` with ``torch.jit.load`` on the CPU; the ``INTRA_OP_THREAD_COUNT``
 / ``INTER_OP_THREAD_COUNT`` model parameters (the native backend's names)
-set torch's thread pools, default 2 / 1. ``execute`` validates each request
+set torch's thread pools; without them, intra-op = this process's physical
+cores divided by the model's instance count, inter-op = 1. ``execute`` validates each request
 on its own, runs all valid requests of the same shape as ONE forward pass
 (concatenated on the batch axis) and splits the outputs back per request;
 a bad request gets its own ``TritonError`` without failing the others.
@@ -33,7 +34,6 @@ import warnings
 import triton_python_backend_utils as pb_utils
 
 DEFAULT_FILENAME = "model.pt"
-DEFAULT_INTRA_OP_THREADS = 2
 DEFAULT_INTER_OP_THREADS = 1
 _INDEXED = re.compile(r"^.+__(\d+)$")
 
@@ -62,8 +62,8 @@ class TritonPythonModel(common.StandinModel):
 
         self.torch = torch
         torch.set_num_threads(int(common.config_parameter(
-            config, "INTRA_OP_THREAD_COUNT", "intra_op_thread_count",
-            default=DEFAULT_INTRA_OP_THREADS)))
+            config, "INTRA_OP_THREAD_COUNT", "intra_op_thread_count", default=0))
+            or common.default_threads(config))
         try:  # allowed once per process, before any inter-op work
             torch.set_num_interop_threads(int(common.config_parameter(
                 config, "INTER_OP_THREAD_COUNT", "inter_op_thread_count",
