@@ -138,6 +138,16 @@ def test_threads_default_to_the_instance_share_of_the_cores(pb_utils, tiny_model
     assert module.common.instance_count({}) == 1
 
 
+def test_onnxruntime_threads_do_not_spin_unless_asked(pb_utils, tiny_model_repository):
+    key = "session.intra_op.allow_spinning"
+    model, _ = _load("onnxruntime", tiny_model_repository / "tiny_onnx")
+    assert model.session.get_session_options().get_session_config_entry(key) == "0"
+    model, _ = _load("onnxruntime", tiny_model_repository / "tiny_onnx", parameters={key: "1"})
+    assert model.session.get_session_options().get_session_config_entry(key) == "1"
+    with pytest.raises(pb_utils.TritonModelException, match="allow_spinning is 'yes', expected 0 or 1"):
+        _load("onnxruntime", tiny_model_repository / "tiny_onnx", parameters={key: "yes"})
+
+
 def test_openvino_threads_only_set_for_several_instances(pb_utils):
     spec = importlib.util.spec_from_file_location("standin_openvino_threads",
                                                   STANDIN_BACKENDS / "openvino" / "model.py")

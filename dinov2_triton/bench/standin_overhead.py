@@ -179,8 +179,10 @@ def model_file(model_dir: Path, config: Mapping[str, Any]) -> Path:
     return path
 
 
-def in_process_runner(model_dir: Path, config: Mapping[str, Any], threads: int) -> Callable[[Any], Any]:
-    """``run(batch)`` on the model file with the runtime's defaults and ``threads`` intra-op threads."""
+def in_process_runner(model_dir: Path, config: Mapping[str, Any], threads: int, *, spinning: bool = True
+                      ) -> Callable[[Any], Any]:
+    """``run(batch)`` on the model file with the runtime's defaults and ``threads`` intra-op threads
+    (ONNX Runtime: ``spinning=False`` sets session.intra_op.allow_spinning=0, as the stand-in does)."""
     path = model_file(model_dir, config)
     input_name = config["input"][0]["name"]
     if runtime_of(config) == "onnxruntime":
@@ -189,6 +191,8 @@ def in_process_runner(model_dir: Path, config: Mapping[str, Any], threads: int) 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda x: session.run(None, {input_name: x})
     import openvino as ov
@@ -230,10 +234,12 @@ class InProcess:
     session of its own too.
     """
 
-    def __init__(self, model_dir: Path, batch_size: int, threads: int, log_file: Path) -> None:
+    def __init__(self, model_dir: Path, batch_size: int, threads: int, log_file: Path, *,
+                 spinning: bool = True) -> None:
         import subprocess
 
-        spec = json.dumps({"model_dir": str(model_dir), "batch_size": batch_size, "threads": threads})
+        spec = json.dumps({"model_dir": str(model_dir), "batch_size": batch_size, "threads": threads,
+                           "spinning": spinning})
         self._log = open(log_file, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "import sys; from dinov2_triton.bench.standin_overhead import _worker; "
@@ -268,7 +274,7 @@ def _worker(spec_json: str) -> None:
     model_dir = Path(spec["model_dir"])
     config = read_config(model_dir)
     batch = input_batch(config, spec["batch_size"])
-    run = in_process_runner(model_dir, config, spec["threads"])
+    run = in_process_runner(model_dir, config, spec["threads"], spinning=spec.get("spinning", True))
     n = int(batch.shape[0])
 
     def call() -> int:
@@ -451,7 +457,7 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
               concurrency: Sequence[int] = (1, 2), seconds: float = 30.0, warmup_s: float = 5.0,
               rounds: int = 1, backends: Mapping[str, Path | None] | None = None, threads: int | None = None,
               instances: int | None = None, protocol: str = "grpc", profile: bool = True,
-              work_dir: str | os.PathLike | None = None,
+              in_process_no_spin: bool = False, work_dir: str | os.PathLike | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """In-process vs served throughput of ``model`` (see the module doc).
 
@@ -460,6 +466,8 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
     then every backend at every concurrency, in turn. ``threads`` /
     ``instances``: written into the served config (threads: in process too);
     None: the config's (in process: its threads, else every physical core).
+    ``in_process_no_spin``: also measure in process with ONNX Runtime's
+    threads not spinning (what the stand-in runs), each round.
     """
     from dinov2_triton.bench.system_info import machine_info
 
@@ -480,7 +488,8 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
         "protocol": protocol, "concurrency": list(concurrency), "seconds": seconds, "rounds": rounds,
         "cpu": {"model": machine["cpu_model"], "flags": machine["cpu_flags"], "cores": machine["usable_cores"]},
         "client": f"dinov2_triton.serve.triton_access ({protocol}) in this process, same cores as the server",
-        "in_process": [], "served": [], "backends": {k: str(v) if v else "installed" for k, v in backends.items()},
+        "in_process": [], "in_process_no_spin": [], "served": [],
+        "backends": {k: str(v) if v else "installed" for k, v in backends.items()},
     }
     log(f"{model}: {runtime}, batch {batch_size} x {list(batch.shape[1:])} ({batch.nbytes / 1e6:.1f} MB), "
         f"{n_threads} thread(s); CPU {machine['cpu_model']} [{', '.join(machine['cpu_flags'])}], "
@@ -488,6 +497,8 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
     work = Path(tempfile.mkdtemp(prefix="standin-overhead-", dir=work_dir))
     servers: dict[str, Served] = {}
     in_process = InProcess(repository / model, batch_size, n_threads, work / "in_process.log")
+    no_spin = (InProcess(repository / model, batch_size, n_threads, work / "in_process_no_spin.log",
+                         spinning=False) if in_process_no_spin and runtime == "onnxruntime" else None)
     try:
         for label, sources in backends.items():
             log(f"starting tritonserver with the {label} stand-ins ...")
@@ -504,6 +515,13 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
             study["in_process"].append(point)
             log(f"round {r + 1}/{rounds} in process: {point['images_per_s']:.2f} img/s, "
                 f"{point['cpu_ms_per_image']:.0f} CPU ms/image (load {load:.2f})")
+            if no_spin is not None:
+                load = os.getloadavg()[0]
+                point = no_spin.measure(warmup_s, seconds)
+                point.update(round=r, load_before=load, load_after=os.getloadavg()[0])
+                study["in_process_no_spin"].append(point)
+                log(f"round {r + 1}/{rounds} in process, threads not spinning: {point['images_per_s']:.2f} "
+                    f"img/s, {point['cpu_ms_per_image']:.0f} CPU ms/image (load {load:.2f})")
             for label, server in servers.items():
                 for c in concurrency:
                     load, procs = os.getloadavg()[0], server.processes()
@@ -523,6 +541,8 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
                         f"{point['cpu_ms_per_image']:.0f} CPU ms/image (client {client_ms:.1f}) (load {load:.2f})")
     finally:
         in_process.close()
+        if no_spin is not None:
+            no_spin.close()
         for server in servers.values():
             server.close()
         study["logs"] = str(work)
@@ -535,6 +555,7 @@ def summarize(study: Mapping[str, Any]) -> list[dict[str, Any]]:
     its ratio to the in-process img/s of the same rounds, and the breakdown."""
     in_proc = {p["round"]: p["images_per_s"] for p in study["in_process"]}
     in_cpu = {p["round"]: p["cpu_ms_per_image"] for p in study["in_process"]}
+    no_spin = {p["round"]: p["images_per_s"] for p in study.get("in_process_no_spin") or []}
     rows = []
     keys = sorted({(p["backend"], p["concurrency"]) for p in study["served"]},
                   key=lambda k: (list(study["backends"]).index(k[0]), k[1]))
@@ -550,6 +571,10 @@ def summarize(study: Mapping[str, Any]) -> list[dict[str, Any]]:
             "cpu_ms_per_image": statistics.fmean(p["cpu_ms_per_image"] for p in points),
             "client_cpu_ms_per_image": statistics.fmean(p["client_cpu_ms_per_image"] for p in points),
             "in_process_cpu_ms_per_image": statistics.fmean(in_cpu[p["round"]] for p in points),
+            "in_process_no_spin_images_per_s": statistics.fmean(no_spin[p["round"]] for p in points)
+            if no_spin else None,
+            "ratio_no_spin": statistics.fmean(p["images_per_s"] / no_spin[p["round"]] for p in points)
+            if no_spin else None,
             "load": statistics.fmean(p["load_before"] for p in points)}
         for key in ("request_ms",) + tuple(f"{s}_ms" for s in STAGES):
             vals = [p["triton"][key] for p in points if p["triton"].get(key) is not None]
@@ -582,6 +607,11 @@ def render(study: Mapping[str, Any]) -> str:
                      f"{row['in_process_images_per_s']:>16.2f}  {ratio:>17}  {row['cpu_ms_per_image']:>8.1f} "
                      f"({row['client_cpu_ms_per_image']:.1f}) / {row['in_process_cpu_ms_per_image']:.1f}  "
                      f"{row['load']:>4.2f}  ({ratios})")
+    if any(row.get("ratio_no_spin") is not None for row in study["summary"]):
+        lines += ["", "in process with ONNX Runtime's threads not spinning (as the stand-in runs them):"]
+        for row in study["summary"]:
+            lines.append(f"{row['backend']:<8} {row['concurrency']:>4}  served {row['served_images_per_s']:.2f} vs "
+                         f"{row['in_process_no_spin_images_per_s']:.2f} img/s in process: {row['ratio_no_spin']:.1%}")
     lines += ["", "per request (ms, every request of the point): client latency | Triton: request (server "
               "side), queue, compute input (to the stub's shared memory), compute infer (stub), compute output | "
               "stand-in inside compute infer: parse, feed, run, respond, rest of the stub's turn (IPC, outputs "
@@ -622,6 +652,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="stand-ins to serve with: a copy of dinov2_triton/serve/resources/backends (e.g. from "
                         "another git revision), or LABEL=installed; repeatable (default: installed)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--in-process-no-spin", action="store_true",
+                   help="also measure in process with ONNX Runtime's threads not spinning (as the stand-in runs)")
     p.add_argument("--no-profile", action="store_true",
                    help="do not set STANDIN_PROFILE_FILE (no stand-in breakdown)")
     p.add_argument("--work-dir", default=None, help="parent of the run's folder (server logs, profiles)")
@@ -662,7 +694,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         study = run_study(repository, model, batch_size=args.batch_size, concurrency=concurrency,
                           seconds=args.seconds, warmup_s=args.warmup_seconds, rounds=args.rounds,
                           backends=backends or None, threads=args.threads, instances=args.instances,
-                          protocol=args.protocol,
+                          protocol=args.protocol, in_process_no_spin=args.in_process_no_spin,
                           profile=not args.no_profile, work_dir=args.work_dir)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
