@@ -1,8 +1,11 @@
-"""Helpers shared by the CPU stand-in backends (``onnxruntime/model.py`` and
-``pytorch/model.py``): config parsing, per-request validation, batching of the
-valid requests into one run, splitting the outputs back per request, error
-responses, and :class:`StandinModel`, the ``TritonPythonModel`` base both
-build on (they add only loading the model file and running it).
+"""Helpers shared by the CPU stand-in backends (``onnxruntime/model.py``,
+``pytorch/model.py``, ``openvino/model.py``): config parsing, per-request
+validation, batching of the valid requests into one run (into reused arrays,
+:class:`FeedBuffers`), splitting the outputs back per request, error
+responses, the threads an instance gets when the config names none
+(:func:`default_threads`: the cores shared by the model's instances), and
+:class:`StandinModel`, the ``TritonPythonModel`` base they build on (they add
+only loading the model file and running it).
 
 Profiling (off by default): the model parameter ``STANDIN_PROFILE_FILE`` (a
 file path on the server machine) makes every ``execute`` append one JSON

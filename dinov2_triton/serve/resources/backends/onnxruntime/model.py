@@ -22,13 +22,15 @@ What it does, per model instance:
   spinning thread holds a core the server's other threads, the client and
   other instances need: on 2 shared cores, ViT-S/14 INT8 at 56 px batch 8
   served 114 img/s without spinning vs 67 with it, 7.3 vs 12.3 CPU ms per
-  image (dinov2_triton.bench.standin_overhead, docs/field-notes.md);
+  image (measured with dinov2_triton.bench.standin_overhead);
 - checks at load time that the config's inputs/outputs exist in the graph
   with the same element type and rank, and fails the load otherwise;
 - ``execute`` receives the requests the dynamic batcher grouped, validates
   each one on its own (name, dtype, non-batch dims, batch size), runs all
-  valid requests of the same shape as ONE session run (concatenated on the
-  batch axis) and splits the outputs back per request. A bad request gets
+  valid requests of the same shape as ONE session run (one request: its
+  own array, no copy; several: joined on the batch axis into an array reused
+  from batch to batch) and splits the outputs back per request (views, no
+  copy). A bad request gets
   its own ``TritonError``; the other requests of the batch are answered.
 
 Not supported (the load fails with a message): ``reshape`` in the config.

@@ -21,7 +21,7 @@ model.pt>`` with ``torch.jit.load`` on the CPU; the ``INTRA_OP_THREAD_COUNT``
 set torch's thread pools; without them, intra-op = this process's physical
 cores divided by the model's instance count, inter-op = 1. ``execute`` validates each request
 on its own, runs all valid requests of the same shape as ONE forward pass
-(concatenated on the batch axis) and splits the outputs back per request;
+(joined on the batch axis into a reused array) and splits the outputs back per request;
 a bad request gets its own ``TritonError`` without failing the others.
 """
 from __future__ import annotations
