@@ -19,7 +19,7 @@ class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-# ----------------------------------------------------------------------------- capacity at an SLO (dinov2_triton.bench.capacity)
+# --------------------------------------------------------------- capacity at an SLO (dinov2_triton.bench.capacity)
 RateStatus = Literal["PASS", "OVER_SLO", "ERRORS", "NOT_SUSTAINED", "CLIENT_LIMITED", "UNSTABLE", "FAILED"]
 
 
@@ -94,7 +94,7 @@ class CapacityRun(_Part):
     failures: list[str] = []
 
 
-# ----------------------------------------------------------------------------- configuration search (dinov2_triton.tune.search)
+# ---------------------------------------------------------------- configuration search (dinov2_triton.tune.search)
 class ServingConfig(_Part):
     """The knobs dinov2_triton.tune.search turns on one model's config."""
     instances: int

@@ -337,7 +337,8 @@ def _load_args(concurrency: int | None, request_rate: float | None, request_dist
     # arrivals down (closed loop again; perf_analyzer then reports "delayed" requests).
     if request_distribution == "poisson":
         if request_intervals is None:
-            raise ValueError("Poisson arrivals need a --request-intervals file (dinov2_triton.bench.arrivals.write_poisson_schedule)")
+            raise ValueError("Poisson arrivals need a --request-intervals file "
+                             "(dinov2_triton.bench.arrivals.write_poisson_schedule)")
         args = [f"--request-intervals={request_intervals}", "--async"]
     else:
         args = [f"--request-rate-range={request_rate:g}:{request_rate:g}:1",

@@ -139,7 +139,8 @@ def run_convert(onnx_path: Path, output: Path, *, keep_ops: Sequence[str], keep_
             "--keep-nodes", str(nodes_file), "--data-max", str(data_max)]
     if range_data is not None:
         args += ["--range-data", str(range_data)]
-    run = run_worker("dinov2_triton.export.variants.onnx_fp16", args, output=output, log_path=log_path, timeout_s=timeout_s,
+    run = run_worker("dinov2_triton.export.variants.onnx_fp16", args, output=output, log_path=log_path,
+                     timeout_s=timeout_s,
                      error=Fp16Error, what="ModelOpt AutoCast", timeout_what="FP16 conversion",
                      timeout_option="fp16_timeout_s")
     summary = next((json.loads(line) for line in reversed(run.lines) if line.startswith("{")), {})
