@@ -488,7 +488,7 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
         "protocol": protocol, "concurrency": list(concurrency), "seconds": seconds, "rounds": rounds,
         "cpu": {"model": machine["cpu_model"], "flags": machine["cpu_flags"], "cores": machine["usable_cores"]},
         "client": f"dinov2_triton.serve.triton_access ({protocol}) in this process, same cores as the server",
-        "in_process": [], "in_process_no_spin": [], "served": [],
+        "in_process": [], "in_process_no_spin": [], "served": [], "failed": {},
         "backends": {k: str(v) if v else "installed" for k, v in backends.items()},
     }
     log(f"{model}: {runtime}, batch {batch_size} x {list(batch.shape[1:])} ({batch.nbytes / 1e6:.1f} MB), "
@@ -524,10 +524,18 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
                     f"img/s, {point['cpu_ms_per_image']:.0f} CPU ms/image (load {load:.2f})")
             for label, server in servers.items():
                 for c in concurrency:
+                    if label in study["failed"]:
+                        continue
                     load, procs = os.getloadavg()[0], server.processes()
-                    before, cpu_client, cpu_server = server.statistics(), cpu_seconds(me), cpu_seconds(procs)
-                    point = closed_loop(server.caller(batch, input_name, output_names), concurrency=c,
-                                        warmup_s=warmup_s, seconds=seconds)
+                    try:
+                        before, cpu_client, cpu_server = server.statistics(), cpu_seconds(me), cpu_seconds(procs)
+                        point = closed_loop(server.caller(batch, input_name, output_names), concurrency=c,
+                                            warmup_s=warmup_s, seconds=seconds)
+                    except Exception as exc:  # noqa: BLE001 - a server that fails ends its own points only
+                        study["failed"][label] = (f"round {r + 1}, concurrency {c}: {exc} (log "
+                                                  f"{server.handle.log_file})")
+                        log(f"round {r + 1}/{rounds} served {label} c{c}: FAILED: {exc}; no more points for {label}")
+                        continue
                     client_ms = (cpu_seconds(me) - cpu_client) * 1e3 / point["all_images"]
                     server_ms = (cpu_seconds(procs) - cpu_server) * 1e3 / point["all_images"]
                     point.update(round=r, backend=label, concurrency=c, load_before=load,
@@ -612,6 +620,8 @@ def render(study: Mapping[str, Any]) -> str:
         for row in study["summary"]:
             lines.append(f"{row['backend']:<8} {row['concurrency']:>4}  served {row['served_images_per_s']:.2f} vs "
                          f"{row['in_process_no_spin_images_per_s']:.2f} img/s in process: {row['ratio_no_spin']:.1%}")
+    for label, why in (study.get("failed") or {}).items():
+        lines += [f"{label}: FAILED {why}"]
     lines += ["", "per request (ms, every request of the point): client latency | Triton: request (server "
               "side), queue, compute input (to the stub's shared memory), compute infer (stub), compute output | "
               "stand-in inside compute infer: parse, feed, run, respond, rest of the stub's turn (IPC, outputs "
