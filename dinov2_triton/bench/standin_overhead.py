@@ -347,7 +347,8 @@ def overlay_repository(repository: Path, model: str, target: Path, *, profile_fi
 
 
 def read_profile(path: Path, wall: Sequence[float]) -> list[dict[str, Any]]:
-    """The stand-in's profile lines whose execute started inside ``wall`` [t0, t1] (seconds)."""
+    """The stand-in's profile lines whose execute ended inside ``wall`` [t0, t1] (seconds): the
+    requests Triton's success counter counted between two statistics snapshots taken then."""
     if not path.is_file():
         return []
     lo, hi = wall[0] * 1e9, wall[1] * 1e9
@@ -355,7 +356,7 @@ def read_profile(path: Path, wall: Sequence[float]) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            if lo <= record["start_ns"] <= hi:
+            if lo <= record["end_ns"] <= hi:
                 lines.append(record)
     return lines
 
@@ -529,8 +530,10 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
                     load, procs = os.getloadavg()[0], server.processes()
                     try:
                         before, cpu_client, cpu_server = server.statistics(), cpu_seconds(me), cpu_seconds(procs)
+                        stats_wall = [time.time()]
                         point = closed_loop(server.caller(batch, input_name, output_names), concurrency=c,
                                             warmup_s=warmup_s, seconds=seconds)
+                        stats_wall.append(time.time())
                     except Exception as exc:  # noqa: BLE001 - a server that fails ends its own points only
                         study["failed"][label] = (f"round {r + 1}, concurrency {c}: {exc} (log "
                                                   f"{server.handle.log_file})")
@@ -542,7 +545,7 @@ def run_study(repository: str | os.PathLike, model: str, *, batch_size: int = 8,
                                  load_after=os.getloadavg()[0], triton=stats_delta(before, server.statistics()),
                                  client_cpu_ms_per_image=client_ms, server_cpu_ms_per_image=server_ms,
                                  cpu_ms_per_image=client_ms + server_ms,
-                                 standin=profile_summary(read_profile(server.profile_file, point["all_wall"]))
+                                 standin=profile_summary(read_profile(server.profile_file, stats_wall))
                                  if server.profile_file else None)
                     study["served"].append(point)
                     log(f"round {r + 1}/{rounds} served {label} c{c}: {point['images_per_s']:.2f} img/s, "
