@@ -251,3 +251,18 @@ def test_weights_auto_finds_the_official_checkpoint_or_falls_back_to_random(tmp_
     assert resolve_weights("timm/vit_small_patch14_dinov2.lvd142m", "vits14", layout)[1] is True
     with pytest.raises(PipelineInputError, match="train.weights missing.pth: file not found"):
         resolve_weights("missing.pth", "vits14", layout)
+
+
+def test_only_unstable_sweep_points_are_a_warning_in_bench():
+    """bench.allow_unstable: a perf_analyzer point that did not stabilise (its
+    failure kind 'unstable', the error line bench_stage writes for it) is told
+    apart from the other errors, which fail a strict bench stage."""
+    from types import SimpleNamespace as NS
+
+    from dinov2_triton.pipeline.stages import unstable_points
+
+    results = NS(perf_analyzer=NS(failures=[NS(reason="dinov2_onnx b1 c1 failed (unstable): ...", kind="unstable"),
+                                            NS(reason="dinov2_onnx b8 c4: server crashed", kind="error"),
+                                            NS(reason="older record without a kind")]))
+    assert unstable_points(results) == {"perf_analyzer: dinov2_onnx b1 c1 failed (unstable): ..."}
+    assert unstable_points(NS(perf_analyzer=None)) == set()

@@ -215,6 +215,7 @@ class BenchSection(Section):
     op_concurrency: int | None = Field(None, ge=1)
     max_p99_ms: float | None = Field(None, gt=0)
     strict: bool = True                  # False: a measurement error is only reported (the run passes)
+    allow_unstable: bool = True          # a sweep point that did not stabilise (busy host) is a warning
     thread_study: ThreadStudy | None = None
 
     @field_validator("concurrency", "batch_sizes", "threads")
