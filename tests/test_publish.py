@@ -86,7 +86,12 @@ def test_published_numbers_are_the_results_own(tmp_path):
     assert pub.versions == results.versions
     table = render_publication(pub)
     assert f"| {onnx.served_images_per_s:.1f} |" in table and "| FAIL |" in table
-    assert "SKIPPED: not in the export manifest" in table      # the TensorRT row says why it has no numbers
+    # the TensorRT row says why it has no numbers, without the parenthesised detail the .json keeps
+    trt = next(v for v in run.variants if v.key == "dinov2_trt_fp16")
+    assert trt.reason == "not in the export manifest: TensorRT needs an NVIDIA GPU and TensorRT"
+    assert "| SKIPPED: not in the export manifest: TensorRT needs an NVIDIA GPU and TensorRT |" in table
+    trt.reason = "export SKIPPED: not built: needs an NVIDIA GPU and TensorRT (tensorrt not importable: No module)"
+    assert "| SKIPPED: not built: needs an NVIDIA GPU and TensorRT |" in render_publication(pub)
 
 
 @pytest.mark.parametrize("model, slug", [
@@ -238,3 +243,34 @@ def test_capacity_at_the_slo_gets_its_column(tmp_path):
     assert "capacity img/s at p99 <= 100 ms" in text and "| 209.0 / 230.5 |" in text
     no_capacity = render_publication(publication_from_results([(read_results(SERVER), str(SERVER))]))
     assert "capacity img/s" not in no_capacity
+
+
+def test_variants_the_export_was_not_asked_for_are_left_out_and_failures_are_listed(tmp_path):
+    """With an export section, a variant missing from it and not measured is noise (not asked for);
+    one the export SKIPPED stays with its reason; every failed perf_analyzer point is named."""
+    data = json.loads(SERVER.read_text())
+    data["export"] = {"variants": {
+        name: {"model_name": f"dinov2_{name}", "precision": prec, "status": status, "gate_passed": status == "OK"}
+        for name, prec, status in (("onnx", "fp32", "OK"), ("onnx_fp16", "fp16", "OK"), ("onnx_int8", "int8", "OK"),
+                                   ("trt_fp16", "fp16", "SKIPPED"))}}
+    ip = data["in_process"]["variants"]
+    ip["openvino"] = {**ip["trt_fp16"], "name": "openvino", "label": "OpenVINO", "precision": "fp32",
+                      "platform": "openvino", "model_name": "dinov2_openvino",
+                      "reason": "not in the export manifest: export it with: dinov2-triton export --variants openvino"}
+    data["perf_analyzer"]["failures"] = [{"model": "dinov2_onnx", "reason": "perf_analyzer on model 'dinov2_onnx' "
+                                          "over grpc (batch 8, concurrency 2) failed (unstable): Failed to obtain ..."}]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    (run,) = publication_from_results([(read_results(path), str(path))]).runs
+    keys = [v.key for v in run.variants]
+    assert "dinov2_openvino" not in keys and "dinov2_trt_fp16" in keys and "dinov2_onnx" in keys
+    assert run.not_measured == ["perf_analyzer on model 'dinov2_onnx' over grpc (batch 8, concurrency 2) "
+                                "failed (unstable)"]
+    pub = publication_from_results([(read_results(path), str(path))])
+    assert "- perf_analyzer on model 'dinov2_onnx' over grpc (batch 8, concurrency 2) failed (unstable)" in \
+        render_publication(pub)
+    assert "1 measurement(s) failed; the file lists them." in readme_block(pub, "b.md")
+    # without an export section nothing is dropped: the stored run keeps its TensorRT row
+    (plain,) = publication_from_results([(read_results(SERVER), str(SERVER))]).runs
+    assert "dinov2_trt_fp16" in [v.key for v in plain.variants]
+    assert plain.not_measured == ["perf_analyzer on model 'dinov2_preprocess' ... failed (unstable)"]

@@ -99,6 +99,8 @@ class PublishedRun(_Part):
     recommendation: str | None = None
     recommendation_reason: str
     variants: list[PublishedVariant]
+    #: measurements that were asked for and failed (the first clause of each failure)
+    not_measured: list[str] = []
 
 
 class Publication(Record):
@@ -159,9 +161,14 @@ def _run(results: PerfResults, source: str) -> PublishedRun:
     capacity: dict[str, list[float | None]] = {}
     for c in (final.capacity.results if final.capacity else []):
         capacity.setdefault(c.model, []).append(c.capacity_img_s)
+    # With an export section, a variant the export was not asked for is left out (the report
+    # lists it as SKIPPED "not in the export manifest"); one it skipped says why.
+    exported = ({e.model_name or name for name, e in final.export.variants.items()}
+                if final.export and final.export.variants else None)
     variants = []
     for r in final.rows or []:
-        if r.kind == "preprocess":
+        if r.kind == "preprocess" or (exported is not None and r.kind == "variant" and r.key not in exported
+                                      and r.status != "OK"):
             continue
         acc = r.accuracy
         variants.append(PublishedVariant(
@@ -184,7 +191,9 @@ def _run(results: PerfResults, source: str) -> PublishedRun:
         slo_p99_ms=final.capacity.settings.slo_p99_ms if final.capacity else None,
         recommendation=rec.variant if rec else None,
         recommendation_reason=rec.reason if rec else "no recommendation in this results file",
-        variants=variants)
+        variants=variants,
+        not_measured=[f.reason.split(": ", 1)[0] for f in (final.perf_analyzer.failures if final.perf_analyzer
+                                                            else [])])
 
 
 def publication_from_results(inputs: Sequence[tuple[PerfResults, str]]) -> Publication:
@@ -223,6 +232,14 @@ def _in_process(v: PublishedVariant) -> str:
     return _n(v.in_process_images_per_s) + (f" ({_n(v.in_process_p99_ms)})" if v.in_process_p99_ms is not None else "")
 
 
+def _short_reason(v: PublishedVariant) -> str:
+    """The reason without the stage prefix and the parenthesised detail (the .json keeps it whole)."""
+    text = v.reason or "-"
+    prefix = f"export {v.status}: "
+    text = text[len(prefix):] if text.startswith(prefix) else text
+    return text.split(" (", 1)[0] if len(text) > 60 else text
+
+
 def _gate(v: PublishedVariant) -> str:
     if v.kind == "baseline":
         return "reference"
@@ -251,7 +268,7 @@ def results_table(run: PublishedRun) -> str:
         elif v.kind == "ensemble":
             name += " (ensemble, image bytes in)"
         if v.status != "OK" and v.served_images_per_s is None and v.in_process_images_per_s is None:
-            cells = [name, v.precision, f"{v.status}: {v.reason or '-'}"] + [""] * (len(head) - 3)
+            cells = [name, v.precision, f"{v.status}: {_short_reason(v)}"] + [""] * (len(head) - 3)
         else:
             cells = [name, v.precision, _gate(v), _agreement(v), _n(v.served_images_per_s),
                      _latency(v.served_p50_ms, v.served_p99_ms), _in_process(v),
@@ -298,6 +315,9 @@ def render_publication(pub: Publication) -> str:
     for run in pub.runs:
         lines += [f"## {run_heading(run)}", "", run_settings(run), "", results_table(run), "",
                   f"Recommended: {run.recommendation or 'none'} ({run.recommendation_reason})", ""]
+        if run.not_measured:
+            lines += ["Not measured (the run's report has each failure's message):", "",
+                      *[f"- {what}" for what in run.not_measured], ""]
     return "\n".join(lines)
 
 
@@ -350,6 +370,8 @@ def readme_block(pub: Publication, md_link: str) -> str:
     for run in pub.runs:
         lines += [f"**{run_heading(run)}**, served at batch {_n(run.batch_size, 'd')} / concurrency "
                   f"{_n(run.concurrency, 'd')} over {run.protocol or '-'}:", "", results_table(run), ""]
+        if run.not_measured:
+            lines += [f"{len(run.not_measured)} measurement(s) failed; the file lists them.", ""]
     lines.append(README_END)
     return "\n".join(lines)
 
