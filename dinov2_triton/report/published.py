@@ -101,6 +101,8 @@ class PublishedRun(_Part):
     variants: list[PublishedVariant]
     #: measurements that were asked for and failed (the first clause of each failure)
     not_measured: list[str] = []
+    #: the host's 1-minute load average when the run started (None: not recorded)
+    load_average_1min: float | None = None
 
 
 class Publication(Record):
@@ -192,6 +194,7 @@ def _run(results: PerfResults, source: str) -> PublishedRun:
         recommendation=rec.variant if rec else None,
         recommendation_reason=rec.reason if rec else "no recommendation in this results file",
         variants=variants,
+        load_average_1min=(final.machine.load_average or [None])[0] if final.machine else None,
         not_measured=[f.reason.split(": ", 1)[0] for f in (final.perf_analyzer.failures if final.perf_analyzer
                                                             else [])])
 
@@ -302,7 +305,14 @@ def run_settings(run: PublishedRun) -> str:
     return (f"Weights: {weights}. Served = perf_analyzer through Triton, {run.protocol or '-'}, "
             f"batch {_n(run.batch_size, 'd')}, concurrency {_n(run.concurrency, 'd')}; in process = the same batch "
             f"with {_n(run.concurrency, 'd')} client thread(s). Top-1 agreement and accuracy delta against eager FP32 "
-            f"on the test split. Run {run.run_id}, measured {run.created}.")
+            f"on the test split. Run {run.run_id}, measured {run.created}.{_load_note(run)}")
+
+
+def _load_note(run: PublishedRun) -> str:
+    """What else ran: a load average above the cores means the numbers are lower than on an idle host."""
+    if run.load_average_1min is None:
+        return ""
+    return f" Host load average (1 min) at the start: {run.load_average_1min:.1f}."
 
 
 def render_publication(pub: Publication) -> str:
