@@ -473,7 +473,10 @@ def test_a_rate_is_measured_on_an_idle_server(sleepy_server, tmp_path):
     finally:
         t.join()
     assert light.drain_s is not None and light.drain_s > 0.5, light
-    assert light.status == "PASS" and light.p99_ms < 4 * SERVICE_MS, light
+    # Measured behind the backlog, p99 would be the backlog's wait (40 x SERVICE_MS); measured on
+    # the idle server it is the rate's own latency. Half the backlog tells the two apart on a busy
+    # host too (a host running other work measured p99 124 ms here, the backlog is 1000 ms).
+    assert light.status == "PASS" and light.p99_ms < 40 * SERVICE_MS / 2, light
 
 @pytest.mark.triton
 def test_shed_requests_fail_the_rate(sleepy_server, tmp_path):
