@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dinov2_triton.bench import closed_loop
 from dinov2_triton.bench import standin_overhead as so
 from dinov2_triton.serve import install, model_plan
 from dinov2_triton.serve.install import STANDIN_BACKENDS
@@ -206,9 +207,9 @@ def test_feed_buffers_grow_and_stay_bounded(pb_utils):
 # --------------------------------------------------------------------------- the benchmark
 def test_window_counts_each_request_by_its_share_of_the_window():
     spans = [(0.0, 2.0, 8), (2.0, 4.0, 8), (4.0, 6.0, 8)]
-    assert so.window_images(spans, 1.0, 5.0) == pytest.approx(4 + 8 + 4)
-    assert so.window_images(spans, 6.0, 9.0) == 0
-    assert so.window_images([(0.0, 0.0, 8)], 0.0, 1.0) == 0   # a zero-length span adds nothing
+    assert closed_loop.window_images(spans, 1.0, 5.0) == pytest.approx(4 + 8 + 4)
+    assert closed_loop.window_images(spans, 6.0, 9.0) == 0
+    assert closed_loop.window_images([(0.0, 0.0, 8)], 0.0, 1.0) == 0   # a zero-length span adds nothing
 
 
 def test_triton_statistics_and_profile_become_per_request_milliseconds():
