@@ -45,6 +45,7 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.data",
     "tests.fixtures.triton",
+    "tests.fixtures.standin",
 ]
 
 #: fixtures that start the real local Triton server (tests/fixtures/triton.py) or a replica set behind HAProxy

@@ -7,7 +7,6 @@ export stage publishes with.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import socket
@@ -26,6 +25,7 @@ from dinov2_triton.serve import local_server as ls
 from dinov2_triton.serve import triton_access as ta
 from dinov2_triton.serve.install import STANDIN_BACKENDS
 from tests.fixtures import fake_docker
+from tests.fixtures.standin import FakeRequest, load_standin
 from tests.fixtures.triton import TINY_IMAGE, tiny_config, tiny_config_message, tiny_reference, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,68 +244,8 @@ def test_serve_container_fails_clearly_without_docker_daemon_or_gpu(tmp_path, mo
 
 
 # --------------------------------------------------------------------------- stand-ins in-process
-class _FakeTensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-class _FakeRequest:
-    def __init__(self, **inputs):
-        self._inputs = [_FakeTensor(k, v) for k, v in inputs.items()]
-
-    def inputs(self):
-        return self._inputs
-
-
-class _FakeError:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-    def __init__(self, message, code=None):
-        self._message, self.code = message, code
-
-    def message(self):
-        return self._message
-
-
-class _FakeResponse:
-    def __init__(self, output_tensors, error=None):
-        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
-        self.error = error
-
-
-@pytest.fixture
-def pb_utils(monkeypatch):
-    """The real triton_python_backend_utils.py, plus fakes for what the C++ stub adds."""
-    path = install.find_triton().python_backend / "triton_python_backend_utils.py"
-    spec = importlib.util.spec_from_file_location("triton_python_backend_utils", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.Tensor, module.InferenceResponse, module.TritonError = (
-        _FakeTensor, _FakeResponse, _FakeError)
-    module.TritonModelException = type("TritonModelException", (Exception,), {})
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
-    return module
-
-
-def _load_standin(backend: str, model_dir: Path, model_name: str,
-                  backends: Path = STANDIN_BACKENDS):
-    from google.protobuf import json_format
-
-    spec = importlib.util.spec_from_file_location(f"standin_{backend}", backends / backend / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = json_format.MessageToDict(model_plan.read_model_config(model_dir / "config.pbtxt"),
-                                       preserving_proto_field_name=True)
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(config), "model_name": model_name,
-                      "model_repository": str(model_dir), "model_version": "1"})
-    return model
+def _load_standin(backend: str, model_dir: Path, model_name: str, backends: Path = STANDIN_BACKENDS):
+    return load_standin(backend, model_dir, model_name=model_name, backends=backends)[0]
 
 
 @pytest.mark.parametrize("backend,model_name", [("onnxruntime", "tiny_onnx"),
@@ -319,14 +259,14 @@ def test_standin_batches_good_requests_and_rejects_bad_ones_alone(
 
     good = [_images(2, 1), _images(1, 2), _images(1, 3)]
     requests = [
-        _FakeRequest(pixel_values=good[0]),
-        _FakeRequest(image=good[1]),  # wrong name
-        _FakeRequest(pixel_values=good[1]),
-        _FakeRequest(pixel_values=np.zeros((1, 3, 9, 8), np.float32)),  # wrong shape
-        _FakeRequest(pixel_values=good[2].astype(np.float64)),  # wrong dtype
-        _FakeRequest(pixel_values=_images(5)),  # batch above max_batch_size
-        _FakeRequest(),  # no input at all
-        _FakeRequest(pixel_values=good[2]),
+        FakeRequest(pixel_values=good[0]),
+        FakeRequest(image=good[1]),  # wrong name
+        FakeRequest(pixel_values=good[1]),
+        FakeRequest(pixel_values=np.zeros((1, 3, 9, 8), np.float32)),  # wrong shape
+        FakeRequest(pixel_values=good[2].astype(np.float64)),  # wrong dtype
+        FakeRequest(pixel_values=_images(5)),  # batch above max_batch_size
+        FakeRequest(),  # no input at all
+        FakeRequest(pixel_values=good[2]),
     ]
     responses = model.execute(requests)
     assert len(responses) == len(requests)
@@ -351,8 +291,8 @@ def test_standin_batches_good_requests_and_rejects_bad_ones_alone(
 def test_standin_failing_run_only_fails_its_requests(pb_utils, tiny_model_repository):
     model = _load_standin("onnxruntime", tiny_model_repository / "tiny_onnx", "tiny_onnx")
     model._run = lambda feed: (_ for _ in ()).throw(RuntimeError("boom"))
-    responses = model.execute([_FakeRequest(pixel_values=_images(1)),
-                               _FakeRequest(image=_images(1))])
+    responses = model.execute([FakeRequest(pixel_values=_images(1)),
+                               FakeRequest(image=_images(1))])
     assert "inference failed: boom" in responses[0].error.message()
     assert responses[0].error.code == "INTERNAL"
     assert "unexpected input" in responses[1].error.message()
@@ -381,7 +321,7 @@ def test_standins_run_from_the_built_backend_dir(pb_utils, tiny_model_repository
     assert backend_dir.parent == tmp_path and install.build_backend_dir(cache_dir=tmp_path) == backend_dir
     model = _load_standin(backend, tiny_model_repository / model_name, model_name, backends=backend_dir)
     batch = _images(2, seed=5)
-    (response,) = model.execute([_FakeRequest(pixel_values=batch)])
+    (response,) = model.execute([FakeRequest(pixel_values=batch)])
     assert response.error is None
     np.testing.assert_allclose(response.outputs["logits"], tiny_reference(tiny_classifier, batch)[0], atol=ATOL)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,76 +16,16 @@ import pytest
 
 from dinov2_triton.bench import closed_loop
 from dinov2_triton.bench import standin_overhead as so
-from dinov2_triton.serve import install, model_plan
+from dinov2_triton.serve import model_plan
 from dinov2_triton.serve.install import STANDIN_BACKENDS
+from tests.fixtures.standin import FakeRequest, load_standin
 from tests.fixtures.triton import TINY_IMAGE, tiny_reference
 
 ATOL = 1e-5
 
 
-class _Tensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-class _Request:
-    def __init__(self, **inputs):
-        self._inputs = [_Tensor(k, v) for k, v in inputs.items()]
-
-    def inputs(self):
-        return self._inputs
-
-
-class _Error:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-    def __init__(self, message, code=None):
-        self._message, self.code = message, code
-
-    def message(self):
-        return self._message
-
-
-class _Response:
-    def __init__(self, output_tensors, error=None):
-        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
-        self.error = error
-
-
-@pytest.fixture
-def pb_utils(monkeypatch):
-    path = install.find_triton().python_backend / "triton_python_backend_utils.py"
-    spec = importlib.util.spec_from_file_location("triton_python_backend_utils", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.Tensor, module.InferenceResponse, module.TritonError = _Tensor, _Response, _Error
-    module.TritonModelException = type("TritonModelException", (Exception,), {})
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
-    return module
-
-
 def _load(backend: str, model_dir: Path, *, parameters=None, instances=None):
-    from google.protobuf import json_format
-
-    spec = importlib.util.spec_from_file_location(f"standin_{backend}", STANDIN_BACKENDS / backend / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = json_format.MessageToDict(model_plan.read_model_config(model_dir / "config.pbtxt"),
-                                       preserving_proto_field_name=True)
-    for key, value in (parameters or {}).items():
-        config.setdefault("parameters", {})[key] = {"string_value": value}
-    if instances is not None:
-        config["instance_group"] = [{"count": instances, "kind": "KIND_CPU"}]
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(config), "model_name": model_dir.name,
-                      "model_repository": str(model_dir), "model_version": "1"})
-    return model, module
+    return load_standin(backend, model_dir, parameters=parameters, instances=instances)
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -97,14 +36,14 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 def test_profile_is_off_by_default_and_writes_one_line_per_execute(pb_utils, tiny_model_repository, tmp_path):
     model, _ = _load("onnxruntime", tiny_model_repository / "tiny_onnx")
     assert model.profile is None
-    model.execute([_Request(pixel_values=_images(1))])
+    model.execute([FakeRequest(pixel_values=_images(1))])
 
     path = tmp_path / "profile.jsonl"
     model, module = _load("onnxruntime", tiny_model_repository / "tiny_onnx",
                           parameters={"STANDIN_PROFILE_FILE": str(path)})
-    model.execute([_Request(pixel_values=_images(2)), _Request(image=_images(1)),
-                   _Request(pixel_values=_images(1, seed=1))])
-    model.execute([_Request(pixel_values=_images(3))])
+    model.execute([FakeRequest(pixel_values=_images(2)), FakeRequest(image=_images(1)),
+                   FakeRequest(pixel_values=_images(1, seed=1))])
+    model.execute([FakeRequest(pixel_values=_images(3))])
     model.finalize()
     first, second = (json.loads(line) for line in path.read_text().splitlines())
     assert (first["requests"], first["batch"], first["runs"]) == (3, 3, 1)   # the bad request is not run
@@ -174,8 +113,8 @@ def test_joined_batches_reuse_one_buffer_and_keep_earlier_answers(pb_utils, tiny
     model._run = lambda feed: seen.append(feed["pixel_values"]) or real_run(feed)
     a = [_images(1, seed=1), _images(2, seed=2)]
     b = [_images(2, seed=3), _images(1, seed=4)]
-    first = model.execute([_Request(pixel_values=x) for x in a])
-    second = model.execute([_Request(pixel_values=x) for x in b])
+    first = model.execute([FakeRequest(pixel_values=x) for x in a])
+    second = model.execute([FakeRequest(pixel_values=x) for x in b])
     assert len(seen) == 2 and np.shares_memory(seen[0], seen[1]), "the join buffer is reused"
     for responses, batches in ((first, a), (second, b)):
         for response, x in zip(responses, batches):
@@ -185,7 +124,7 @@ def test_joined_batches_reuse_one_buffer_and_keep_earlier_answers(pb_utils, tiny
             np.testing.assert_allclose(response.outputs["embedding"], embedding, atol=ATOL)
     # one request alone runs on its own array: no copy
     single = _images(2, seed=5)
-    model.execute([_Request(pixel_values=single)])
+    model.execute([FakeRequest(pixel_values=single)])
     assert seen[-1] is single or np.shares_memory(seen[-1], single)
 
 
