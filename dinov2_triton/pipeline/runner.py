@@ -228,7 +228,10 @@ def render_times(results: Sequence["StageResult"], workdir: Path, total_s: float
     style = {"ran": "green", "skipped": "cyan", "warning": "yellow", "failed": "bold red"}
     for r in results:
         table.add_row(r.stage, f"[{style.get(r.status, '')}]{r.status}[/]", f"{r.seconds:.0f} s", r.note)
-    Console(stderr=False).print(table)
+    console = Console()
+    if not console.is_terminal:   # a log file: wide enough for the notes (report paths) on one line
+        console = Console(width=140)
+    console.print(table)
     width = max([len(r.stage) for r in results] + [5])
     lines = [f"{r.stage:<{width}}  {r.status:<8} {r.seconds:6.0f} s  {r.note}" for r in results]
     lines.append(f"{'total':<{width}}  {'':<8} {total_s:6.0f} s  ({total})")
