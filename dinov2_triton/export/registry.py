@@ -207,3 +207,14 @@ def build_order(names: Iterable[str]) -> list[str]:
         if name in wanted:
             visit(name)
     return order
+
+
+def as_bool(value, key: str) -> bool:
+    """A variant builder option as a boolean: true/false words in strings (--set KEY=VALUE), else bool()."""
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key}={value!r}: expected true or false")
+    return bool(value)

@@ -49,7 +49,7 @@ from dinov2_triton.export.quant_graph import (
     select_nodes,
     strip_qdq,
 )
-from dinov2_triton.export.registry import Variant, register
+from dinov2_triton.export.registry import Variant, as_bool, register
 from dinov2_triton.export.variants.onnx import check_io, fp32_work_copy, ort_runner
 
 log = logging.getLogger(__name__)
@@ -74,16 +74,6 @@ DEFAULTS: dict[str, Any] = {
 def option(options: Mapping[str, Any], key: str):
     value = options.get(key)
     return DEFAULTS[key] if value is None else value
-
-
-def as_bool(value, key: str) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{key}={value!r}: expected true or false")
-    return bool(value)
 
 
 def _ort_outputs(path: Path, x: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:

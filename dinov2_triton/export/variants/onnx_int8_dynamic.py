@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dinov2_triton.export.registry import SkipVariant, Variant, register
+from dinov2_triton.export.registry import as_bool as _as_bool
 
 WORKER_MODULE = "dinov2_triton.export.variants.onnx_int8_dynamic"
 DEFAULTS: dict[str, Any] = {
@@ -127,16 +128,6 @@ def build(ctx, path: Path) -> dict:
             "activations": "uint8, quantized at run time per batch (no calibration set)",
             "quantized_nodes": len(nodes), "quantized_by_role": by_role, "quantized_roles": list(quant_roles),
             "qdq_nodes_left": len(quantized_nodes(model)), "io": shapes, "op_types": dict(sorted(ops.items()))}
-
-
-def _as_bool(value, key: str) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{key}={value!r}: expected true or false")
-    return bool(value)
 
 
 def load_runner(path: Path):

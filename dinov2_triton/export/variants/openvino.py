@@ -58,6 +58,7 @@ import numpy as np
 
 from dinov2_triton.core.cpu_features import arithmetic_record, bf16_support, read_cpu_flags
 from dinov2_triton.export.registry import SkipVariant, Variant, register
+from dinov2_triton.export.registry import as_bool as _as_bool
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,6 @@ class OpenVinoError(RuntimeError):
 def _option(options: Mapping[str, Any], key: str):
     value = options.get(key)
     return DEFAULTS[key] if value is None else value
-
-
-def _as_bool(value, key: str) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{key}={value!r}: expected true or false")
-    return bool(value)
 
 
 def _import_openvino():
