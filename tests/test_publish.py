@@ -124,7 +124,8 @@ def test_two_runs_of_one_machine_in_one_file(tmp_path):
     pub = read_publication(tmp_path / "b" / "2026-11-28-test.json")      # the newest run's date
     assert [(r.image_size, r.run_id) for r in pub.runs] == [(56, "run-56"), (224, "test-run")]
     text = (tmp_path / "b" / "2026-11-28-test.md").read_text()
-    assert text.index("## vits14, 56 px") < text.index("## vits14, 224 px")
+    assert text.index("## DINOv2 vits14, 56 px") < text.index("## DINOv2 vits14, 224 px")   # family and arch
+    assert pub.kind == "runs" and "## Backbones" not in text        # one arch: no backbone table
 
 
 def test_results_of_two_machines_are_refused(tmp_path, capsys):
@@ -161,7 +162,7 @@ def test_bad_inputs_fail_with_one_line_naming_the_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(schema_version=2), "field 'schema_version': 2 is newer than this code reads (1)"),
+    (lambda d: d.update(schema_version=3), "field 'schema_version': 3 is newer than this code reads (2)"),
     (lambda d: d["cpu"].pop("model"), "field 'cpu.model': missing (required)"),
     (lambda d: d["runs"][0]["variants"][0].update(served_images_per_s="fast"),
      "field 'runs[0].variants[0].served_images_per_s': Input should be a valid number"),
@@ -274,3 +275,117 @@ def test_variants_the_export_was_not_asked_for_are_left_out_and_failures_are_lis
     (plain,) = publication_from_results([(read_results(SERVER), str(SERVER))]).runs
     assert "dinov2_trt_fp16" in [v.key for v in plain.variants]
     assert plain.not_measured == ["perf_analyzer on model 'dinov2_preprocess' ... failed (unstable)"]
+
+
+def _sweep(tmp_path: Path) -> Path:
+    """A sweep's work folder as `dinov2-triton pipeline --recipe backbones` leaves it: one run
+    folder per backbone, each with its reports/<run>/results.json (the vits14 one twice: an
+    older bench run and a newer one), made from the stored server results."""
+    model = json.loads(SERVER.read_text())["model"]
+    sweep = tmp_path / "sweep"
+    for name, arch, run_id, created, acc in (
+            ("vits14", "vits14", "old-v2", "2026-11-28T08:00:00+00:00", 0.50),
+            ("vits14", "vits14", "run-v2", "2026-11-28T09:00:00+00:00", 0.61),
+            ("dinov3_vits16", "dinov3_vits16", "run-v3", "2026-11-28T09:30:00+00:00", 0.58)):
+        folder = sweep / name / "reports" / run_id
+        folder.mkdir(parents=True)
+        metrics = {"test": {"n": 300, "accuracy": acc, "f1_macro": acc - 0.01}}
+        (folder / "results.json").write_text(_results_file(
+            tmp_path, f"{run_id}.json", run_id=run_id, created=created,
+            model={**model, "arch": arch, "img_size": 112, "checkpoint_metrics": metrics},
+            flops={"flops": 3_000_000_000, "gflops": 3.0, "image_size": 112, "method": "test"},
+            machine__load_average=[1.5, 1.0, 0.5]).read_text())
+    (sweep / "recipe.yaml").write_text("# not a run folder\n")
+    return sweep
+
+
+def test_a_sweep_folder_publishes_one_backbone_comparison(tmp_path, capsys):
+    """Given the sweep's folder, publish takes each run's newest results.json; runs of two archs
+    make a backbone comparison: its own file name, a backbone table (family, arch, size,
+    parameters, training's test accuracy and F1, the recommended variant's gate and
+    throughput) above each run's variant table, and a README block of that table."""
+    from dinov2_triton.train.archs import parameter_count
+
+    sweep = _sweep(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# tool\n\n{README_BEGIN}\nold\n{README_END}\n")
+    assert cli.main(["publish", str(sweep), "--out", str(tmp_path / "b"), "--readme", str(readme)]) == 0
+    js = tmp_path / "b" / "2026-11-28-test-backbones.json"
+    pub = read_publication(js)
+    assert pub.kind == "backbones" and pub.stem == js.stem
+    assert [(r.run_id, r.arch, r.family, r.image_size) for r in pub.runs] == [
+        ("run-v2", "vits14", "DINOv2", 112), ("run-v3", "dinov3_vits16", "DINOv3", 112)]
+    v2, v3 = pub.runs
+    assert (v2.test_accuracy, v2.test_f1_macro, v3.test_accuracy) == (0.61, 0.60, 0.58)
+    assert v2.backbone_params == parameter_count("vits14", 112) != v3.backbone_params == \
+        parameter_count("dinov3_vits16", 112)
+    assert v2.gflops_per_image == 3.0 and v2.load_average_1min == 1.5
+    md = (tmp_path / "b" / "2026-11-28-test-backbones.md").read_text()
+    assert md == render_publication(pub)
+    rec = next(v for v in v3.variants if v.recommended)
+    eager = next(v for v in v3.variants if v.key == "pytorch")
+    row = next(line for line in md.splitlines() if line.startswith("| `dinov3_vits16` |"))
+    assert (f"| `dinov3_vits16` | DINOv3 | 112 | {v3.backbone_params / 1e6:.2f} | 3.00 | random init | 58.0% | "
+            f"57.0% | `{rec.key}` ({rec.precision}) | pass | {rec.served_images_per_s:.1f} | "
+            f"{rec.in_process_images_per_s:.1f} | {eager.in_process_images_per_s:.1f} |") in row
+    assert md.index("## Backbones") < md.index("## DINOv2 vits14, 112 px") < md.index("## DINOv3 dinov3_vits16, 112 px")
+    assert "Randomly initialised: DINOv2 vits14, DINOv3 dinov3_vits16" in md
+    assert "the accuracy is not a DINOv3 fine-tune's" not in md            # the weights say "random init" already
+    text = readme.read_text()
+    assert readme_block(pub, "b/2026-11-28-test-backbones.md") in text and "| `vits14` | DINOv2 | 112 |" in text
+    assert "| variant | precision |" not in text          # the README shows the backbone table; the file has the rest
+    # the same runs named as files publish the same record
+    files = [str(sweep / "vits14" / "reports" / "run-v2" / "results.json"),
+             str(sweep / "dinov3_vits16" / "reports" / "run-v3" / "results.json")]
+    assert publication_from_results([(read_results(f), f) for f in files]).runs == pub.runs
+
+
+def test_a_folder_without_results_is_named(tmp_path, capsys):
+    (tmp_path / "work" / "reports").mkdir(parents=True)
+    assert cli.main(["publish", str(tmp_path / "work"), "--out", str(tmp_path / "b")]) == 2
+    assert f"{tmp_path / 'work'}: no reports/<run>/results.json in it or in its run folders" in capsys.readouterr().err
+
+
+def test_a_schema_1_file_reads_and_renders_as_it_was(tmp_path):
+    """Schema 1 did not record the backbone: read as schema 2 with those fields None, it
+    renders as before (no family in the heading), so files already published stay valid."""
+    pub = publication_from_results([(read_results(SERVER), str(SERVER))])
+    md, js = write_publication(tmp_path, pub)
+    data = json.loads(js.read_text())
+    data["schema_version"] = 1
+    data.pop("kind")
+    for run in data["runs"]:
+        for key in ("family", "backbone_params", "gflops_per_image", "test_accuracy", "test_f1_macro"):
+            run.pop(key)
+    js.write_text(json.dumps(data))
+    old = read_publication(js)
+    assert old.schema_version == 2 and old.kind == "runs" and old.runs[0].family is None
+    assert "## vits14, 224 px" in render_publication(old)
+    assert render_publication(old).replace("## vits14,", "## DINOv2 vits14,") == md.read_text()
+
+
+def test_of_one_date_the_newest_publication_is_the_last_measured(tmp_path):
+    """The README cites the newest file: by date, and between files of one date (a run and a
+    backbone comparison) the one whose newest run was measured last, as its record says."""
+    pub = publication_from_results([(read_results(SERVER), str(SERVER))])
+    write_publication(tmp_path, pub)
+    later = publication_from_results([(read_results(f), f) for f in
+                                      [str(p) for p in sorted(_sweep(tmp_path).glob("*/reports/run-*/results.json"))]])
+    later_day = later.model_copy(update={"date": "2026-11-27"})
+    write_publication(tmp_path, later_day)
+    assert sorted(p.name for p in tmp_path.glob("2026-*.json")) == ["2026-11-27-test-backbones.json",
+                                                                     "2026-11-27-test.json"]
+    assert newest_publication(tmp_path).name == "2026-11-27-test-backbones.json"
+
+
+@pytest.mark.parametrize("arch", ["vits14_reg4", "dinov3_vits16"])
+def test_published_parameters_are_those_of_the_built_backbone(arch):
+    """archs.parameter_count (meta device, no weights) counts what build_model builds."""
+    from dinov2_triton.train.archs import parameter_count
+    from dinov2_triton.train.model import build_model
+
+    tiny = {"depth": 1, "embed_dim": 64, "num_heads": 2}
+    model = build_model(arch, num_classes=3, img_size=32 if arch.startswith("dinov3") else 28,
+                        backbone_overrides=tiny).model
+    want = sum(p.numel() for p in model.backbone.parameters())
+    assert parameter_count(arch, 32 if arch.startswith("dinov3") else 28, **tiny) == want

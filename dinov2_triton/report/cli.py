@@ -28,7 +28,10 @@ def build_publish_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Publish measured results as data: <out>/<date>-<cpu>.md and the same numbers as "
                                ".json (the date the runs were measured, a slug of the CPU model).")
-    p.add_argument("results", nargs="+", help="results.json of `dinov2-triton bench` runs made on one machine")
+    p.add_argument("results", nargs="+",
+                   help="results.json of `dinov2-triton bench` runs made on one machine, or a pipeline work folder "
+                        "(its newest reports/<run>/results.json) or a sweep's (each run's); runs of several archs "
+                        "make one backbone comparison, <date>-<cpu>-backbones")
     req = p.add_argument_group("Required")
     req.add_argument("--out", required=True, help="the folder of published results, e.g. benchmarks/")
     opt = p.add_argument_group("Optional")
@@ -40,13 +43,17 @@ def build_publish_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def publish_main(argv: Sequence[str] | None = None, *, prog: str = "dinov2-triton report publish") -> int:
-    from dinov2_triton.bench.results import read_results
     from dinov2_triton.core.records import RecordError
-    from dinov2_triton.report.published import publication_from_results, update_readme, write_publication
+    from dinov2_triton.report.published import (
+        collect_results,
+        publication_from_results,
+        update_readme,
+        write_publication,
+    )
 
     args = build_publish_parser(prog).parse_args(argv)
     try:
-        inputs = [(read_results(path), str(path)) for path in args.results]
+        inputs = collect_results(args.results)
         pub = publication_from_results(inputs)
     except RecordError as exc:
         print(f"error: {exc}", file=sys.stderr)

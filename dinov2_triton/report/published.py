@@ -1,28 +1,40 @@
 """Measured results as data: ``benchmarks/<date>-<cpu>.md`` and the same numbers as ``.json``.
 
+    collect_results([file or folder, ...])            -> [(PerfResults, source), ...]
     publication_from_results([(results, source), ...]) -> Publication
     write_publication(out_dir, publication)           -> (md path, json path)   the one writer
     read_publication(path)                            -> Publication            the one reader
     newest_publication(folder)                        -> path of the newest .json, or None
     update_readme(readme, publication, md_path)       rewrites the README's results block
 
-``dinov2-triton report publish RESULTS.json [...] --out benchmarks/`` runs them
-(dinov2_triton.report.cli). A :class:`Publication` holds, per results file (one
-run: an image size), per variant: served and in-process throughput and
+``dinov2-triton report publish RESULTS.json|WORKDIR [...] --out benchmarks/`` runs
+them (dinov2_triton.report.cli); a pipeline work folder stands for its newest
+``reports/<run>/results.json``, a sweep's work folder for each run's. A
+:class:`Publication` holds, per results file (one run: a backbone at an image
+size), the backbone (family, arch, parameters, the test accuracy and F1 its
+training measured) and per variant: served and in-process throughput and
 latency at the run's operating point, the live top-1 agreement and accuracy
 delta against eager FP32, the gate verdict and the file size; and for the
 whole file the CPU model with the extensions that decide CPU inference speed
 (AVX2, AVX-512, VNNI, BF16, AMX), the versions and the date the runs were
-measured. The Markdown is rendered from the record alone, so the ``.md`` and
-the ``.json`` never disagree; the file name comes from the record too
-(the newest run's date and a slug of the CPU model).
+measured. Runs of more than one arch make a backbone comparison
+(``kind: backbones``): a table with one row per backbone comes first, the file
+is named ``<date>-<cpu>-backbones`` and the README block shows that table.
+The Markdown is rendered from the record alone, so the ``.md`` and the
+``.json`` never disagree; the file name comes from the record too (the
+newest run's date and a slug of the CPU model).
+
+Schema: 1 the first; 2 adds the backbone of each run (``family``,
+``backbone_params``, ``gflops_per_image``, ``test_accuracy``,
+``test_f1_macro``: None in a schema-1 file, which did not record them) and the
+publication's ``kind``.
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -88,6 +100,15 @@ class PublishedRun(_Part):
     run_id: str
     created: str
     arch: str | None = None
+    #: how reports write the arch's family ("DINOv2", "DINOv3"); None: not recorded (schema 1) or unknown arch
+    family: str | None = None
+    #: the backbone's parameters (dinov2_triton.train.archs.parameter_count), the head not counted
+    backbone_params: int | None = None
+    #: the FP32 model's FLOPs per image at image_size, in GFLOP (the results file's count)
+    gflops_per_image: float | None = None
+    #: what training measured on the test split (the checkpoint's metrics)
+    test_accuracy: float | None = None
+    test_f1_macro: float | None = None
     image_size: int | None = None
     weights: str | None = None
     pretrained: bool | None = None
@@ -108,7 +129,7 @@ class PublishedRun(_Part):
 class Publication(Record):
     """``benchmarks/<date>-<cpu>.json``: measured results of one machine on one date."""
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2
     KIND: ClassVar[str] = "published benchmark"
     REGENERATE: ClassVar[str] = "dinov2-triton report publish RESULTS.json [...] --out benchmarks/"
 
@@ -117,12 +138,20 @@ class Publication(Record):
     gpus: list[str] = []
     os: str | None = None
     versions: dict[str, str]
+    #: "runs": one backbone (at one or more sizes); "backbones": several archs compared, one table first
+    kind: Literal["runs", "backbones"] = "runs"
     runs: list[PublishedRun]
+
+    @classmethod
+    def _migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        if version == 1:   # 2 added optional fields only (a schema-1 file did not record the backbone)
+            return {**data, "schema_version": 2}
+        return super()._migrate(data, version)
 
     @property
     def stem(self) -> str:
-        """The file name without suffix: ``<date>-<cpu slug>``."""
-        return f"{self.date}-{cpu_slug(self.cpu.model)}"
+        """The file name without suffix: ``<date>-<cpu slug>``, ``-backbones`` for a comparison."""
+        return f"{self.date}-{cpu_slug(self.cpu.model)}" + ("-backbones" if self.kind == "backbones" else "")
 
 
 # ----------------------------------------------------------------------------- building
@@ -153,6 +182,28 @@ def _date(results: PerfResults, source: str) -> str:
     if not _DATE.match(date):
         raise RecordError(f"{source}: field 'created': expected an ISO date-time, got {results.created!r}")
     return date
+
+
+def _backbone(results: PerfResults) -> dict[str, Any]:
+    """The backbone fields of a run: family and parameters from the arch table
+    (dinov2_triton.train.archs), FLOPs from the results, test accuracy and F1 from the
+    checkpoint's metrics. An arch the table does not know leaves family and parameters None."""
+    from dinov2_triton.train.archs import arch_spec, parameter_count
+
+    model = results.model
+    test = (model.checkpoint_metrics.get("test") if model else None) or {}
+    out: dict[str, Any] = {
+        "gflops_per_image": round(results.flops.gflops, 3) if results.flops else None,
+        "test_accuracy": test.get("accuracy"), "test_f1_macro": test.get("f1_macro")}
+    try:
+        spec = arch_spec(model.arch) if model and model.arch else None
+    except ValueError:
+        spec = None
+    if spec is not None:
+        out["family"] = spec.family_name
+        if model.img_size:
+            out["backbone_params"] = parameter_count(spec.name, model.img_size)
+    return out
 
 
 def _run(results: PerfResults, source: str) -> PublishedRun:
@@ -186,7 +237,7 @@ def _run(results: PerfResults, source: str) -> PublishedRun:
         raise RecordError(f"{source}: no variant was measured (no in-process, served or export numbers to publish)")
     model = final.model
     return PublishedRun(
-        run_id=final.run_id, created=final.created, arch=model.arch if model else None,
+        run_id=final.run_id, created=final.created, arch=model.arch if model else None, **_backbone(final),
         image_size=(model.img_size if model else None) or (final.export.img_size if final.export else None),
         weights=model.weights_source if model else None, pretrained=model.pretrained if model else None,
         batch_size=op.batch_size, concurrency=op.concurrency, protocol=op.protocol,
@@ -216,8 +267,36 @@ def publication_from_results(inputs: Sequence[tuple[PerfResults, str]]) -> Publi
     runs = [_run(results, source) for results, source in inputs]
     runs.sort(key=lambda r: (r.image_size or 0, r.created))
     newest = max(inputs, key=lambda item: item[0].created)[0]
+    kind = "backbones" if len({r.arch for r in runs}) > 1 else "runs"
     return Publication.new(date=max(dates), cpu=_cpu(newest.machine), gpus=[g.name for g in newest.machine.gpus],
-                           os=newest.machine.os, versions=dict(sorted(versions.items())), runs=runs)
+                           os=newest.machine.os, versions=dict(sorted(versions.items())), kind=kind, runs=runs)
+
+
+def collect_results(paths: Sequence[str | os.PathLike]) -> list[tuple[PerfResults, str]]:
+    """The results files named on the command line: a ``results.json`` as it is; a
+    pipeline work folder: its newest ``reports/<run>/results.json``; a sweep's work
+    folder: that of each run folder in it (``<workdir>/<name>/reports/...``). A folder
+    holding neither is an error naming it."""
+    from dinov2_triton.bench.results import read_results
+
+    out: list[tuple[PerfResults, str]] = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            out.append((read_results(path), str(path)))
+            continue
+        workdirs = [path] if (path / "reports").is_dir() else sorted(
+            p for p in path.iterdir() if p.is_dir() and (p / "reports").is_dir())
+        found = 0
+        for workdir in workdirs:
+            runs = [(read_results(f), str(f)) for f in sorted((workdir / "reports").glob("*/results.json"))]
+            if runs:
+                out.append(max(runs, key=lambda item: item[0].created))
+                found += 1
+        if not found:
+            raise RecordError(f"{path}: no reports/<run>/results.json in it or in its run folders (a pipeline or "
+                              "sweep work folder after its bench stage, or give results.json files)")
+    return out
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -294,14 +373,20 @@ def cpu_line(pub: Publication) -> str:
     return f"{pub.cpu.model}{cores}{memory} ({flags}){gpus}"
 
 
+def backbone_name(run: PublishedRun) -> str:
+    """'DINOv3 dinov3_vits16'; the arch alone where the family was not recorded."""
+    arch = run.arch or "model"
+    return f"{run.family} {arch}" if run.family else arch
+
+
 def run_heading(run: PublishedRun) -> str:
-    return f"{run.arch or 'model'}, {_n(run.image_size, 'd')} px"
+    return f"{backbone_name(run)}, {_n(run.image_size, 'd')} px"
 
 
 def run_settings(run: PublishedRun) -> str:
     weights = run.weights or ("pretrained" if run.pretrained else "random init" if run.pretrained is False else "-")
     if run.pretrained is False and "random" not in weights.lower():
-        weights += " (random init: the accuracy is not a DINOv2 fine-tune's)"
+        weights += f" (random init: the accuracy is not a {run.family or 'DINOv2'} fine-tune's)"
     return (f"Weights: {weights}. Served = perf_analyzer through Triton, {run.protocol or '-'}, "
             f"batch {_n(run.batch_size, 'd')}, concurrency {_n(run.concurrency, 'd')}; in process = the same batch "
             f"with {_n(run.concurrency, 'd')} client thread(s). Top-1 agreement and accuracy delta against eager FP32 "
@@ -315,6 +400,47 @@ def _load_note(run: PublishedRun) -> str:
     return f" Host load average (1 min) at the start: {run.load_average_1min:.1f}."
 
 
+def _recommended(run: PublishedRun) -> PublishedVariant | None:
+    return next((v for v in run.variants if v.recommended), None)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def backbone_table(pub: Publication) -> str:
+    """One row per run: the backbone, its size, what training measured, and the
+    recommended variant's gate and throughput at the run's operating point."""
+    head = ["backbone", "family", "image px", "backbone params (M)", "GFLOP/image", "weights",
+            "test accuracy", "test F1 (macro)", "recommended variant", "gate", "served img/s",
+            "in-process img/s", "eager FP32 in-process img/s", "served at"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in pub.runs:
+        rec = _recommended(run)
+        eager = next((v for v in run.variants if v.key == EAGER), None)
+        weights = "pretrained" if run.pretrained else "random init" if run.pretrained is False else "-"
+        cells = [f"`{run.arch or '-'}`", run.family or "-", _n(run.image_size, "d"),
+                 _n(run.backbone_params / 1e6 if run.backbone_params else None, ".2f"),
+                 _n(run.gflops_per_image, ".2f"), weights, _pct(run.test_accuracy), _pct(run.test_f1_macro),
+                 f"`{rec.key}` ({rec.precision})" if rec else "none", _gate(rec) if rec else "-",
+                 _n(rec.served_images_per_s) if rec else "-", _n(rec.in_process_images_per_s) if rec else "-",
+                 _n(eager.in_process_images_per_s) if eager else "-",
+                 f"batch {_n(run.batch_size, 'd')}, concurrency {_n(run.concurrency, 'd')}, {run.protocol or '-'}"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _backbone_note(pub: Publication, every_variant: str) -> str:
+    random = [backbone_name(r) for r in pub.runs if r.pretrained is False]
+    note = ("Test accuracy and F1: the checkpoint's own evaluation on the test split after training. "
+            "Served and in-process: the recommended variant of each backbone; eager FP32: the same "
+            f"arithmetic for both ({every_variant} every variant).")
+    if random:
+        note += (f" Randomly initialised: {', '.join(random)}; their accuracy says nothing about the "
+                 "pretrained backbones, their speed is real.")
+    return note
+
+
 def render_publication(pub: Publication) -> str:
     """The ``.md`` file: everything in it comes from the record."""
     lines = [f"# Measured on {pub.cpu.model}, {pub.date}", "",
@@ -322,6 +448,11 @@ def render_publication(pub: Publication) -> str:
              "- versions: " + ", ".join(f"{k} {v}" for k, v in pub.versions.items()), "",
              f"Written by `{Publication.REGENERATE}` from the results files of `dinov2-triton bench`; "
              f"the same numbers are in [{pub.stem}.json]({pub.stem}.json).", ""]
+    if pub.kind == "backbones":
+        lines += ["## Backbones", "", backbone_table(pub), "", _backbone_note(pub, "the tables below have"), ""]
+        loads = [r.load_average_1min for r in pub.runs if r.load_average_1min is not None]
+        if loads:
+            lines[-2] += f" Host load average (1 min) at the start of each run: {', '.join(f'{x:.1f}' for x in loads)}."
     for run in pub.runs:
         lines += [f"## {run_heading(run)}", "", run_settings(run), "", results_table(run), "",
                   f"Recommended: {run.recommendation or 'none'} ({run.recommendation_reason})", ""]
@@ -369,14 +500,23 @@ def read_publication(path: str | os.PathLike) -> Publication:
 
 
 def newest_publication(folder: str | os.PathLike) -> Path | None:
-    """The ``.json`` with the newest date in ``folder`` (by name: ``<date>-<cpu>.json``)."""
+    """The ``.json`` in ``folder`` (``<date>-<cpu>[-backbones].json``) with the newest date, and
+    of one date the one whose newest run was measured last (the record says when)."""
     found = sorted(p for p in Path(folder).glob("*.json") if _DATE.match(p.name[:10]))
-    return found[-1] if found else None
+    if not found:
+        return None
+    same_day = [p for p in found if p.name[:10] == found[-1].name[:10]]
+    if len(same_day) == 1:
+        return same_day[0]
+    return max(same_day, key=lambda p: (max(r.created for r in read_publication(p).runs), p.name))
 
 
 def readme_block(pub: Publication, md_link: str) -> str:
     """What the README shows between README_BEGIN and README_END: the CPU, then each run's table."""
     lines = [README_BEGIN, "", f"Measured on {cpu_line(pub)}, {pub.date} ([{md_link}]({md_link})):", ""]
+    if pub.kind == "backbones":
+        lines += [backbone_table(pub), "", _backbone_note(pub, "the file has"), "", README_END]
+        return "\n".join(lines)
     for run in pub.runs:
         lines += [f"**{run_heading(run)}**, served at batch {_n(run.batch_size, 'd')} / concurrency "
                   f"{_n(run.concurrency, 'd')} over {run.protocol or '-'}:", "", results_table(run), ""]

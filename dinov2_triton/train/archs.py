@@ -110,3 +110,19 @@ def check_image_size(arch: str, img_size: object, flag: str = "--img-size") -> i
         raise ValueError(f"{flag} {img_size!r}: must be a positive multiple of the patch size {p} of "
                          f"{spec.name} ({spec.family}; e.g. {', '.join(str(s) for s in sorted(set(near)))})")
     return img_size
+
+
+def parameter_count(arch: str, img_size: int, **overrides: object) -> int:
+    """The backbone's parameters as this project builds it (timm, the position
+    embedding sized for ``img_size``; ``overrides`` as in build_model's
+    backbone_overrides), counted on torch's meta device: no memory, no
+    weights, seconds even for the 7B. The classification head is not counted."""
+    import timm
+    import torch
+
+    spec = arch_spec(arch)
+    check_image_size(spec.name, img_size, flag="img_size")
+    with torch.device("meta"):
+        backbone = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, img_size=img_size,
+                                     dynamic_img_size=False, **overrides)
+    return sum(p.numel() for p in backbone.parameters())
