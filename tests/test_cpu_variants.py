@@ -1,5 +1,5 @@
 """The CPU variants (issue 13): ONNX Runtime dynamic INT8, OpenVINO FP32 and
-NNCF INT8, the OpenVINO stand-in backend, and `--variants cpu-auto`.
+NNCF INT8, the OpenVINO stand-in backend, and `--variants auto` (the default).
 
 Tiny model (2 blocks, 28 px), tiny data, temp folders; the served checks
 run the real local Triton server. No timed asserts: speed is measured by
@@ -34,27 +34,31 @@ def _ctx(checkpoint, data_path, tmp_path, **options):
 
 @pytest.fixture(scope="module")
 def cpu_repository(tiny_checkpoint, tiny_dataset, tmp_path_factory):
-    """One export of the CPU variants through the CLI's cpu-auto path."""
+    """One export through the CLI with its default variants (auto: on this CPU host the CPU candidates)."""
     from dinov2_triton.export.cli import main
 
     repo = tmp_path_factory.mktemp("cpu_repo")
     code = main(["--model-path", str(tiny_checkpoint), "--repository", str(repo), "--data-path",
-                 str(tiny_dataset), "--variants", "cpu-auto", "--bench-seconds", "0.5", "-q"])
+                 str(tiny_dataset), "--bench-seconds", "0.5", "-q"])
     assert code == 0
     return repo
 
 
 # --------------------------------------------------------------------------- registry and config
 def test_variants_declared_with_their_parents_and_backends():
-    from dinov2_triton.export.cpu_auto import cpu_candidates
+    from dinov2_triton.export.auto import candidates
 
     dyn, ov32, ov8 = (get_variant(n) for n in ("onnx_int8_dynamic", "openvino", "openvino_int8"))
     assert (dyn.parent, dyn.platform, dyn.precision, dyn.gate) == ("onnx", "onnxruntime_onnx", "int8", "int8")
     assert (ov32.parent, ov32.platform, ov32.filename, ov32.gate) == ("onnx", "openvino", "model.xml", "fp32")
     assert (ov8.parent, ov8.platform, ov8.precision, ov8.gate) == ("openvino", "openvino", "int8", "int8")
-    cands = cpu_candidates()
-    assert {"torchscript", "onnx", "onnx_int8", "onnx_int8_dynamic", "openvino", "openvino_int8"} <= set(cands)
+    cands = candidates(gpu=False)
+    assert {"torchscript", "onnx", "onnx_int8", "onnx_int8_dynamic", "openvino", "openvino_int8",
+            "openvino_bf16", "onnx_fp16"} <= set(cands)
     assert not [c for c in cands if get_variant(c).platform == "tensorrt_plan"]
+    # on a GPU host auto adds the TensorRT builders (SKIPPED with their reason where TensorRT is missing)
+    gpu_only = set(candidates(gpu=True)) - set(cands)
+    assert {"trt_fp16", "trt_int8"} <= gpu_only and {get_variant(n).platform for n in gpu_only} == {"tensorrt_plan"}
 
 
 def test_bf16_variant_is_declared_gated_like_fp16_and_asks_the_backend_for_bf16():
@@ -91,14 +95,20 @@ def test_bf16_variant_is_built_only_where_the_cpu_has_bf16(flags, builds):
         assert str(exc.value) == "not built: this CPU has no BF16 arithmetic (no avx512_bf16 / amx_bf16)"
 
 
-def test_cli_expands_cpu_auto():
-    from dinov2_triton.export.cli import _expand_cpu_auto
-    from dinov2_triton.export.cpu_auto import cpu_candidates
+def test_auto_expands_to_the_hosts_candidates_and_named_variants_stay_exact():
+    from dinov2_triton.export.auto import candidates, expand
+    from dinov2_triton.export.pipeline import ExportInputError, resolve_variants
 
-    extra: dict = {}
-    assert _expand_cpu_auto("onnx,torchscript", extra) == "onnx,torchscript" and extra == {}
-    got = _expand_cpu_auto("trt_fp16, cpu-auto", extra).split(",")
-    assert got == ["trt_fp16"] + cpu_candidates() and extra == {"ensemble_choice": "fastest"}
+    assert expand(["onnx", "torchscript"]) == (["onnx", "torchscript"], {})
+    got, implied = expand(["trt_fp16", "auto"], gpu=False)
+    assert got == ["trt_fp16"] + candidates(gpu=False) and implied == {"ensemble_choice": "fastest"}
+    # the export's default is auto; names are built exactly as named (parents added)
+    order, added, implied = resolve_variants(None)
+    assert set(order) == set(candidates()) and implied == {"ensemble_choice": "fastest"} and not added
+    order, added, implied = resolve_variants("onnx_int8")
+    assert order == ["onnx", "onnx_int8"] and added == ["onnx"] and implied == {}
+    with pytest.raises(ExportInputError, match="unknown.*'auto' or 'all'"):
+        resolve_variants("cpu-auto")
 
 
 def test_openvino_config_names_the_backend_and_its_parameters():
@@ -124,21 +134,24 @@ def test_openvino_config_names_the_backend_and_its_parameters():
             openvino_parameters(**kwargs)
 
 
-def test_cpu_auto_picks_the_fastest_gated_variant():
-    from dinov2_triton.export.cpu_auto import fastest_gated
+def test_auto_picks_the_fastest_gated_variant_never_a_failed_one():
+    from dinov2_triton.export.auto import deployment_choice
 
-    def entry(thr, status="OK", passed=True, published=True):
+    def entry(name, thr, status="OK", passed=True, published=True):
         bench = {"throughput_batch": 8, "batch8": {"img_per_s": thr}} if thr is not None else None
-        return SimpleNamespace(published=published, status=status, gate_passed=passed, benchmark=bench)
+        return SimpleNamespace(published=published, status=status, gate_passed=passed, benchmark=bench,
+                               model_name=f"dinov2_{name}")
 
-    manifest = SimpleNamespace(variants={
-        "onnx": entry(100.0), "onnx_int8": entry(300.0, status="GATE_FAILED", passed=False),  # published anyway
-        "openvino": entry(180.0), "openvino_int8": entry(250.0), "onnx_int8_dynamic": entry(None)})
-    name, why, fallback = fastest_gated(manifest)
-    assert name == "openvino_int8" and not fallback
-    assert "250.0 img/s" in why and "openvino 180.0" in why and "onnx_int8 " not in why
-    name, why, fallback = fastest_gated(SimpleNamespace(variants={"onnx": entry(None)}))
-    assert name is None and fallback and "no published variant passed its gate" in why
+    variants = {"onnx": (100.0,), "onnx_int8": (300.0, "GATE_FAILED", False),   # fastest, published anyway
+                "openvino": (180.0,), "openvino_int8": (250.0,), "onnx_int8_dynamic": (None,),
+                "openvino_bf16": (None, "SKIPPED", None, False)}
+    manifest = SimpleNamespace(variants={n: entry(n, *a) for n, a in variants.items()})
+    choice = deployment_choice(manifest)
+    assert choice.variant == "openvino_int8"
+    assert "250.0 img/s" in choice.why and "openvino 180.0" in choice.why and "onnx_int8 " not in choice.why
+    assert [r["variant"] for r in choice.ranking] == ["openvino_int8", "openvino", "onnx"]
+    assert choice.ranking[0]["model_name"] == "dinov2_openvino_int8"
+    assert deployment_choice(SimpleNamespace(variants={"onnx": entry("onnx", None)})) is None
 
 
 # --------------------------------------------------------------------------- the export
@@ -150,7 +163,7 @@ def test_cpu_variants_exported_verified_published(cpu_repository):
         v = m.variants[name]
         assert v.status == "OK", (name, v.reason)
         assert v.published and v.gate_passed and v.benchmark["batch8"]["img_per_s"] > 0
-    # TensorRT is not a CPU candidate: cpu-auto does not even try it
+    # TensorRT is not a candidate on a host without a GPU: auto does not even try it
     assert not [n for n in m.variants if n.startswith("trt_")]
 
     dyn = m.variants["onnx_int8_dynamic"].build_info
@@ -197,10 +210,14 @@ def test_cpu_variants_exported_verified_published(cpu_repository):
 
     config = (cpu_repository / "dinov2_openvino_int8" / "config.pbtxt").read_text()
     assert 'backend: "openvino"' in config and "ENABLE_BATCH_PADDING" in config
-    # cpu-auto: the ensemble calls the fastest gated variant of the run's own measurements
-    ranked = {n: v.benchmark["batch8"]["img_per_s"] for n, v in m.variants.items() if v.status == "OK"}
+    # auto: the ensemble calls the fastest gated variant of the run's own measurements, and the
+    # manifest records that choice with the ranking it came from (what the report recommends)
+    ranked = {n: v.benchmark["batch8"]["img_per_s"] for n, v in m.variants.items()
+              if v.status == "OK" and v.gate_passed}
     assert m.ensemble.classifier == f"dinov2_{max(ranked, key=ranked.get)}"
-    assert m.ensemble.classifier_reason.startswith("cpu-auto: fastest gated variant")
+    assert m.ensemble.classifier_reason.startswith("auto: the fastest gated variant")
+    assert m.ensemble.classifier_choice == "fastest gated (auto)"
+    assert [r["variant"] for r in m.ensemble.classifier_ranking] == sorted(ranked, key=ranked.get, reverse=True)
     assert m.options["ensemble_choice"] == "fastest"
 
 

@@ -48,7 +48,6 @@ def test_registry_api():
     onnx = get_variant("onnx")
     assert onnx.model_name == registry.model_name("onnx") == registry.model_name(onnx) == "dinov2_onnx"
     assert onnx.filename == "model.onnx" and get_variant("torchscript").platform == "pytorch_libtorch"
-    assert registry.default_variants() == ["torchscript", "onnx"]
     assert registry.ensemble_candidates() == ["onnx", "torchscript"]
     assert {"int8", "onnx_int8", "dinov2_onnx_int8"} <= registry.gate_scopes()
     with pytest.raises(KeyError, match="unknown variant 'nope'.*torchscript"):

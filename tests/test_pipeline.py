@@ -47,7 +47,7 @@ def test_the_shipped_recipes_are_what_the_scripts_were():
     sweep = resolve("cpu-sweep")
     assert [n for n, _ in sweep.runs] == ["56px", "224px"]
     assert [r.train.img_size for _, r in sweep.runs] == [56, 224]
-    assert all(r.export.variants == ["cpu-auto"] and r.bench.thread_study for _, r in sweep.runs)
+    assert all(r.export.variants == ["auto"] and r.bench.thread_study for _, r in sweep.runs)
     cap = resolve("capacity").recipe
     assert cap.ordered_stages() == ["serve", "capacity"] and cap.omp_num_threads == 1
 

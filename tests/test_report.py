@@ -469,3 +469,43 @@ def test_bench_report_keeps_failed_and_gate_failed_from_the_manifest(tmp_path, s
     assert row.status == status and f"export {status}: {reason}" in row.reasons
     assert any(x.variant == "dinov2_onnx_fp16" for x in out.recommendation.rejected)
     assert f"dinov2_onnx_fp16 ({status}): export {status}: {reason}" in out.md.read_text()
+
+
+def _auto_export(classifier: str, ranking: list[tuple[str, float]]) -> dict:
+    """The export summary of an `--variants auto` run whose ensemble calls ``classifier``."""
+    return {"ensemble": {"status": "OK", "model_name": "dinov2", "classifier": classifier,
+                         "classifier_reason": f"auto: the fastest gated variant measured in this run, {classifier}",
+                         "classifier_choice": "fastest gated (auto)",
+                         "classifier_ranking": [{"variant": m.removeprefix("dinov2_"), "model_name": m,
+                                                 "images_per_s": t, "batch_size": 8} for m, t in ranking]}}
+
+
+def test_with_auto_the_report_recommends_what_the_ensemble_serves(tmp_path):
+    res = make_results()
+    # the export chose onnx_fp16 (fastest in ITS in-process benchmark); served, onnx measured faster
+    res["export"] = _auto_export("dinov2_onnx_fp16", [("dinov2_onnx_fp16", 40.0), ("dinov2_onnx", 35.0)])
+    out = _report(res, tmp_path)
+    rec = out.recommendation
+    assert rec.source == "export" and rec.variant == "dinov2_onnx_fp16"
+    assert [r.variant for r in rec.ranking] == ["dinov2_onnx_fp16", "dinov2_onnx"]
+    assert "the dinov2 ensemble (the image endpoint) calls it" in rec.reason
+    assert any("served through Triton, dinov2_onnx measured" in w and "beyond the 5% noise margin" in w
+               for w in rec.warnings), rec.warnings
+    # the gate-failed INT8 is listed as not chosen, never recommended
+    assert any(r.variant == "dinov2_onnx_int8" and "gate FAILED" in r.reason for r in rec.rejected)
+    md = out.md.read_text()
+    assert "Deploy `dinov2_onnx_fp16`" in md and "Chosen by the export (`--variants auto`)" in md
+    assert "`dinov2_onnx_fp16` (recommended)" in md and "`dinov2_onnx`" in md
+
+    # the same choice served fastest too: no warning
+    res["export"] = _auto_export("dinov2_onnx", [("dinov2_onnx", 40.0), ("dinov2_onnx_fp16", 35.0)])
+    rec = _report(res, tmp_path / "b").recommendation
+    assert rec.variant == "dinov2_onnx" and not [w for w in rec.warnings if "served through Triton" in w]
+
+
+def test_named_variants_keep_the_reports_own_ranking(tmp_path):
+    res = make_results()
+    res["export"] = {"ensemble": {"status": "OK", "classifier": "dinov2_onnx_fp16",
+                                  "classifier_choice": "registry preference"}}
+    rec = _report(res, tmp_path).recommendation
+    assert rec.source == "server" and rec.variant == "dinov2_onnx"

@@ -467,7 +467,7 @@ class Recommendation(Section):
     """The deployable variant that passes all its gates with the most capacity
     at the SLO (search or capacity run), else the fastest at the operating
     point (dinov2_triton.report.ranking.recommend)."""
-    source: Literal["server", "in_process", "capacity", "search"]
+    source: Literal["export", "server", "in_process", "capacity", "search"]   # export: the ensemble's choice
     operating_point: OperatingPoint
     rejected: list[Rejected] = []
     ranking: list[Ranked] = []

@@ -17,7 +17,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from dinov2_triton.core.image_limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
     from dinov2_triton.export.gates import FLAG, override_help
     from dinov2_triton.export.modelopt_worker import CALIB_METHODS
-    from dinov2_triton.export.registry import default_variants, ensemble_candidates, get_variant, variant_names
+    from dinov2_triton.export.registry import ensemble_candidates, get_variant, variant_names
     from dinov2_triton.export.triton_config import (
         DEFAULT_QUEUE_TIMEOUT_MS,
         QUEUE_BATCHES_PER_INSTANCE,
@@ -25,7 +25,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
 
     names = variant_names()
-    variants_help = "comma-separated, or 'all': " + "; ".join(
+    variants_help = "; ".join(
         f"{n} ({get_variant(n).precision}, {get_variant(n).platform}"
         + (f", from {get_variant(n).parent})" if get_variant(n).parent else ")") for n in names)
     p = argparse.ArgumentParser(
@@ -42,9 +42,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--data-path", default=None,
                      help="data folder from dinov2-triton data: test split for verification, train split "
                           "for calibration (without it: random tensors, no accuracy)")
-    opt.add_argument("--variants", default=",".join(default_variants()),
-                     help=variants_help + "; or 'cpu-auto': every CPU variant, and the dinov2 ensemble calls "
-                          "the fastest one that passed its gate, measured in this run")
+    opt.add_argument("--variants", default="auto",
+                     help="'auto': every variant this host can run (the CPU ones; with an NVIDIA GPU also "
+                          "TensorRT), and the dinov2 ensemble calls the fastest one that passed its gate, "
+                          "measured in this run; or comma-separated names (exactly those are built, the "
+                          "ensemble calls the registry's preferred one), or 'all': " + variants_help)
     opt.add_argument("--max-batch-size", type=int, default=8,
                      help="config max_batch_size (= TensorRT profile max) and the verification batch")
     opt.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
@@ -126,23 +128,6 @@ def _extra_options(entries: Sequence[str]) -> dict:
     return out
 
 
-def _expand_cpu_auto(variants: str, extra: dict) -> str:
-    """'cpu-auto' in --variants -> the CPU candidates (dinov2_triton.export.cpu_auto), and
-    the option that makes the ensemble call the fastest gated one."""
-    from dinov2_triton.export.cpu_auto import CPU_AUTO, ENSEMBLE_CHOICE_OPTION, FASTEST, cpu_candidates
-
-    names = [v for v in variants.replace(" ", "").split(",") if v]
-    if CPU_AUTO not in names:
-        return variants
-    extra[ENSEMBLE_CHOICE_OPTION] = FASTEST
-    expanded: list[str] = []
-    for n in names:
-        for m in (cpu_candidates() if n == CPU_AUTO else [n]):
-            if m not in expanded:
-                expanded.append(m)
-    return ",".join(expanded)
-
-
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     if args.in_container:
@@ -159,7 +144,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    variants = _expand_cpu_auto(args.variants, extra)
+    variants = args.variants
     gates = list(args.gates)
     try:
         manifest = run_export(

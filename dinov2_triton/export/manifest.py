@@ -150,6 +150,10 @@ class ServingModelEntry(_Part):
     self_check: dict[str, Any] | None = None   # preprocess: the staged copy reproduced the reference
     classifier: str | None = None              # ensemble: the classifier model it calls
     classifier_reason: str | None = None
+    #: ensemble: how the classifier was chosen (dinov2_triton.export.auto.CHOSEN_FASTEST, "--default-variant",
+    #: "registry preference") and, for auto, every gated variant it was chosen from, fastest first
+    classifier_choice: str | None = None
+    classifier_ranking: list[dict[str, Any]] = []
 
 
 class ExportManifest(Record):

@@ -60,14 +60,17 @@ class ExportInputError(ValueError):
 # ---------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------
-def resolve_variants(requested: Iterable[str] | str | None) -> tuple[list[str], list[str]]:
-    """Requested names (None: the registry's defaults; "all": every variant)
-    -> (build order, parents added for them)."""
-    from dinov2_triton.export.registry import build_order, default_variants, variant_names
+def resolve_variants(requested: Iterable[str] | str | None) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Requested names (None or "auto": every variant this host can run, the
+    ensemble calling the fastest gated one, dinov2_triton.export.auto; "all":
+    every registered variant) -> (build order, parents added for them, export
+    options that the choice implies)."""
+    from dinov2_triton.export.auto import AUTO, expand
+    from dinov2_triton.export.registry import build_order, variant_names
 
     names = variant_names()
     if requested is None:
-        requested = default_variants()
+        requested = [AUTO]
     elif isinstance(requested, str):
         requested = [v for v in requested.replace(" ", "").split(",") if v]
     requested = list(requested)
@@ -75,14 +78,15 @@ def resolve_variants(requested: Iterable[str] | str | None) -> tuple[list[str], 
         raise ExportInputError("--variants: give at least one variant")
     if "all" in requested:
         requested = names
+    requested, implied = expand(requested)
     unknown = [v for v in requested if v not in names]
     if unknown:
-        raise ExportInputError(f"--variants: unknown {unknown}; choose from {names} or 'all'")
+        raise ExportInputError(f"--variants: unknown {unknown}; choose from {names}, '{AUTO}' or 'all'")
     try:
         order = build_order(requested)
     except ValueError as exc:
         raise ExportInputError(f"--variants: {exc}") from None
-    return order, [n for n in order if n not in requested]
+    return order, [n for n in order if n not in requested], implied
 
 
 def _int_list(value, flag: str) -> tuple[int, ...]:
@@ -151,8 +155,8 @@ def run_export(model_path: str | os.PathLike, repository: str | os.PathLike, *,
                variants: Sequence[str] | str | None = None, **options: Any):
     """Export `model_path` into `repository`; returns the ExportManifest (also
     written to <repository>/export_manifest.json). Raises ExportInputError for
-    bad input before anything is built. `variants`: names, "all", or None
-    (the registry's defaults). Options: see DEFAULT_OPTIONS (unknown keys are
+    bad input before anything is built. `variants`: names, "auto" (None: the same)
+    or "all". Options: see DEFAULT_OPTIONS (unknown keys are
     passed to the variant builders through ExportContext.options)."""
     from dinov2_triton.core.records import RecordError
     from dinov2_triton.export.gates import GateError, parse_gate_overrides, with_accuracy_budget
@@ -162,7 +166,8 @@ def run_export(model_path: str | os.PathLike, repository: str | os.PathLike, *,
 
     t_start = time.perf_counter()
     opts = validate_options(options)
-    order, added = resolve_variants(variants)
+    order, added, implied = resolve_variants(variants)
+    opts.update({k: v for k, v in implied.items() if k not in options})
     if opts["default_variant"] is not None and opts["default_variant"] not in variant_names():
         raise ExportInputError(f"--default-variant {opts['default_variant']!r}: choose from {variant_names()}")
     # --accuracy-budget is the INT8/FP8 gates' allowed accuracy drop unless

@@ -14,7 +14,7 @@ be imported in, so a module may register a child before its parent.
 
 Public API for the other stages: `variant_names()`, `get_variant(name)`,
 `model_name(variant_or_name)` (= `Variant.model_name`), `build_order(names)`,
-`default_variants()`, `ensemble_candidates()`, `gate_scopes()`.
+`ensemble_candidates()`, `gate_scopes()`.
 
 Light at import (standard library + dinov2_triton.export.gates): `dinov2-triton export --help`
 lists the registered variants without importing torch.
@@ -77,7 +77,6 @@ class Variant:
     gate: str = "fp32"         # key into dinov2_triton.export.gates.GATES
     description: str = ""
     config_parameters: dict[str, str] = field(default_factory=dict)  # extra config.pbtxt `parameters`
-    default: bool = False      # built when --variants is not given
     # Variants the `dinov2` ensemble may call when --default-variant is not
     # given (or was not published): the lowest rank that was published wins.
     ensemble_rank: int | None = None
@@ -153,11 +152,6 @@ def get_variant(name: str) -> Variant:
     except KeyError:
         raise KeyError(f"unknown variant {name!r}; choose from {list(REGISTRY) or '(none registered)'}"
                        ) from None
-
-
-def default_variants() -> list[str]:
-    """What `dinov2-triton export` builds when --variants is not given."""
-    return [n for n, v in load_builtin_variants().items() if v.default]
 
 
 def ensemble_candidates() -> list[str]:

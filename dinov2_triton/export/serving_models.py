@@ -65,16 +65,17 @@ def publish_serving_models(ctx, repository: Path, opts: Mapping[str, Any], manif
     """Publish dinov2_preprocess and the dinov2 ensemble; returns their manifest entries."""
     published = list(manifest.published())
     classifier, why, fallback = choose_classifier(published, opts["default_variant"])
+    chosen_by, ranking = ("--default-variant" if opts["default_variant"] is not None else "registry preference"), []
     if opts.get("ensemble_choice") == "fastest" and opts["default_variant"] is None:
-        from dinov2_triton.export.cpu_auto import (
-            fastest_gated,  # --variants cpu-auto: measured in this run, on this host
-        )
+        from dinov2_triton.export.auto import CHOSEN_FASTEST, deployment_choice
 
-        fast, fast_why, _ = fastest_gated(manifest)
-        if fast is not None:
-            classifier, why, fallback = fast, fast_why, False
+        choice = deployment_choice(manifest)   # --variants auto: measured in this run, on this host
+        if choice is not None:
+            classifier, why, fallback = choice.variant, choice.why, False
+            chosen_by, ranking = CHOSEN_FASTEST, choice.ranking
         else:
-            why, fallback = f"{fast_why}; using {classifier}", True
+            why, fallback = (f"auto: no published variant passed its gate with a measured throughput "
+                             f"(--bench-seconds 0?); using {classifier}"), True
     if fallback:
         log.warning("ensemble: %s", why)
         manifest.warnings.append(f"ensemble: {why}")
@@ -91,7 +92,7 @@ def publish_serving_models(ctx, repository: Path, opts: Mapping[str, Any], manif
         return pre, ServingModelEntry(status="SKIPPED", reason="dinov2_preprocess was not published")
     try:
         ens = publish_ensemble(ctx, repository, opts, classifier, ckpt_sha, run_id)
-        ens.classifier_reason = why
+        ens.classifier_reason, ens.classifier_choice, ens.classifier_ranking = why, chosen_by, ranking
     except Exception as exc:  # noqa: BLE001
         ens = ServingModelEntry(status="FAILED", reason=f"{type(exc).__name__}: {exc}", error=error_tail(exc))
         log.error("dinov2 ensemble FAILED: %s", ens.reason)

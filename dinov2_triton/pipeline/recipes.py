@@ -57,9 +57,10 @@ STAGES = ("data", "train", "export", "serve", "classify", "bench", "capacity")
 STAMPED = ("data", "train", "export")
 #: stages that talk to the local server the serve stage starts
 NEEDS_SERVER = ("classify", "bench", "capacity")
-DEFAULT_VARIANTS = ["torchscript", "onnx", "onnx_fp16", "onnx_int8", "trt_fp16", "trt_int8"]
+#: the export's default (dinov2_triton.export.auto): every variant this host can run, the ensemble on the fastest gated
+DEFAULT_VARIANTS = ["auto"]
 #: export.variants words besides the registry's names
-VARIANT_WORDS = ("cpu-auto", "all")
+VARIANT_WORDS = ("auto", "all")
 
 Stage = Literal[STAGES]  # type: ignore[valid-type]
 Protocol = Literal["grpc", "http"]

@@ -160,28 +160,14 @@ def resolve_weights(spec: str, arch: str, layout: Layout) -> tuple[str, bool]:
     return spec, True            # hub, or a hub id such as timm/vit_small_patch14_dinov2.lvd142m
 
 
-def expand_variants(names: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """export.variants -> (variant names, extra export options). ``cpu-auto``:
-    every CPU variant, and the ensemble calls the fastest one that passed its gate."""
-    from dinov2_triton.export.cpu_auto import CPU_AUTO, ENSEMBLE_CHOICE_OPTION, FASTEST, cpu_candidates
-
-    if CPU_AUTO not in names:
-        return list(names), {}
-    out: list[str] = []
-    for n in names:
-        for m in (cpu_candidates() if n == CPU_AUTO else [n]):
-            if m not in out:
-                out.append(m)
-    return out, {ENSEMBLE_CHOICE_OPTION: FASTEST}
-
-
 def export_options(recipe: Recipe) -> tuple[list[str], dict[str, Any]]:
     """(variants, run_export options) of the export section, checked by the
     export stage's own validation (ExportInputError -> PipelineInputError)."""
+    from dinov2_triton.export.auto import expand
     from dinov2_triton.export.pipeline import ExportInputError, resolve_variants, validate_options
 
     e = recipe.export
-    variants, extra = expand_variants(e.variants)
+    variants, extra = expand(e.variants)   # auto: this host's candidates, the ensemble on the fastest gated
     opts: dict[str, Any] = {"max_batch_size": e.max_batch_size, "allow_failed_gates": e.allow_failed_gates,
                             "gates": list(e.gates)}
     for key in ("calib_size", "calib_method", "eval_size", "bench_seconds", "accuracy_budget", "instances",

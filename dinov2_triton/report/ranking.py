@@ -6,8 +6,18 @@ FAILED or GATE_FAILED (with its reason), whatever else was measured or
 listed about that model; OK rows take the in-process benchmark's status
 (a variant that failed to run there is FAILED).
 
-    summarize(results)   -> [VariantRow]  (in process + served + parity + export, per variant)
-    recommend(rows, op)  -> Recommendation
+    summarize(results)                  -> [VariantRow]  (in process + served + parity + export, per variant)
+    recommend_deployed(results, rows, op) -> Recommendation: what the `dinov2` ensemble serves, when
+                                           the export chose it (``--variants auto``), else None
+    recommend(rows, op)                 -> Recommendation
+    recommend_capacity(results, rows, op) -> Recommendation by capacity at the SLO, or None
+
+With ``--variants auto`` (the default) the one decision is the export's
+(dinov2_triton.export.auto.deployment_choice: the fastest gated variant
+measured in this run on this host, recorded in the manifest's ensemble entry):
+the report recommends exactly what the image endpoint serves, shows it beside
+every other gated variant served and in process, and warns when the
+served ranking disagrees with it by more than the noise margin.
 
 Recommendation rule: among the deployable variants (the Triton models, not
 the eager PyTorch baseline, not the ensemble/preprocessing wrappers) that pass
@@ -355,6 +365,52 @@ def recommend(rows: Sequence[VariantRow], op: OperatingPoint, machine=None) -> R
                + f": {why_winner(best, thr, considered, rows, machine)}")
 
 
+def recommend_deployed(results: PerfResults, rows: Sequence[VariantRow], op: OperatingPoint,
+                       machine=None) -> Recommendation | None:
+    """The variant the `dinov2` ensemble calls, when the export chose it by
+    measurement (dinov2_triton.export.auto.deployment_choice, recorded in the
+    manifest's ensemble entry); None when the variants were named (then the
+    report ranks them itself: :func:`recommend`)."""
+    from dinov2_triton.export.auto import CHOSEN_FASTEST
+
+    ens = (results.export.ensemble or {}) if results.export is not None else {}
+    if ens.get("classifier_choice") != CHOSEN_FASTEST or not ens.get("classifier"):
+        return None
+    by_key = {r.key: r for r in rows if r.kind == "variant"}
+    best = by_key.get(ens["classifier"])
+    chosen_from = [x for x in ens.get("classifier_ranking") or [] if x.get("images_per_s")]
+    ranking = [Ranked(variant=x.get("model_name") or x["variant"], images_per_s=x["images_per_s"])
+               for x in chosen_from]
+    rejected = [Rejected(variant=r.key, reason=why) for r in rows if r.kind == "variant"
+                for why in [_gate_reason(r)] if why]
+    if best is None:
+        return Recommendation(source="export", operating_point=op, rejected=rejected, ranking=ranking,
+                              variant=ens["classifier"], reason=ens.get("classifier_reason") or CHOSEN_FASTEST,
+                              warnings=[f"{ens['classifier']} is what the dinov2 ensemble calls, but this run did "
+                                        "not measure it"])
+    served, inproc = best.server.op_images_per_s, best.in_process.op_images_per_s
+    measured = [f"{served:.1f} img/s served through Triton (perf_analyzer, {op.protocol}, batch {op.batch_size}, "
+                f"concurrency {op.concurrency})" if served else None,
+                f"{inproc:.1f} img/s in process (batch {op.batch_size})" if inproc else None]
+    warnings = list(best.slower_than_parent)
+    others = [(r.server.op_images_per_s, r) for r in rows if r.kind == "variant" and r.key != best.key
+              and _gate_reason(r) is None and r.server.op_images_per_s]
+    if served and others:
+        thr, rival = max(others, key=lambda t: t[0])
+        if thr > served * (1 + NOISE_MARGIN):
+            warnings.append(f"served through Triton, {rival.key} measured {thr:.1f} img/s, {thr / served:.2f}x the "
+                            f"deployed {best.key} ({served:.1f} img/s), beyond the {NOISE_MARGIN:.0%} noise margin; "
+                            "the export's in-process ranking chose otherwise (rerun on an idle host, or deploy it "
+                            "with dinov2-triton export --default-variant)")
+    host = f" on {host_description(machine)}" if machine is not None else ""
+    return Recommendation(
+        source="export", operating_point=op, rejected=rejected, ranking=ranking, variant=best.key,
+        label=best.label, images_per_s=served or inproc, p99_ms=best.server.op_p99_ms or best.in_process.op_p99_ms,
+        gate_source=best.gate.source, top1_agreement=best.accuracy.top1_agreement, warnings=warnings,
+        reason=f"the dinov2 ensemble (the image endpoint) calls it: {ens.get('classifier_reason')}{host}; "
+               f"in this run's measurements: {'; '.join(m for m in measured if m) or 'not measured here'}")
+
+
 # ----------------------------------------------------------------------------- capacity at the SLO
 def _gate_reason(r: VariantRow | None) -> str | None:
     """Why a row may not be recommended (None: it may)."""
@@ -445,3 +501,21 @@ def recommend_capacity(results: PerfResults, rows: Sequence[VariantRow], op: Ope
         reason=f"deploy variant {r.key} with its served configuration: capacity {best_cap:.1f} img/s at p99 <= "
                f"{slo:g} ms (mean of {len(means[r.key])} measurement(s){nxt}), top-1 agreement "
                + (f"{agree:.2%}" if agree is not None else "not measured") + f" ({r.gate.source})")
+
+
+def choose_recommendation(results: PerfResults, rows: Sequence[VariantRow], op: OperatingPoint) -> Recommendation:
+    """What the report recommends: what the `dinov2` ensemble serves when the
+    export chose it (a capacity or search recommendation of that same variant
+    takes its place, with its configuration; one of another variant becomes a
+    warning); else the capacity recommendation, else the fastest at ``op``."""
+    deployed = recommend_deployed(results, rows, op, machine=results.machine)
+    capacity = recommend_capacity(results, rows, op)
+    if deployed is None:
+        return capacity or recommend(rows, op, machine=results.machine)
+    if capacity is None or not capacity.variant:
+        return deployed
+    if capacity.variant == deployed.variant:
+        return capacity.model_copy(update={"warnings": [*capacity.warnings, *deployed.warnings],
+                                           "reason": f"{capacity.reason}; {deployed.reason}"})
+    return deployed.model_copy(update={"warnings": [*deployed.warnings, (
+        f"by capacity at the SLO ({capacity.source}), {capacity.variant} ranked first: {capacity.reason}")]})

@@ -28,11 +28,10 @@ from dinov2_triton.bench.results import RESULTS_FILE, PerfResults, Recommendatio
 from dinov2_triton.report.capacity import capacity_blocks, search_blocks
 from dinov2_triton.report.ranking import (
     BREAKDOWN,
+    choose_recommendation,
     inprocess_entry,
     operating_point,
     points,
-    recommend,
-    recommend_capacity,
     summarize,
 )
 
@@ -147,6 +146,11 @@ def _recommendation_blocks(rows: Sequence[VariantRow], rec: Recommendation, op) 
     if slower:
         b.append(("p", "**Faster on paper, slower measured** (do not ship these for speed):"))
         b.append(("ul", slower))
+    if rec.source == "export":
+        b.append(("p", "Chosen by the export (`--variants auto`): the fastest variant that passed its gate in this "
+                       "run's in-process benchmark on this host; the `dinov2` ensemble calls it. Every gated variant, "
+                       "served and in process, is in the table below."))
+        return b
     if rec.source in ("capacity", "search"):
         b.append(("p", f"Ranked on capacity at p99 <= {rec.slo_p99_ms:g} ms under open-loop Poisson load "
                        f"({'the configuration search' if rec.source == 'search' else 'the served configurations'}; "
@@ -461,7 +465,7 @@ def derive(results: PerfResults) -> PerfResults:
     the recommendation: what the report shows and ``report publish`` copies."""
     rows = summarize(results)
     op = operating_point(results)
-    rec = recommend_capacity(results, rows, op) or recommend(rows, op, machine=results.machine)
+    rec = choose_recommendation(results, rows, op)
     return results.model_copy(update={"operating_point": op, "rows": rows, "recommendation": rec})
 
 

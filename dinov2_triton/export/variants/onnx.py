@@ -310,5 +310,5 @@ def fp32_work_copy(ctx, variant, error: type[Exception]) -> tuple[Path, Path]:
 
 ONNX = register(Variant(
     name="onnx", platform="onnxruntime_onnx", filename="model.onnx", precision="fp32",
-    build=build, load_runner=load_runner, gate="fp32", default=True, ensemble_rank=0,
+    build=build, load_runner=load_runner, gate="fp32", ensemble_rank=0,
     description="ONNX FP32 (opset 18, dynamic batch), ONNX Runtime backend"))

@@ -55,5 +55,5 @@ def load_runner(path: Path):
 
 TORCHSCRIPT = register(Variant(
     name="torchscript", platform="pytorch_libtorch", filename="model.pt", precision="fp32",
-    build=build, load_runner=load_runner, gate="fp32", default=True, ensemble_rank=1,
+    build=build, load_runner=load_runner, gate="fp32", ensemble_rank=1,
     description="TorchScript trace, FP32 (libtorch backend; outputs bound by order)"))
