@@ -8,6 +8,8 @@ NVIDIA TensorRT container, which has none of this project's dependencies.
 ``read_pin(path)`` returns the raw ``KEY=VALUE`` strings (``${KEY}`` expanded);
 ``load_pin(path)`` returns a :class:`ReleasePin` with the keys every consumer
 needs, or raises :class:`PinError` naming the file and the key.
+:func:`has_ensemble_max_inflight` says whether a Triton release's model
+configuration knows ensemble back-pressure (``ModelEnsembling.max_inflight_requests``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,16 @@ REQUIRED = ("TRITON_CONTAINER_TAG", "TRITON_CONTAINER_IMAGE", "TENSORRT_CONTAINE
             "TRITON_CUDA_VERSION", "TRITON_MIN_DRIVER", "TRITON_MIN_COMPUTE_CAPABILITY",
             "TRITON_TENSORRT_VERSION", "TRITON_ONNXRUNTIME_VERSION", "TRITON_PYTHON_VERSION",
             "LOCAL_TRITON_SERVER_VERSION")
+#: The first Triton release whose ModelConfig has ``ModelEnsembling.max_inflight_requests``
+#: (field 2, uint32; ensemble back-pressure): read in the model_config_pb2 of the tritonclient
+#: 2.63.0 wheel (NGC 25.11); 2.62.0 (25.10) and 2.51.0 (the local server) have only ``step``.
+#: triton-inference-server/core#482 (merged 2026-03) made it one limit shared by all requests of
+#: the ensemble; releases before apply it per request.
+ENSEMBLE_MAX_INFLIGHT_SINCE = (2, 63, 0)
+#: The first TensorRT major without weakly typed networks (BuilderFlag.FP16/INT8 and the precision
+#: constraints removed); dinov2_triton.export.trt_build_main (STRONGLY_TYPED_ONLY_MAJOR, kept equal by
+#: tests/test_tensorrt_build.py) builds FP16/INT8 plans only below it.
+TENSORRT_STRONGLY_TYPED_ONLY_MAJOR = 11
 
 
 class PinError(ValueError):
@@ -95,6 +107,17 @@ class ReleasePin:
     python: str
     local_triton_server: str
     unverified: tuple[str, ...]
+    openvino: str | None = None
+
+    @property
+    def tensorrt_weakly_typed(self) -> bool:
+        """Can the pinned TensorRT build weakly typed networks (what this project's builder uses)?"""
+        return self.tensorrt_major < TENSORRT_STRONGLY_TYPED_ONLY_MAJOR
+
+    @property
+    def ensemble_max_inflight(self) -> bool:
+        """Does the pinned container's Triton know ``ModelEnsembling.max_inflight_requests``?"""
+        return has_ensemble_max_inflight(self.triton_server)
 
     @property
     def cuda_major(self) -> int:
@@ -108,6 +131,12 @@ class ReleasePin:
         return key in self.unverified
 
 
+def has_ensemble_max_inflight(version: str) -> bool:
+    """Triton ``version`` ("2.73.0") has ensemble back-pressure (:data:`ENSEMBLE_MAX_INFLIGHT_SINCE`)."""
+    parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    return parts >= ENSEMBLE_MAX_INFLIGHT_SINCE
+
+
 def load_pin(path: str | os.PathLike = PIN_FILE) -> ReleasePin:
     path = Path(path)
     v = read_pin(path)
@@ -115,8 +144,10 @@ def load_pin(path: str | os.PathLike = PIN_FILE) -> ReleasePin:
     if missing:
         raise PinError(f"{path}: {missing[0]} missing or empty (needed: {', '.join(REQUIRED)})")
     for key in ("TRITON_SERVER_VERSION", "TRITON_CUDA_VERSION", "TRITON_TENSORRT_VERSION", "TRITON_PYTHON_VERSION",
-                "TRITON_MIN_COMPUTE_CAPABILITY", "LOCAL_TRITON_SERVER_VERSION", "TRITON_ONNXRUNTIME_VERSION"):
-        _version_tuple(v[key], key, path)
+                "TRITON_MIN_COMPUTE_CAPABILITY", "LOCAL_TRITON_SERVER_VERSION", "TRITON_ONNXRUNTIME_VERSION",
+                "TRITON_OPENVINO_VERSION"):
+        if key in v:
+            _version_tuple(v[key], key, path)
     if len(v["TRITON_TENSORRT_VERSION"].split(".")) != 4:
         raise PinError(f"{path}: TRITON_TENSORRT_VERSION={v['TRITON_TENSORRT_VERSION']!r}: give the full "
                        f"4-part version (a standard plan loads only in that exact TensorRT)")
@@ -134,4 +165,4 @@ def load_pin(path: str | os.PathLike = PIN_FILE) -> ReleasePin:
                                               path),
         tensorrt=v["TRITON_TENSORRT_VERSION"], onnxruntime=v["TRITON_ONNXRUNTIME_VERSION"],
         python=v["TRITON_PYTHON_VERSION"], local_triton_server=v["LOCAL_TRITON_SERVER_VERSION"],
-        unverified=unverified)
+        unverified=unverified, openvino=v.get("TRITON_OPENVINO_VERSION"))

@@ -20,10 +20,23 @@ its native backends (TensorRT, ONNX Runtime, PyTorch, OpenVINO, Python):
   gRPC metadata ``triton-grpc-protocol-triton-api-key``);
 * on ``docker stop`` Triton drains for ``--exit-timeout-secs`` (the local
   server's default, and the Kubernetes manifests'), and docker waits
-  :data:`STOP_GRACE_S` longer before SIGKILL.
+  :data:`STOP_GRACE_S` longer before SIGKILL;
+* ensemble back-pressure where the pinned Triton has it
+  (``ModelEnsembling.max_inflight_requests``,
+  dinov2_triton.core.release_pin.ENSEMBLE_MAX_INFLIGHT_SINCE): the local
+  server (Triton 2.51) cannot parse that field, so the repository's
+  config.pbtxt never carries it. Each ensemble gets a per-deployment copy,
+  ``<model>/configs/triton-<TRITON_CONTAINER_TAG>.pbtxt`` (config.pbtxt plus
+  the limit, :func:`ensemble_backpressure`), which the container reads
+  because it is started with ``--model-config-name=triton-<tag>``; Triton
+  falls back to config.pbtxt for every model without such a file, and a
+  server started without the flag (the local one) never reads it. The copy
+  is written (again, from the current config.pbtxt) just before the
+  container starts, and by ``serve kubernetes``.
 
 :func:`plan_container` returns the ``docker build`` and ``docker run`` argv
-lists (tests compare them with the Kubernetes manifests); :func:`check_host`
+lists and the ensemble copies to write (tests compare them with the
+Kubernetes manifests); :func:`check_host`
 says clearly what a host lacks; :func:`run_container` runs the server in
 the foreground, :func:`start_container` in the background.
 """
@@ -58,10 +71,25 @@ CONTAINER_REPOSITORY = "/models"
 #: the server's ports inside the container
 CONTAINER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 LOCAL_HINT = "on a machine without one, serve on the CPU: dinov2-triton serve start"
+#: folder of a model's per-deployment configurations (Triton's --model-config-name looks there)
+CONFIGS_FOLDER = "configs"
+#: in-flight requests per ensemble step, in full batches of each step's instances: one batch
+#: executing and one formed behind it, so the limit never idles an instance
+BACKPRESSURE_BATCHES = 2
 
 
 class ContainerError(ServeError):
     """The container cannot be built or run here; str() says what is missing and what to do."""
+
+
+@dataclass(frozen=True)
+class EnsembleCopy:
+    """The container's copy of one ensemble's config.pbtxt, with back-pressure."""
+
+    model: str
+    path: Path                  # <repository>/<model>/configs/<config name>.pbtxt
+    text: str
+    max_inflight_requests: int
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,7 @@ class ContainerLaunch:
     exit_timeout_s: int
     build_argv: list[str]
     run_argv: list[str]
+    ensemble_copies: tuple[EnsembleCopy, ...] = ()
 
     @property
     def stop_timeout_s(self) -> int:
@@ -131,15 +160,130 @@ def select_models(repository: str | os.PathLike, models: Sequence[str] | None = 
     return (chosen if models else [], vc)
 
 
+def config_name(pin: ReleasePin) -> str:
+    """The ``--model-config-name`` of the pinned container: ``triton-<TRITON_CONTAINER_TAG>``
+    (a copy written for one release is never read by another)."""
+    return f"triton-{pin.container_tag}"
+
+
+def model_config_name_flag(name: str) -> str:
+    return f"--model-config-name={name}"
+
+
+def _read_config(path: Path):
+    from dinov2_triton.serve.model_plan import read_model_config
+
+    if not path.is_file():
+        raise ContainerError(f"{path} not found (an ensemble step without its model; re-run the export stage)")
+    try:
+        return read_model_config(path)
+    except Exception as exc:  # noqa: BLE001 - protobuf's ParseError and OSError alike name the problem
+        raise ContainerError(f"{path}: cannot be parsed as a model configuration "
+                             f"({' '.join(str(exc).split())[:200]})") from None
+
+
+def backpressure_limit(repository: str | os.PathLike, ensemble_cfg) -> int:
+    """``max_inflight_requests`` for an ensemble: over its steps, the largest of
+    :data:`BACKPRESSURE_BATCHES` x max_batch_size x instances + the step's own
+    queue-policy ``max_queue_size``. The limit then bounds how many preprocessed
+    tensors wait between steps (without it they pile up without bound when the
+    classifier is the slower step) without ever holding back a request the step would run at once or
+    its queue policy would accept: overload is still shed by the step's queue
+    policy when the export set one."""
+    repo = Path(repository)
+    limit = 1
+    for step in ensemble_cfg.ensemble_scheduling.step:
+        cfg = _read_config(repo / step.model_name / "config.pbtxt")
+        instances = sum(max(1, g.count) * max(1, len(g.gpus)) for g in cfg.instance_group) or 1
+        queue = cfg.dynamic_batching.default_queue_policy.max_queue_size if cfg.HasField("dynamic_batching") else 0
+        limit = max(limit, BACKPRESSURE_BATCHES * max(1, cfg.max_batch_size) * instances + int(queue))
+    return limit
+
+
+def with_max_inflight(cfg, limit: int) -> str:
+    """The text of ensemble config ``cfg`` with ``ensemble_scheduling { max_inflight_requests: limit }``.
+
+    With a model_config_pb2 that knows the field (tritonclient >= 2.63) it is set
+    on the message; with an older one (the local 2.51 stack) the line is added to
+    the canonical text at the place text_format prints it (after the steps, field 2)."""
+    from google.protobuf import text_format
+
+    if not cfg.HasField("ensemble_scheduling"):
+        raise ContainerError(f"model {cfg.name!r} is not an ensemble (no ensemble_scheduling)")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ContainerError(f"max_inflight_requests {limit!r}: a whole number >= 1")
+    ensembling = cfg.ensemble_scheduling
+    if "max_inflight_requests" in ensembling.DESCRIPTOR.fields_by_name:
+        out = type(cfg)()
+        out.CopyFrom(cfg)
+        out.ensemble_scheduling.max_inflight_requests = limit
+        return text_format.MessageToString(out)
+    lines = text_format.MessageToString(cfg).splitlines()
+    start = lines.index("ensemble_scheduling {")
+    end = lines.index("}", start)
+    lines.insert(end, f"  max_inflight_requests: {limit}")
+    return "\n".join(lines) + "\n"
+
+
+def ensemble_backpressure(repository: str | os.PathLike, models: Sequence[str] = (), *, pin: ReleasePin,
+                          max_inflight: int | None = None) -> list[EnsembleCopy]:
+    """The per-deployment copies of the selected ensembles (``models`` empty: every
+    model) with ``max_inflight_requests`` (None: :func:`backpressure_limit`; 0: none),
+    or [] when the pinned Triton has no ensemble back-pressure. Nothing is written."""
+    import hashlib
+
+    if not pin.ensemble_max_inflight or max_inflight == 0:
+        return []
+    if max_inflight is not None and (not isinstance(max_inflight, int) or isinstance(max_inflight, bool)
+                                     or max_inflight < 0):
+        raise ContainerError(f"max_inflight_requests {max_inflight!r}: a whole number >= 0 (0: no limit)")
+    repo = Path(repository)
+    names = list(models) or sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
+    name = config_name(pin)
+    copies = []
+    for model in names:
+        path = repo / model / "config.pbtxt"
+        cfg = _read_config(path)
+        if not cfg.HasField("ensemble_scheduling"):
+            continue
+        limit = max_inflight or backpressure_limit(repo, cfg)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        header = (f"# {model}/config.pbtxt + ensemble back-pressure, for Triton {pin.triton_server} "
+                  f"(NGC {pin.container_tag}) started with {model_config_name_flag(name)}.\n"
+                  f"# Written by dinov2-triton serve container / serve kubernetes from config.pbtxt sha256 "
+                  f"{digest};\n# the local server (Triton {pin.local_triton_server}) cannot parse "
+                  f"max_inflight_requests and never reads this file.\n")
+        copies.append(EnsembleCopy(model=model, path=repo / model / CONFIGS_FOLDER / f"{name}.pbtxt",
+                                   text=header + with_max_inflight(cfg, limit), max_inflight_requests=limit))
+    return copies
+
+
+def write_ensemble_copies(copies: Sequence[EnsembleCopy]) -> list[Path]:
+    """Write the copies (atomically, creating ``configs/``); ContainerError naming a path that cannot be written."""
+    from dinov2_triton.core.artifact_io import atomic_write_text
+
+    written = []
+    for copy in copies:
+        try:
+            copy.path.parent.mkdir(exist_ok=True)
+            atomic_write_text(copy.path, copy.text)
+        except OSError as exc:
+            raise ContainerError(f"cannot write the container's copy of {copy.model}'s config to {copy.path} "
+                                 f"({exc.strerror or exc}); the repository must be writable here") from None
+        written.append(copy.path)
+    return written
+
+
 def tritonserver_args(*, api_key: str, models: Sequence[str] = (), version_compatible: bool = False,
                       exit_timeout_s: int = DEFAULT_EXIT_TIMEOUT_S,
-                      repository: str = CONTAINER_REPOSITORY) -> list[str]:
+                      repository: str = CONTAINER_REPOSITORY, model_config_name: str | None = None) -> list[str]:
     """The ``tritonserver`` command line inside the container."""
     if not api_key or any(c.isspace() for c in api_key):
         raise ContainerError("the API key must be one word, not empty")
     load = [f"--load-model={m}" for m in models] or ["--load-model=*"]
     return ["tritonserver", f"--model-repository={repository}", "--model-control-mode=explicit", *load,
             *([VERSION_COMPATIBLE_FLAG] if version_compatible else []),
+            *([model_config_name_flag(model_config_name)] if model_config_name else []),
             "--exit-on-error=false", f"--exit-timeout-secs={exit_timeout_s}",
             f"--http-restricted-api=model-repository:{API_KEY_HEADER}={api_key}",
             f"--grpc-restricted-protocol=model-repository:{API_KEY_HEADER}={api_key}"]
@@ -169,16 +313,20 @@ def _check_launch(host: str, ports: dict, exit_timeout_s: int, name: str) -> Non
 def plan_container(repository: str | os.PathLike, *, api_key: str, models: Sequence[str] | None = None,
                    host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
                    metrics_port: int = 8002, exit_timeout_s: int = DEFAULT_EXIT_TIMEOUT_S,
-                   name: str = DEFAULT_NAME, pin: ReleasePin | None = None) -> ContainerLaunch:
+                   name: str = DEFAULT_NAME, pin: ReleasePin | None = None,
+                   max_inflight: int | None = None) -> ContainerLaunch:
     """The ``docker build`` and ``docker run`` argv lists that serve ``repository``
-    in the pinned Triton container (nothing is run)."""
+    in the pinned Triton container, and the ensemble copies with back-pressure
+    (``max_inflight``: see :func:`ensemble_backpressure`) that :func:`run_container`
+    and :func:`start_container` write first (nothing is run or written here)."""
     pin = pin or load_pin()
     ports = {"http": int(http_port), "grpc": int(grpc_port), "metrics": int(metrics_port)}
     _check_launch(host, ports, exit_timeout_s, name)
     repo = Path(repository).resolve()
     chosen, vc = select_models(repo, models)
+    copies = ensemble_backpressure(repo, chosen, pin=pin, max_inflight=max_inflight)
     server = tritonserver_args(api_key=api_key, models=chosen, version_compatible=bool(vc),
-                               exit_timeout_s=exit_timeout_s)
+                               exit_timeout_s=exit_timeout_s, model_config_name=config_name(pin) if copies else None)
     publish = [w for label, inner in CONTAINER_PORTS.items() for w in ("-p", f"{host}:{ports[label]}:{inner}")]
     run = ["docker", "run", "--rm", "--name", name, "--gpus", "all", "--shm-size=1g",
            "--stop-timeout", str(exit_timeout_s + STOP_GRACE_S),
@@ -186,7 +334,8 @@ def plan_container(repository: str | os.PathLike, *, api_key: str, models: Seque
            "-v", f"{repo}:{CONTAINER_REPOSITORY}:ro", image_tag(pin), *server]
     return ContainerLaunch(pin=pin, image=image_tag(pin), repository=repo, models=tuple(chosen),
                            version_compatible=tuple(vc), name=name, host=host, ports=ports,
-                           exit_timeout_s=exit_timeout_s, build_argv=build_argv(pin), run_argv=run)
+                           exit_timeout_s=exit_timeout_s, build_argv=build_argv(pin), run_argv=run,
+                           ensemble_copies=tuple(copies))
 
 
 def check_host(*, gpu: bool = True, which: Callable[[str], str | None] = shutil.which,
@@ -242,12 +391,16 @@ def describe(launch: ContainerLaunch, api_key_file: str | os.PathLike) -> list[s
     if launch.version_compatible:
         lines.append(f"version-compatible TensorRT plans ({', '.join(launch.version_compatible)}): "
                      f"{VERSION_COMPATIBLE_FLAG}")
+    for copy in launch.ensemble_copies:
+        lines.append(f"ensemble {copy.model}: max_inflight_requests {copy.max_inflight_requests} per step "
+                     f"({copy.path.relative_to(launch.repository)}, {model_config_name_flag(config_name(pin))})")
     return lines
 
 
 def run_container(launch: ContainerLaunch) -> int:
     """Run the server in the foreground until it exits; Ctrl-C stops it
     (docker passes the signal on: Triton drains, then exits). Returns docker's exit code."""
+    write_ensemble_copies(launch.ensemble_copies)
     proc = subprocess.Popen(launch.run_argv)
     try:
         return proc.wait()
@@ -261,6 +414,7 @@ def run_container(launch: ContainerLaunch) -> int:
 
 def start_container(launch: ContainerLaunch, log: str | os.PathLike) -> subprocess.Popen:
     """Start the server in the background, docker's output to ``log``; stop it with :func:`stop_container`."""
+    write_ensemble_copies(launch.ensemble_copies)
     with open(log, "ab") as out:
         return subprocess.Popen(launch.run_argv, stdout=out, stderr=subprocess.STDOUT)
 

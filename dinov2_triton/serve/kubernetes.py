@@ -18,7 +18,13 @@ drifting:
   (dinov2_triton.core.release_pin), the derived image of serve/resources/Dockerfile;
 * memory: an estimate from the model files (below), unless ``--memory``;
 * TensorRT plans built version-compatible get the backend flag
-  dinov2_triton.serve.container gives them.
+  dinov2_triton.serve.container gives them;
+* ensembles get the back-pressure of ``serve container`` (where the pinned
+  Triton has it): the same per-deployment copy
+  ``<model>/configs/triton-<tag>.pbtxt`` is written into the repository and
+  the server gets ``--model-config-name=triton-<tag>``; the repository the
+  pods read (object storage or the volume) must be uploaded after this
+  command, as after every export.
 
 The model list comes from the repository itself, not from the export
 manifest: serve sits below export (it may not import it), and the
@@ -39,7 +45,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dinov2_triton.core.resources import resource_path
-from dinov2_triton.serve.container import IMAGE_NAME, VERSION_COMPATIBLE_FLAG
+from dinov2_triton.serve.container import (
+    IMAGE_NAME,
+    VERSION_COMPATIBLE_FLAG,
+    config_name,
+    ensemble_backpressure,
+    model_config_name_flag,
+    write_ensemble_copies,
+)
 from dinov2_triton.serve.errors import ServeError
 from dinov2_triton.serve.local_server import DEFAULT_EXIT_TIMEOUT_S
 
@@ -165,11 +178,14 @@ def _kustomization(resources: list[str], components: list[str], image: tuple[str
 def write_kubernetes(repository: str | os.PathLike, *, image: str, out: str | os.PathLike,
                      hardware: str = "gpu", storage_uri: str | None = None, volume: bool = False,
                      memory: str | None = None, queue_target_us: int | None = None,
-                     pin_file: str | os.PathLike | None = None) -> dict[str, Any]:
+                     pin_file: str | os.PathLike | None = None, max_inflight: int | None = None) -> dict[str, Any]:
     """Write ``<out>/kustomization.yaml`` (Deployment path) and
-    ``<out>/kserve/kustomization.yaml`` for ``repository``; return what was
-    filled in (models, skipped, image, memory, files)."""
+    ``<out>/kserve/kustomization.yaml`` for ``repository``, and the ensembles'
+    back-pressure copies into ``repository`` (``max_inflight``: see
+    dinov2_triton.serve.container.ensemble_backpressure); return what was filled
+    in (models, skipped, image, memory, files, ensemble_max_inflight)."""
     from dinov2_triton.core.artifact_io import atomic_write_text
+    from dinov2_triton.core.release_pin import PIN_FILE, load_pin
 
     if storage_uri and volume:
         raise ServeError("give --storage-uri or --volume, not both")
@@ -181,6 +197,8 @@ def write_kubernetes(repository: str | os.PathLike, *, image: str, out: str | os
         raise ServeError(f"--queue-target-us {queue_target_us} is not above the largest dynamic-batching "
                          f"delay of the models ({max_delay} us): the HPA would scale on batching alone")
     ref = image_reference(image, pin_file)
+    pin = load_pin(pin_file or PIN_FILE)
+    copies = ensemble_backpressure(repository, [m.name for m in models], pin=pin, max_inflight=max_inflight)
     mem = memory or memory_estimate(models)
     out = Path(out).resolve()
     (out / "kserve").mkdir(parents=True, exist_ok=True)
@@ -194,6 +212,11 @@ def write_kubernetes(repository: str | os.PathLike, *, image: str, out: str | os
     args = [f"--load-model={m.name}" for m in models]
     if hardware == "gpu" and any(m.version_compatible for m in models):
         args.append(VERSION_COMPATIBLE_FLAG)  # as `serve container` does
+    if copies:
+        args.append(model_config_name_flag(config_name(pin)))  # the ensembles' back-pressure copies
+        header += "".join(f"# {c.model}: max_inflight_requests {c.max_inflight_requests} per step "
+                          f"({c.model}/{c.path.parent.name}/{c.path.name}; upload the repository after this "
+                          f"command)\n" for c in copies)
     container = "/spec/template/spec/containers/0"
     ops = [{"op": "add", "path": f"{container}/args/-", "value": a} for a in args]
     ops += [{"op": "replace", "path": f"{container}/resources/requests/memory", "value": mem},
@@ -231,9 +254,12 @@ def write_kubernetes(repository: str | os.PathLike, *, image: str, out: str | os
                                                 "value": str(queue_target_us)}])})
     kserve = _kustomization([rel(DEPLOY_DIR / "kserve", out / "kserve")], [], ref, kpatches, header)
     atomic_write_text(out / "kserve" / "kustomization.yaml", kserve)
+    copied = write_ensemble_copies(copies)  # ContainerError (a ServeError) names a path it cannot write
     return {"models": [m.name for m in models], "skipped": skipped, "image": f"{ref[0]}:{ref[1]}",
             "memory": mem, "hardware": hardware,
-            "files": [str(out / "kustomization.yaml"), str(out / "kserve" / "kustomization.yaml")]}
+            "ensemble_max_inflight": {c.model: c.max_inflight_requests for c in copies},
+            "files": [str(out / "kustomization.yaml"), str(out / "kserve" / "kustomization.yaml"),
+                      *map(str, copied)]}
 
 
 def _kserve_load_all_index() -> int:
