@@ -36,21 +36,50 @@ PACKAGE = ROOT / "dinov2_triton"
 
 
 # --------------------------------------------------------------------------- the pin
+def _block(text: str, key: str) -> str:
+    """The comment block (and the assignments) right above ``key=`` in the pin file."""
+    return text[:text.index(f"\n{key}=")].rsplit("\n\n", 1)[-1]
+
+
 def test_pin_parses_and_marks_every_unconfirmed_figure():
     pin = load_pin()
     assert pin.triton_image == f"nvcr.io/nvidia/tritonserver:{pin.container_tag}-py3"
     assert pin.tensorrt_image == f"nvcr.io/nvidia/tensorrt:{pin.container_tag}-py3"
-    assert len(pin.tensorrt.split(".")) == 4 and pin.tensorrt_major == 10
+    assert len(pin.tensorrt.split(".")) == 4
     assert pin.local_triton_server == "2.51.0"     # the binary in nvidia-pytriton 0.7.0
     text = PIN_FILE.read_text()
     assert pin.unverified, "figures not read from NVIDIA's text are listed in UNVERIFIED_KEYS"
     for key in pin.unverified:
         # the comment block right above the key says UNVERIFIED and gives the command that confirms it
-        block = text[:text.index(f"\n{key}=")].rsplit("\n\n", 1)[-1]
+        block = _block(text, key)
         assert "UNVERIFIED" in block and "docker run" in block, key
-    for key in ("TRITON_CUDA_VERSION", "TRITON_ONNXRUNTIME_VERSION"):
-        block = text[:text.index(f"\n{key}=")].rsplit("\n\n", 1)[-1]
-        assert "Verified" in block and "docs.nvidia.com" in block, key
+    # every other figure says where it was read: NVIDIA's documentation or the server's own release
+    for key in ("TRITON_SERVER_VERSION", "TRITON_CUDA_VERSION", "TRITON_MIN_DRIVER",
+                "TRITON_MIN_COMPUTE_CAPABILITY", "TRITON_TENSORRT_VERSION", "TRITON_ONNXRUNTIME_VERSION",
+                "TRITON_OPENVINO_VERSION", "TRITON_PYTHON_VERSION"):
+        if key not in pin.unverified:
+            block = _block(text, key)
+            assert "Verified" in block and re.search(r"docs\.nvidia\.com|github\.com/triton-inference-server",
+                                                     block), key
+    # a TensorRT without weakly typed builds is pinned only with the gap said next to it
+    if not pin.tensorrt_weakly_typed:
+        assert "trt_build_main.py" in text and "refuses" in text
+
+
+def test_pin_knows_which_release_has_ensemble_backpressure():
+    """ENSEMBLE_MAX_INFLIGHT_SINCE agrees with the model-config protobuf of both
+    releases of the pin (their tritonclient wheels): the pinned container's
+    ModelEnsembling has max_inflight_requests exactly when the pin says so, the
+    local server's never."""
+    from dinov2_triton.core.release_pin import has_ensemble_max_inflight
+
+    pin = load_pin()
+    assert not has_ensemble_max_inflight("2.62.0") and has_ensemble_max_inflight("2.63.0")
+    assert not has_ensemble_max_inflight(pin.local_triton_server)
+    for release in (pin.local_triton_server, pin.triton_server):
+        ensembling = gs.model_config_class(release).DESCRIPTOR.fields_by_name["ensemble_scheduling"].message_type
+        assert ("max_inflight_requests" in ensembling.fields_by_name) is has_ensemble_max_inflight(release), release
+    assert pin.ensemble_max_inflight, "the pin moved to a release with ensemble back-pressure (issue #20)"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -69,7 +98,10 @@ def test_pin_errors_name_the_file_and_line(tmp_path, text, message):
 
 
 def test_pin_needs_the_full_tensorrt_version(tmp_path):
-    text = PIN_FILE.read_text().replace("TRITON_TENSORRT_VERSION=10.13.3.9", "TRITON_TENSORRT_VERSION=10.13.3")
+    trt = load_pin().tensorrt
+    short = trt.rsplit(".", 1)[0]
+    text = PIN_FILE.read_text().replace(f"TRITON_TENSORRT_VERSION={trt}", f"TRITON_TENSORRT_VERSION={short}")
+    assert short in text
     (tmp_path / "pin.sh").write_text(text)
     with pytest.raises(PinError, match="full 4-part version"):
         load_pin(tmp_path / "pin.sh")
@@ -136,15 +168,19 @@ def test_the_old_24_10_stack_is_caught(tmp_path):
     for name in ("pillow==13.0.0", "scikit-learn==1.9.1", "matplotlib==3.11.2"):
         assert any(name in p and "the containers have 3.10" in p for p in problems), name
     assert any("python 3.12 but the containers have Python 3.10" in p for p in problems)
-    lock = _mutated(tmp_path, "tensorrt-cu13==10.13.3.9", "tensorrt-cu13==10.13.2.6")
-    assert any("container has TensorRT 10.13.3.9" in p for p in gs.check_lock(load_pin(), lock))
+    trt = load_pin().tensorrt
+    lock = _mutated(tmp_path, f"tensorrt-cu13=={trt}", "tensorrt-cu13==10.13.2.6")
+    assert any(f"container has TensorRT {trt}" in p for p in gs.check_lock(load_pin(), lock))
 
 
 def test_tritonclient_and_gpu_extra_must_match(tmp_path):
-    lock = _mutated(tmp_path, "tritonclient[grpc,http]==2.62.0", "tritonclient[grpc,http]==2.50.0")
-    problems = gs.check_lock(load_pin(), lock)
-    assert any("tritonclient==2.50.0 but the container is Triton 2.62.0" in p for p in problems)
-    assert any("gpu extra tritonclient==2.62.0" in p for p in problems)
+    pin, locked = load_pin(), gs.read_lock().get("tritonclient")
+    assert locked.version == pin.triton_server
+    line = f"tritonclient[{locked.extras}]=={pin.triton_server}"
+    lock = _mutated(tmp_path, line, line.replace(pin.triton_server, "2.50.0"))
+    problems = gs.check_lock(pin, lock)
+    assert any(f"tritonclient==2.50.0 but the container is Triton {pin.triton_server}" in p for p in problems)
+    assert any(f"gpu extra tritonclient=={pin.triton_server}" in p for p in problems)
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text(gs.PYPROJECT.read_text().replace('"torch==2.14.1",            # CUDA 13.0',
                                                           '"torch==2.13.0",            # CUDA 13.0'))
@@ -232,6 +268,193 @@ def test_serve_container_refuses_bad_input_naming_it(tmp_path):
     empty.mkdir()
     with pytest.raises(box.ContainerError, match="holds no model"):
         box.plan_container(empty, api_key="k" * 43)
+
+
+# --------------------------------------------------------------------------- ensemble back-pressure
+def _serving_repository(tmp_path, *, queue_timeout_ms: float = 0, instances: int = 2) -> Path:
+    """dinov2_preprocess (2 instances), dinov2_onnx and the dinov2 ensemble, their
+    config.pbtxt written by the export's own generators (no model files: nothing
+    loads here); ``queue_timeout_ms`` 0: no queue policy on either step."""
+    from dinov2_triton.export.registry import get_variant, load_builtin_variants
+    from dinov2_triton.export.triton_config import (
+        classifier_config,
+        ensemble_config,
+        preprocess_config,
+        validate_config,
+    )
+
+    load_builtin_variants()
+    repo = tmp_path / "model_repository"
+    cfgs = [classifier_config(get_variant("onnx"), image_size=56, num_classes=10, embed_dim=384, max_batch_size=8,
+                              instances=instances, queue_timeout_ms=queue_timeout_ms),
+            preprocess_config(image_size=56, max_batch_size=8, instances=2, queue_timeout_ms=queue_timeout_ms),
+            ensemble_config("dinov2_onnx", num_classes=10, embed_dim=384, image_size=56, max_batch_size=8)]
+    for cfg in cfgs:
+        (repo / cfg.name / "1").mkdir(parents=True)
+        (repo / cfg.name / "config.pbtxt").write_text(validate_config(cfg))
+    return repo
+
+
+def _expected_limit(repo: Path) -> int:
+    """2 full batches per instance of the busiest step + its queue-policy cap (the rule, by hand)."""
+    from dinov2_triton.serve.model_plan import read_model_config
+
+    out = 0
+    for step in ("dinov2_preprocess", "dinov2_onnx"):
+        cfg = read_model_config(repo / step / "config.pbtxt")
+        instances = sum(g.count for g in cfg.instance_group)
+        out = max(out, 2 * cfg.max_batch_size * instances + cfg.dynamic_batching.default_queue_policy.max_queue_size)
+    return out
+
+
+def test_container_deployment_carries_ensemble_backpressure_and_the_repository_does_not(tmp_path):
+    """`serve container`: the ensemble's per-deployment copy sets
+    max_inflight_requests and parses with the pinned release's model config;
+    the repository's own config.pbtxt (what the local 2.51 server reads) does not
+    carry it, and the copy would not even parse with 2.51's."""
+    from google.protobuf import text_format
+
+    pin = load_pin()
+    repo = _serving_repository(tmp_path)
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    launch = box.plan_container(repo, api_key="k" * 43)
+    (copy,) = launch.ensemble_copies
+    name = box.config_name(pin)
+    assert copy.model == "dinov2" and copy.path == repo.resolve() / "dinov2" / "configs" / f"{name}.pbtxt"
+    assert copy.max_inflight_requests == _expected_limit(repo) == 2 * 8 * 2    # no queue policy: 2 batches x 2
+    assert f"--model-config-name={name}" in launch.run_argv
+    assert any(f"max_inflight_requests {copy.max_inflight_requests}" in line for line in box.describe(launch, "k"))
+    # planning writes nothing
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before and not copy.path.exists()
+
+    container = gs.model_config_class(pin.triton_server)
+    container_cfg = text_format.Parse(copy.text, container())
+    assert container_cfg.ensemble_scheduling.max_inflight_requests == copy.max_inflight_requests
+    original = text_format.Parse((repo / "dinov2" / "config.pbtxt").read_text(), container())
+    container_cfg.ensemble_scheduling.max_inflight_requests = 0
+    assert container_cfg == original, "the copy is config.pbtxt plus the limit, nothing else"
+    local = gs.model_config_class(pin.local_triton_server)
+    text_format.Parse((repo / "dinov2" / "config.pbtxt").read_text(), local())   # the local server's file
+    assert "max_inflight_requests" not in (repo / "dinov2" / "config.pbtxt").read_text()
+    with pytest.raises(text_format.ParseError, match="max_inflight_requests"):
+        text_format.Parse(copy.text, local())
+
+    # explicit limits, none, and a release without the field
+    assert box.plan_container(repo, api_key="k" * 43, max_inflight=5).ensemble_copies[0].max_inflight_requests == 5
+    off = box.plan_container(repo, api_key="k" * 43, max_inflight=0)
+    assert off.ensemble_copies == () and not any(a.startswith("--model-config-name") for a in off.run_argv)
+    old = tmp_path / "pin.env"
+    old.write_text(PIN_FILE.read_text().replace(f"TRITON_SERVER_VERSION={pin.triton_server}",
+                                                "TRITON_SERVER_VERSION=2.62.0"))
+    older = box.plan_container(repo, api_key="k" * 43, pin=load_pin(old))
+    assert older.ensemble_copies == () and not any(a.startswith("--model-config-name") for a in older.run_argv)
+    # only the selected models decide
+    only_onnx = box.plan_container(repo, api_key="k" * 43, models=["dinov2_onnx"])
+    assert only_onnx.ensemble_copies == () and "--model-config-name" not in " ".join(only_onnx.run_argv)
+    with pytest.raises(box.ContainerError, match="max_inflight_requests -1"):
+        box.plan_container(repo, api_key="k" * 43, max_inflight=-1)
+
+
+def test_the_limit_leaves_room_for_the_steps_queue_policy(tmp_path):
+    """With a queue policy the limit never holds back a request the step's queue
+    would accept: 2 batches per instance + max_queue_size of the busiest step."""
+    repo = _serving_repository(tmp_path, queue_timeout_ms=2000, instances=3)
+    (copy,) = box.plan_container(repo, api_key="k" * 43).ensemble_copies
+    from dinov2_triton.serve.model_plan import read_model_config
+
+    onnx = read_model_config(repo / "dinov2_onnx" / "config.pbtxt")
+    assert onnx.dynamic_batching.default_queue_policy.max_queue_size > 0
+    assert copy.max_inflight_requests == _expected_limit(repo) == (
+        2 * 8 * 3 + onnx.dynamic_batching.default_queue_policy.max_queue_size)
+
+
+def test_a_missing_ensemble_step_is_named(tmp_path):
+    import shutil
+
+    repo = _serving_repository(tmp_path)
+    shutil.rmtree(repo / "dinov2_onnx")
+    with pytest.raises(box.ContainerError, match=r"dinov2_onnx/config\.pbtxt not found"):
+        box.plan_container(repo, api_key="k" * 43, models=["dinov2"])
+
+
+def test_serve_container_writes_the_copy_before_docker_run(tmp_path, monkeypatch):
+    """start_container writes the copy from the CURRENT config.pbtxt (a stale one from
+    an earlier export is replaced), then runs the argv with the flag."""
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("PATH", f"{fake_docker.install(tmp_path / 'bin', log)}:/usr/bin:/bin")
+    repo = _serving_repository(tmp_path)
+    stale = repo / "dinov2" / "configs" / f"{box.config_name(load_pin())}.pbtxt"
+    stale.parent.mkdir()
+    stale.write_text("# from an earlier export\n")
+    launch = box.plan_container(repo, api_key="k" * 43)
+    proc = box.start_container(launch, tmp_path / "server.log")
+    assert proc.wait(timeout=60) == 0
+    assert stale.read_text() == launch.ensemble_copies[0].text
+    (run,) = fake_docker.subcommand(log, "run")
+    assert run == launch.run_argv[1:] and f"--model-config-name={box.config_name(load_pin())}" in run
+
+
+def test_kubernetes_manifests_carry_the_same_backpressure(tmp_path):
+    """`serve kubernetes`: the Deployment and the InferenceService get the flag,
+    the copy is written into the repository the pods read."""
+    import json
+
+    import yaml
+
+    from dinov2_triton.serve import kubernetes as k8s
+
+    pin = load_pin()
+    repo = _serving_repository(tmp_path)
+    info = k8s.write_kubernetes(repo, image="registry.example/dinov2-triton-serve", out=tmp_path / "k8s")
+    name = box.config_name(pin)
+    copy = repo / "dinov2" / "configs" / f"{name}.pbtxt"
+    assert info["ensemble_max_inflight"] == {"dinov2": _expected_limit(repo)} and str(copy) in info["files"]
+    assert box.plan_container(repo, api_key="k" * 43).ensemble_copies[0].text == copy.read_text()
+    for kustomization in (tmp_path / "k8s" / "kustomization.yaml", tmp_path / "k8s" / "kserve" / "kustomization.yaml"):
+        doc = yaml.safe_load(kustomization.read_text())
+        ops = [op for patch in doc["patches"] for op in json.loads(patch["patch"]) if op["op"] == "add"]
+        assert {"op": "add", "path": ops[0]["path"], "value": f"--model-config-name={name}"} in ops, kustomization
+        assert f"max_inflight_requests {_expected_limit(repo)}" in kustomization.read_text()
+    none = k8s.write_kubernetes(repo, image="registry.example/dinov2-triton-serve", out=tmp_path / "k8s-off",
+                                max_inflight=0)
+    assert none["ensemble_max_inflight"] == {}
+    assert "--model-config-name" not in (tmp_path / "k8s-off" / "kustomization.yaml").read_text()
+
+
+@pytest.mark.triton
+def test_the_local_server_ignores_the_containers_copy(tmp_path, triton_server_factory, tiny_classifier):
+    """The real local Triton 2.51 serves a repository that holds the container's
+    copy (configs/<name>.pbtxt with max_inflight_requests): it reads config.pbtxt,
+    loads the ensemble and answers through it."""
+    import numpy as np
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from dinov2_triton.serve.model_plan import read_model_config
+    from tests.fixtures.triton import TINY_CLASSES, TINY_EMBED, TINY_IMAGE, make_tiny_repository, tiny_reference
+
+    repo = make_tiny_repository(tmp_path / "repo", tiny_classifier, broken=False, tensorrt=False)
+    onnx = read_model_config(repo / "tiny_onnx" / "config.pbtxt")
+    ens = pb.ModelConfig(name="tiny_ensemble", platform="ensemble", max_batch_size=onnx.max_batch_size)
+    ens.input.add(name="pixel_values", data_type=pb.TYPE_FP32, dims=list(TINY_IMAGE))
+    ens.output.add(name="logits", data_type=pb.TYPE_FP32, dims=[TINY_CLASSES])
+    ens.output.add(name="embedding", data_type=pb.TYPE_FP32, dims=[TINY_EMBED])
+    step = ens.ensemble_scheduling.step.add(model_name="tiny_onnx", model_version=-1)
+    step.input_map["pixel_values"] = "pixel_values"
+    step.output_map.update({"logits": "logits", "embedding": "embedding"})
+    (repo / "tiny_ensemble" / "1").mkdir(parents=True)
+    (repo / "tiny_ensemble" / "config.pbtxt").write_text(str(ens))
+    (copy,) = box.ensemble_backpressure(repo, pin=load_pin())
+    assert copy.max_inflight_requests == (2 * onnx.max_batch_size * sum(g.count for g in onnx.instance_group)
+                                          + onnx.dynamic_batching.default_queue_policy.max_queue_size)
+    assert box.write_ensemble_copies([copy]) == [copy.path] and "max_inflight_requests" in copy.path.read_text()
+
+    server = triton_server_factory(repo, load_models=["tiny_onnx", "tiny_ensemble"])
+    batch = np.random.default_rng(0).standard_normal((2, *TINY_IMAGE)).astype(np.float32)
+    with server.connect("grpc") as conn:
+        assert conn.model_ready("tiny_ensemble")
+        result = conn.infer("tiny_ensemble", [conn.tensor_input("pixel_values", batch)],
+                            [conn.requested_output("logits")])
+    np.testing.assert_allclose(result.as_numpy("logits"), tiny_reference(tiny_classifier, batch)[0], atol=1e-5)
 
 
 def _trt_argv(tmp_path, mode, args):
@@ -367,8 +590,10 @@ def _generated_configs() -> dict[str, str]:
         trt = variant.platform == "tensorrt_plan"
         params = {"source_checkpoint_sha256": "0" * 64, "export_run_id": "test", "image_size": 56}
         if trt:
-            params |= {"tensorrt_version": "10.13.3.9", "gpu_name": "NVIDIA H100 80GB HBM3",
-                       "compute_capability": "9.0", "version_compatible": "true", "triton_container_tag": "25.10"}
+            pin = load_pin()
+            params |= {"tensorrt_version": pin.tensorrt, "gpu_name": "NVIDIA H100 80GB HBM3",
+                       "compute_capability": "9.0", "version_compatible": "true",
+                       "triton_container_tag": pin.container_tag}
         cfg = classifier_config(variant, image_size=56, num_classes=10, embed_dim=384, max_batch_size=8,
                                 device="gpu" if trt else "cpu", parameters=params)
         if trt:
@@ -500,3 +725,46 @@ def test_gpu_acceptance_writes_under_the_current_folder_by_default(tmp_path):
     assert proc.returncode == 2, proc.stderr
     (out,) = (tmp_path / "reports").glob("gpu-acceptance-*")
     assert (out / "acceptance.md").is_file() and (out / "acceptance.json").is_file()
+
+
+def test_gpu_acceptance_reads_every_unverified_figure_from_the_containers():
+    """Each UNVERIFIED key of the pin has a container check (the pinned image and
+    how to read the answer); the backend folders' library names give the
+    ONNX Runtime and OpenVINO versions."""
+    from dinov2_triton.qa.gpu_acceptance import container_checks
+
+    pin = load_pin()
+    checks = container_checks(pin)
+    assert set(checks) == set(pin.unverified)
+    values = read_pin()
+    for key, (want, cmd, _) in checks.items():
+        assert want == values[key] and cmd[0] in (pin.triton_image, pin.tensorrt_image), key
+    answers = {  # what the container prints -> the figure read from it
+        "TRITON_ONNXRUNTIME_VERSION": ("libonnxruntime.so\nlibonnxruntime.so.1.27.0\nlibtriton_onnxruntime.so\n",
+                                       "1.27.0"),
+        "TRITON_OPENVINO_VERSION": ("libopenvino.so.2026.2.0\nlibopenvino.so.2620\nlibtriton_openvino.so\n",
+                                    "2026.2.0"),
+        "TRITON_TENSORRT_VERSION": ("a warning\n11.3.0.99\n", "11.3.0.99"),
+        "TRITON_PYTHON_VERSION": ("3.12\n", "3.12"),
+    }
+    for key, (out, figure) in answers.items():
+        if key in checks:
+            assert checks[key][2](out) == figure, key
+    if "TRITON_ONNXRUNTIME_VERSION" in checks:
+        assert checks["TRITON_ONNXRUNTIME_VERSION"][2]("libtriton_onnxruntime.so\n") is None
+
+
+def test_gpu_acceptance_says_why_tensorrt_11_gets_no_plans(tmp_path):
+    """On a GPU host with the lock's TensorRT 11 the plan steps FAIL with the
+    reason (the builder uses weakly typed networks), not with a missing attribute."""
+    import types
+
+    from dinov2_triton.qa.gpu_acceptance import Acceptance, step_trt_plan
+
+    acc = Acceptance(tmp_path)
+    acc.facts.update(tensorrt="11.3.0.99", gpu={"gpu_name": "stand-in", "cc": (9, 0)})
+    args = types.SimpleNamespace(repository=tmp_path / "model_repository", max_batch=8, parity_inputs=8)
+    assert not acc.step("trt_fp16 plan + parity", lambda: step_trt_plan(acc, args, "trt_fp16", load_pin()))
+    (row,) = acc.rows
+    assert row["status"] == "FAILED" and "no weakly typed builds" in row["result"]
+    assert "trt_build_main.py" in row["result"]

@@ -565,6 +565,40 @@ def test_tensorrt_11_is_refused_clearly(tmp_path):
     assert not (tmp_path / "m.plan").exists()
 
 
+def test_a_pinned_tensorrt_without_weak_typing_is_refused_before_docker(tmp_path, monkeypatch, capsys):
+    """The builder and the pin agree on the first TensorRT without weakly typed
+    builds; with such a TensorRT pinned, `--in-container` plan builds stop on
+    the host with the reason (no docker call, no multi-GB pull), and the whole
+    export warns that its TensorRT variants will fail."""
+    from dinov2_triton.core import release_pin
+    from dinov2_triton.export import container as trt_box
+    from dinov2_triton.serve.container import ContainerError
+
+    assert tbm.STRONGLY_TYPED_ONLY_MAJOR == release_pin.TENSORRT_STRONGLY_TYPED_ONLY_MAJOR
+    ten, eleven = tmp_path / "pin10.env", tmp_path / "pin11.env"
+    ten.write_text(PIN_TEXT)
+    eleven.write_text(PIN_TEXT.replace("TRITON_TENSORRT_VERSION=10.5.0.18", "TRITON_TENSORRT_VERSION=11.3.0.99"))
+    assert release_pin.load_pin(ten).tensorrt_weakly_typed
+    pin11 = release_pin.load_pin(eleven)
+    assert not pin11.tensorrt_weakly_typed
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))     # no docker here: a refusal comes first or not at all
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(trt_box.ContainerBuildError, match="TensorRT 11.3.0.99 .* no weakly typed builds"):
+        trt_box.run_in_container(["--onnx", "x.onnx"], mode="plans", pin=pin11)
+    with pytest.raises(ContainerError, match="docker not found"):        # TensorRT 10: on to docker
+        trt_box.run_in_container(["--onnx", "x.onnx"], mode="plans", pin=release_pin.load_pin(ten))
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# python: 3.10\n")
+    capsys.readouterr()
+    with pytest.raises(ContainerError, match="docker not found"):
+        trt_box.run_in_container(["--variants", "onnx,trt_fp16"], mode="export", pin=pin11, lock_file=lock)
+    assert "the TensorRT variants will fail, the others are built" in capsys.readouterr().err
+    pin = release_pin.load_pin()
+    if not pin.tensorrt_weakly_typed:       # the real pin (NGC 26.09: TensorRT 11) takes the same path
+        with pytest.raises(trt_box.ContainerBuildError, match="no weakly typed builds"):
+            trt_box.run_in_container(["--onnx", "x.onnx"], mode="plans", pin=pin)
+
+
 def test_fp8_needs_ada_or_hopper(tmp_path):
     with pytest.raises(tbm.TensorRTUnavailable, match=r"FP8 needs compute capability >= 8\.9.*8\.0"):
         _build_plan(tmp_path, cc=(8, 0), precision="fp8")

@@ -8,11 +8,13 @@ Runs what the host allows and says what it skipped, in about 10 minutes:
    (dinov2_triton.core.release_pin): driver and compute capability minimums,
    the CUDA major of torch;
 3. with docker: the pin's UNVERIFIED figures read from the pinned containers
-   themselves (TensorRT version, Python, Triton version);
+   themselves (TensorRT, Python, ONNX Runtime and OpenVINO versions; the
+   Triton version too while it is unverified);
 4. dinov2_triton.qa.gpu_check: AMP fine-tune steps, eager FP32/FP16/BF16, TorchScript, parity;
 5. with TensorRT: FP16 and INT8 plans built from the CPU-built ONNX files of
    the repository (dinov2_onnx, dinov2_onnx_int8) and their parity against
-   ONNX Runtime FP32 on the same inputs;
+   ONNX Runtime FP32 on the same inputs (FAILED, saying why, with TensorRT 11,
+   which the builder cannot use: dinov2_triton.export.trt_build_main);
 6. with docker and the plans: the plans served by the pinned Triton
    container (dinov2_triton.serve.container, as ``dinov2-triton serve
    container``) and a short perf_analyzer sweep through ``dinov2-triton
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -129,21 +132,47 @@ def step_versions(acc: Acceptance, pin) -> str:
     return ", ".join(parts)
 
 
+def _backend_library_version(library: str) -> Callable[[str], str | None]:
+    """Parse ``ls`` of a Triton backend folder: the version of ``lib<library>.so.X.Y.Z``."""
+    pattern = re.compile(rf"lib{re.escape(library)}\.so\.(\d+\.\d+\.\d+)")
+
+    def parse(out: str) -> str | None:
+        found = sorted({m.group(1) for m in pattern.finditer(out)}, key=lambda v: tuple(map(int, v.split("."))))
+        return found[-1] if found else None
+    return parse
+
+
+def _last_line(out: str) -> str | None:
+    return out.strip().splitlines()[-1] if out.strip() else None
+
+
+def container_checks(pin) -> dict[str, tuple[str, list[str], Callable[[str], str | None]]]:
+    """``{pin key: (pinned value, docker run arguments, parse(stdout) -> value)}`` for every
+    UNVERIFIED key of the pin that a container can answer."""
+    backends = "/opt/tritonserver/backends"
+    checks = {
+        "TRITON_TENSORRT_VERSION": (pin.tensorrt, [pin.tensorrt_image, "python3", "-c",
+                                                   "import tensorrt; print(tensorrt.__version__)"], _last_line),
+        "TRITON_PYTHON_VERSION": (pin.python, [pin.tensorrt_image, "python3", "-c",
+                                               "import sys; print('%d.%d' % sys.version_info[:2])"], _last_line),
+        "TRITON_SERVER_VERSION": (pin.triton_server, [pin.triton_image, "cat", "/opt/tritonserver/TRITON_VERSION"],
+                                  _last_line),
+        "TRITON_ONNXRUNTIME_VERSION": (pin.onnxruntime, [pin.triton_image, "ls", f"{backends}/onnxruntime"],
+                                       _backend_library_version("onnxruntime")),
+        "TRITON_OPENVINO_VERSION": (pin.openvino or "", [pin.triton_image, "ls", f"{backends}/openvino"],
+                                    _backend_library_version("openvino")),
+    }
+    return {key: check for key, check in checks.items() if pin.is_unverified(key)}
+
+
 def step_pin_in_containers(acc: Acceptance, pin) -> str:
     """Read the UNVERIFIED figures of the pin from the containers (pulls them)."""
     if not acc.facts.get("docker"):
         raise Skip(f"no docker: cannot read {', '.join(pin.unverified)} from the containers")
-    checks = {
-        "TRITON_TENSORRT_VERSION": (pin.tensorrt, [pin.tensorrt_image, "python3", "-c",
-                                                   "import tensorrt; print(tensorrt.__version__)"]),
-        "TRITON_PYTHON_VERSION": (pin.python, [pin.tensorrt_image, "python3", "-c",
-                                               "import sys; print('%d.%d' % sys.version_info[:2])"]),
-        "TRITON_SERVER_VERSION": (pin.triton_server, [pin.triton_image, "cat", "/opt/tritonserver/TRITON_VERSION"]),
-    }
     seen, wrong = [], []
-    for key, (want, cmd) in checks.items():
+    for key, (want, cmd, parse) in container_checks(pin).items():
         proc = _run(["docker", "run", "--rm", *cmd], 900)
-        got = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else None
+        got = parse(proc.stdout) if proc.returncode == 0 else None
         if got is None:
             wrong.append(f"{key}: `docker run --rm {' '.join(cmd)}` failed: {(proc.stderr or '').strip()[-200:]}")
         elif got != want:
@@ -177,13 +206,20 @@ def _latest_version_dir(model_dir: Path) -> Path | None:
     return versions[-1] if versions else None
 
 
-def step_trt_plan(acc: Acceptance, args, variant: str) -> str:
+def step_trt_plan(acc: Acceptance, args, variant: str, pin) -> str:
     source_model, precision = TRT_MODELS[variant]
     if "tensorrt" not in acc.facts:
         raise Skip("TensorRT not importable here (a host with torch only): "
                    "dinov2-triton export --in-container builds inside the pinned TensorRT container")
     if not acc.facts.get("gpu"):
         raise Skip("no GPU")
+    from dinov2_triton.core.release_pin import TENSORRT_STRONGLY_TYPED_ONLY_MAJOR
+
+    if int(str(acc.facts["tensorrt"]).split(".")[0]) >= TENSORRT_STRONGLY_TYPED_ONLY_MAJOR:
+        raise RuntimeError(f"TensorRT {acc.facts['tensorrt']} (pin: {pin.tensorrt}, NGC {pin.container_tag}) has "
+                           f"no weakly typed builds, and dinov2_triton/export/trt_build_main.py builds FP16/INT8 "
+                           f"plans only that way (TensorRT 10): the pinned release cannot get TensorRT plans "
+                           f"from this project yet")
     version_dir = _latest_version_dir(args.repository / source_model)
     onnx_path = version_dir / "model.onnx" if version_dir else None
     if onnx_path is None or not onnx_path.is_file():
@@ -368,7 +404,7 @@ def run_acceptance(args) -> int:
     acc.step("pin read from the containers", lambda: step_pin_in_containers(acc, pin))
     acc.step("gpu_check (AMP train, FP32/FP16/BF16, TorchScript)", lambda: step_gpu_check(acc, args))
     for variant in TRT_MODELS:
-        acc.step(f"{variant} plan + parity", lambda v=variant: step_trt_plan(acc, args, v))
+        acc.step(f"{variant} plan + parity", lambda v=variant: step_trt_plan(acc, args, v, pin))
     acc.step("serve in the Triton container + perf sweep", lambda: step_serve_and_sweep(acc, args))
     table = acc.table()
     header = (f"GPU acceptance {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}; pin: Triton "
