@@ -546,43 +546,40 @@ def test_legacy_onnx_exporter_is_refused_for_dinov3(dinov3_checkpoint, tmp_path)
         ONNX.build(ctx, tmp_path / "model.onnx")
 
 
-@pytest.mark.slow
-def test_export_pipeline_gates_the_dinov3_variants(dinov3_checkpoint, tiny_dataset, tmp_path):
-    """run_export of a tiny DINOv3 checkpoint: ONNX FP32, FP16 and INT8
-    (modelopt static and ORT dynamic) and TorchScript built, verified and
-    gated like DINOv2's; TensorRT SKIPPED here with its reason; the FP32
-    graph fixed-size apart from the batch."""
-    from dinov2_triton.export.pipeline import exit_code, run_export
+@pytest.fixture(scope="module")
+def dinov3_repository(dinov3_checkpoint, tiny_dataset, tmp_path_factory) -> Path:
+    """One export of a tiny DINOv3 checkpoint with the default variants (auto: every CPU variant)
+    and trt_fp16, through the command. In a separate process: OpenVINO's runtime and torch
+    training must not share one (scripts/test.sh)."""
+    repo = tmp_path_factory.mktemp("dinov3_repo")
+    proc = subprocess.run([sys.executable, "-m", "dinov2_triton.cli", "export", "--model-path", str(dinov3_checkpoint),
+                           "--repository", str(repo), "--data-path", str(tiny_dataset), "--variants", "auto,trt_fp16",
+                           "--bench-seconds", "0.2", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return repo
 
-    manifest = run_export(dinov3_checkpoint, tmp_path / "repo", data_path=tiny_dataset,
-                          variants="onnx,onnx_fp16,onnx_int8,onnx_int8_dynamic,torchscript,trt_fp16",
-                          bench_seconds=0.2)
+
+@pytest.mark.slow
+def test_export_pipeline_gates_the_dinov3_variants(dinov3_repository):
+    """A tiny DINOv3 checkpoint exported with the default variants: ONNX FP32, FP16 and INT8
+    (modelopt static and ORT dynamic), OpenVINO FP32 and NNCF INT8 and TorchScript built,
+    verified and gated like DINOv2's; BF16 and TensorRT SKIPPED here with their reason
+    (BF16 built where the CPU has it); the FP32 graph fixed-size apart from the batch."""
+    from dinov2_triton.core.cpu_features import bf16_support, read_cpu_flags
+    from dinov2_triton.export.manifest import read_export_manifest
+    from dinov2_triton.export.pipeline import exit_code
+
+    manifest = read_export_manifest(dinov3_repository)
     status = {n: v.status for n, v in manifest.variants.items()}
-    assert status == {"onnx": "OK", "onnx_fp16": "OK", "onnx_int8": "OK", "onnx_int8_dynamic": "OK",
-                      "torchscript": "OK", "trt_fp16": "SKIPPED"}, {n: v.reason for n, v in manifest.variants.items()}
+    built = ("onnx", "onnx_fp16", "onnx_int8", "onnx_int8_dynamic", "openvino", "openvino_int8", "torchscript")
+    bf16 = "OK" if bf16_support(read_cpu_flags())[0] else "SKIPPED"
+    assert status == {**dict.fromkeys(built, "OK"), "openvino_bf16": bf16, "trt_fp16": "SKIPPED"}, (
+        {n: v.reason for n, v in manifest.variants.items()})
     assert "GPU" in manifest.variants["trt_fp16"].reason or "TensorRT" in manifest.variants["trt_fp16"].reason
-    for name in ("onnx", "onnx_fp16", "onnx_int8", "onnx_int8_dynamic", "torchscript"):
-        assert manifest.variants[name].verification.passed, name
+    for name in built:
+        assert manifest.variants[name].verification.passed and manifest.variants[name].gate_passed, name
     fixed = manifest.variants["onnx"].build_info["fixed_size"]
     assert fixed == {"checked": True, "control_flow": 0, "computed_ranges": 0, "symbols": ["batch"]}
     assert manifest.arch == "dinov3_vits16" and exit_code(manifest) == 0
-
-
-@pytest.mark.slow
-def test_openvino_variants_take_the_dinov3_graph(dinov3_checkpoint, tiny_dataset, tmp_path):
-    """OpenVINO FP32 and NNCF INT8 of the DINOv3 graph, verified and gated.
-    In a separate process: OpenVINO's runtime and torch training must not
-    share one (scripts/test.sh)."""
-    code = (
-        "import json, sys\n"
-        "from dinov2_triton.export.pipeline import run_export\n"
-        "m = run_export(sys.argv[1], sys.argv[2], data_path=sys.argv[3], variants='onnx,openvino,openvino_int8',"
-        " bench_seconds=0.2)\n"
-        "print(json.dumps({n: [v.status, v.reason, bool(v.verification and v.verification.passed)]"
-        " for n, v in m.variants.items()}))\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(dinov3_checkpoint), str(tmp_path / "repo"),
-                           str(tiny_dataset)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"onnx": ["OK", None, True], "openvino": ["OK", None, True],
-                      "openvino_int8": ["OK", None, True]}, result
+    # the ensemble calls the fastest gated variant of this run, as for DINOv2
+    assert manifest.ensemble.classifier == f"dinov2_{manifest.ensemble.classifier_ranking[0]['variant']}"
