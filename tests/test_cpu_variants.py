@@ -3,7 +3,7 @@ NNCF INT8, the OpenVINO stand-in backend, and `--variants auto` (the default).
 
 Tiny model (2 blocks, 28 px), tiny data, temp folders; the served checks
 run the real local Triton server. No timed asserts: speed is measured by
-scripts/cpu_benchmark.sh, not tested here."""
+the cpu-sweep recipe, not tested here."""
 from __future__ import annotations
 
 import json
@@ -174,7 +174,7 @@ def test_cpu_variants_exported_verified_published(cpu_repository):
     ov32 = m.variants["openvino"]
     assert sorted(ov32.files) == ["model.bin", "model.xml"]
     assert ov32.build_info["precise_layers"] > 0
-    # the pinned container's OpenVINO (2025.0 or newer, scripts/triton_version.sh) reads opsets up to 16
+    # the pinned container's OpenVINO (core/resources/triton_release.env) reads opsets up to 16
     assert 1 <= ov32.build_info["max_opset"] <= 16
     # FP32 really computed in FP32 (on a BF16-capable CPU an unmarked IR drifts ~1e-2)
     assert ov32.headline.logits_max_abs_diff < 1e-4 and ov32.headline.top1_agreement == 1.0

@@ -1,24 +1,15 @@
 """Typed, versioned records for every file that crosses a stage boundary.
 
 Each such file has exactly one record class (a pydantic model derived from
-:class:`Record`), one writer and one reader:
+:class:`Record`), one writer and one reader; docs/architecture.md ("The
+records") lists them with their files, writers and readers.
 
-=====================  ==============================  ===============  ==========================
-record                 file                            written by       read by
-=====================  ==============================  ===============  ==========================
-``DataSummary``        ``<data>/summary.json``          data stage       train, export, perf
-``CheckpointRecord``   ``model_final.pth`` (+ best)     train            export, perf, clients
-``ExportManifest``     ``export_manifest.json``         export           serve, perf
-``PerfResults``        ``perf/reports/<id>/results.json``  perf          dinov2_triton.report.report
-``ReplicaSetRecord``   ``logs/triton-replicas.json``    serve replicas   serve stop/status
-=====================  ==============================  ===============  ==========================
-
-(docs/architecture.md lists the fields.) A record is validated when it is
-read: a missing field, a wrong type or an unknown ``schema_version`` raises
-:class:`RecordError` with one line naming the file and the field, e.g.
-``models/model_final.pth: field 'num_classes': Input should be a valid integer``.
-Files written by an older schema are upgraded by the class's ``_migrate`` or
-refused with a message that says how to regenerate them.
+A record is validated when it is read: a missing field, a wrong type or an
+unknown ``schema_version`` raises :class:`RecordError` with one line naming
+the file and the field, e.g. ``models/model_final.pth: field 'num_classes':
+Input should be a valid integer``. Files written by an older schema are
+upgraded by the class's ``_migrate`` or refused with a message that says how
+to regenerate them.
 """
 from __future__ import annotations
 
