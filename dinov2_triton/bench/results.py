@@ -30,9 +30,12 @@ per arithmetic (``in_process.matmul_peaks``: fp32, bf16, int8) and divides
 each variant by the peak of the arithmetic it runs (its ``arithmetic``,
 from the export manifest): ``efficiency.arithmetic``/``peak_gflops``/
 ``fraction_of_peak`` replace the FP32-only ``fp32_peak_gflops``/
-``fraction_of_fp32_peak``. Older files read as version 4 (a version-2
+``fraction_of_fp32_peak``; version 5 adds the optional ``overload`` section
+(dinov2_triton.qa.overload: the overload check of the served deployment,
+bench/overload_records.py). Older files read as version 5 (a version-2
 capacity run measured every rate once: ``recheck_margin`` 0; a version-3
-efficiency was against the FP32 peak: ``arithmetic`` fp32).
+efficiency was against the FP32 peak: ``arithmetic`` fp32; before version 5
+no overload check ran: ``overload`` None).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from dinov2_triton.bench.capacity_records import CapacityRun, SearchRun, ServingConfig
+from dinov2_triton.bench.overload_records import OverloadCheck
 from dinov2_triton.core.records import Record, RecordError
 
 RESULTS_FILE = "results.json"
@@ -489,7 +493,7 @@ class PerfResults(Record):
     """``perf/reports/<run-id>/results.json``: written by dinov2_triton.pipeline.bench_stage (and again by
     dinov2_triton.report.report with ``rows`` and ``recommendation``), read by dinov2_triton.report.report."""
 
-    SCHEMA_VERSION: ClassVar[int] = 4
+    SCHEMA_VERSION: ClassVar[int] = 5
     KIND: ClassVar[str] = "perf results.json"
     REGENERATE: ClassVar[str] = "dinov2-triton bench --model-path ... (see dinov2-triton bench --help)"
 
@@ -514,6 +518,7 @@ class PerfResults(Record):
     errors: list[str] = []
     capacity: CapacityRun | None = None
     search: SearchRun | None = None
+    overload: OverloadCheck | None = None
     rows: list[VariantRow] | None = None
     recommendation: Recommendation | None = None
 
@@ -545,7 +550,9 @@ class PerfResults(Record):
                     eff = v.get("efficiency") if isinstance(v, dict) else None
                     if isinstance(eff, dict):
                         v["efficiency"] = _efficiency_v4(eff)
-            return {**data, "schema_version": 4}
+            return cls._migrate({**data, "schema_version": 4}, 4)
+        if version == 4:   # 5 added the optional overload section (no check ran before)
+            return {**data, "schema_version": 5}
         raise RecordError(f"schema_version {version} is no longer supported")
 
 

@@ -16,6 +16,10 @@ Steps (each can be turned off):
    open-loop Poisson load (dinov2_triton.bench.capacity), --capacity-repeats times;
 3. live-endpoint parity of every served classifier with the eager FP32
    reference, gated per precision (dinov2_triton.qa.parity.run_parity);
+   with --overload (a loopback server only), then the overload check
+   (dinov2_triton.qa.overload): a bounded burst above the measured capacity
+   against the ensemble and its classifier: shed? p99 <= the served queue
+   timeout + one batch? the same logits afterwards?
 4. the report: perf/reports/<run-id>/{report.md, report.html, results.json,
    perf_analyzer/csv/*.csv, *.png} (dinov2_triton.report.report).
 
@@ -25,14 +29,15 @@ repository index needs an API key or is not reachable, the model names
 (--models a,b). Memory of a remote server comes from its metrics endpoint
 only (no process to look at).
 
-results.json is one dinov2_triton.bench.results.PerfResults record (schema_version 2;
+results.json is one dinov2_triton.bench.results.PerfResults record (schema_version 5;
 written by dinov2_triton.bench.results.write_results, read by dinov2_triton.bench.results.read_results):
 run_id, created, finished, git_revision, machine, versions, settings (the
 flags), model (the checkpoint, ``pretrained`` included), flops, matmul_peak,
 operating_point, in_process (dinov2_triton.bench.inprocess), perf_analyzer (the sweep),
 server (addresses, metadata, memory), parity (dinov2_triton.qa.parity.run_parity),
 export (the manifest's verdicts), capacity (with --capacity: dinov2_triton.bench.capacity,
-capacity at --slo-p99-ms under open-loop Poisson load), skipped, errors, and the rows and
+capacity at --slo-p99-ms under open-loop Poisson load), overload (with --overload:
+dinov2_triton.qa.overload), skipped, errors, and the rows and
 recommendation dinov2_triton.report.report derives (dinov2_triton.report.ranking).
 
 Exit codes: 0 done; 1 the report was written but something failed (a sweep
@@ -113,12 +118,15 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
              server_pid: int | None = None, operating_point: Mapping[str, Any] | None = None,
              out: str | os.PathLike = "perf/reports", run_id: str | None = None,
              cli_settings: Mapping[str, Any] | None = None, capacity: Mapping[str, Any] | None = None,
-             capacity_repeats: int = 1, progress: Callable[[str], None] | None = None) -> "PerfRun":
+             capacity_repeats: int = 1, overload: Mapping[str, Any] | None = None,
+             progress: Callable[[str], None] | None = None) -> "PerfRun":
     """Run the perf stage and write the report (perf/reports/<run-id>/...).
     ``capacity``: dinov2_triton.bench.capacity.capacity_settings fields (``slo_p99_ms`` at
     least): also measure every served model's capacity at that p99 under
-    open-loop load, ``capacity_repeats`` times. Raises PerfInputError for bad
-    input (flags, files)."""
+    open-loop load, ``capacity_repeats`` times. ``overload``:
+    dinov2_triton.bench.overload_records.OverloadSettings fields: last, the overload check
+    (dinov2_triton.qa.overload; a strict one's problems are errors). Raises PerfInputError
+    for bad input (flags, files)."""
     from dinov2_triton.bench.inprocess import BenchmarkInputError, run_inprocess_benchmark
     from dinov2_triton.bench.input_data import load_samples
     from dinov2_triton.bench.memory import MemorySampler, find_listening_pid
@@ -156,6 +164,10 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
     if "http" in protocols and not http_url and url:
         raise PerfInputError("--protocols includes http: give the server's HTTP address with --http-url host:8000")
     settings = settings or MeasurementSettings()
+    overload_settings = _overload_settings(overload) if overload is not None else None
+    if overload_settings is not None and not (http_url if overload_settings.protocol == "http" else url):
+        raise PerfInputError(f"--overload over {overload_settings.protocol} needs the server's "
+                             f"{'--http-url' if overload_settings.protocol == 'http' else '--url'}")
 
     run_id = run_id or new_run_id()
     out_dir = Path(out) / run_id
@@ -291,6 +303,17 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
                             results["errors"].append(f"parity {v['model']}: {v['error']}")
                 except ParityInputError as exc:
                     results["errors"].append(f"parity: {exc}")
+
+        # 3b. overload, last: its burst leaves nothing behind that the other steps would measure
+        if overload_settings is not None:
+            from dinov2_triton.qa.overload import run_overload_check, strict_errors
+
+            say("== overload check (a bounded burst above capacity)")
+            check = run_overload_check(urls[overload_settings.protocol], samples, overload_settings,
+                                       sweep=results["perf_analyzer"], api_key=api_key, say=say)
+            say(check.summary)
+            results["overload"] = check
+            results["errors"] += strict_errors(check)
     else:
         results["skipped"].append({"what": "perf_analyzer sweep and live parity",
                                    "reason": "no --url: in-process numbers only"})
@@ -325,6 +348,18 @@ def _capacity_run(url: str, models: Sequence[str], samples, capacity: Mapping[st
                             progress=say)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _overload_settings(overload: Mapping[str, Any]):
+    from pydantic import ValidationError
+
+    from dinov2_triton.bench.overload_records import OverloadSettings
+    from dinov2_triton.core.records import format_validation_error
+
+    try:
+        return OverloadSettings(**dict(overload))
+    except ValidationError as exc:
+        raise PerfInputError(format_validation_error(exc, "overload settings")) from None
 
 
 @dataclass(frozen=True)
@@ -426,6 +461,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     cap.add_argument("--recheck-margin", type=float, default=0.5,
                      help="a rate whose p99 is within a factor 1+M of the SLO is measured again and judged on "
                           "the mean p99 of both; 0: once (default: %(default)s)")
+    ov = p.add_argument_group("Overload check, loopback server only (dinov2_triton.qa.overload)")
+    ov.add_argument("--overload", action="store_true",
+                    help="last, a bounded open-loop burst above the measured capacity against the dinov2 ensemble "
+                         "and its classifier: shed? p99 <= queue timeout + one batch? same logits after?")
+    ov.add_argument("--overload-factor", type=float, default=3.0, help="x capacity (default: %(default)s)")
+    ov.add_argument("--overload-seconds", type=float, default=5.0, help="burst duration (default: %(default)s)")
+    ov.add_argument("--overload-max-requests", type=int, default=2000, help="at most (default: %(default)s)")
+    ov.add_argument("--overload-protocol", choices=("grpc", "http"), default="grpc", help="default: %(default)s")
+    ov.add_argument("--overload-strict", action="store_true",
+                    help="a FAIL, or a served config without a queue policy, is an error (exit 1)")
     opx = p.add_argument_group("Operating point (for the recommendation)")
     opx.add_argument("--op-batch-size", type=int, default=None, help="default: the largest batch size")
     opx.add_argument("--op-concurrency", type=int, default=None, help="default: the largest concurrency")
@@ -448,6 +493,14 @@ def _capacity_flags(args) -> dict[str, Any] | None:
     return {"slo_p99_ms": args.slo_p99_ms, "budget_s": args.capacity_budget_s, "window_ms": args.rate_window_ms,
             "precision": args.rate_precision, "start_rate": args.start_rate, "max_rate": args.max_rate,
             "recheck_margin": args.recheck_margin}
+
+
+def _overload_flags(args) -> dict[str, Any] | None:
+    if not args.overload:
+        return None
+    return {"factor": args.overload_factor, "seconds": args.overload_seconds,
+            "max_requests": args.overload_max_requests, "protocol": args.overload_protocol,
+            "strict": args.overload_strict}
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
@@ -476,7 +529,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             threads=parse_ints(args.threads, "--threads"), seconds=args.seconds, warmup=args.warmup,
             variants=parse_names(args.variants), torch_threads=args.torch_threads, isolate=not args.no_isolate,
             in_process=not args.no_in_process, parity=not args.no_parity, capacity_repeats=args.capacity_repeats,
-            capacity=_capacity_flags(args),
+            capacity=_capacity_flags(args), overload=_overload_flags(args),
             parity_max_images=args.parity_max_images, gates=args.gates, api_key=api_key,
             server_pid=args.server_pid,
             operating_point={"batch_size": args.op_batch_size, "concurrency": args.op_concurrency,

@@ -193,6 +193,17 @@ class ThreadStudy(Section):
     seconds: float = Field(4.0, gt=0)
 
 
+class OverloadSection(Section):
+    """The bench stage's overload check, last (dinov2_triton.qa.overload): a bounded open-loop
+    burst at ``factor`` x the measured capacity against the ensemble and its classifier."""
+    enabled: bool = True
+    factor: float = Field(3.0, gt=1)
+    seconds: float = Field(5.0, gt=0)
+    max_requests: int = Field(2000, ge=1)      # the burst never sends more
+    protocol: Protocol = "grpc"
+    strict: bool = False                       # True: a FAIL or a config without a queue policy fails the bench
+
+
 class BenchSection(Section):
     """Stage 5 (dinov2_triton.pipeline.bench_stage.run_perf): in-process benchmark,
     perf_analyzer sweep, live parity, the report. ``None``: run_perf's default."""
@@ -218,6 +229,7 @@ class BenchSection(Section):
     strict: bool = True                  # False: a measurement error is only reported (the run passes)
     allow_unstable: bool = True          # a sweep point that did not stabilise (busy host) is a warning
     thread_study: ThreadStudy | None = None
+    overload: OverloadSection = OverloadSection()
 
     @field_validator("concurrency", "batch_sizes", "threads")
     @classmethod

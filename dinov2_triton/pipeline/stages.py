@@ -452,6 +452,7 @@ def run_bench(ctx: Context) -> str | StageResult:
                        operating_point={"batch_size": b.op_batch_size, "concurrency": b.op_concurrency,
                                         "protocol": None, "max_p99_ms": b.max_p99_ms},
                        out=lay.reports, cli_settings={"pipeline_recipe": ctx.recipe.model_dump(mode="json")},
+                       overload=b.overload.model_dump(exclude={"enabled"}) if b.overload.enabled else None,
                        progress=ctx.say, **optional)
     except (PerfInputError, ValueError) as exc:
         raise PipelineInputError(f"bench: {exc}") from None

@@ -103,7 +103,10 @@ class LoadResult:
                 "ok": self.ok, "shed": self.shed, "failed": self.failed,
                 "accepted_rps": round(self.accepted_rps, 2),
                 "p50_ms": self.percentile_ms(50), "p99_ms": self.percentile_ms(99),
-                "errors": dict(self.errors.most_common(5)), "versions": dict(self.versions)}
+                "errors": dict(self.errors.most_common(5)), "versions": dict(self.versions),
+                # first to last send: sent / send_s is the rate the client reached
+                "send_s": round(max(r[0] for r in self.records) - min(r[0] for r in self.records), 3)
+                if self.records else 0.0}
 
 
 class _Recorder:
@@ -345,11 +348,14 @@ def measure_capacity(conn, model: str, make_inputs, *, concurrency: Sequence[int
                for c in concurrency)
 
 
-def scenario_overload(conn, model: str, make_inputs, *, factor: float, seconds: float,
-                      capacity_rps: float, queue_timeout_s: float = 2.0) -> dict[str, Any]:
+def scenario_overload(conn, model: str, make_inputs, *, factor: float, seconds: float, capacity_rps: float,
+                      queue_timeout_s: float = 2.0, max_requests: int | None = None) -> dict[str, Any]:
     """Open loop at ``factor`` x the measured capacity, with enough client
-    threads to keep sending while accepted requests wait up to the queue timeout."""
+    threads to keep sending while accepted requests wait up to the queue
+    timeout; at most ``max_requests`` (the send time is shortened to fit)."""
     rate = max(1.0, factor * capacity_rps)
+    if max_requests is not None:
+        seconds = min(seconds, (int(max_requests) + 0.5) / rate)
     workers = int(min(512, max(16, rate * (queue_timeout_s + 0.5))))
     res = open_loop(conn, model, make_inputs, rate=rate, seconds=seconds, workers=workers)
     return {"capacity_rps": round(capacity_rps, 2), "factor": factor, "client_threads": workers, **res.to_dict()}
