@@ -61,9 +61,6 @@ def test_pin_parses_and_marks_every_unconfirmed_figure():
             block = _block(text, key)
             assert "Verified" in block and re.search(r"docs\.nvidia\.com|github\.com/triton-inference-server",
                                                      block), key
-    # a TensorRT without weakly typed builds is pinned only with the gap said next to it
-    if not pin.tensorrt_weakly_typed:
-        assert "trt_build_main.py" in text and "refuses" in text
 
 
 def test_pin_knows_which_release_has_ensemble_backpressure():
@@ -754,17 +751,20 @@ def test_gpu_acceptance_reads_every_unverified_figure_from_the_containers():
         assert checks["TRITON_ONNXRUNTIME_VERSION"][2]("libtriton_onnxruntime.so\n") is None
 
 
-def test_gpu_acceptance_says_why_tensorrt_11_gets_no_plans(tmp_path):
-    """On a GPU host with the lock's TensorRT 11 the plan steps FAIL with the
-    reason (the builder uses weakly typed networks), not with a missing attribute."""
+def test_gpu_acceptance_builds_tensorrt_11_plans_from_the_typed_graphs(tmp_path):
+    """On a GPU host with the lock's TensorRT 11 the plan steps go on to the
+    build (strongly typed): trt_fp16 from the repository's dinov2_onnx_fp16,
+    trt_int8 from dinov2_onnx_int8; without them the step is SKIPPED saying
+    which export makes them."""
     import types
 
-    from dinov2_triton.qa.gpu_acceptance import Acceptance, step_trt_plan
+    from dinov2_triton.qa.gpu_acceptance import TRT_MODELS, Acceptance, step_trt_plan
 
+    assert TRT_MODELS == {"trt_fp16": ("dinov2_onnx_fp16", "fp16"), "trt_int8": ("dinov2_onnx_int8", "int8")}
     acc = Acceptance(tmp_path)
     acc.facts.update(tensorrt="11.3.0.99", gpu={"gpu_name": "stand-in", "cc": (9, 0)})
     args = types.SimpleNamespace(repository=tmp_path / "model_repository", max_batch=8, parity_inputs=8)
-    assert not acc.step("trt_fp16 plan + parity", lambda: step_trt_plan(acc, args, "trt_fp16", load_pin()))
+    acc.step("trt_fp16 plan + parity", lambda: step_trt_plan(acc, args, "trt_fp16", load_pin()))
     (row,) = acc.rows
-    assert row["status"] == "FAILED" and "no weakly typed builds" in row["result"]
-    assert "trt_build_main.py" in row["result"]
+    assert row["status"] == "SKIPPED" and "no CPU-built dinov2_onnx_fp16" in row["result"], row
+    assert "--variants onnx,onnx_fp16,onnx_int8" in row["result"]

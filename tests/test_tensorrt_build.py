@@ -2,12 +2,16 @@
 module (TensorRT cannot be installed on the CPU machines), the version pin,
 the GPU stamping, and the SKIPPED path of the TensorRT variants without
 TensorRT. The fake lives only in this file and behaves like TensorRT 10
-where the code has been wrong before: a version-compatible plan
-deserializes only with `engine_host_code_allowed`, `set_input_shape` returns
-False outside the profile, the stream handle of every execution is
-recorded (0 = the legacy default stream), and TensorRT 11 has no weakly
-typed builder flags. A real build runs where a GPU and TensorRT are present
-(marker `gpu`)."""
+and 11 where the code has been wrong before or could be: a strongly typed
+network (STRONGLY_TYPED, flag bit 1 in 10 and 0 in 11, where it is ignored)
+refuses layer precisions and output types and fails to build with a
+precision builder flag; TensorRT 11 has no weakly typed builder flags; the
+parsed graph's types are the ONNX file's (FP32, FP16 AutoCast, INT8 or FP8
+Q/DQ); a version-compatible plan deserializes only with
+`engine_host_code_allowed`, `set_input_shape` returns False outside the
+profile, and the stream handle of every execution is recorded (0 = the
+legacy default stream). A real build runs where a GPU and TensorRT are
+present (marker `gpu`)."""
 from __future__ import annotations
 
 import enum
@@ -41,6 +45,7 @@ class LayerType(enum.Enum):
     SHUFFLE = 10
     QUANTIZE = 11
     DEQUANTIZE = 12
+    CAST = 13
 
 
 class DataType(enum.Enum):
@@ -48,6 +53,7 @@ class DataType(enum.Enum):
     HALF = "float16"
     INT8 = "int8"
     INT32 = "int32"
+    FP8 = "fp8"
 
 
 class BuilderFlag(enum.Enum):
@@ -63,8 +69,15 @@ class MemoryPoolType(enum.Enum):
     WORKSPACE = 0
 
 
-class NetworkDefinitionCreationFlag(enum.Enum):
+class NetworkDefinitionCreationFlag(enum.IntEnum):   # pybind11 enums convert with int()
+    """TensorRT 10: EXPLICIT_BATCH (deprecated, the default) is bit 0, STRONGLY_TYPED bit 1."""
     EXPLICIT_BATCH = 0
+    STRONGLY_TYPED = 1
+
+
+class NetworkDefinitionCreationFlag11(enum.IntEnum):
+    """TensorRT 11: STRONGLY_TYPED (bit 0) is kept for compatibility and ignored."""
+    STRONGLY_TYPED = 0
 
 
 class Tensor:
@@ -76,18 +89,14 @@ class Layer:
     def __init__(self, name, type_, inputs, outputs):
         self.name, self.type = name, type_
         self._inputs, self._outputs = inputs, outputs
-        self.output_types = {}
-        self._precision = None
-        self.precision_set = False
 
     @property
     def precision(self):
-        return self._precision
+        return DataType.FLOAT
 
     @precision.setter
-    def precision(self, value):
-        self._precision = value
-        self.precision_set = True
+    def precision(self, value):   # strongly typed: TensorRT 10 refuses it, 11 has no such thing
+        raise RuntimeError(f"{self.name}: layer precision cannot be set in a strongly typed network")
 
     @property
     def num_inputs(self):
@@ -104,12 +113,12 @@ class Layer:
         return self._outputs[i]
 
     def set_output_type(self, i, dtype):
-        self.output_types[i] = dtype
+        raise RuntimeError(f"{self.name}: output types cannot be set in a strongly typed network")
 
 
 class Network:
-    def __init__(self, flags):
-        self.flags = flags
+    def __init__(self, flags, strongly_typed):
+        self.flags, self.strongly_typed = flags, strongly_typed
         self.layers, self.inputs, self.outputs = [], [], []
 
     num_layers = property(lambda self: len(self.layers))
@@ -131,23 +140,32 @@ class Network:
         return outs[0]
 
 
-def vit_like(network: Network, *, qdq: bool = False, input_name="pixel_values", dims=(-1, 3, IMG, IMG)):
-    """What the ONNX parser would produce for the DINOv2 export (one block)."""
+def vit_like(network: Network, *, graph: str = "fp32", input_name="pixel_values", dims=(-1, 3, IMG, IMG)):
+    """What the ONNX parser makes of the DINOv2 export (one block), typed as
+    the ONNX file is: `graph` fp32 (the onnx variant), fp16 (onnx_fp16:
+    AutoCast with LayerNorm, Softmax, patch embedding and head FP32, FP32
+    I/O), int8 / fp8 (Q/DQ before the weight MatMul, FP32 elsewhere)."""
+    F32, F16 = DataType.FLOAT, DataType.HALF
+    low = F16 if graph == "fp16" else F32
     x = Tensor(input_name, shape=dims)
     network.inputs.append(x)
+
+    def cast(name, t, dtype):
+        return t if t.dtype == dtype else network.add(name, LayerType.CAST, [t], dtype=dtype)
+
     w = network.add("patch_w", LayerType.CONSTANT, [])
-    h = network.add("patch_embed", LayerType.CONVOLUTION, [x, w])
-    n1 = network.add("norm1", LayerType.NORMALIZATION, [h])
-    if qdq:
-        q = network.add("q_act", LayerType.QUANTIZE, [n1], dtype=DataType.INT8)
+    h = cast("cast_h", network.add("patch_embed", LayerType.CONVOLUTION, [x, w]), low)
+    n1 = cast("cast_n1", network.add("norm1", LayerType.NORMALIZATION, [cast("cast_h32", h, F32)]), low)
+    if graph in ("int8", "fp8"):
+        q = network.add("q_act", LayerType.QUANTIZE, [n1], dtype=DataType.INT8 if graph == "int8" else DataType.FP8)
         n1 = network.add("dq_act", LayerType.DEQUANTIZE, [q])
-    qkv_w = network.add("qkv_w", LayerType.CONSTANT, [])
-    qkv = network.add("qkv", LayerType.MATRIX_MULTIPLY, [n1, qkv_w])
-    att = network.add("attn_qk", LayerType.MATRIX_MULTIPLY, [qkv, qkv])
-    sm = network.add("softmax", LayerType.SOFTMAX, [att])
-    av = network.add("attn_v", LayerType.MATRIX_MULTIPLY, [sm, qkv])
-    res = network.add("residual", LayerType.ELEMENTWISE, [h, av])
-    n2 = network.add("norm_final", LayerType.NORMALIZATION, [res])
+    qkv_w = network.add("qkv_w", LayerType.CONSTANT, [], dtype=low)
+    qkv = network.add("qkv", LayerType.MATRIX_MULTIPLY, [n1, qkv_w], dtype=low)
+    att = network.add("attn_qk", LayerType.MATRIX_MULTIPLY, [qkv, qkv], dtype=low)
+    sm = cast("cast_sm", network.add("softmax", LayerType.SOFTMAX, [cast("cast_att", att, F32)]), low)
+    av = network.add("attn_v", LayerType.MATRIX_MULTIPLY, [sm, qkv], dtype=low)
+    res = network.add("residual", LayerType.ELEMENTWISE, [h, av], dtype=low)
+    n2 = network.add("norm_final", LayerType.NORMALIZATION, [cast("cast_res", res, F32)])
     mean = network.add("patch_mean", LayerType.REDUCE, [n2])
     emb = network.add("concat", LayerType.CONCATENATION, [n2, mean])
     head_w = network.add("head_w", LayerType.CONSTANT, [])
@@ -159,6 +177,9 @@ def vit_like(network: Network, *, qdq: bool = False, input_name="pixel_values", 
     network.outputs += [logits, emb]
 
 
+GRAPHS = {"FP16": "fp16", "FP8": "fp8", "QDQ": "int8"}   # the first word found in the fake ONNX file -> its types
+
+
 class OnnxParser:
     def __init__(self, network, logger):
         self.network, self.errors = network, []
@@ -168,7 +189,8 @@ class OnnxParser:
         if "BROKEN" in text:
             self.errors = ["node 7 (Foo): unsupported op"]
             return False
-        vit_like(self.network, qdq="QDQ" in text, input_name="images" if "WRONGNAME" in text else "pixel_values")
+        graph = next((g for word, g in GRAPHS.items() if word in text), "fp32")
+        vit_like(self.network, graph=graph, input_name="images" if "WRONGNAME" in text else "pixel_values")
         return True
 
     @property
@@ -222,8 +244,15 @@ class Config:
         return self.timing_cache
 
 
+PRECISION_FLAGS = {"FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
+                   "PREFER_PRECISION_CONSTRAINTS"}
+
+
 class Builder:
+    """TensorRT 10: strongly typed when create_network gets the STRONGLY_TYPED
+    bit; a strongly typed network does not build with a precision flag."""
     instances = []
+    always_strongly_typed = False
 
     def __init__(self, logger):
         self.logger = logger
@@ -232,7 +261,8 @@ class Builder:
         Builder.instances.append(self)
 
     def create_network(self, flags=0):
-        self.network = Network(flags)
+        typed = self.always_strongly_typed or bool(flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED.value))
+        self.network = Network(flags, typed)
         return self.network
 
     def create_builder_config(self):
@@ -245,6 +275,8 @@ class Builder:
     def build_serialized_network(self, network, config):
         if self.fail or FAKE_STATE["fail_build"]:
             return None
+        if network.strongly_typed and PRECISION_FLAGS & {f.name for f in config.flags}:
+            return None   # TensorRT 10 logs: precision flags are not allowed in a strongly typed network
         max_batch = config.profiles[0].shapes["pixel_values"][2][0]
         return memoryview(b"PLAN:" + ",".join(f.name for f in config.flags).encode() + f";max={max_batch}".encode())
 
@@ -375,17 +407,24 @@ def fake_trt(version="10.5.0.18"):
         __version__=version, Logger=Logger, Builder=Builder, OnnxParser=OnnxParser, LayerType=LayerType,
         BuilderFlag=BuilderFlag, MemoryPoolType=MemoryPoolType, Runtime=Runtime,
         NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag,
-        float32=DataType.FLOAT, float16=DataType.HALF, int8=DataType.INT8, int32=DataType.INT32)
+        float32=DataType.FLOAT, float16=DataType.HALF, int8=DataType.INT8, int32=DataType.INT32, fp8=DataType.FP8)
 
 
 class BuilderFlag11(enum.Enum):
     """TensorRT 11: the weak-typing flags are gone."""
-    VERSION_COMPATIBLE = 6
+    VERSION_COMPATIBLE = 12
 
 
-def fake_trt11(version="11.1.0.106"):
+class Builder11(Builder):
+    """TensorRT 11: every network is strongly typed, the flag is ignored."""
+    always_strongly_typed = True
+
+
+def fake_trt11(version="11.3.0.99", *, with_flag=True):
     trt = fake_trt(version)
     trt.BuilderFlag = BuilderFlag11
+    trt.Builder = Builder11
+    trt.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag11 if with_flag else types.SimpleNamespace()
     return trt
 
 
@@ -398,6 +437,7 @@ def _reset():
 
 
 def _onnx(tmp_path, text="GRAPH") -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     p = tmp_path / "model.onnx"
     p.write_text(text)
     return p
@@ -408,30 +448,31 @@ def _layers(builder) -> dict:
 
 
 # --------------------------------------------------------------------------- build_engine
-def test_fp16_engine_profile_flags_and_fp32_pins(tmp_path):
+def test_fp16_engine_is_strongly_typed_from_the_fp16_graph(tmp_path):
     plan = tmp_path / "out" / "model.plan"
-    info = tbm.build_engine(_onnx(tmp_path), plan, trt_module=fake_trt(), precision="fp16", max_batch=8,
-                            workspace_bytes=2 << 30, builder_optimization_level=4)
+    info = tbm.build_engine(_onnx(tmp_path, "FP16 GRAPH"), plan, trt_module=fake_trt(), precision="fp16",
+                            max_batch=8, workspace_bytes=2 << 30, builder_optimization_level=4)
     b = Builder.instances[-1]
     cfg = b.config
+    # TensorRT 10: the STRONGLY_TYPED bit (1 << 1), nothing else
+    assert b.network.flags == 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED.value and b.network.strongly_typed
+    assert info["strongly_typed"] is True and info["network_flags"] == ["STRONGLY_TYPED"]
+    # no precision flag (the graph's types are the precision) and no precision constraint
+    assert cfg.flags == [] and info["builder_flags"] == []
     # one profile: min 1, opt = max = max_batch_size (docs/field-notes.md #7)
     assert len(cfg.profiles) == 1
     assert cfg.profiles[0].shapes == {"pixel_values": ((1, 3, IMG, IMG), (8, 3, IMG, IMG), (8, 3, IMG, IMG))}
     assert info["profile"] == {"min": [1, 3, IMG, IMG], "opt": [8, 3, IMG, IMG], "max": [8, 3, IMG, IMG]}
-    assert BuilderFlag.FP16 in cfg.flags and BuilderFlag.OBEY_PRECISION_CONSTRAINTS in cfg.flags
-    assert BuilderFlag.INT8 not in cfg.flags and BuilderFlag.VERSION_COMPATIBLE not in cfg.flags
     assert cfg.pools == {MemoryPoolType.WORKSPACE: 2 << 30}
     assert cfg.builder_optimization_level == 4
-    assert b.network.flags == 0   # TensorRT 10: explicit batch is the default, no flag
+    # the FP32 islands are the graph's: LayerNorm, Softmax, patch embedding and head
     layers = _layers(b)
-    pinned = {"norm1", "norm_final", "softmax", "patch_mean", "head_matmul", "head_add"}
-    for name in pinned:
-        assert layers[name].precision == DataType.FLOAT, name
-        assert layers[name].output_types == {0: DataType.FLOAT}, name
-    for name in ("qkv", "attn_qk", "attn_v", "patch_embed", "residual", "concat"):
-        assert not layers[name].precision_set, f"{name} must stay free to run in FP16"
-    assert set(info["fp32_pinned_layer_names"]) == pinned and info["fp32_pinned_layers"] == 6
-    assert plan.read_bytes() == b"PLAN:FP16,OBEY_PRECISION_CONSTRAINTS;max=8"
+    for name in ("norm1", "norm_final", "softmax", "patch_embed", "head_matmul", "head_add"):
+        assert layers[name].get_output(0).dtype == DataType.FLOAT, name
+    for name in ("qkv", "attn_qk", "attn_v", "residual"):
+        assert layers[name].get_output(0).dtype == DataType.HALF, name
+    assert info["tensor_types"] == {"float16": 8, "float32": 14}
+    assert plan.read_bytes() == b"PLAN:;max=8"
     assert info["plan_bytes"] == plan.stat().st_size and info["tensorrt_version"] == "10.5.0.18"
     assert not list(plan.parent.glob("*.tmp"))
 
@@ -440,28 +481,40 @@ def test_int8_engine_explicit_quantization(tmp_path):
     plan = tmp_path / "model.plan"
     info = tbm.build_engine(_onnx(tmp_path, "QDQ GRAPH"), plan, trt_module=fake_trt(), precision="int8",
                             max_batch=16, opt_batch=4, version_compatible=True)
-    cfg = Builder.instances[-1].config
-    assert {BuilderFlag.INT8, BuilderFlag.FP16, BuilderFlag.OBEY_PRECISION_CONSTRAINTS,
-            BuilderFlag.VERSION_COMPATIBLE} <= set(cfg.flags)
-    assert cfg.profiles[0].shapes["pixel_values"] == ((1, 3, IMG, IMG), (4, 3, IMG, IMG), (16, 3, IMG, IMG))
-    layers = _layers(Builder.instances[-1])
-    # Q/DQ layers are left alone (their int8 output must not be forced to FP32)
-    assert not layers["q_act"].precision_set and not layers["dq_act"].precision_set
-    assert layers["softmax"].precision == DataType.FLOAT
-    assert info["builder_flags"] == ["FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "VERSION_COMPATIBLE"]
+    b = Builder.instances[-1]
+    assert b.network.strongly_typed and b.config.flags == [BuilderFlag.VERSION_COMPATIBLE]
+    assert b.config.profiles[0].shapes["pixel_values"] == ((1, 3, IMG, IMG), (4, 3, IMG, IMG), (16, 3, IMG, IMG))
+    assert info["builder_flags"] == ["VERSION_COMPATIBLE"] and info["tensor_types"]["int8"] == 1
+    assert "float16" not in info["tensor_types"]      # FP32 outside the Q/DQ, as the onnx_int8 graph has it
 
 
-def test_no_pins_no_constraint_flag_and_timing_cache(tmp_path):
+def test_the_graph_types_must_be_the_precision_asked_for(tmp_path):
+    """A strongly typed build of the FP32 graph is an FP32 engine: never
+    published under an fp16 (or int8, fp8) name; nothing is written."""
+    trt = fake_trt()
+    plan = tmp_path / "model.plan"
+    cases = [("GRAPH", "fp16", r"no float16 tensor.*float32 16.*onnx_fp16 graph"),
+             ("FP16 GRAPH", "int8", r"no int8 tensor.*Q/DQ onnx_int8 graph"),
+             ("QDQ GRAPH", "fp8", r"no fp8 tensor.*FP8 Q/DQ graph"),
+             ("FP16 GRAPH", "fp32", r"holds float16 tensors.*FP32 onnx graph"),
+             ("QDQ GRAPH", "fp32", r"holds int8 tensors")]
+    for text, precision, match in cases:
+        with pytest.raises(tbm.EngineBuildError, match=match):
+            tbm.build_engine(_onnx(tmp_path, text), plan, trt_module=trt, precision=precision, max_batch=8)
+        assert Builder.instances[-1].config is None, "refused before any build"
+    assert not plan.exists()
+    info = tbm.build_engine(_onnx(tmp_path), plan, trt_module=trt, precision="fp32", max_batch=8)
+    assert info["tensor_types"] == {"float32": 16} and plan.is_file()
+
+
+def test_timing_cache_is_loaded_and_saved(tmp_path):
     cache = tmp_path / "cache" / "timing.cache"
-    info = tbm.build_engine(_onnx(tmp_path), tmp_path / "a.plan", trt_module=fake_trt(), precision="fp16",
-                            max_batch=4, fp32_layers=(), timing_cache=cache)
-    cfg = Builder.instances[-1].config
-    assert BuilderFlag.OBEY_PRECISION_CONSTRAINTS not in cfg.flags
-    assert not any(layer.precision_set for layer in Builder.instances[-1].network.layers)
+    info = tbm.build_engine(_onnx(tmp_path, "FP16 GRAPH"), tmp_path / "a.plan", trt_module=fake_trt(),
+                            precision="fp16", max_batch=4, timing_cache=cache)
     assert cache.read_bytes() == b"CACHE" and info["timing_cache"]["loaded_bytes"] == 0
     # a second build starts from the saved cache
-    tbm.build_engine(_onnx(tmp_path), tmp_path / "b.plan", trt_module=fake_trt(), precision="fp16",
-                     max_batch=4, fp32_layers=(), timing_cache=cache)
+    tbm.build_engine(_onnx(tmp_path, "FP16 GRAPH"), tmp_path / "b.plan", trt_module=fake_trt(), precision="fp16",
+                     max_batch=4, timing_cache=cache)
     assert Builder.instances[-1].config.timing_cache.blob == b"CACHE"
 
 
@@ -471,18 +524,15 @@ def test_build_errors_write_nothing(tmp_path):
     with pytest.raises(tbm.EngineBuildError, match="could not parse.*unsupported op"):
         tbm.build_engine(_onnx(tmp_path, "BROKEN"), plan, trt_module=trt, precision="fp16", max_batch=8)
     with pytest.raises(tbm.EngineBuildError, match=r"inputs are \['images'\]"):
-        tbm.build_engine(_onnx(tmp_path, "WRONGNAME"), plan, trt_module=trt, precision="fp16", max_batch=8)
+        tbm.build_engine(_onnx(tmp_path, "FP16 WRONGNAME"), plan, trt_module=trt, precision="fp16", max_batch=8)
     FAKE_STATE["fail_build"] = True
     with pytest.raises(tbm.EngineBuildError, match="failed to build the fp16 engine"):
-        tbm.build_engine(_onnx(tmp_path), plan, trt_module=trt, precision="fp16", max_batch=8)
+        tbm.build_engine(_onnx(tmp_path, "FP16 GRAPH"), plan, trt_module=trt, precision="fp16", max_batch=8)
     with pytest.raises(ValueError, match="opt batch 9"):
         tbm.build_engine(_onnx(tmp_path), plan, trt_module=trt, precision="fp16", max_batch=8, opt_batch=9)
     with pytest.raises(ValueError, match="precision"):
         tbm.build_engine(_onnx(tmp_path), plan, trt_module=trt, precision="int4", max_batch=8)
     assert not plan.exists()
-    with pytest.raises(ValueError, match="unknown layer kind"):
-        tbm.parse_fp32_layers("normalization,layernorm", trt)
-    assert tbm.parse_fp32_layers("Normalization, softmax,head", trt) == ("normalization", "softmax", "head")
 
 
 # --------------------------------------------------------------------------- version pin + stamping
@@ -516,11 +566,12 @@ H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "cc": 
         "device": 0, "compatible_gpu_ids": [0, 1]}
 
 
-def _build_plan(tmp_path, *, version="10.5.0.18", cc=(9, 0), precision="fp16", trt=None, **kw):
+def _build_plan(tmp_path, *, version="10.5.0.18", cc=(9, 0), precision="fp16", trt=None, graph="FP16 GRAPH",
+                pinned="10.5.0.18", **kw):
     pins = tmp_path / "triton_version.sh"
-    pins.write_text(PIN_TEXT)
+    pins.write_text(PIN_TEXT.replace("TRITON_TENSORRT_VERSION=10.5.0.18", f"TRITON_TENSORRT_VERSION={pinned}"))
     gpu = {**H100, "compute_capability": f"{cc[0]}.{cc[1]}", "cc": cc}
-    return tbm.build_plan(_onnx(tmp_path), tmp_path / "model.plan", precision=precision, max_batch=8,
+    return tbm.build_plan(_onnx(tmp_path, graph), tmp_path / "model.plan", precision=precision, max_batch=8,
                           timing_cache=None, versions_file=pins, import_trt=lambda: trt or fake_trt(version),
                           get_gpu=lambda: gpu, **kw)
 
@@ -558,52 +609,79 @@ def test_version_compatible_plan_from_an_older_tensorrt(tmp_path):
         _build_plan(tmp_path, version="10.6.0.26", version_compatible=True)
 
 
-def test_tensorrt_11_is_refused_clearly(tmp_path):
-    with pytest.raises(tbm.EngineBuildError, match="no weakly typed builds"):
-        tbm.build_engine(_onnx(tmp_path), tmp_path / "m.plan", trt_module=fake_trt11(), precision="fp16",
+def test_tensorrt_11_builds_the_same_strongly_typed_network(tmp_path):
+    """One code path for TensorRT 10 and 11: no attribute TensorRT 11 removed
+    is touched (its BuilderFlag has no FP16/INT8/FP8/precision constraints),
+    the STRONGLY_TYPED flag is passed where the enum still has it (11 ignores
+    it) and left out where it does not."""
+    for precision, graph in (("fp16", "FP16 GRAPH"), ("int8", "QDQ GRAPH"), ("fp8", "FP8 QDQ GRAPH")):
+        plan = tmp_path / f"{precision}.plan"
+        info = tbm.build_engine(_onnx(tmp_path, graph), plan, trt_module=fake_trt11(), precision=precision,
+                                max_batch=8, version_compatible=True)
+        b = Builder.instances[-1]
+        assert b.network.flags == 1 << NetworkDefinitionCreationFlag11.STRONGLY_TYPED.value
+        assert info["network_flags"] == ["STRONGLY_TYPED"] and info["builder_flags"] == ["VERSION_COMPATIBLE"]
+        assert b.config.flags == [BuilderFlag11.VERSION_COMPATIBLE] and plan.is_file()
+        assert info["tensorrt_version"] == "11.3.0.99"
+    info = tbm.build_engine(_onnx(tmp_path, "FP16 GRAPH"), tmp_path / "m.plan", trt_module=fake_trt11(with_flag=False),
+                            precision="fp16", max_batch=8)
+    assert Builder.instances[-1].network.flags == 0 and info["network_flags"] == [] and info["strongly_typed"]
+
+
+def test_tensorrt_older_than_10_is_refused(tmp_path):
+    old = fake_trt("8.6.1.6")
+    old.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0)   # 8.6: no STRONGLY_TYPED
+    with pytest.raises(tbm.EngineBuildError, match=r"8\.6\.1\.6: this builder builds strongly typed networks with "
+                                                    r"TensorRT >= 10"):
+        tbm.build_engine(_onnx(tmp_path, "FP16 GRAPH"), tmp_path / "m.plan", trt_module=old, precision="fp16",
                          max_batch=8)
-    assert not (tmp_path / "m.plan").exists()
+    assert not (tmp_path / "m.plan").exists() and not Builder.instances
 
 
-def test_a_pinned_tensorrt_without_weak_typing_is_refused_before_docker(tmp_path, monkeypatch, capsys):
+def test_build_plan_accepts_the_pinned_tensorrt_11(tmp_path):
+    info = _build_plan(tmp_path, version="11.3.0.99", pinned="11.3.0.99", trt=fake_trt11())
+    assert info["version_check"]["match"] is True and info["config_parameters"]["tensorrt_version"] == "11.3.0.99"
+    assert (tmp_path / "model.plan").read_bytes() == b"PLAN:;max=8"
+    # the exact-version rule holds in 11 as in 10
+    with pytest.raises(tbm.VersionMismatch, match=r"11\.3\.0\.99 cannot build a plan for TensorRT 10\.5\.0\.18"):
+        _build_plan(tmp_path, version="11.3.0.99", trt=fake_trt11())
+    with pytest.raises(tbm.VersionMismatch, match="same TensorRT major"):
+        _build_plan(tmp_path, version="10.5.0.18", pinned="11.3.0.99", version_compatible=True)
+
+
+def test_a_pinned_tensorrt_11_goes_on_to_the_container(tmp_path, monkeypatch, capsys):
     """The builder and the pin agree on the first TensorRT without weakly typed
-    builds; with such a TensorRT pinned, `--in-container` plan builds stop on
-    the host with the reason (no docker call, no multi-GB pull), and the whole
-    export warns that its TensorRT variants will fail."""
+    builds, and such a pin no longer stops `--in-container` plan builds
+    before docker, nor warns a whole export that its TensorRT variants fail:
+    both reach docker (missing here)."""
     from dinov2_triton.core import release_pin
     from dinov2_triton.export import container as trt_box
     from dinov2_triton.serve.container import ContainerError
 
     assert tbm.STRONGLY_TYPED_ONLY_MAJOR == release_pin.TENSORRT_STRONGLY_TYPED_ONLY_MAJOR
-    ten, eleven = tmp_path / "pin10.env", tmp_path / "pin11.env"
-    ten.write_text(PIN_TEXT)
+    eleven = tmp_path / "pin11.env"
     eleven.write_text(PIN_TEXT.replace("TRITON_TENSORRT_VERSION=10.5.0.18", "TRITON_TENSORRT_VERSION=11.3.0.99"))
-    assert release_pin.load_pin(ten).tensorrt_weakly_typed
     pin11 = release_pin.load_pin(eleven)
     assert not pin11.tensorrt_weakly_typed
-    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))     # no docker here: a refusal comes first or not at all
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))     # no docker here
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(trt_box.ContainerBuildError, match="TensorRT 11.3.0.99 .* no weakly typed builds"):
-        trt_box.run_in_container(["--onnx", "x.onnx"], mode="plans", pin=pin11)
-    with pytest.raises(ContainerError, match="docker not found"):        # TensorRT 10: on to docker
-        trt_box.run_in_container(["--onnx", "x.onnx"], mode="plans", pin=release_pin.load_pin(ten))
     lock = tmp_path / "lock.txt"
     lock.write_text("# python: 3.10\n")
-    capsys.readouterr()
-    with pytest.raises(ContainerError, match="docker not found"):
-        trt_box.run_in_container(["--variants", "onnx,trt_fp16"], mode="export", pin=pin11, lock_file=lock)
-    assert "the TensorRT variants will fail, the others are built" in capsys.readouterr().err
-    pin = release_pin.load_pin()
-    if not pin.tensorrt_weakly_typed:       # the real pin (NGC 26.09: TensorRT 11) takes the same path
-        with pytest.raises(trt_box.ContainerBuildError, match="no weakly typed builds"):
+    for pin in (pin11, release_pin.load_pin()):          # a TensorRT 11 pin and the real one (NGC 26.09)
+        capsys.readouterr()
+        with pytest.raises(ContainerError, match="docker not found"):
             trt_box.run_in_container(["--onnx", "x.onnx"], mode="plans", pin=pin)
+        if pin is pin11:
+            with pytest.raises(ContainerError, match="docker not found"):
+                trt_box.run_in_container(["--variants", "onnx,trt_fp16"], mode="export", pin=pin, lock_file=lock)
+        assert "WARNING" not in capsys.readouterr().err
 
 
 def test_fp8_needs_ada_or_hopper(tmp_path):
     with pytest.raises(tbm.TensorRTUnavailable, match=r"FP8 needs compute capability >= 8\.9.*8\.0"):
-        _build_plan(tmp_path, cc=(8, 0), precision="fp8")
-    info = _build_plan(tmp_path, cc=(9, 0), precision="fp8")
-    assert "FP8" in info["builder_flags"]
+        _build_plan(tmp_path, cc=(8, 0), precision="fp8", graph="FP8 QDQ GRAPH")
+    info = _build_plan(tmp_path, cc=(9, 0), precision="fp8", graph="FP8 QDQ GRAPH")
+    assert info["tensor_types"]["fp8"] == 1 and info["builder_flags"] == []
 
 
 # --------------------------------------------------------------------------- GPU discovery
@@ -653,8 +731,8 @@ def test_gpu_info_reports_every_failed_source(only_nvidia_smi):
 # --------------------------------------------------------------------------- the engine runner
 def _plan(tmp_path, *, max_batch=4, version_compatible=False, name="model.plan"):
     plan = tmp_path / name
-    tbm.build_engine(_onnx(tmp_path), plan, trt_module=fake_trt(), precision="fp16", max_batch=max_batch,
-                     version_compatible=version_compatible)
+    tbm.build_engine(_onnx(tmp_path, "FP16 GRAPH"), plan, trt_module=fake_trt(), precision="fp16",
+                     max_batch=max_batch, version_compatible=version_compatible)
     return plan
 
 
@@ -718,7 +796,8 @@ def test_variant_build_records_version_compatibility_for_its_runner(tmp_path, mo
     monkeypatch.setattr(te, "gpu_info", lambda: dict(H100))
     ctx = types.SimpleNamespace(options={"trt_version_compatible": "true", "trt_versions_file": str(pins),
                                          "trt_timing_cache": ""},
-                                max_batch_size=4, work_dir=tmp_path / "work", artifacts={"onnx": _onnx(tmp_path)})
+                                max_batch_size=4, work_dir=tmp_path / "work",
+                                artifacts={"onnx": _onnx(tmp_path), "onnx_fp16": _onnx(tmp_path / "staged", "FP16")})
     out = tmp_path / "staged" / "1" / "model.plan"
     out.parent.mkdir(parents=True)
     real_build_plan = te.build_plan
@@ -726,6 +805,8 @@ def test_variant_build_records_version_compatibility_for_its_runner(tmp_path, mo
         *a, **kw, import_trt=lambda: fake_trt(), get_gpu=lambda: dict(H100)))
     info = te.build_trt_fp16(ctx, out)
     assert info["version_compatible"] is True and out.is_file()
+    # built from the onnx_fp16 graph (the FP32 one would be refused as not fp16)
+    assert info["source_variant"] == "onnx_fp16" and info["onnx"] == str(ctx.artifacts["onnx_fp16"])
     assert te.plan_is_version_compatible(out)
     assert te.engine_runner(out, trt_module=fake_trt(), device=FakeDevice())
 
@@ -736,7 +817,8 @@ def test_missing_parent_artifact_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(te, "import_tensorrt", lambda: fake_trt())
     monkeypatch.setattr(te, "gpu_info", lambda: dict(H100))
     ctx = types.SimpleNamespace(options={}, max_batch_size=8, work_dir=tmp_path / "work", artifacts={})
-    for build, parent in ((te.build_trt_fp16, "onnx"), (te.build_trt_int8, "onnx_int8"), (te.build_trt_fp8, "onnx")):
+    for build, parent in ((te.build_trt_fp16, "onnx_fp16"), (te.build_trt_int8, "onnx_int8"),
+                          (te.build_trt_fp8, "onnx")):
         with pytest.raises(tbm.EngineBuildError, match=f"`{parent}` artifact is missing"):
             build(ctx, tmp_path / "model.plan")
 
@@ -753,7 +835,7 @@ def test_variants_skip_without_tensorrt_and_write_nothing(no_tensorrt, tmp_path)
 
     (tmp_path / "parent.onnx").write_bytes(b"x")
     ctx = types.SimpleNamespace(options={}, max_batch_size=8, work_dir=tmp_path / "work",
-                                artifacts={"onnx": tmp_path / "parent.onnx", "onnx_int8": tmp_path / "parent.onnx"})
+                                artifacts={n: tmp_path / "parent.onnx" for n in ("onnx", "onnx_fp16", "onnx_int8")})
     for name in ("trt_fp16", "trt_int8", "trt_fp8"):
         v = get_variant(name)
         assert v.platform == "tensorrt_plan" and v.filename == "model.plan"
@@ -765,9 +847,36 @@ def test_variants_skip_without_tensorrt_and_write_nothing(no_tensorrt, tmp_path)
         assert not any(out.parent.iterdir()), "no placeholder file"
         with pytest.raises(SkipVariant, match="cannot run: needs an NVIDIA GPU and TensorRT"):
             v.load_runner(out)
-    assert [get_variant(n).parent for n in ("trt_fp16", "trt_int8", "trt_fp8")] == ["onnx", "onnx_int8", "onnx"]
     assert [get_variant(n).gate for n in ("trt_fp16", "trt_int8", "trt_fp8")] == ["fp16", "int8", "fp8"]
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.plan"))
+
+
+def test_each_plan_is_built_from_the_graph_whose_types_it_has():
+    """Strongly typed: the parent graph is the precision. trt_fp16 comes from
+    onnx_fp16 (AutoCast), trt_int8 from the Q/DQ onnx_int8, trt_fp8 from an
+    FP8 Q/DQ graph it makes of onnx; the build order puts each parent first."""
+    import dinov2_triton.export.variants.tensorrt  # noqa: F401 - registers the TensorRT variants
+    from dinov2_triton.export.registry import build_order, get_variant
+
+    assert {n: get_variant(n).parent for n in ("trt_fp16", "trt_int8", "trt_fp8")} == {
+        "trt_fp16": "onnx_fp16", "trt_int8": "onnx_int8", "trt_fp8": "onnx"}
+    assert build_order(["trt_fp16"]) == ["onnx", "onnx_fp16", "trt_fp16"]
+    assert build_order(["trt_int8"]) == ["onnx", "onnx_int8", "trt_int8"]
+    order = build_order(["trt_fp8", "trt_int8", "trt_fp16"])
+    assert set(order) == {"onnx", "onnx_fp16", "onnx_int8", "trt_fp16", "trt_int8", "trt_fp8"}
+    assert all(order.index(get_variant(n).parent) < order.index(n) for n in order if get_variant(n).parent)
+
+
+def test_the_removed_fp32_layers_option_is_refused(tmp_path, monkeypatch):
+    from dinov2_triton.export.variants import tensorrt as te
+
+    monkeypatch.setattr(te, "import_tensorrt", lambda: fake_trt())
+    monkeypatch.setattr(te, "gpu_info", lambda: dict(H100))
+    ctx = types.SimpleNamespace(options={"trt_fp32_layers": "normalization,softmax"}, max_batch_size=8,
+                                work_dir=tmp_path / "work", artifacts={"onnx_fp16": _onnx(tmp_path, "FP16")})
+    with pytest.raises(tbm.EngineBuildError, match="trt_fp32_layers: no longer an option.*fp16_keep_fp32"):
+        te.build_trt_fp16(ctx, tmp_path / "model.plan")
+    assert not (tmp_path / "model.plan").exists() and not Builder.instances
 
 
 def test_cli_fails_clearly_without_tensorrt(no_tensorrt, tmp_path, capsys):
@@ -809,8 +918,18 @@ def test_real_tensorrt_engine_from_tiny_onnx(tmp_path):
     model = scale_head(tiny_model())
     onnx_path = tmp_path / "model.onnx"
     export_onnx(export_module(model), torch.randn(2, 3, IMG, IMG), onnx_path)
-    info = tbm.build_engine(onnx_path, tmp_path / "model.plan", trt_module=trt, precision="fp16", max_batch=4)
-    assert info["fp32_pinned_layers"] > 0
+    # strongly typed: the FP32 graph is no fp16 engine, the AutoCast graph (as onnx_fp16 makes it) is
+    with pytest.raises(tbm.EngineBuildError, match="no float16 tensor"):
+        tbm.build_engine(onnx_path, tmp_path / "model.plan", trt_module=trt, precision="fp16", max_batch=4)
+    pytest.importorskip("modelopt")
+    from dinov2_triton.export.variants.onnx_fp16 import run_convert
+
+    fp16_path = tmp_path / "model_fp16.onnx"
+    run_convert(onnx_path, fp16_path, keep_ops=["LayerNormalization", "Softmax"], keep_nodes=[], data_max=512.0,
+                range_data=None)
+    info = tbm.build_engine(fp16_path, tmp_path / "model.plan", trt_module=trt, precision="fp16", max_batch=4)
+    assert info["tensor_types"].get("float16") and info["tensor_types"].get("float32")
+    assert info["builder_flags"] == [] and info["strongly_typed"]
     run = engine_runner(tmp_path / "model.plan")
     x = np.random.default_rng(0).standard_normal((6, 3, IMG, IMG)).astype(np.float32)
     logits, emb = run(x)

@@ -103,15 +103,6 @@ def run_in_container(args: Sequence[str], *, mode: str, lock_file: str | os.Path
     from dinov2_triton.serve.container import check_host
 
     pin = pin or load_pin()
-    if not pin.tensorrt_weakly_typed:
-        gap = (f"the pinned TensorRT {pin.tensorrt} (NGC {pin.container_tag}, {pin.file}) has no weakly typed "
-               f"builds, and dinov2_triton/export/trt_build_main.py builds FP16/INT8 plans only that way "
-               f"(TensorRT 10)")
-        if mode == "plans":
-            raise ContainerBuildError(f"{gap}: no plan can be built in {pin.tensorrt_image}")
-        if any("trt_" in a for a in args):
-            print(f"[in-container] WARNING: {gap}; the TensorRT variants will fail, the others are built",
-                  file=sys.stderr, flush=True)
     if mode == "export":
         path = Path(lock_file or DEFAULT_LOCK_FILE)
         if not path.is_file():

@@ -1,6 +1,6 @@
 """TensorRT engine building, usable on its own inside the NVIDIA TensorRT
-container: `python -m dinov2_triton.export.trt_build_main --onnx model.onnx --plan model.plan
---precision fp16 --max-batch 8`; with `--in-container` it runs itself inside the
+container: `python -m dinov2_triton.export.trt_build_main --onnx dinov2_onnx_fp16/1/model.onnx
+--plan model.plan --precision fp16 --max-batch 8`; with `--in-container` it runs itself inside the
 pinned TensorRT container (dinov2_triton.export.container).
 
 Imports only the standard library and this project's stdlib-only helpers
@@ -9,15 +9,22 @@ TensorRT's Python bindings, not this project's dependencies. The export
 variants (`dinov2_triton.export.variants.tensorrt`) call the same functions.
 
 - `build_engine(..., trt_module=...)` takes the `tensorrt` module as a
-  parameter, so its logic (profile, precision flags, FP32-pinned layers,
+  parameter, so its logic (network flags, the graph's types, profile,
   timing cache) is unit-tested against a fake where TensorRT cannot be
   installed (tests/test_tensorrt_build.py).
+- Strongly typed networks only (NetworkDefinitionCreationFlag.STRONGLY_TYPED;
+  TensorRT 11 builds nothing else and ignores the flag), one code path for
+  TensorRT 10 and 11: the precision is the ONNX graph's types, never a
+  builder flag (BuilderFlag.FP16/INT8/FP8, layer precisions and
+  OBEY_PRECISION_CONSTRAINTS are gone in TensorRT 11). trt_fp16 builds from
+  the onnx_fp16 graph (ModelOpt AutoCast: LayerNorm, Softmax, patch
+  embedding and head FP32 in the graph itself), trt_int8 from the Q/DQ
+  onnx_int8 graph, trt_fp8 from a ModelOpt FP8 Q/DQ graph. The build checks
+  the parsed types against the precision asked for, so an FP32 graph is
+  never built under an fp16 name.
 - One optimization profile for `pixel_values`: min batch 1, opt, and max =
   max_batch_size exactly; a larger max wastes memory, a smaller one makes
   Triton fail with "expected the shape of dimension 0 to be between 1 and 1".
-- LayerNorm (normalization layers), Softmax, reductions and the final head
-  are pinned to FP32 with OBEY_PRECISION_CONSTRAINTS: in FP16 they lose the
-  accuracy the gates demand.
 - Versions: a standard plan loads only in the exact TensorRT (all four
   version parts) that built it, on the GPU architecture it was built for. The
   installed TensorRT must therefore equal the pinned container's
@@ -27,9 +34,6 @@ variants (`dinov2_triton.export.variants.tensorrt`) call the same functions.
   `IRuntime.engine_host_code_allowed = True` here, and
   `--backend-config=tensorrt,version-compatible=true` in Triton
   (`dinov2-triton serve container` passes it when the repository holds such plans).
-- TensorRT 11 removed weakly typed builds (BuilderFlag.FP16/INT8 and the
-  precision constraints); this builder targets the TensorRT 10 of the pin
-  and says so instead of failing on a missing attribute.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from dinov2_triton.core.artifact_io import atomic_write_bytes, atomic_write_text, dumps_json, sha256_file
 from dinov2_triton.core.release_pin import PIN_FILE, PinError, ReleasePin, load_pin
@@ -52,16 +56,15 @@ log = logging.getLogger(__name__)
 
 VERSIONS_FILE = PIN_FILE
 INPUT_NAME = "pixel_values"
-HEAD_OUTPUT = "logits"
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
-# Layer kinds pinned to FP32 by default. Names are trt.LayerType members
-# (lower case) plus "head" (the layers from the last matrix multiply to `logits`).
-DEFAULT_FP32_LAYERS = ("normalization", "softmax", "reduce", "head")
 NEEDS_GPU = "not built: needs an NVIDIA GPU and TensorRT"
 # FP8 tensor cores: Ada (8.9) and Hopper (9.0) or newer.
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
-# First TensorRT major without weakly typed networks (BuilderFlag.FP16/INT8 removed).
+# First TensorRT major without weakly typed networks (BuilderFlag.FP16/INT8 removed;
+# NetworkDefinitionCreationFlag.STRONGLY_TYPED accepted and ignored).
 STRONGLY_TYPED_ONLY_MAJOR = 11
+# Oldest TensorRT this builder supports: 10 (strongly typed networks, explicit batch by default).
+MIN_TENSORRT_MAJOR = 10
 NVIDIA_SMI_QUERY = ("nvidia-smi", "--query-gpu=index,name,compute_cap,driver_version,memory.total",
                     "--format=csv,noheader,nounits")
 
@@ -263,77 +266,83 @@ def trt_major(trt_module) -> int:
         return 0
 
 
-def parse_fp32_layers(value: str | Iterable[str], trt_module=None) -> tuple[str, ...]:
-    items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-    if trt_module is not None:
-        known = {n.lower() for n in dir(trt_module.LayerType) if not n.startswith("_")} | {"head"}
-        bad = [i for i in items if i not in known]
-        if bad:
-            raise ValueError(f"trt_fp32_layers: unknown layer kind(s) {bad}; use trt.LayerType names "
-                             f"(normalization, softmax, reduce, ...) or 'head'")
-    return tuple(dict.fromkeys(items))
+# What each precision's graph must hold: a strongly typed network runs every
+# tensor in the type the ONNX graph gives it, so a graph without these types
+# would silently build an FP32 plan under a reduced-precision name.
+REDUCED_TYPES = ("float16", "bfloat16", "int8", "fp8")
+PRECISION_GRAPH_TYPE = {"fp16": "float16", "int8": "int8", "fp8": "fp8"}
+PRECISION_SOURCE = {"fp16": "the onnx_fp16 graph (ModelOpt AutoCast, FP32 kept where its types say)",
+                    "int8": "the Q/DQ onnx_int8 graph (ModelOpt INT8 PTQ)",
+                    "fp8": "a ModelOpt FP8 Q/DQ graph",
+                    "fp32": "the FP32 onnx graph"}
 
 
-def _head_layers(network, trt) -> list:
-    """Layers from the last matrix multiply up to the `logits` output (the
-    head: MatMul + bias add, possibly reshapes)."""
-    producer = {}
+def dtype_name(dtype, trt) -> str:
+    """'float32', 'float16', 'int8', 'fp8', ... for a trt.DataType."""
+    names = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int8": "int8", "fp8": "fp8",
+             "int32": "int32", "int64": "int64", "bool": "bool", "uint8": "uint8"}
+    for alias, name in names.items():
+        if hasattr(trt, alias) and dtype == getattr(trt, alias):
+            return name
+    return str(getattr(dtype, "name", dtype)).lower()
+
+
+def network_types(network, trt) -> dict[str, int]:
+    """How many layer outputs of each data type the parsed network has. In a
+    strongly typed network these are final: the ONNX graph's types, then
+    TensorRT's type inference; the builder changes none of them."""
+    counts: dict[str, int] = {}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         for j in range(layer.num_outputs):
-            producer[layer.get_output(j).name] = layer
-    out = next((network.get_output(i) for i in range(network.num_outputs)
-                if network.get_output(i).name == HEAD_OUTPUT), None)
-    if out is None:
-        return []
-    chain, name = [], out.name
-    for _ in range(8):
-        layer = producer.get(name)
-        if layer is None:
-            break
-        chain.append(layer)
-        if layer.type in (trt.LayerType.MATRIX_MULTIPLY, getattr(trt.LayerType, "FULLY_CONNECTED", None)):
-            return chain
-        inputs = [layer.get_input(k) for k in range(layer.num_inputs)]
-        nxt = [t for t in inputs if t is not None and t.name in producer
-               and producer[t.name].type != trt.LayerType.CONSTANT]
-        if not nxt:
-            break
-        name = nxt[0].name
-    return chain if any(layer.type == trt.LayerType.MATRIX_MULTIPLY for layer in chain) else []
+            name = dtype_name(layer.get_output(j).dtype, trt)
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
-def pin_fp32_layers(network, trt, kinds: Sequence[str]) -> list[str]:
-    """Set precision and output types to FP32 on the chosen layers; returns
-    the pinned layer names. Only floating outputs are constrained."""
-    types = {getattr(trt.LayerType, k.upper()) for k in kinds if k != "head" and hasattr(trt.LayerType, k.upper())}
-    chosen = {}
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in types:
-            chosen[layer.name] = layer
-    if "head" in kinds:
-        for layer in _head_layers(network, trt):
-            chosen[layer.name] = layer
-    floats = {trt.float32, trt.float16}
-    pinned = []
-    for name, layer in chosen.items():
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            if layer.get_output(j).dtype in floats:
-                layer.set_output_type(j, trt.float32)
-        pinned.append(name)
-    return pinned
+def check_graph_precision(types: Mapping[str, int], precision: str, onnx_path) -> None:
+    """EngineBuildError unless the graph's types are those of `precision`
+    (fp16: some float16; int8: int8 Q/DQ; fp8: FP8 Q/DQ; fp32: none reduced)."""
+    want = PRECISION_GRAPH_TYPE.get(precision)
+    if want is not None and not types.get(want):
+        raise EngineBuildError(
+            f"{onnx_path}: no {want} tensor in the graph ({types_text(types)}), so the strongly typed build would "
+            f"not be {precision}: build it from {PRECISION_SOURCE[precision]}")
+    if precision == "fp32":
+        reduced = [t for t in REDUCED_TYPES if types.get(t)]
+        if reduced:
+            raise EngineBuildError(f"{onnx_path}: the graph holds {', '.join(reduced)} tensors "
+                                   f"({types_text(types)}); an fp32 plan needs {PRECISION_SOURCE['fp32']}")
+
+
+def types_text(types: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in types.items()) or "no layers"
+
+
+def _create_strongly_typed_network(builder, trt, major: int):
+    """A strongly typed network: NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    (TensorRT 10; accepted and ignored by TensorRT 11, where every network is
+    strongly typed). Returns (network, flag names)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        if major >= STRONGLY_TYPED_ONLY_MAJOR:
+            return builder.create_network(0), []
+        raise EngineBuildError(f"TensorRT {getattr(trt, '__version__', '?')} has no "
+                               f"NetworkDefinitionCreationFlag.STRONGLY_TYPED: this builder needs TensorRT >= "
+                               f"{MIN_TENSORRT_MAJOR}")
+    return builder.create_network(1 << int(flag)), ["STRONGLY_TYPED"]
 
 
 def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, trt_module, precision: str,
                  max_batch: int, opt_batch: int | None = None, min_batch: int = 1,
-                 fp32_layers: Sequence[str] = DEFAULT_FP32_LAYERS, workspace_bytes: int | None = None,
-                 builder_optimization_level: int | None = None, version_compatible: bool = False,
-                 timing_cache: str | os.PathLike | None = None, logger=None) -> dict[str, Any]:
-    """Parse `onnx_path`, build a serialized engine with one optimization
+                 workspace_bytes: int | None = None, builder_optimization_level: int | None = None,
+                 version_compatible: bool = False, timing_cache: str | os.PathLike | None = None,
+                 logger=None) -> dict[str, Any]:
+    """Parse `onnx_path` into a strongly typed network, check that its types
+    are those of `precision`, build a serialized engine with one optimization
     profile for pixel_values (min_batch, opt_batch, max_batch), write it to
-    `plan_path` (atomically), and return what was done."""
+    `plan_path` (atomically), and return what was done. No precision builder
+    flag is set: the graph's types are the precision."""
     trt = trt_module
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose from {PRECISIONS}")
@@ -343,19 +352,13 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     if not min_batch <= opt_batch <= max_batch:
         raise ValueError(f"opt batch {opt_batch}: must be within {min_batch}..{max_batch} (max = max_batch_size)")
     major = trt_major(trt)
-    if major >= STRONGLY_TYPED_ONLY_MAJOR or not hasattr(trt.BuilderFlag, "FP16"):
-        raise EngineBuildError(
-            f"TensorRT {getattr(trt, '__version__', '?')} has no weakly typed builds (BuilderFlag.FP16/INT8 and "
-            f"precision constraints were removed in TensorRT {STRONGLY_TYPED_ONLY_MAJOR}); this builder targets "
-            f"TensorRT 10 as pinned in {PIN_FILE.name}: build in the pinned TensorRT container")
+    if major < MIN_TENSORRT_MAJOR:
+        raise EngineBuildError(f"TensorRT {getattr(trt, '__version__', '?')}: this builder builds strongly typed "
+                               f"networks with TensorRT >= {MIN_TENSORRT_MAJOR} (the pin: {PIN_FILE.name})")
     t0 = time.perf_counter()
     logger = logger or trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    # TensorRT 10 networks are always explicit-batch; 8.x needs the flag.
-    if major < 10:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    network, network_flags = _create_strongly_typed_network(builder, trt, major)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -369,30 +372,17 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         raise EngineBuildError(f"{onnx_path}: {INPUT_NAME} has dims {dims}, expected [batch, 3, H, W] "
                                f"with only the batch dynamic")
     chw = tuple(int(d) for d in dims[1:])
+    types = network_types(network, trt)
+    check_graph_precision(types, precision, onnx_path)
 
     config = builder.create_builder_config()
     flag_names: list[str] = []
-
-    def flag(name: str) -> None:
-        config.set_flag(getattr(trt.BuilderFlag, name))
-        flag_names.append(name)
-
-    if precision in ("fp16", "int8", "fp8"):
-        flag("FP16")          # layers outside the Q/DQ regions run in FP16 rather than FP32
-    if precision == "int8":
-        flag("INT8")          # explicit quantization: scales come from the Q/DQ nodes
-    if precision == "fp8":
-        flag("FP8")
-    pinned: list[str] = []
-    if precision != "fp32" and fp32_layers:
-        pinned = pin_fp32_layers(network, trt, fp32_layers)
-        if pinned:
-            flag("OBEY_PRECISION_CONSTRAINTS")
     if version_compatible:
-        # The plan embeds a lean runtime (host code): it loads in later TensorRT
-        # 10.x runtimes that allow host code (engine_runner, Triton's
-        # --backend-config=tensorrt,version-compatible=true).
-        flag("VERSION_COMPATIBLE")
+        # The plan embeds a lean runtime (host code): it loads in later runtimes
+        # of the same TensorRT major that allow host code (engine_runner,
+        # Triton's --backend-config=tensorrt,version-compatible=true).
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        flag_names.append("VERSION_COMPATIBLE")
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     if builder_optimization_level is not None:
@@ -424,20 +414,19 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
         cache_info["saved_bytes"] = cache_path.stat().st_size
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     return {"tensorrt_version": str(getattr(trt, "__version__", "?")), "precision": precision,
-            "builder_flags": flag_names, "input": INPUT_NAME, "outputs": outputs,
-            "profile": {k: list(v) for k, v in shapes.items()},
-            "fp32_layer_kinds": list(fp32_layers) if precision != "fp32" else [],
-            "fp32_pinned_layers": len(pinned), "fp32_pinned_layer_names": pinned[:200],
-            "workspace_bytes": workspace_bytes, "builder_optimization_level": builder_optimization_level,
+            "strongly_typed": True, "network_flags": network_flags, "builder_flags": flag_names,
+            "input": INPUT_NAME, "outputs": outputs, "profile": {k: list(v) for k, v in shapes.items()},
+            "tensor_types": types, "workspace_bytes": workspace_bytes,
+            "builder_optimization_level": builder_optimization_level,
             "version_compatible": bool(version_compatible), "timing_cache": cache_info,
             "network_layers": network.num_layers, "plan_bytes": len(data),
             "build_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, precision: str, max_batch: int,
-               opt_batch: int | None = None, fp32_layers: Sequence[str] | str = DEFAULT_FP32_LAYERS,
-               workspace_gb: float | None = None, builder_optimization_level: int | None = None,
-               version_compatible: bool = False, timing_cache: str | os.PathLike | None = "auto",
+               opt_batch: int | None = None, workspace_gb: float | None = None,
+               builder_optimization_level: int | None = None, version_compatible: bool = False,
+               timing_cache: str | os.PathLike | None = "auto",
                allow_version_mismatch: bool = False, versions_file: str | os.PathLike = VERSIONS_FILE,
                import_trt: Callable[[], Any] = import_tensorrt,
                get_gpu: Callable[[], Mapping[str, Any]] = gpu_info) -> dict[str, Any]:
@@ -456,11 +445,9 @@ def build_plan(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, pr
     pin = load_pin(versions_file)
     version_check = check_version(installed, pin, version_compatible=version_compatible,
                                   allow_mismatch=allow_version_mismatch)
-    kinds = parse_fp32_layers(fp32_layers, trt)
     cache = default_timing_cache(installed, gpu) if timing_cache == "auto" else timing_cache
     info = build_engine(onnx_path, plan_path, trt_module=trt, precision=precision, max_batch=max_batch,
-                        opt_batch=opt_batch, fp32_layers=kinds,
-                        workspace_bytes=int(workspace_gb * (1 << 30)) if workspace_gb else None,
+                        opt_batch=opt_batch, workspace_bytes=int(workspace_gb * (1 << 30)) if workspace_gb else None,
                         builder_optimization_level=builder_optimization_level,
                         version_compatible=version_compatible, timing_cache=cache)
     info["gpu_name"] = gpu.get("gpu_name")
@@ -488,25 +475,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or "python -m dinov2_triton.export.trt_build_main",
         description="Build a TensorRT plan from this project's ONNX model (pixel_values -> logits, embedding) "
-                    "with one dynamic-batch profile (min 1, max = Triton max_batch_size) and FP32-pinned "
-                    "LayerNorm/Softmax/reductions/head. Refuses a TensorRT whose plans the pinned Triton "
-                    "container cannot load (the release pin).",
+                    "as a strongly typed network (TensorRT 10 or 11: the precision is the graph's types) with "
+                    "one dynamic-batch profile (min 1, max = Triton max_batch_size). Refuses a TensorRT whose "
+                    "plans the pinned Triton container cannot load (the release pin), and a graph whose types "
+                    "are not those of --precision.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     req = p.add_argument_group("Required")
-    req.add_argument("--onnx", required=True, help="input ONNX (FP32 for fp16; the Q/DQ onnx_int8 model for int8)")
+    req.add_argument("--onnx", required=True,
+                     help="input ONNX: the onnx_fp16 model (ModelOpt AutoCast) for fp16, the Q/DQ onnx_int8 "
+                          "model for int8, a ModelOpt FP8 Q/DQ model for fp8, the FP32 onnx model for fp32")
     req.add_argument("--plan", required=True, help="engine file to write (model.plan)")
     opt = p.add_argument_group("Optional")
     opt.add_argument("--precision", choices=("fp16", "int8", "fp8", "fp32"), default="fp16")
     opt.add_argument("--max-batch", type=int, default=8, help="profile max = Triton max_batch_size")
     opt.add_argument("--opt-batch", type=int, default=None, help="profile opt batch (default: --max-batch)")
-    opt.add_argument("--fp32-layers", default=",".join(DEFAULT_FP32_LAYERS),
-                     help="layer kinds pinned to FP32: trt.LayerType names and/or 'head'; '' pins nothing")
     opt.add_argument("--workspace-gb", type=float, default=None, help="workspace memory pool limit (GiB)")
     opt.add_argument("--builder-optimization-level", type=int, choices=range(6), default=None,
                      help="TensorRT builder optimization level (TensorRT default 3)")
     opt.add_argument("--version-compatible", action="store_true",
-                     help="build a version-compatible plan (loads in later TensorRT 10.x that allow host code; "
-                          "Triton needs --backend-config=tensorrt,version-compatible=true)")
+                     help="build a version-compatible plan (loads in later TensorRT of the same major that allow "
+                          "host code; Triton needs --backend-config=tensorrt,version-compatible=true)")
     opt.add_argument("--timing-cache", default="auto",
                      help=f"timing cache file ('auto': per TensorRT version and GPU under ${CACHE_ENV} or "
                           f"~/.cache/dinov2-triton; '' disables)")
@@ -536,7 +524,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         return 2
     try:
         info = build_plan(args.onnx, args.plan, precision=args.precision, max_batch=args.max_batch,
-                          opt_batch=args.opt_batch, fp32_layers=args.fp32_layers, workspace_gb=args.workspace_gb,
+                          opt_batch=args.opt_batch, workspace_gb=args.workspace_gb,
                           builder_optimization_level=args.builder_optimization_level,
                           version_compatible=args.version_compatible, timing_cache=args.timing_cache or None,
                           allow_version_mismatch=args.allow_version_mismatch, versions_file=args.versions_file)
@@ -550,7 +538,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     atomic_write_text(out, dumps_json(info))
     print(f"{args.plan}: TensorRT {info['tensorrt_version']} {args.precision} engine for {info['gpu_name']} "
           f"(compute capability {info['compute_capability']}), profile {info['profile']}, "
-          f"{info['fp32_pinned_layers']} layers pinned FP32, {info['plan_bytes'] / 1e6:.1f} MB, "
+          f"layer outputs {types_text(info['tensor_types'])}, {info['plan_bytes'] / 1e6:.1f} MB, "
           f"{info['build_seconds']:.0f} s; info: {out}")
     return 0
 

@@ -11,10 +11,10 @@ Runs what the host allows and says what it skipped, in about 10 minutes:
    themselves (TensorRT, Python, ONNX Runtime and OpenVINO versions; the
    Triton version too while it is unverified);
 4. dinov2_triton.qa.gpu_check: AMP fine-tune steps, eager FP32/FP16/BF16, TorchScript, parity;
-5. with TensorRT: FP16 and INT8 plans built from the CPU-built ONNX files of
-   the repository (dinov2_onnx, dinov2_onnx_int8) and their parity against
-   ONNX Runtime FP32 on the same inputs (FAILED, saying why, with TensorRT 11,
-   which the builder cannot use: dinov2_triton.export.trt_build_main);
+5. with TensorRT: FP16 and INT8 plans built (strongly typed) from the
+   CPU-built ONNX files of the repository (dinov2_onnx_fp16,
+   dinov2_onnx_int8) and their parity against ONNX Runtime FP32
+   (dinov2_onnx) on the same inputs;
 6. with docker and the plans: the plans served by the pinned Triton
    container (dinov2_triton.serve.container, as ``dinov2-triton serve
    container``) and a short perf_analyzer sweep through ``dinov2-triton
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 PROG = "dinov2-triton qa gpu-acceptance"
-TRT_MODELS = {"trt_fp16": ("dinov2_onnx", "fp16"), "trt_int8": ("dinov2_onnx_int8", "int8")}
+TRT_MODELS = {"trt_fp16": ("dinov2_onnx_fp16", "fp16"), "trt_int8": ("dinov2_onnx_int8", "int8")}
 
 
 class Skip(Exception):
@@ -213,19 +213,12 @@ def step_trt_plan(acc: Acceptance, args, variant: str, pin) -> str:
                    "dinov2-triton export --in-container builds inside the pinned TensorRT container")
     if not acc.facts.get("gpu"):
         raise Skip("no GPU")
-    from dinov2_triton.core.release_pin import TENSORRT_STRONGLY_TYPED_ONLY_MAJOR
-
-    if int(str(acc.facts["tensorrt"]).split(".")[0]) >= TENSORRT_STRONGLY_TYPED_ONLY_MAJOR:
-        raise RuntimeError(f"TensorRT {acc.facts['tensorrt']} (pin: {pin.tensorrt}, NGC {pin.container_tag}) has "
-                           f"no weakly typed builds, and dinov2_triton/export/trt_build_main.py builds FP16/INT8 "
-                           f"plans only that way (TensorRT 10): the pinned release cannot get TensorRT plans "
-                           f"from this project yet")
     version_dir = _latest_version_dir(args.repository / source_model)
     onnx_path = version_dir / "model.onnx" if version_dir else None
     if onnx_path is None or not onnx_path.is_file():
         raise Skip(f"no CPU-built {source_model} in {args.repository} (dinov2-triton export --variants "
-                   f"onnx,onnx_int8 on any machine, then copy the repository here)")
-    from dinov2_triton.export.trt_build_main import build_plan
+                   f"onnx,onnx_fp16,onnx_int8 on any machine, then copy the repository here)")
+    from dinov2_triton.export.trt_build_main import build_plan, types_text
     from dinov2_triton.export.variants.tensorrt import engine_runner
 
     plan = acc.out / "model_repository" / f"dinov2_{variant}" / "1" / "model.plan"
@@ -249,7 +242,8 @@ def step_trt_plan(acc: Acceptance, args, variant: str, pin) -> str:
     agree = float((ref.argmax(1) == logits.argmax(1)).mean())
     cos = float(np.mean(np.sum(ref * logits, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(logits, axis=1))))
     return (f"built in {info['build_seconds']:.0f} s, {info['plan_bytes'] / 1e6:.1f} MB, "
-            f"{info['fp32_pinned_layers']} layers FP32{note}; vs ONNX Runtime FP32 on {len(x)} random inputs: "
+            f"layer outputs {types_text(info['tensor_types'])}{note}; "
+            f"vs ONNX Runtime FP32 on {len(x)} random inputs: "
             f"top-1 agreement {agree:.2%}, logit cosine {cos:.5f}, max abs diff {np.abs(ref - logits).max():.4f}")
 
 

@@ -1,12 +1,17 @@
-"""TensorRT variants: `trt_fp16` (from the FP32 ONNX graph), `trt_int8`
+"""TensorRT variants: `trt_fp16` (from the onnx_fp16 graph), `trt_int8`
 (explicit quantization from the onnx_int8 Q/DQ graph) and `trt_fp8`
 (ModelOpt FP8 Q/DQ + TensorRT, Ada/Hopper only).
 
 The engine build itself is export/trt_build_main.py (standard library only,
-so it also runs alone inside the NVIDIA TensorRT container): one profile
-with max = max_batch_size, LayerNorm/Softmax/reductions/head pinned FP32,
-the installed TensorRT checked against the pinned Triton container's, and
-the version, GPU name and compute capability stamped into the build info and
+so it also runs alone inside the NVIDIA TensorRT container): a strongly
+typed network (TensorRT 10 and 11 alike; TensorRT 11 builds nothing else),
+so the precision is the parent graph's types: the onnx_fp16 graph keeps
+LayerNorm, Softmax, the patch embedding and the head FP32 (ModelOpt
+AutoCast), the Q/DQ graphs say what runs in INT8 / FP8, and everything else
+runs in the type the graph gives it (FP32 outside the Q/DQ regions of the
+onnx_int8 and FP8 graphs). One profile with max = max_batch_size, the
+installed TensorRT checked against the pinned Triton container's, and the
+version, GPU name and compute capability stamped into the build info and
 config.pbtxt parameters.
 
 Without TensorRT or a CUDA GPU (this CPU machine) build() raises SkipVariant
@@ -17,9 +22,9 @@ every engine against eager FP32 on the GPU before publishing it.
 
 Options (ExportContext.options, `--set KEY=VALUE`): trt_opt_batch (default:
 max_batch_size), trt_workspace_gb, trt_builder_optimization_level,
-trt_version_compatible, trt_fp32_layers ("normalization,softmax,reduce,head"),
-trt_timing_cache ("auto" | path | ""), trt_allow_version_mismatch,
-trt_versions_file.
+trt_version_compatible, trt_timing_cache ("auto" | path | ""),
+trt_allow_version_mismatch, trt_versions_file. Which layers stay FP32 is an
+option of onnx_fp16 (fp16_keep_fp32), not of the engine build.
 """
 from __future__ import annotations
 
@@ -30,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import dinov2_triton.export.variants.onnx_int8  # noqa: F401 - registers the parents `onnx` and `onnx_int8` first
+import dinov2_triton.export.variants.onnx_fp16  # noqa: F401 - registers the parents `onnx` and `onnx_fp16` first
+import dinov2_triton.export.variants.onnx_int8  # noqa: F401 - registers the parent `onnx_int8` first
 from dinov2_triton.export.registry import SkipVariant, Variant, register
 from dinov2_triton.export.trt_build_main import (
-    DEFAULT_FP32_LAYERS,
     FP8_MIN_COMPUTE_CAPABILITY,
     INPUT_NAME,
     VERSIONS_FILE,
@@ -59,7 +64,6 @@ TRT_DEFAULTS: dict[str, Any] = {
     "trt_workspace_gb": None,                    # None: TensorRT's default (the device memory)
     "trt_builder_optimization_level": None,      # None: TensorRT's default (3)
     "trt_version_compatible": False,
-    "trt_fp32_layers": ",".join(DEFAULT_FP32_LAYERS),
     "trt_timing_cache": "auto",
     "trt_allow_version_mismatch": False,
     "trt_versions_file": str(VERSIONS_FILE),
@@ -90,10 +94,18 @@ def _parent_onnx(ctx, source: str) -> Path:
     return Path(path)
 
 
+# Options of the weakly typed builds before TensorRT 11, refused with what replaces them.
+REMOVED_OPTIONS = {"trt_fp32_layers": "TensorRT plans are strongly typed: the layers kept FP32 are those the "
+                                      "onnx_fp16 graph keeps FP32; set fp16_keep_fp32 (the onnx_fp16 option) instead"}
+
+
 def _build(ctx, path: Path, *, precision: str, source: str, onnx_path: Path | None = None) -> dict:
     """Shared build of the TensorRT variants from the artifact of variant
     `source` (or from `onnx_path` when given)."""
     o = ctx.options
+    removed = [k for k in REMOVED_OPTIONS if o.get(k) is not None]
+    if removed:
+        raise EngineBuildError("; ".join(f"--set {k}: no longer an option ({REMOVED_OPTIONS[k]})" for k in removed))
     max_batch = ctx.max_batch_size
     opt_batch = _opt(o, "trt_opt_batch")
     try:
@@ -112,7 +124,6 @@ def _build(ctx, path: Path, *, precision: str, source: str, onnx_path: Path | No
     try:
         info = build_plan(onnx_path, tmp_plan, precision=precision, max_batch=max_batch,
                           opt_batch=None if opt_batch is None else int(opt_batch),
-                          fp32_layers=str(_opt(o, "trt_fp32_layers")),
                           workspace_gb=None if workspace is None else float(workspace),
                           builder_optimization_level=None if level is None else int(level),
                           version_compatible=version_compatible,
@@ -129,7 +140,7 @@ def _build(ctx, path: Path, *, precision: str, source: str, onnx_path: Path | No
 
 
 def build_trt_fp16(ctx, path: Path) -> dict:
-    return _build(ctx, path, precision="fp16", source="onnx")
+    return _build(ctx, path, precision="fp16", source="onnx_fp16")
 
 
 def build_trt_int8(ctx, path: Path) -> dict:
@@ -314,15 +325,17 @@ def engine_runner(path: Path, *, allow_host_code: bool | None = None, trt_module
 
 TRT_FP16 = register(Variant(
     name="trt_fp16", platform="tensorrt_plan", filename="model.plan", precision="fp16",
-    build=build_trt_fp16, load_runner=engine_runner, parent="onnx", gate="fp16",
-    description="TensorRT FP16 engine (LayerNorm/Softmax/reductions/head FP32), built with the TensorRT of "
-                "the pinned Triton container; GPU hosts only"))
+    build=build_trt_fp16, load_runner=engine_runner, parent="onnx_fp16", gate="fp16",
+    description="TensorRT FP16 engine, strongly typed from the onnx_fp16 graph (LayerNorm/Softmax/patch "
+                "embedding/head FP32 as that graph has them), built with the TensorRT of the pinned Triton "
+                "container; GPU hosts only"))
 TRT_INT8 = register(Variant(
     name="trt_int8", platform="tensorrt_plan", filename="model.plan", precision="int8",
     build=build_trt_int8, load_runner=engine_runner, parent="onnx_int8", gate="int8",
-    description="TensorRT INT8 engine, explicit quantization from the onnx_int8 Q/DQ graph (FP16 elsewhere, "
-                "LayerNorm/Softmax/head FP32); GPU hosts only"))
+    description="TensorRT INT8 engine, strongly typed from the onnx_int8 Q/DQ graph (INT8 where it has Q/DQ, "
+                "FP32 elsewhere, as that graph has it); GPU hosts only"))
 TRT_FP8 = register(Variant(
     name="trt_fp8", platform="tensorrt_plan", filename="model.plan", precision="fp8",
     build=build_trt_fp8, load_runner=engine_runner, parent="onnx", gate="fp8",
-    description="TensorRT FP8 engine from a ModelOpt FP8 Q/DQ graph; Ada/Hopper GPUs only"))
+    description="TensorRT FP8 engine, strongly typed from a ModelOpt FP8 Q/DQ graph of onnx (FP32 outside "
+                "the Q/DQ); Ada/Hopper GPUs only"))
