@@ -32,10 +32,6 @@ REQUIRED = ("TRITON_CONTAINER_TAG", "TRITON_CONTAINER_IMAGE", "TENSORRT_CONTAINE
 #: triton-inference-server/core#482 (merged 2026-03) made it one limit shared by all requests of
 #: the ensemble; releases before apply it per request.
 ENSEMBLE_MAX_INFLIGHT_SINCE = (2, 63, 0)
-#: The first TensorRT major without weakly typed networks (BuilderFlag.FP16/INT8 and the precision
-#: constraints removed); dinov2_triton.export.trt_build_main (STRONGLY_TYPED_ONLY_MAJOR, kept equal by
-#: tests/test_tensorrt_build.py) builds FP16/INT8 plans only below it.
-TENSORRT_STRONGLY_TYPED_ONLY_MAJOR = 11
 
 
 class PinError(ValueError):
@@ -109,10 +105,6 @@ class ReleasePin:
     unverified: tuple[str, ...]
     openvino: str | None = None
 
-    @property
-    def tensorrt_weakly_typed(self) -> bool:
-        """Can the pinned TensorRT build weakly typed networks (what this project's builder uses)?"""
-        return self.tensorrt_major < TENSORRT_STRONGLY_TYPED_ONLY_MAJOR
 
     @property
     def ensemble_max_inflight(self) -> bool:
