@@ -95,36 +95,6 @@ def test_variant_modules_table(monkeypatch, tmp_path):
         registry.load_builtin_variants()
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports (module level and inside functions)."""
-    import ast
-
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
-    return out
-
-
-def test_export_has_no_import_circle_and_never_imports_perf():
-    mods = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
-            for f in (ROOT / "export").rglob("*.py")}
-    edges = {m: {d for d in _imports(f) if d in mods and d != m} for m, f in mods.items()}
-    assert not {m: sorted(d for d in _imports(f) if d.split(".")[0] == "perf") for m, f in mods.items()
-                if any(d.split(".")[0] == "perf" for d in _imports(f))}, "export must not import perf"
-
-    def reaches(start, goal, seen):
-        for d in edges[start] - seen:
-            if d == goal or reaches(d, goal, seen | {d}):
-                return True
-        return False
-    circles = sorted(m for m in mods if reaches(m, m, set()))
-    assert not circles, f"import circles through {circles}"
-
-
 # --------------------------------------------------------------------------- the tiny export
 def test_tiny_export_verified_and_published(tiny_repository):
     from dinov2_triton.export.manifest import read_export_manifest

@@ -3,7 +3,7 @@
     dinov2-triton bench --url localhost:8001 --http-url localhost:8000 \\
         --repository ./model_repository --model-path ./models/model_final.pth --data-path ./data \\
         --models all --protocols grpc,http --concurrency 1,2,4 --batch-sizes 1,8 --window-ms 10000 \\
-        --out perf/reports
+        --out reports
 
 Steps (each can be turned off):
 1. in-process benchmark of the eager model and every exported variant
@@ -20,7 +20,7 @@ Steps (each can be turned off):
    (dinov2_triton.qa.overload): a bounded burst above the measured capacity
    against the ensemble and its classifier: shed? p99 <= the served queue
    timeout + one batch? the same logits afterwards?
-4. the report: perf/reports/<run-id>/{report.md, report.html, results.json,
+4. the report: reports/<run-id>/{report.md, report.html, results.json,
    perf_analyzer/csv/*.csv, *.png} (dinov2_triton.report.report).
 
 Without --url only steps 1 and 4 run. A remote server works the same way:
@@ -116,11 +116,11 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
              in_process: bool = True, parity: bool = True, parity_max_images: int | None = None,
              gates: Sequence[str] | None = None, api_key: str | None = None,
              server_pid: int | None = None, operating_point: Mapping[str, Any] | None = None,
-             out: str | os.PathLike = "perf/reports", run_id: str | None = None,
+             out: str | os.PathLike = "reports", run_id: str | None = None,
              cli_settings: Mapping[str, Any] | None = None, capacity: Mapping[str, Any] | None = None,
              capacity_repeats: int = 1, overload: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] | None = None) -> "PerfRun":
-    """Run the perf stage and write the report (perf/reports/<run-id>/...).
+    """Run the perf stage and write the report (reports/<run-id>/...).
     ``capacity``: dinov2_triton.bench.capacity.capacity_settings fields (``slo_p99_ms`` at
     least): also measure every served model's capacity at that p99 under
     open-loop load, ``capacity_repeats`` times. ``overload``:
@@ -398,7 +398,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog or PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Perf stage: in-process benchmark, perf_analyzer sweep against a Triton server, live "
-                    "parity, and one report (perf/reports/<run-id>/report.md, report.html, results.json).",
+                    "parity, and one report (reports/<run-id>/report.md, report.html, results.json).",
         epilog="Remote server: --url host:8001 --http-url host:8000 --metrics-url host:8002/metrics "
                "--models dinov2_onnx,dinov2 (the repository index of a server may need --api-key; the "
                "server's memory then comes from its metrics endpoint only).\n"
@@ -477,7 +477,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opx.add_argument("--op-protocol", choices=("grpc", "http"), default=None, help="default: the first protocol")
     opx.add_argument("--max-p99-ms", type=float, default=None, help="latency budget at the operating point")
     out = p.add_argument_group("Output")
-    out.add_argument("--out", default="perf/reports", help="reports folder (default: %(default)s)")
+    out.add_argument("--out", default="reports", help="reports folder (default: %(default)s)")
     out.add_argument("--run-id", default=None, help="report sub-folder name (default: UTC time + random)")
     out.add_argument("-q", "--quiet", action="store_true",
                      help="no progress lines (default: one line per measurement with an ETA, on stderr)")

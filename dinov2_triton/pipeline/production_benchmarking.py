@@ -11,7 +11,7 @@ has every option; this module is the seed's smaller command over it.
 
 A thin CLI over dinov2_triton.pipeline.bench_stage.run_perf (which runs
 dinov2_triton.bench.inprocess.run_inprocess_benchmark and writes
-perf/reports/<run-id>/{report.md, report.html, results.json}).
+reports/<run-id>/{report.md, report.html, results.json}).
 With ``--url`` the perf_analyzer sweep and the live-endpoint parity run as
 well, as in ``dinov2-triton bench``.
 """
@@ -51,7 +51,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="gRPC address of a running Triton (host:8001): also run the perf_analyzer sweep "
                           "and the parity client")
     opt.add_argument("--http-url", default=None, help="HTTP address (host:8000) for the HTTP sweep")
-    opt.add_argument("--out", default="perf/reports", help="reports folder (default: %(default)s)")
+    opt.add_argument("--out", default="reports", help="reports folder (default: %(default)s)")
     opt.add_argument("--json", default=None, help="also write the raw in-process results to this file")
     opt.add_argument("-v", "--verbose", action="store_true")
     return p
