@@ -419,7 +419,7 @@ def test_fashion_mnist_missing_package_says_how_to_install(tmp_path):
 
 # --------------------------------------------------------------------------- CLI
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "dinov2_triton.data.load", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "dinov2_triton", "data", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

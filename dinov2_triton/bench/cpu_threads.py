@@ -186,7 +186,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
 
         atomic_write_json(Path(args.out), study)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

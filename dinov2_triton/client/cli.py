@@ -172,7 +172,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     if failed:
         print(f"{failed} of {len(preds)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

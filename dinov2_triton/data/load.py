@@ -306,7 +306,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     print(f"\nwrote {summary.num_images} images to {args.data_path} "
           f"({summary.elapsed_s} s): {MANIFEST_FILE}, {LABELS_FILE}, {SUMMARY_FILE}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

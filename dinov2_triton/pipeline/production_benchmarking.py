@@ -75,7 +75,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return print_run(run, in_process_json=args.json)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -492,8 +492,3 @@ def main(argv=None, *, prog: str | None = None) -> int:
     print(text)
     print(f"\n(written to {out}/failover.json and failover.md)")
     return 2 if result["failover"]["failed_elsewhere"] else (3 if failed_layouts else 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

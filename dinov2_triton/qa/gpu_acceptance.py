@@ -416,7 +416,3 @@ def run_acceptance(args) -> int:
     if not acc.facts.get("gpu"):
         return 2
     return 1 if any(r["status"] == "FAILED" for r in acc.rows) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

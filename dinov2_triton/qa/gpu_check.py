@@ -318,6 +318,3 @@ def main(argv=None, *, prog: str | None = None) -> int:
 
         atomic_write_json(a.json, info)
     return 1 if any(r["status"] == "FAILED" for r in info["rows"]) else 0
-
-if __name__ == "__main__":
-    sys.exit(main())

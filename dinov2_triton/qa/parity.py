@@ -511,7 +511,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     if args.out:
         print(f"wrote {write_json(result, args.out)}")
     return 0 if result["passed"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

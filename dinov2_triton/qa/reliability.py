@@ -641,7 +641,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         atomic_write_json(args.out, report)
         print(f"\nwrote {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -92,7 +92,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dinov2-triton report
         return publish_main(rest, prog=sub)
     print(f"{prog}: unknown command {name!r}; one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

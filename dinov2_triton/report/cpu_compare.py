@@ -158,7 +158,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
 
         atomic_write_text(Path(args.out), text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

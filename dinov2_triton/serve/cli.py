@@ -417,7 +417,3 @@ def main(argv=None, *, prog: str | None = None) -> int:
     args.prog = prog or PROG
     return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "container": cmd_container,
             "kubernetes": cmd_kubernetes, "reload": cmd_rollout, "rollback": cmd_rollout}[args.command](args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
