@@ -266,3 +266,40 @@ def test_only_unstable_sweep_points_are_a_warning_in_bench():
                                             NS(reason="older record without a kind")]))
     assert unstable_points(results) == {"perf_analyzer: dinov2_onnx b1 c1 failed (unstable): ..."}
     assert unstable_points(NS(perf_analyzer=None)) == set()
+
+
+def test_weights_auto_and_the_banner_follow_the_arch_family(tmp_path, monkeypatch):
+    """DINOv3 checkpoints are released as <arch>_pretrain_<data>-<hash>.pth: `auto` finds
+    one by that pattern (not dinov2_<arch>_pretrain.pth), refuses to guess between
+    two, and the random-init banner names the family and the file to put there."""
+    from dinov2_triton.pipeline.stages import Layout, PipelineInputError, random_weights_banner, resolve_weights
+
+    monkeypatch.chdir(tmp_path)
+    layout = Layout(tmp_path / "work")
+    weights = layout.root / "weights"
+    weights.mkdir(parents=True)
+    (weights / "dinov2_dinov3_vits16_pretrain.pth").write_bytes(b"not the DINOv3 name")
+    (weights / "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth").write_bytes(b"another arch")
+    assert resolve_weights("auto", "dinov3_vits16", layout) == ("random", False)
+    official = weights / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
+    official.write_bytes(b"stand-in")
+    assert resolve_weights("auto", "dinov3_vits16", layout) == (str(official), True)
+    assert resolve_weights("auto", "vits14", layout) == ("random", False)
+    (weights / "dinov3_vits16_pretrain_sat493m-eadcf0ff.pth").write_bytes(b"a second one")
+    with pytest.raises(PipelineInputError, match="2 files match .*set train.weights"):
+        resolve_weights("auto", "dinov3_vits16", layout)
+
+    v3, v2 = random_weights_banner("dinov3_vits16"), random_weights_banner("vits14")
+    assert "NO PRETRAINED DINOv3 WEIGHTS AVAILABLE for dinov3_vits16" in v3 and "DINOv2" not in v3
+    assert "dinov3_vits16_pretrain_*.pth" in v3
+    assert "NO PRETRAINED DINOv2 WEIGHTS AVAILABLE for vits14" in v2 and "dinov2_vits14_pretrain.pth" in v2
+    assert len({len(line) for line in v3.splitlines()}) == 1   # a box
+
+
+def test_the_backbones_recipe_compares_two_families_at_one_size():
+    sweep = resolve("backbones")
+    assert [n for n, _ in sweep.runs] == ["vits14", "dinov3_vits16"]
+    assert [r.train.arch for _, r in sweep.runs] == ["vits14", "dinov3_vits16"]
+    assert {r.train.img_size for _, r in sweep.runs} == {112}
+    assert all(r.export.variants == ["auto"] and "bench" in r.ordered_stages() and r.bench.parity
+               for _, r in sweep.runs)

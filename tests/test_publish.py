@@ -389,3 +389,11 @@ def test_published_parameters_are_those_of_the_built_backbone(arch):
                         backbone_overrides=tiny).model
     want = sum(p.numel() for p in model.backbone.parameters())
     assert parameter_count(arch, 32 if arch.startswith("dinov3") else 28, **tiny) == want
+
+
+def test_the_bench_report_names_the_family_with_the_arch(tmp_path):
+    model = json.loads(SERVER.read_text())["model"]
+    path = _results_file(tmp_path, "v3.json", model={**model, "arch": "dinov3_vits16", "img_size": 112})
+    assert cli.main(["render", "--results", str(path), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "(DINOv3 dinov3_vits16, 112 px, 10 classes)" in text and "DINOv2" not in text

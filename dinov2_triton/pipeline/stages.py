@@ -35,14 +35,21 @@ from dinov2_triton.pipeline.recipes import Recipe, params_json, train_settings
 if TYPE_CHECKING:
     from dinov2_triton.serve.local_server import ServerHandle
 
-RANDOM_WEIGHTS_BANNER = """\
-############################################################################
-#  NO PRETRAINED DINOv2 WEIGHTS AVAILABLE (offline machine).               #
-#  This run fine-tunes a RANDOMLY INITIALISED ViT: the pipeline, export,   #
-#  serving and measurements are real, the accuracy is NOT what a DINOv2    #
-#  fine-tune reaches. Put dinov2_vits14_pretrain.pth under weights/ (in    #
-#  the workdir) or set train.weights: /path/to/checkpoint.pth.             #
-############################################################################"""
+def random_weights_banner(arch: str) -> str:
+    """The banner of a run without pretrained weights, naming the arch's family
+    and the file name ``train.weights: auto`` looks for (dinov2_triton.train.archs)."""
+    from dinov2_triton.train.archs import arch_spec
+
+    spec = arch_spec(arch, flag="train.arch")
+    lines = [f"NO PRETRAINED {spec.family_name} WEIGHTS AVAILABLE for {spec.name} (offline machine).",
+             "This run fine-tunes a RANDOMLY INITIALISED ViT: the pipeline, export,",
+             f"serving and measurements are real, the accuracy is NOT what a {spec.family_name}",
+             f"fine-tune reaches. Put {spec.weights_file_glob} under weights/",
+             "(in the workdir) or set train.weights: /path/to/checkpoint.pth."]
+    width = max(len(line) for line in lines) + 6
+    return "\n".join(["#" * width, *(f"#  {line:<{width - 6}}  #" for line in lines), "#" * width])
+
+
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 
 
@@ -142,13 +149,21 @@ def code_dirs(package: str) -> list[Path]:
 
 def resolve_weights(spec: str, arch: str, layout: Layout) -> tuple[str, bool]:
     """(weights for the train stage, pretrained?). ``auto``: the official
-    checkpoint at weights/dinov2_<arch>_pretrain.pth in the workdir or the
-    current folder, else random init."""
+    checkpoint under weights/ in the workdir or the current folder, by the
+    arch's released file name (ArchSpec.weights_file_glob: DINOv2
+    dinov2_<arch>_pretrain.pth, DINOv3 <arch>_pretrain_<data>-<hash>.pth),
+    else random init."""
     if spec == "auto":
+        from dinov2_triton.train.archs import arch_spec
+
+        pattern = arch_spec(arch, flag="train.arch").weights_file_glob
         for folder in dict.fromkeys((layout.root, Path.cwd())):
-            path = folder / "weights" / f"dinov2_{arch}_pretrain.pth"
-            if path.is_file():
-                return str(path.resolve()), True
+            found = sorted(p for p in (folder / "weights").glob(pattern) if p.is_file())
+            if len(found) > 1:
+                raise PipelineInputError(f"train.weights auto: {len(found)} files match {folder / 'weights' / pattern} "
+                                         f"({', '.join(p.name for p in found)}); set train.weights to the one to use")
+            if found:
+                return str(found[0].resolve()), True
         return "random", False
     if spec == "random":
         return "random", False
@@ -268,7 +283,7 @@ def run_train(ctx: Context) -> str | StageResult:
     stamp = Stamp(lay.state, "train", inputs=inputs, params=[f"train={params_json(cfg)}"],
                   outputs=[lay.checkpoint])
     if not ctx.pretrained:
-        ctx.say(RANDOM_WEIGHTS_BANNER)
+        ctx.say(random_weights_banner(cfg['arch']))
     ctx.say(f"train: {cfg['arch']}, mode={cfg['mode']}, {cfg['epochs']} epochs, {cfg['img_size']} px, "
             f"weights={ctx.weights}, lr {cfg['lr']:g}, layer decay {cfg['layer_decay']:g}, "
             f"warm-up {cfg['warmup_epochs']:g}, linear-probe epochs {cfg['lp_epochs']}, "

@@ -76,7 +76,7 @@ def build_blocks(results: PerfResults, rows: Sequence[VariantRow], rec: Recommen
     model = results.model
     b.append(("h1", f"Perf report {results.run_id}"))
     b.append(("p", f"Created {results.created}; git {results.git_revision}; "
-                   f"checkpoint `{_attr(model, 'checkpoint')}` ({_attr(model, 'arch')}, "
+                   f"checkpoint `{_attr(model, 'checkpoint')}` ({backbone_name(_attr(model, 'arch', None))}, "
                    f"{_attr(model, 'img_size')} px, {_attr(model, 'num_classes')} classes)."))
     b += _banners(results, rows)
     b += _recommendation_blocks(rows, rec, op)
@@ -102,6 +102,19 @@ def build_blocks(results: PerfResults, rows: Sequence[VariantRow], rec: Recommen
     b += _how_to_read()
     b += _machine_blocks(results)
     return b
+
+
+def backbone_name(arch: str | None) -> str:
+    """'DINOv3 dinov3_vits16', 'DINOv2 vits14': the family (dinov2_triton.train.archs) and the
+    arch; an arch the table does not know is shown as it is, None as '?'."""
+    from dinov2_triton.train.archs import arch_spec
+
+    if not arch:
+        return "?"
+    try:
+        return f"{arch_spec(arch).family_name} {arch}"
+    except ValueError:
+        return arch
 
 
 def _attr(obj: Any, name: str, default: Any = "?") -> Any:
