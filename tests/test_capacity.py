@@ -4,8 +4,10 @@ The search logic runs against a simulated M/D/1 server with a known answer;
 the real thing runs perf_analyzer's request-rate mode against the REAL local
 Triton server on a model with a KNOWN service time (a Python-backend model
 that sleeps a fixed time per image, one instance: it cannot serve more than
-1000 / service_ms images per second), its config made by export's own
-generator (export/triton_config.preprocess_config)."""
+1000 / service_ms images per second; ``INSTANCES`` of them, that many times more),
+its config made by export's own generator (export/triton_config.preprocess_config).
+Measurement windows are the shortest the rates allow (0.5 s where 50 requests
+fill them)."""
 from __future__ import annotations
 
 import math
@@ -46,16 +48,17 @@ class TritonPythonModel:
 
 
 def write_sleepy_model(root: Path, name: str, service_ms: float, *, instances: int = 1,
-                       max_batch_size: int = 4) -> Path:
+                       max_batch_size: int = 4, queue_timeout_ms: float = 0) -> Path:
     """A model with a known service time: image bytes [1] -> pixel_values [3,8,8]
-    (the preprocessing model's contract, so export's generator and checker apply)."""
+    (the preprocessing model's contract, so export's generator and checker apply).
+    ``queue_timeout_ms`` 0: no queue policy, so that the capacity is the service
+    time's alone (one instance with a policy stalls on Triton 2.51; shedding by a
+    short queue is tested on its own); > 0: export's queue policy."""
     from dinov2_triton.export.triton_config import preprocess_config, validate_config
 
     cfg = preprocess_config(image_size=8, max_batch_size=max_batch_size, instances=instances, warmup_file=False,
-                            parameters={"service_time_ms": service_ms})
+                            queue_timeout_ms=queue_timeout_ms, parameters={"service_time_ms": service_ms})
     cfg.name = name
-    # no queue policy (export's default): the capacity is the service time's alone
-    # (shedding by a short queue is tested on its own)
     (root / name / "1").mkdir(parents=True, exist_ok=True)
     (root / name / "config.pbtxt").write_text(validate_config(cfg))
     (root / name / "1" / "model.py").write_text(SLEEPY_MODEL_PY)
@@ -393,22 +396,29 @@ def test_knee_needs_a_doubling():
 
 # ----------------------------------------------------------------------------- the real server
 SERVICE_MS = 25.0          # one instance: at most 40 images/s (a longer sleep drowns the per-request overhead)
+#: instances of ``sleepy4``: at most 4 x 40 = 160 images/s. The capacity searches run at 40-170
+#: requests/s, whose windows hold enough requests at 0.5 s (MIN_WINDOW_REQUESTS), where one
+#: instance's 10-40 requests/s need 1.25-5 s windows
+INSTANCES = 4
+#: the SLO of the sleepy4 searches: 25 of its service times (25 ms / 4 instances): with it a rate above
+#: the capacity builds a queue that breaks the SLO within perf_analyzer's windows, as with one instance
+SLO4_MS = 25 * SERVICE_MS / INSTANCES
 
 
 @pytest.fixture(scope="module")
 def sleepy_server(tmp_path_factory, triton_server_factory):
     root = tmp_path_factory.mktemp("sleepy_repo")
     write_sleepy_model(root, "sleepy", SERVICE_MS)
+    write_sleepy_model(root, "sleepy4", SERVICE_MS, instances=INSTANCES)
     return triton_server_factory(root)
 
 
 @pytest.mark.triton
 def test_capacity_of_a_model_with_a_known_service_time(sleepy_server, tmp_path):
-    truth = 1000 / SERVICE_MS
-    # SLO 25 service times: an M/D/1 queue meets it up to ~0.9 of the capacity
-    s = cap.capacity_settings(slo_p99_ms=25 * SERVICE_MS, window_ms=1000, start_rate=10, precision=0.1,
-                              budget_s=150)
-    run = cap.run_capacity(url=sleepy_server.url_grpc, models=["sleepy"], samples=bytes_samples(), settings=s,
+    truth = INSTANCES * 1000 / SERVICE_MS
+    # SLO 25 service times: a queue of deterministic service meets it up to ~0.9 of the capacity
+    s = cap.capacity_settings(slo_p99_ms=SLO4_MS, window_ms=500, start_rate=40, precision=0.1, budget_s=150)
+    run = cap.run_capacity(url=sleepy_server.url_grpc, models=["sleepy4"], samples=bytes_samples(), settings=s,
                            out_dir=tmp_path, api_key=sleepy_server.api_key)
     assert run.failures == []
     (c,) = run.results
@@ -433,12 +443,12 @@ def test_the_offered_rate_is_the_asked_rate(sleepy_server, tmp_path):
     answers what was offered. perf_analyzer's --request-distribution=poisson
     served 16.8 of 20 req/s here, every time (its fixed draws, perf/arrivals.py);
     the seeded schedule 20.4."""
-    s = cap.capacity_settings(slo_p99_ms=25 * SERVICE_MS, window_ms=1000, budget_s=60)
-    data, shapes, _ = cap.prepare_inputs(sleepy_server.url_grpc, "grpc", "sleepy", bytes_samples(), tmp_path,
+    s = cap.capacity_settings(slo_p99_ms=25 * SERVICE_MS, window_ms=500, budget_s=60)
+    data, shapes, _ = cap.prepare_inputs(sleepy_server.url_grpc, "grpc", "sleepy4", bytes_samples(), tmp_path,
                                          batch_size=1, api_key=sleepy_server.api_key)
-    probe = cap.RateProbe(model="sleepy", url=sleepy_server.url_grpc, settings=s, input_data=data, shapes=shapes,
+    probe = cap.RateProbe(model="sleepy4", url=sleepy_server.url_grpc, settings=s, input_data=data, shapes=shapes,
                           out_dir=tmp_path, api_key=sleepy_server.api_key)
-    rate = 0.5 * 1000 / SERVICE_MS
+    rate = 0.5 * INSTANCES * 1000 / SERVICE_MS
     p = probe(rate)
     assert p.status == "PASS", p
     assert 0.92 * rate <= p.throughput_img_s <= 1.08 * rate, p
@@ -523,26 +533,29 @@ def test_perf_run_measures_capacity_twice_and_recommends_by_it(sleepy_server, tm
     from dinov2_triton.pipeline.bench_stage import run_perf
 
     repo = Path(sleepy_server.repository)
-    write_manifest(repo, {"onnx": ("sleepy", "OK", True)})
+    write_manifest(repo, {"onnx": ("sleepy4", "OK", True)})
     try:
-        run = run_perf(model_path=None, repository=repo, url=sleepy_server.url_grpc, models="sleepy",
-                       in_process=False, parity=False, concurrency=[1], batch_sizes=[1], api_key=sleepy_server.api_key,
-                       settings=MeasurementSettings(window_ms=1000, fixed_requests=40, collect_metrics=False),
-                       capacity=dict(slo_p99_ms=25 * SERVICE_MS, window_ms=1000, precision=0.2, budget_s=90),
+        # 16 requests in flight keep the 4 instances busy (the batcher gives each up to 4): the sweep's
+        # closed-loop throughput is near the capacity, and so the ramp starts at half of it, not at 10 req/s
+        run = run_perf(model_path=None, repository=repo, url=sleepy_server.url_grpc, models="sleepy4",
+                       in_process=False, parity=False, concurrency=[16], batch_sizes=[1],
+                       api_key=sleepy_server.api_key,
+                       settings=MeasurementSettings(window_ms=500, fixed_requests=64, collect_metrics=False),
+                       capacity=dict(slo_p99_ms=SLO4_MS, window_ms=500, precision=0.3, budget_s=90),
                        capacity_repeats=2, out=tmp_path, run_id="cap")
     finally:
         (repo / "export_manifest.json").unlink()
     res = run.results
     assert run.exit_code == 0, res.errors
-    assert [(c.model, c.repeat) for c in res.capacity.results] == [("sleepy", 1), ("sleepy", 2)]
+    assert [(c.model, c.repeat) for c in res.capacity.results] == [("sleepy4", 1), ("sleepy4", 2)]
     sweep_thr = res.perf_analyzer.points[0].metrics["throughput_infer_per_s"]
     for c in res.capacity.results:
-        assert c.capacity_img_s and c.capacity_img_s <= 1.1 * 1000 / SERVICE_MS  # the resolution, as above
+        assert c.capacity_img_s and c.capacity_img_s <= 1.1 * INSTANCES * 1000 / SERVICE_MS  # the resolution
         # the ramp starts at half the closed-loop throughput the sweep measured
         assert c.points[0].rate_rps == pytest.approx(max(0.5 * sweep_thr, 10.0), rel=1e-3)
     rec = res.recommendation
-    assert rec.source == "capacity" and rec.variant == "sleepy" and rec.slo_p99_ms == 25 * SERVICE_MS
-    assert rec.reason.startswith("deploy variant sleepy with its served configuration: capacity")
+    assert rec.source == "capacity" and rec.variant == "sleepy4" and rec.slo_p99_ms == SLO4_MS
+    assert rec.reason.startswith("deploy variant sleepy4 with its served configuration: capacity")
     md = run.report.md.read_text()
-    assert "Capacity at p99 <= 625 ms (open loop)" in md and "apart" in md and "How to read capacity" in md
+    assert f"Capacity at p99 <= {SLO4_MS:g} ms (open loop)" in md and "apart" in md and "How to read capacity" in md
     assert (tmp_path / "cap" / "p99_vs_offered_load.png").is_file()

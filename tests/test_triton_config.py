@@ -108,7 +108,15 @@ def test_ensemble_config_steps_and_mappings():
         validate_config(broken)
 
 
-def test_published_configs_parse(tiny_repository):
+def test_published_configs_parse_and_every_batching_model_sheds(tiny_repository):
+    """The tiny export (export's defaults for the queue and the instances): every
+    config parses and passes the checker; every model with a dynamic batcher
+    has the queue policy with the shedding timeout, the ensemble has none (its
+    steps shed), and no batching model has a single instance (Triton 2.51's
+    stall with a policy)."""
+    from dinov2_triton.export.triton_config import DEFAULT_INSTANCES, SHEDDING_QUEUE_TIMEOUT_MS
+
+    batching = []
     for model in ("dinov2_torchscript", "dinov2_onnx", "dinov2_preprocess", "dinov2"):
         text = (tiny_repository / model / "config.pbtxt").read_text()
         cfg = parse_config(text)
@@ -116,32 +124,107 @@ def test_published_configs_parse(tiny_repository):
         validate_config(cfg)
         if model != "dinov2_preprocess":
             assert (tiny_repository / model / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
+        if cfg.platform == "ensemble":
+            assert not cfg.HasField("dynamic_batching")
+            assert {s.model_name for s in cfg.ensemble_scheduling.step} == {"dinov2_preprocess", "dinov2_onnx"}
+            continue
+        batching.append(model)
+        policy = cfg.dynamic_batching.default_queue_policy
+        assert cfg.dynamic_batching.HasField("default_queue_policy"), model
+        assert policy.default_timeout_microseconds == SHEDDING_QUEUE_TIMEOUT_MS * 1000, model
+        assert policy.timeout_action == pb.ModelQueuePolicy.REJECT and policy.max_queue_size > 0, model
+        assert sum(g.count for g in cfg.instance_group) == DEFAULT_INSTANCES >= 2, model
+    assert batching == ["dinov2_torchscript", "dinov2_onnx", "dinov2_preprocess"]
 
 
-def test_load_shedding_is_off_by_default_and_sized_from_batch_and_instances_when_on():
+def test_every_generated_config_sheds_by_default_without_preferred_sizes():
+    """Every registered variant's config and dinov2_preprocess, as export writes them
+    by default: the queue policy (2 s, a size the timeout reaches first), no
+    preferred batch size, two instances; a CPU instance gets its share of the
+    cores as the backend's intra-op threads, a GPU one none."""
+    from dinov2_triton.export.registry import variant_names
     from dinov2_triton.export.triton_config import (
-        QUEUE_BATCHES_PER_INSTANCE,
+        DEFAULT_INSTANCES,
+        MIN_SHED_RATE_RPS,
         SHEDDING_QUEUE_TIMEOUT_MS,
+        THREAD_PARAMETERS,
+        backend_of,
+        default_max_queue_size,
+        default_threads,
+        usable_cores,
+    )
+
+    configs = [classifier_config(get_variant(n), image_size=28, num_classes=3, embed_dim=96, max_batch_size=8,
+                                 device="gpu" if get_variant(n).platform == "tensorrt_plan" else "cpu")
+               for n in variant_names()]
+    configs.append(preprocess_config(image_size=28, max_batch_size=8))
+    assert len(configs) >= 8
+    for cfg in configs:
+        back = parse_config(validate_config(cfg))
+        db = back.dynamic_batching
+        assert db.HasField("default_queue_policy"), back.name
+        assert db.default_queue_policy.default_timeout_microseconds == SHEDDING_QUEUE_TIMEOUT_MS * 1000
+        size = db.default_queue_policy.max_queue_size
+        assert size == default_max_queue_size(8, DEFAULT_INSTANCES) == 2048, back.name
+        # the timeout acts first at any rate below size / timeout (a full queue stalls Triton 2.51)
+        assert size / (SHEDDING_QUEUE_TIMEOUT_MS / 1000) >= MIN_SHED_RATE_RPS
+        assert list(db.preferred_batch_size) == [], back.name
+        assert back.instance_group[0].count == DEFAULT_INSTANCES == 2
+        param = THREAD_PARAMETERS.get(backend_of(back))
+        if param and back.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU:
+            assert back.parameters[param].string_value == str(default_threads(DEFAULT_INSTANCES)), back.name
+        else:
+            assert not any(p in back.parameters for p in THREAD_PARAMETERS.values()), back.name
+    assert default_threads(2, cores=2) == 1 and default_threads(2, cores=16) == 8 and default_threads(4, cores=2) == 1
+    assert default_threads(DEFAULT_INSTANCES) == max(1, usable_cores() // 2)
+    # a thread count the variant or the caller gives wins; None leaves the backend's default
+    mine = _classifier("onnx", parameters={"intra_op_thread_count": 3})
+    assert mine.parameters["intra_op_thread_count"].string_value == "3"
+    assert "intra_op_thread_count" not in _classifier("onnx", threads=None).parameters
+    assert _classifier("onnx", threads=4).parameters["intra_op_thread_count"].string_value == "4"
+    with pytest.raises(ConfigError, match="threads 0"):
+        _classifier("onnx", threads=0)
+
+
+def test_the_export_command_and_options_default_to_shedding():
+    from dinov2_triton.export.cli import build_parser
+    from dinov2_triton.export.pipeline import DEFAULT_OPTIONS, validate_options
+    from dinov2_triton.export.triton_config import DEFAULT_INSTANCES, SHEDDING_QUEUE_TIMEOUT_MS
+
+    args = build_parser().parse_args(["--model-path", "m.pth"])
+    assert args.queue_timeout_ms == SHEDDING_QUEUE_TIMEOUT_MS and args.max_queue_size is None
+    assert args.instances == args.preprocess_instances == DEFAULT_INSTANCES
+    opts = validate_options({"preferred_batch_sizes": args.preferred_batch_sizes})
+    assert opts["preferred_batch_sizes"] == () and opts["instances"] == DEFAULT_OPTIONS["instances"] == 2
+    assert opts["queue_timeout_ms"] == SHEDDING_QUEUE_TIMEOUT_MS
+
+
+def test_queue_size_and_switching_shedding_off():
+    from dinov2_triton.export.triton_config import (
+        MIN_SHED_RATE_RPS,
+        QUEUE_BATCHES_PER_INSTANCE,
         default_max_queue_size,
     )
 
-    # off: Triton 2.51 stalls with any queue policy (tests/test_serving_limits.py pins it)
-    for cfg in (_classifier(max_batch_size=8), preprocess_config(image_size=28, max_batch_size=8)):
+    # --queue-timeout-ms 0 (and no --max-queue-size): no policy at all
+    for cfg in (_classifier(max_batch_size=8, queue_timeout_ms=0),
+                preprocess_config(image_size=28, max_batch_size=8, queue_timeout_ms=0)):
         assert not parse_config(validate_config(cfg)).dynamic_batching.HasField("default_queue_policy")
-    assert default_max_queue_size(8, 1) == QUEUE_BATCHES_PER_INSTANCE * 8
-    for cfg in (_classifier(max_batch_size=8, instances=2, queue_timeout_ms=SHEDDING_QUEUE_TIMEOUT_MS),
-                preprocess_config(image_size=28, max_batch_size=8, instances=2,
-                                  queue_timeout_ms=SHEDDING_QUEUE_TIMEOUT_MS)):
+    # a short timeout: full batches per instance; a long one: MIN_SHED_RATE_RPS x the timeout
+    assert default_max_queue_size(4, 1, 200) == QUEUE_BATCHES_PER_INSTANCE * 4 == 256
+    assert default_max_queue_size(8, 2, 5000) == MIN_SHED_RATE_RPS * 5
+    for cfg in (_classifier(max_batch_size=8, instances=2, queue_timeout_ms=300),
+                preprocess_config(image_size=28, max_batch_size=8, instances=2, queue_timeout_ms=300)):
         back = parse_config(validate_config(cfg))
         policy = back.dynamic_batching.default_queue_policy
         assert policy.max_queue_size == QUEUE_BATCHES_PER_INSTANCE * 8 * 2
-        assert policy.default_timeout_microseconds == SHEDDING_QUEUE_TIMEOUT_MS * 1000
+        assert policy.default_timeout_microseconds == 300_000
         assert policy.timeout_action == pb.ModelQueuePolicy.REJECT
         assert policy.allow_timeout_override
     flags = parse_config(validate_config(_classifier(max_queue_size=5, queue_timeout_ms=250.5)))
     assert flags.dynamic_batching.default_queue_policy.max_queue_size == 5
     assert flags.dynamic_batching.default_queue_policy.default_timeout_microseconds == 250500
-    assert "max_queue_size: 5" in to_text(_classifier(max_queue_size=5))
+    assert "max_queue_size: 5" in to_text(_classifier(max_queue_size=5, queue_timeout_ms=0))
     with pytest.raises(ConfigError, match="must be >= 0"):
         _classifier(max_queue_size=-1)
 

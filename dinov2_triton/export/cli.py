@@ -19,9 +19,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from dinov2_triton.export.modelopt_worker import CALIB_METHODS
     from dinov2_triton.export.registry import ensemble_candidates, get_variant, variant_names
     from dinov2_triton.export.triton_config import (
+        DEFAULT_INSTANCES,
+        DEFAULT_PREFERRED_BATCH_SIZES,
         DEFAULT_QUEUE_TIMEOUT_MS,
+        MIN_SHED_RATE_RPS,
         QUEUE_BATCHES_PER_INSTANCE,
-        SHEDDING_QUEUE_TIMEOUT_MS,
     )
 
     names = variant_names()
@@ -52,22 +54,29 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     opt.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
     opt.add_argument("--onnx-exporter", choices=("dynamo", "legacy"), default="dynamo",
                      help="torch.onnx exporter (dynamo gives the cleaner graph here)")
-    opt.add_argument("--instances", type=int, default=1, help="instance_group count per classifier model")
-    opt.add_argument("--preprocess-instances", type=int, default=1, help="instance count of dinov2_preprocess")
+    opt.add_argument("--instances", type=int, default=DEFAULT_INSTANCES,
+                     help="instance_group count per classifier model; on a CPU each instance gets its share of "
+                          "this host's cores as intra-op threads (two instances keep Triton 2.51's dynamic "
+                          "batcher from stalling with a queue policy)")
+    opt.add_argument("--preprocess-instances", type=int, default=DEFAULT_INSTANCES,
+                     help="instance count of dinov2_preprocess")
     opt.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                      help="instance_group kind (KIND_CPU / KIND_GPU); TensorRT models are always KIND_GPU")
-    opt.add_argument("--preferred-batch-sizes", default="4,8", help="dynamic_batching preferred_batch_size list")
+    opt.add_argument("--preferred-batch-sizes", default=",".join(map(str, DEFAULT_PREFERRED_BATCH_SIZES)),
+                     help="dynamic_batching preferred_batch_size list (default: none, the batcher forms the "
+                          "largest batch it can, and Model Analyzer may vary max_batch_size)")
     opt.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic_batching max queue delay")
     opt.add_argument("--queue-timeout-ms", type=float, default=DEFAULT_QUEUE_TIMEOUT_MS,
-                     help="load shedding: a request still queued after this long is rejected (gRPC "
-                          "UNAVAILABLE / HTTP 503; clients may ask for less), e.g. "
-                          f"{SHEDDING_QUEUE_TIMEOUT_MS}; default 0: no queue policy, because Triton 2.51 "
-                          "stalls ~500 ms on some requests whenever a model with one instance has one "
-                          "(README: Production limits)")
+                     help="load shedding on every batching model: a request still queued after this long "
+                          "is rejected (gRPC UNAVAILABLE / HTTP 503; clients may ask for less); 0: no queue "
+                          "policy (requests queue without limit). Triton 2.51 stalls ~500 ms on some requests "
+                          "when a model with ONE instance has a policy: keep --instances >= 2 "
+                          "(docs/field-notes.md #13)")
     opt.add_argument("--max-queue-size", type=int, default=None,
                      help="with shedding on: requests a model may hold waiting before new ones are shed; "
-                          f"default {QUEUE_BATCHES_PER_INSTANCE} x max_batch_size x instances of each model "
-                          "(512 for 8 x 1), a memory cap: the queue timeout is the latency bound")
+                          f"default the larger of {QUEUE_BATCHES_PER_INSTANCE} x max_batch_size x instances "
+                          f"and {MIN_SHED_RATE_RPS} x the timeout in seconds (2048 at 2 s), a memory cap that "
+                          "the queue timeout, the latency bound, reaches first")
     opt.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
                      help="dinov2_preprocess refuses an encoded image larger than this, before decoding")
     opt.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,

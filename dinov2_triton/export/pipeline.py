@@ -18,16 +18,20 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from dinov2_triton.export.triton_config import DEFAULT_QUEUE_TIMEOUT_MS
+from dinov2_triton.export.triton_config import (
+    DEFAULT_INSTANCES,
+    DEFAULT_PREFERRED_BATCH_SIZES,
+    DEFAULT_QUEUE_TIMEOUT_MS,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "max_batch_size": 8,
     "opset": 18,
-    "instances": 1,
+    "instances": DEFAULT_INSTANCES,   # x the host's cores shared among them as threads (triton_config)
     "device": "cpu",
-    "preferred_batch_sizes": (4, 8),
+    "preferred_batch_sizes": DEFAULT_PREFERRED_BATCH_SIZES,
     "max_queue_delay_us": 2000,
     # queue policy of every batching model (dinov2_triton.export.triton_config): None =
     # default_max_queue_size(max_batch_size, instances); 0 = no limit
@@ -46,7 +50,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "calib_method": "entropy",  # beat "max" on ViT activations in our measurements
     "accuracy_budget": 0.01,
     "onnx_exporter": "dynamo",
-    "preprocess_instances": 1,
+    "preprocess_instances": DEFAULT_INSTANCES,
     "log_dir": None,
     "work_dir": None,
     "keep_work_dir": False,

@@ -4,6 +4,7 @@ templates) and written with protobuf's text_format, then parsed back to
 validate. Names and shapes follow docs/architecture.md ("Serving contract")."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:
@@ -24,28 +25,36 @@ BACKEND_PLATFORMS = ("openvino",)
 # and src/openvino.cc; values are case-insensitive strings there).
 OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 
-# Queue policy (dynamic_batching.default_queue_policy): load shedding, OFF by
-# default, on with --queue-timeout-ms (and --max-queue-size).
-# Why off: Triton 2.51 (the CPU server this project runs, with the
-# Python-backend ONNX Runtime stand-in of serve/backends; the native backend
-# of the NVIDIA container is not measured) pays for ANY
-# non-empty queue policy whenever the model has one busy instance: the
-# dynamic batcher misses the wake-up of a request that arrives while the
-# instance is busy and sleeps its 500 ms idle wait (measured here, same
-# server, configs swapped through the repository API, dinov2_onnx 56 px,
-# 2-core AMD EPYC: 2-5 % of sequential requests take ~510 ms instead of 8 ms;
-# closed loop at concurrency 4, batch 1: 76 instead of 266 img/s, p99 522 ms
-# instead of 24 ms, and perf_analyzer never stabilises at concurrency 1;
-# open loop at 40 req/s p99 57-85 ms instead of 19 ms; two instances hide it).
-# That costs every request, every day, to protect against overload, which
-# the capacity at a latency SLO (dinov2_triton.bench.capacity / dinov2_triton.tune.search) and the
-# autoscaler (deploy/kubernetes) are there to prevent. An all-zero policy
-# does not stall; tests/test_serving_limits.py pins the stall so an upgrade
-# that fixes it is noticed and the default can be turned back on.
-# When it is on, without one Triton queues without limit: under overload every
-# request is eventually answered, minutes late. With it the server sheds what
-# it cannot serve (gRPC UNAVAILABLE / HTTP 503) and the accepted requests keep
-# their latency. Two bounds, and which one acts matters:
+# Queue policy (dynamic_batching.default_queue_policy): load shedding, ON by
+# default on every model with a dynamic batcher (every classifier variant and
+# dinov2_preprocess; the `dinov2` ensemble has no batcher and is shed by its
+# steps: "in ensemble 'dinov2', Request timeout expired"). Without a policy
+# Triton queues without limit: under overload every request is eventually
+# answered, minutes late (3,000 batch-8 requests at ~150/s: p99 95 s). With
+# it the server sheds what it cannot serve (gRPC UNAVAILABLE / HTTP 503) and
+# the accepted requests keep their latency. `--queue-timeout-ms 0` turns it off.
+#
+# The policy comes with the instance default below, because Triton 2.51 (the
+# CPU server this project runs, with the Python-backend stand-ins of
+# serve/resources/backends; the native backends of the NVIDIA container are
+# not measured) pays for ANY non-empty queue policy on a model with ONE busy
+# instance: the dynamic batcher misses the wake-up of a request that arrives
+# while the instance is busy and sleeps its 500 ms idle wait (docs/field-notes.md
+# #13; measured here, same server, configs swapped through the repository
+# API, dinov2_onnx 56 px, 2-core AMD EPYC: closed loop concurrency 4, batch 1:
+# 76 instead of 266 img/s; perf_analyzer never stabilises). Two instances
+# hide it: dinov2_onnx_int8 56 px, 2 instances x 1 thread, closed loop b1/c4
+# 243.5 infer/s with the policy vs 246.4 without, same run (2-core Intel
+# Xeon); the one-instance export could not be measured with it (the stall)
+# and collapsed under overload (90 of 3,000 requests served).
+# tests/test_serving_limits.py pins the one-instance stall (strict xfail), so
+# an upgrade that fixes it is noticed. The pipeline's tune stage
+# (dinov2_triton.pipeline.capacity_stage.run_tune) measures, on the serving
+# host, capacity at the SLO of the chosen configuration with and without the
+# policy in the same run, and moves to another configuration where the
+# policy costs capacity.
+#
+# Two bounds, and which one acts matters:
 # - the queue TIMEOUT bounds latency: a request still queued after it is
 #   rejected ("Request timeout expired") and the model keeps running at full
 #   throughput (measured with Triton 2.51: 200 req/s offered to a 70 req/s
@@ -54,17 +63,44 @@ OPENVINO_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 #   queue is full, Triton 2.51's dynamic batcher forms about one batch per
 #   0.5 s (measured: 8 req/s served instead of 70, "Exceeds maximum queue
 #   size" for the rest, queued requests 2-7 s late), so the size must not be
-#   the bound that acts first (tests/test_serving_limits.py pins this).
-#: the default: no queue timeout, no queue policy (see above)
-DEFAULT_QUEUE_TIMEOUT_MS = 0
-#: the timeout to shed with (``--queue-timeout-ms 2000``): covers the perf
-#: stage's own sweeps (batch 8, concurrency <= 4 at 56 px, <= 2 at 224 px on
-#: a 2-core CPU: at most ~1.5 s of queueing), so they are never shed
+#   the bound that acts first (tests/test_serving_limits.py pins this). A
+#   queue holds at most what arrives within one timeout beyond what is
+#   served, so the default size (:func:`default_max_queue_size`) is at least
+#   MIN_SHED_RATE_RPS x the timeout: the timeout acts first at every offered
+#   rate below that (2048 requests at 2 s: 1024 req/s, above the fastest
+#   batch-1 capacity measured on 2 cores, 940 img/s INT8 at 56 px,
+#   docs/capacity.md).
+#: the timeout to shed with: covers the bench stage's own sweeps (batch 8,
+#: concurrency <= 4 at 56 px, <= 2 at 224 px on a 2-core CPU: at most ~1.5 s
+#: of queueing), so they are never shed
 SHEDDING_QUEUE_TIMEOUT_MS = 2000
-#: queue cap per instance, in full batches: 512 requests for max_batch_size 8
-#: and one instance, i.e. up to 256 requests/s offered before the 2 s timeout
-#: stops the queue from reaching the cap
+#: the default: shedding on (``--queue-timeout-ms 0``: no queue policy at all)
+DEFAULT_QUEUE_TIMEOUT_MS = SHEDDING_QUEUE_TIMEOUT_MS
+#: queue cap per instance, in full batches (what a short timeout gets: 256
+#: requests for max_batch_size 4, one instance and 0.2 s) ...
 QUEUE_BATCHES_PER_INSTANCE = 64
+#: ... and at least this many requests per second of timeout (2048 for 2 s):
+#: the cap is reached before the timeout only when requests arrive faster
+#: than max_queue_size / timeout
+MIN_SHED_RATE_RPS = 1024
+#: instances of every batching model: two, so that the queue policy does not
+#: stall (Triton 2.51, above); two instances x one thread each also won every
+#: configuration search on 2 cores that could reach it (docs/capacity.md:
+#: 738.9 vs 400.0 img/s for the one-instance export, 1.85x)
+DEFAULT_INSTANCES = 2
+#: no preferred batch sizes: the batcher forms the largest batch it can within
+#: max_queue_delay (the search measured no gain from 4, 8 on a CPU), and a
+#: Model Analyzer run can vary max_batch_size on the exported repository
+#: (its brute search skips every candidate below a fixed preferred size)
+DEFAULT_PREFERRED_BATCH_SIZES: tuple[int, ...] = ()
+#: model-config parameter holding the intra-op thread count of one instance,
+#: per Triton backend (its onnxruntime backend ``intra_op_thread_count``, its
+#: pytorch backend ``INTRA_OP_THREAD_COUNT``, its openvino backend
+#: ``INFERENCE_NUM_THREADS``; the CPU stand-ins read the same names)
+THREAD_PARAMETERS = {"onnxruntime": "intra_op_thread_count", "pytorch": "INTRA_OP_THREAD_COUNT",
+                     "openvino": "INFERENCE_NUM_THREADS"}
+#: Triton's platform names -> the backend that runs them
+PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch", "tensorrt_plan": "tensorrt"}
 #: model-config parameters of dinov2_preprocess read by its model.py
 PREPROCESS_LIMIT_PARAMETERS = ("max_image_bytes", "max_image_pixels")
 
@@ -79,10 +115,44 @@ def _pb():
     return model_config_pb2
 
 
-def default_max_queue_size(max_batch_size: int, instances: int) -> int:
+def default_max_queue_size(max_batch_size: int, instances: int,
+                           queue_timeout_ms: float = DEFAULT_QUEUE_TIMEOUT_MS) -> int:
     """Requests a model may hold waiting: QUEUE_BATCHES_PER_INSTANCE full
-    batches for each instance (512 for max_batch_size 8 and one instance)."""
-    return QUEUE_BATCHES_PER_INSTANCE * int(max_batch_size) * int(instances)
+    batches for each instance, and at least MIN_SHED_RATE_RPS x the timeout,
+    so that the timeout, not the size, is the bound that acts first (2048 for
+    max_batch_size 8, two instances and 2 s)."""
+    per_batches = QUEUE_BATCHES_PER_INSTANCE * int(max_batch_size) * int(instances)
+    return max(per_batches, math.ceil(MIN_SHED_RATE_RPS * float(queue_timeout_ms) / 1000))
+
+
+def usable_cores() -> int:
+    """Physical cores this process may run on (its CPU affinity, at most the
+    physical core count): what one runtime session takes by default."""
+    import os
+
+    import psutil
+
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = os.cpu_count() or 1
+    return max(1, min(allowed, psutil.cpu_count(logical=False) or allowed))
+
+
+def default_threads(instances: int, cores: int | None = None) -> int:
+    """Intra-op threads of one CPU instance: the host's cores shared by the
+    instances (two instances on two cores: one thread each, not two each)."""
+    return max(1, (usable_cores() if cores is None else int(cores)) // max(1, int(instances)))
+
+
+def backend_of(cfg) -> str:
+    """The backend that runs a ModelConfig (its ``backend``, else its ``platform``'s)."""
+    return cfg.backend or PLATFORM_BACKENDS.get(cfg.platform, cfg.platform)
+
+
+def thread_parameter(cfg) -> str | None:
+    """The config parameter holding the intra-op threads of ``cfg``'s backend (None: it has none)."""
+    return THREAD_PARAMETERS.get(backend_of(cfg))
 
 
 def _batching(cfg, *, max_batch_size: int, preferred_batch_sizes: Sequence[int], max_queue_delay_us: int,
@@ -95,9 +165,9 @@ def _batching(cfg, *, max_batch_size: int, preferred_batch_sizes: Sequence[int],
         raise ConfigError(f"{cfg.name}: max_queue_size {max_queue_size} and queue timeout "
                           f"{queue_timeout_ms} ms must be >= 0 (0: no limit)")
     if float(queue_timeout_ms) == 0 and not max_queue_size:
-        return          # no shedding asked for: no policy at all (see DEFAULT_QUEUE_TIMEOUT_MS)
+        return          # shedding turned off (--queue-timeout-ms 0): no policy at all
     if max_queue_size is None:
-        max_queue_size = default_max_queue_size(max_batch_size, instances)
+        max_queue_size = default_max_queue_size(max_batch_size, instances, queue_timeout_ms)
     policy = batching.default_queue_policy
     policy.max_queue_size = int(max_queue_size)
     policy.default_timeout_microseconds = int(round(float(queue_timeout_ms) * 1000))
@@ -153,14 +223,19 @@ def _latest_one(cfg) -> None:
 
 
 def classifier_config(variant, *, image_size: int, num_classes: int, embed_dim: int, max_batch_size: int,
-                      instances: int = 1, device: str = "cpu", preferred_batch_sizes: Sequence[int] = (4, 8),
+                      instances: int = DEFAULT_INSTANCES, device: str = "cpu",
+                      preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
                       max_queue_delay_us: int = 2000, max_queue_size: int | None = None,
-                      queue_timeout_ms: float = DEFAULT_QUEUE_TIMEOUT_MS,
+                      queue_timeout_ms: float = DEFAULT_QUEUE_TIMEOUT_MS, threads: int | str | None = "auto",
                       parameters: Mapping[str, Any] | None = None) -> "pb.ModelConfig":
     """The config of `dinov2_<variant>`: FP32 pixel_values [3,H,W] -> logits [C]
     (with labels.txt, so Triton's classification extension works) and
     embedding [D], dynamic batching with a queue policy (``max_queue_size``
-    None: :func:`default_max_queue_size`), instance group, batch-1 warm-up."""
+    None: :func:`default_max_queue_size`), instance group, batch-1 warm-up.
+    ``threads``: intra-op threads per instance, in the backend's parameter
+    (:data:`THREAD_PARAMETERS`; CPU instances only); "auto":
+    :func:`default_threads` of this host; None: the backend's own default. A
+    thread count in the variant's or the caller's parameters wins."""
     pb = _pb()
     cfg = pb.ModelConfig(name=variant.model_name, max_batch_size=int(max_batch_size))
     if variant.platform in BACKEND_PLATFORMS:
@@ -190,13 +265,22 @@ def classifier_config(variant, *, image_size: int, num_classes: int, embed_dim: 
     wi.data_type = pb.TYPE_FP32
     wi.dims.extend([3, image_size, image_size])
     wi.random_data = True
-    params = {"precision": variant.precision, **dict(variant.config_parameters), **dict(parameters or {})}
+    params: dict[str, Any] = {"precision": variant.precision}
+    param = thread_parameter(cfg)
+    if param and device == "cpu" and threads is not None:
+        if threads == "auto":
+            threads = default_threads(instances)
+        if not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"{cfg.name}: threads {threads!r}: a count >= 1, 'auto' or None")
+        params[param] = threads
+    params.update({**dict(variant.config_parameters), **dict(parameters or {})})
     _parameters(cfg, params)
     return cfg
 
 
-def preprocess_config(*, image_size: int, max_batch_size: int, instances: int = 1,
-                      preferred_batch_sizes: Sequence[int] = (4, 8), max_queue_delay_us: int = 2000,
+def preprocess_config(*, image_size: int, max_batch_size: int, instances: int = DEFAULT_INSTANCES,
+                      preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
+                      max_queue_delay_us: int = 2000,
                       max_queue_size: int | None = None, queue_timeout_ms: float = DEFAULT_QUEUE_TIMEOUT_MS,
                       max_image_bytes: int | None = None, max_image_pixels: int | None = None,
                       parameters: Mapping[str, Any] | None = None, warmup_file: bool = True) -> "pb.ModelConfig":

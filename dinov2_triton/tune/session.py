@@ -150,12 +150,34 @@ def served_mismatch(served: dict[str, Any], knobs: ServingConfig, base) -> list[
     if bool(db.get("default_queue_policy")) != want:
         got.append(f"default_queue_policy {'present' if db.get('default_queue_policy') else 'absent'} "
                    f"(asked {'kept' if want else 'removed'})")
+    elif want:
+        got += _policy_mismatch(db["default_queue_policy"], base, knobs)
     param = thread_parameter(base)
     if knobs.threads is not None:
         val = ((served.get("parameters") or {}).get(param) or {}).get("string_value")
         if val != str(knobs.threads):
             got.append(f"{param} {val!r} (asked {knobs.threads})")
     return got
+
+
+def _policy_mismatch(served: dict[str, Any], base, knobs: ServingConfig) -> list[str]:
+    """The served queue policy's bounds against the candidate's (timeout, size, action)."""
+    from dinov2_triton.tune.space import SpaceError, with_knobs
+
+    try:
+        asked = with_knobs(base, knobs).dynamic_batching.default_queue_policy
+    except SpaceError:
+        return []
+    pairs = (("default_timeout_microseconds", int(served.get("default_timeout_microseconds", 0)),
+              asked.default_timeout_microseconds),
+             ("max_queue_size", int(served.get("max_queue_size", 0)), asked.max_queue_size),
+             ("allow_timeout_override", bool(served.get("allow_timeout_override", False)),
+              asked.allow_timeout_override))
+    out = [f"queue policy {name} {got} (asked {want})" for name, got, want in pairs if got != want]
+    action = served.get("timeout_action", "REJECT")
+    if asked.timeout_action == 0 and action not in ("REJECT", 0):
+        out.append(f"queue policy timeout_action {action} (asked REJECT)")
+    return out
 
 
 # ----------------------------------------------------------------------------- the session

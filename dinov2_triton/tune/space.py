@@ -4,7 +4,7 @@ The knobs of one model's config (:class:`dinov2_triton.bench.capacity_records.Se
 
 * ``instances``: ``instance_group[0].count``;
 * ``threads``: intra-op threads per instance, as the model's backend reads
-  them from the config's ``parameters`` (:data:`THREAD_PARAMETERS`: Triton's
+  them from the config's ``parameters`` (dinov2_triton.export.triton_config.THREAD_PARAMETERS: Triton's
   onnxruntime backend ``intra_op_thread_count``, its pytorch backend
   ``INTRA_OP_THREAD_COUNT``, its openvino backend ``INFERENCE_NUM_THREADS``;
   the CPU stand-ins in serve/backends read the same names); None where the
@@ -17,15 +17,18 @@ The knobs of one model's config (:class:`dinov2_triton.bench.capacity_records.Se
   ``dynamic_batching.default_queue_policy``. Only tried when asked
   (``--queue-policies on,off``), because removing it removes the server's
   load shedding: under overload requests then queue without bound. It is a
-  knob at all because Triton 2.51 pays for the policy in tail latency
-  (measured here: p99 57-60 ms instead of 19-20 ms at 40 req/s open loop on
-  dinov2_onnx 56 px; README "Capacity at a latency SLO").
+  knob at all because Triton 2.51 pays for the policy on a one-instance
+  model (measured here: p99 57-60 ms instead of 19-20 ms at 40 req/s open
+  loop on dinov2_onnx 56 px; docs/field-notes.md #13); the pipeline's tune
+  stage measures each chosen configuration with and without it.
 
 :func:`with_knobs` turns the repository's config.pbtxt (a ModelConfig
 protobuf) plus knobs into a candidate config; everything else of the
 exported config (I/O, warm-up, labels, version policy, other parameters) is
-kept. The queue policy's ``max_queue_size`` (export/triton_config sizes it
-per instance and full batch) scales with instances x max_batch_size.
+kept. The queue policy's ``max_queue_size``: export's default size is
+recomputed for the candidate's instances and max_batch_size
+(dinov2_triton.export.triton_config.default_max_queue_size); a size of the
+user's keeps its allowance of full batches per instance.
 
 Strategies over a space (knob -> values): :func:`grid` (every combination,
 the default configuration first) and :func:`coordinate_ascent` (start at the
@@ -40,25 +43,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from dinov2_triton.bench.capacity_records import SearchPoint, ServingConfig
+from dinov2_triton.export.triton_config import backend_of, default_max_queue_size, thread_parameter
 
 KNOBS = ("instances", "threads", "max_queue_delay_us", "preferred_batch_sizes", "max_batch_size", "queue_policy")
-#: model-config parameter holding the intra-op thread count, per Triton backend
-THREAD_PARAMETERS = {"onnxruntime": "intra_op_thread_count", "pytorch": "INTRA_OP_THREAD_COUNT",
-                     "openvino": "INFERENCE_NUM_THREADS"}
-#: Triton's platform names -> the backend that runs them
-PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch", "tensorrt_plan": "tensorrt"}
 
 
 class SpaceError(ValueError):
     """A knob value the model cannot take (named in the message)."""
-
-
-def backend_of(cfg) -> str:
-    return cfg.backend or PLATFORM_BACKENDS.get(cfg.platform, cfg.platform)
-
-
-def thread_parameter(cfg) -> str | None:
-    return THREAD_PARAMETERS.get(backend_of(cfg))
 
 
 def knobs_of(cfg) -> ServingConfig:
@@ -104,11 +95,16 @@ def with_knobs(base, knobs: ServingConfig):
         batching.ClearField("default_queue_policy")
     elif knobs.queue_policy and not batching.HasField("default_queue_policy"):
         raise SpaceError(f"model {cfg.name}: the exported config has no default_queue_policy to keep")
-    if batching.HasField("default_queue_policy") and batching.default_queue_policy.max_queue_size:
-        # the exported queue holds a fixed number of full batches per instance: keep that allowance
-        per = batching.default_queue_policy.max_queue_size / (old.instances * max(old.max_batch_size, 1))
-        batching.default_queue_policy.max_queue_size = max(1, round(per * knobs.instances
-                                                                    * max(knobs.max_batch_size, 1)))
+    policy = batching.default_queue_policy
+    if batching.HasField("default_queue_policy") and policy.max_queue_size:
+        timeout_ms = policy.default_timeout_microseconds / 1000
+        if policy.max_queue_size == default_max_queue_size(old.max_batch_size, old.instances, timeout_ms):
+            # export's default size: the same rule for the new knobs (the timeout stays the first bound)
+            policy.max_queue_size = default_max_queue_size(knobs.max_batch_size, knobs.instances, timeout_ms)
+        else:
+            # a size of the user's: keep its allowance of full batches per instance
+            per = policy.max_queue_size / (old.instances * max(old.max_batch_size, 1))
+            policy.max_queue_size = max(1, round(per * knobs.instances * max(knobs.max_batch_size, 1)))
     for warm in cfg.model_warmup:
         warm.batch_size = min(warm.batch_size, max(knobs.max_batch_size, 1))
     return cfg
