@@ -1,13 +1,17 @@
-"""perf/search.py (+ search_space, search_session): the configuration search.
+"""dinov2_triton.tune (search, space, session, policy) and the pipeline's tune stage.
 
 Against the REAL local Triton server: two models with known service times
 (tests/test_capacity.py's sleeping Python model, configs from export's
-generator), one passing its accuracy gate, one 12x faster that FAILED it. The
+generator), one passing its accuracy gate, one 10x faster that FAILED it. The
 instance count is searched: two instances of a sleeping model serve twice
 the images, so a config override that is really loaded shows in the
 capacity. The gated-out model is never measured and never wins; an
-interrupted search resumes without re-measuring; --apply writes the winner
-atomically and a restarted server serves it."""
+interrupted search resumes without re-measuring. The tune stage searches a
+repository exported with the queue policy, applies the winner atomically
+(--apply's path), measures the policy's A/B in it, and a restarted server
+serves it. Measurement windows are short (0.5 s: the models are fast enough
+to fill them) and bisections coarse (25 %): the claims are about which
+configuration wins and what is served, not about a precise capacity."""
 from __future__ import annotations
 
 import os
@@ -21,8 +25,9 @@ from dinov2_triton.tune import search as ps
 from dinov2_triton.tune import space as sp
 from tests.test_capacity import write_manifest, write_sleepy_model
 
-SLOW_MS, FAST_MS = 25.0, 2.0            # one instance: 40 and 500 images/s
-CAPACITY = dict(window_ms=1000, start_rate=10, precision=0.2, budget_s=90)
+SLOW_MS, FAST_MS = 10.0, 1.0            # one instance: 100 and 1000 images/s
+# rates of 40-200 requests/s fill 0.5 s windows (dinov2_triton.bench.capacity.MIN_WINDOW_REQUESTS)
+CAPACITY = dict(window_ms=500, start_rate=40, precision=0.25, budget_s=40)
 SEARCH = dict(slo_p99_ms=25 * SLOW_MS, instances=(2,), threads=(), delays_us=(), capacity=CAPACITY)
 
 
@@ -40,32 +45,38 @@ def served_instances(server, model: str) -> int:
 
 # ----------------------------------------------------------------------------- no server
 def test_knobs_round_trip_on_an_exported_config():
+    from dinov2_triton.export.triton_config import default_max_queue_size, default_threads
     from tests.fixtures.triton import tiny_config_message
 
-    base = tiny_config_message("m", "onnxruntime_onnx", max_batch_size=8)
+    base = tiny_config_message("m", "onnxruntime_onnx", max_batch_size=8)     # export's defaults
     k = sp.knobs_of(base)
-    assert (k.instances, k.threads, k.max_batch_size) == (1, None, 8)
-    cand = sp.with_knobs(base, ServingConfig(instances=2, threads=1, max_queue_delay_us=500,
+    assert (k.instances, k.threads, k.max_batch_size, k.preferred_batch_sizes, k.queue_policy) == (
+        2, default_threads(2), 8, [], True)
+    cand = sp.with_knobs(base, ServingConfig(instances=3, threads=1, max_queue_delay_us=500,
                                              preferred_batch_sizes=[2, 16], max_batch_size=4,
                                              queue_policy=k.queue_policy))
     assert cand.parameters["intra_op_thread_count"].string_value == "1"       # Triton's onnxruntime name
     assert list(cand.dynamic_batching.preferred_batch_size) == [2]           # 16 > max_batch_size
-    assert sp.knobs_of(cand) == ServingConfig(instances=2, threads=1, max_queue_delay_us=500,
+    assert sp.knobs_of(cand) == ServingConfig(instances=3, threads=1, max_queue_delay_us=500,
                                               preferred_batch_sizes=[2], max_batch_size=4,
                                               queue_policy=k.queue_policy)
-    assert base.instance_group[0].count == 1                                  # the base is not touched
-    q0 = base.dynamic_batching.default_queue_policy.max_queue_size
-    if q0:      # export sizes the queue per instance and batch: it scales with both
-        assert cand.dynamic_batching.default_queue_policy.max_queue_size == q0 * 2 * 4 // 8
+    assert base.instance_group[0].count == 2                                  # the base is not touched
+    # export's default queue size, recomputed for the candidate's instances and batch
+    assert cand.dynamic_batching.default_queue_policy.max_queue_size == default_max_queue_size(4, 3, 2000)
     # what the server reports back: Triton completes an empty preferred_batch_size with [max_batch_size]
     from dinov2_triton.tune.session import served_mismatch
 
-    none = k.model_copy(update={"preferred_batch_sizes": []})
-    served = {"instance_group": [{"count": 1}], "max_batch_size": 8,
-              "dynamic_batching": {"preferred_batch_size": [8], "max_queue_delay_microseconds": k.max_queue_delay_us}}
-    assert served_mismatch(served, none, base) == []
-    assert served_mismatch(served, k.model_copy(update={"instances": 2, "threads": 1}), base) == [
-        "instances 1 (asked 2)", "preferred_batch_size [8]", "intra_op_thread_count None (asked 1)"]
+    policy = {"default_timeout_microseconds": 2_000_000, "max_queue_size": 2048, "allow_timeout_override": True}
+    served = {"instance_group": [{"count": 2}], "max_batch_size": 8,
+              "dynamic_batching": {"preferred_batch_size": [8], "max_queue_delay_microseconds": k.max_queue_delay_us,
+                                   "default_queue_policy": policy},
+              "parameters": {"intra_op_thread_count": {"string_value": str(k.threads)}}}
+    assert served_mismatch(served, k, base) == []
+    asked = k.model_copy(update={"instances": 5, "threads": k.threads + 1, "preferred_batch_sizes": [4]})
+    assert served_mismatch(served, asked, base) == [
+        "instances 2 (asked 5)", "preferred_batch_size [8]",
+        "queue policy max_queue_size 2048 (asked 2560)",      # 64 full batches x 5 instances
+        f"intra_op_thread_count '{k.threads}' (asked {k.threads + 1})"]
     ts = tiny_config_message("t", "pytorch_libtorch")
     assert sp.thread_parameter(ts) == "INTRA_OP_THREAD_COUNT"
     with pytest.raises(sp.SpaceError, match="no thread-count parameter"):
@@ -74,22 +85,24 @@ def test_knobs_round_trip_on_an_exported_config():
 
 
 def test_the_queue_policy_is_removed_only_when_asked():
-    """--queue-policies on,off on a repository exported with shedding
-    (--queue-timeout-ms): a candidate without the policy is a named, validated
-    config, its key says so, the server's answer is checked for it, and a
-    space without the flag never drops it (no silent loss of load shedding)."""
+    """--queue-policies on,off on a repository exported with shedding (export's
+    default): a candidate without the policy is a named, validated config, its
+    key says so, the server's answer is checked for it (and, with the policy,
+    its bounds), and a space without the flag never drops it (no silent loss
+    of load shedding)."""
     from dinov2_triton.tune.session import check_config, served_mismatch
     from tests.fixtures.triton import tiny_config_message
 
-    base = tiny_config_message("m", "onnxruntime_onnx", max_batch_size=8)
-    assert not base.dynamic_batching.HasField("default_queue_policy")   # export's default: no shedding
-    assert sp.knobs_of(base).queue_policy is None and "queue" not in sp.config_key("m", sp.knobs_of(base))
+    plain = tiny_config_message("m", "onnxruntime_onnx", max_batch_size=8)
+    plain.dynamic_batching.ClearField("default_queue_policy")       # exported with --queue-timeout-ms 0
+    assert sp.knobs_of(plain).queue_policy is None and "queue" not in sp.config_key("m", sp.knobs_of(plain))
     with pytest.raises(sp.SpaceError, match="no default_queue_policy to keep"):
-        sp.build_space(base, limit=None, instances=(), threads=(), delays_us=(), preferred=(),
+        sp.build_space(plain, limit=None, instances=(), threads=(), delays_us=(), preferred=(),
                        max_batch_sizes=(), queue_policies=(True,))
-    assert sp.build_space(base, limit=None, instances=(), threads=(), delays_us=(), preferred=(),
+    assert sp.build_space(plain, limit=None, instances=(), threads=(), delays_us=(), preferred=(),
                           max_batch_sizes=(), queue_policies=(True, False)[1:])["queue_policy"] == [None]
-    base.dynamic_batching.default_queue_policy.default_timeout_microseconds = 2_000_000   # --queue-timeout-ms 2000
+    base = tiny_config_message("m", "onnxruntime_onnx", max_batch_size=8)    # export's default: shedding on
+    assert base.dynamic_batching.default_queue_policy.default_timeout_microseconds == 2_000_000
     k = sp.knobs_of(base)
     assert k.queue_policy is True
     plain = sp.build_space(base, limit=None, instances=(1, 2), threads=(), delays_us=(), preferred=(),
@@ -104,11 +117,26 @@ def test_the_queue_policy_is_removed_only_when_asked():
     assert sp.knobs_of(cand) == off.model_copy(update={"queue_policy": None})   # reads back as 'has none'
     assert sp.config_key("m", off).endswith(" queue=off") and "queue" not in sp.config_key("m", k)
     assert "default_queue_policy" not in check_config(cand, base)
-    served = {"instance_group": [{"count": 1}], "max_batch_size": 8,
+    served = {"instance_group": [{"count": k.instances}], "max_batch_size": 8,
               "dynamic_batching": {"preferred_batch_size": k.preferred_batch_sizes,
-                                   "max_queue_delay_microseconds": k.max_queue_delay_us}}
+                                   "max_queue_delay_microseconds": k.max_queue_delay_us},
+              "parameters": {"intra_op_thread_count": {"string_value": str(k.threads)}}}
     assert served_mismatch(served, off, base) == []
     assert served_mismatch(served, k, base) == ["default_queue_policy absent (asked kept)"]
+    policy = {"default_timeout_microseconds": 2_000_000, "max_queue_size": 2048, "allow_timeout_override": True}
+    shedding = {**served, "dynamic_batching": {**served["dynamic_batching"], "default_queue_policy": policy}}
+    assert served_mismatch(shedding, k, base) == []
+    # the server must report the bounds written: a different timeout or size is named
+    short = {**policy, "default_timeout_microseconds": 300_000, "max_queue_size": 8}
+    wrong = {**served, "dynamic_batching": {**served["dynamic_batching"], "default_queue_policy": short}}
+    assert served_mismatch(wrong, k, base) == ["queue policy default_timeout_microseconds 300000 (asked 2000000)",
+                                               "queue policy max_queue_size 8 (asked 2048)"]
+    # export's default size follows the instances (the timeout stays the first bound); a size of one's own scales
+    assert sp.with_knobs(base, k.model_copy(update={"instances": 8})).dynamic_batching.default_queue_policy \
+        .max_queue_size == 64 * 8 * 8
+    base.dynamic_batching.default_queue_policy.max_queue_size = 32
+    assert sp.with_knobs(base, k.model_copy(update={"instances": 4})).dynamic_batching.default_queue_policy \
+        .max_queue_size == 64
     with pytest.raises(sp.SpaceError, match="no default_queue_policy to keep"):
         sp.with_knobs(cand, k)
     assert ps._switches("on,off", "--queue-policies") == [True, False]
@@ -129,10 +157,13 @@ def test_space_respects_the_graph_batch_limit(tmp_path):
     assert sp.batch_limit(base, tmp_path) == 4
     with pytest.raises(sp.SpaceError, match=r"--max-batch-sizes \[8\]: the model allows 1..4"):
         sp.build_space(base, limit=4, instances=[1], threads=[], delays_us=[], preferred=[], max_batch_sizes=[8])
-    space = sp.build_space(base, limit=4, instances=[2, 1], threads=[1], delays_us=[0], preferred=[[]],
+    k = sp.knobs_of(base)          # export's default: 2 instances, the host's cores shared as threads
+    space = sp.build_space(base, limit=4, instances=[3, 1], threads=[k.threads + 1], delays_us=[0], preferred=[[2]],
                            max_batch_sizes=[2])
-    assert space["instances"] == [1, 2] and space["threads"] == [None, 1] and space["max_batch_size"] == [4, 2]
-    assert sp.size(space) == 2 * 2 * 2 * 2 * 2
+    assert space["instances"] == [2, 3, 1] and space["threads"] == [k.threads, k.threads + 1]
+    assert space["max_batch_size"] == [4, 2] and space["preferred_batch_sizes"] == [[], [2]]
+    assert space["queue_policy"] == [True]                  # kept: shedding is never dropped unasked
+    assert sp.size(space) == 3 * 2 * 2 * 2 * 2
     assert next(sp.grid(space)) == sp.knobs_of(base)       # the exported default comes first
 
 
@@ -250,7 +281,8 @@ def test_search_resumes_and_never_lets_a_gated_out_variant_win(search_server, tm
     (p1,) = first.results.search.points
     assert p1.is_default and p1.config.instances == 1 and p1.feasible
     line = next(m for m in stop.lines if m.startswith("[1/"))
-    assert line.startswith("[1/~2] slow_ok|inst=1") and "img/s at p99 <= 625 ms" in line and "ETA" in line
+    assert line.startswith("[1/~2] slow_ok|inst=1") and f"img/s at p99 <= {25 * SLOW_MS:g} ms" in line
+    assert "ETA" in line
     assert "--resume" in stop.lines[-1]
     assert served_instances(server, "slow_ok") == 1          # the exported config is served again
 
@@ -295,27 +327,155 @@ def test_search_resumes_and_never_lets_a_gated_out_variant_win(search_server, tm
     assert served_instances(server, "slow_ok") == 1          # no --apply: the exported config is served
 
 
-@pytest.mark.triton
-def test_apply_then_a_restart_serves_the_winner(tmp_path, triton_server_factory):
-    from dinov2_triton.export.triton_config import parse_config
+def _capacity(img_s: float | None, stop: str = "converged"):
+    from dinov2_triton.bench.capacity_records import Capacity
 
-    repo = make_repo(tmp_path / "repo")
-    server = triton_server_factory(repo)
-    out = ps.run_search(url=server.url_grpc, repository=repo, api_key=server.api_key, out=tmp_path / "reports",
-                        run_id="apply", variants=["onnx"], apply=True, confirm=False, **SEARCH)
-    s = out.results.search
-    assert out.exit_code == 0, out.results.errors
-    assert s.applied is not None and s.applied.key == s.winner and "inst=2" in s.winner
-    cfg = parse_config((repo / "slow_ok" / "config.pbtxt").read_text())
-    assert cfg.instance_group[0].count == 2 and cfg.parameters["search_run_id"].string_value == "apply"
-    assert float(cfg.parameters["search_capacity_img_per_s"].string_value) == pytest.approx(
-        max(p.capacity.capacity_img_s for p in s.points), abs=0.06)
-    assert served_instances(server, "slow_ok") == 2          # loaded at once
-    server.stop()
-    again = triton_server_factory(repo)
-    assert served_instances(again, "slow_ok") == 2           # and from the repository after a restart
+    return Capacity(model="m", capacity_rps=img_s, capacity_img_s=img_s, p99_at_capacity_ms=50.0 if img_s else None,
+                    failed_rps=None, knee_rps=None, stop=stop, reason="", wall_s=10.0)
+
+
+def test_the_policy_costs_capacity_only_beyond_the_tolerance():
+    from dinov2_triton.tune.policy import AB_TOLERANCE, policy_verdict
+
+    assert AB_TOLERANCE == 0.2
+    ratio, costs, line = policy_verdict(_capacity(85.0), _capacity(100.0))
+    assert (ratio, costs) == (0.85, False) and "no cost beyond the noise (>= 0.80x)" in line
+    ratio, costs, line = policy_verdict(_capacity(29.0), _capacity(100.0))    # the one-instance stall: 0.29x
+    assert (ratio, costs) == (0.29, True) and "costs capacity (below 0.80x)" in line
+    assert policy_verdict(_capacity(None), _capacity(100.0))[:2] == (0.0, True)
+    assert policy_verdict(_capacity(50.0), _capacity(None))[:2] == (None, False)
+    assert policy_verdict(_capacity(None), _capacity(None))[:2] == (None, None)
+    _, _, line = policy_verdict(_capacity(90.0, stop="budget"), _capacity(100.0))
+    assert "the with-policy bisection ran out of budget (a lower bound)" in line
+    assert "both bisections ran out of budget" in policy_verdict(_capacity(90.0, stop="budget"),
+                                                                 _capacity(100.0, stop="budget"))[2]
+
+
+def test_the_next_configuration_is_chosen_where_the_policy_costs_capacity():
+    from dinov2_triton.bench.capacity_records import PolicyAB
+    from dinov2_triton.tune.policy import choose_configuration
+
+    cfgs = [ServingConfig(instances=i, threads=1, max_queue_delay_us=0, max_batch_size=8, queue_policy=True)
+            for i in (2, 1, 3)]
+    ranked = [_fake_point(c, v, i + 1) for i, (c, v) in enumerate(zip(cfgs, (300.0, 250.0, 200.0)))]
+
+    def measure_with(costs: list):
+        measured = []
+
+        def measure(point, i):
+            measured.append((point.key, i))
+            return PolicyAB(key=point.key, config=point.config, with_policy=_capacity(1.0),
+                            without_policy=_capacity(1.0), ratio=1.0, tolerance=0.2, costs=costs[i],
+                            verdict="scripted")
+        return measure, measured
+
+    measure, measured = measure_with([True, False, False])
+    chosen, abs_, notes, free = choose_configuration(ranked, measure, alternatives=2)
+    assert free and chosen is ranked[1] and [k for k, _ in measured] == [ranked[0].key, ranked[1].key]
+    assert len(abs_) == 2 and "costs capacity in " + ranked[0].key in notes[0]
+    # it cost everywhere it was measured (1 + alternatives): the search's winner, shedding still on
+    measure, measured = measure_with([True, True, True])
+    chosen, abs_, notes, free = choose_configuration(ranked, measure, alternatives=1)
+    assert not free and chosen is ranked[0] and len(measured) == 2
+    assert "cost capacity in every configuration measured (2)" in notes[-1]
+    # not decided (no side met the SLO) is no evidence of a cost: the first serves
+    measure, measured = measure_with([None])
+    assert choose_configuration(ranked, measure, alternatives=2)[0] is ranked[0] and len(measured) == 1
+
+
+def _tune_workdir(root: Path, data: Path) -> Path:
+    """A pipeline work folder: a sleepy classifier exported with the queue policy and two instances
+    (export's defaults), the dinov2 ensemble calling it, the manifest, a data folder."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from dinov2_triton.export.triton_config import SHEDDING_QUEUE_TIMEOUT_MS, to_text
+
+    repo = root / "model_repository"
+    write_sleepy_model(repo, "sleepy_cls", TUNE_MS, instances=2, queue_timeout_ms=SHEDDING_QUEUE_TIMEOUT_MS)
+    write_manifest(repo, {"onnx": ("sleepy_cls", "OK", True)})
+    ens = pb.ModelConfig(name="dinov2", platform="ensemble", max_batch_size=4)
+    ens.input.add(name="image", data_type=pb.TYPE_STRING).dims.append(1)
+    ens.output.add(name="pixel_values", data_type=pb.TYPE_FP32).dims.extend([3, 8, 8])
+    step = ens.ensemble_scheduling.step.add(model_name="sleepy_cls", model_version=-1)
+    step.input_map["image"], step.output_map["pixel_values"] = "image", "pixel_values"
+    (repo / "dinov2" / "1").mkdir(parents=True)
+    (repo / "dinov2" / "config.pbtxt").write_text(to_text(ens))
+    (root / "data").symlink_to(data)
+    return root
+
+
+TUNE_MS = 10.0              # one instance: 100 images/s, two: 200
+TUNE = ["tune.slo_p99_ms=250", "tune.budget_min=1.5", "tune.point_budget_s=25", "tune.ab_budget_s=25",
+        "tune.rate_window_ms=500", "tune.rate_precision=0.25", "tune.start_rate=80", "tune.alternatives=1"]
+
+
+@pytest.mark.triton
+def test_the_tune_stage_applies_its_choice_with_shedding_on_and_a_restart_serves_it(tmp_path, tiny_dataset,
+                                                                                    triton_server_factory):
+    """The pipeline's tune stage on a repository exported with the queue policy: the search's
+    instances step (a sleeping model: two instances serve twice the images), the winner applied
+    (config.pbtxt written, the run id and capacity in its parameters, loaded at once), the queue
+    policy's A/B measured in it, the file and what the server reports the same, every step of the
+    ensemble shedding, the A/B in the search's results and report; a restarted server serves it."""
+    from dinov2_triton.export.triton_config import parse_config
+    from dinov2_triton.pipeline.capacity_stage import run_tune
+    from dinov2_triton.pipeline.recipes import resolve
+    from dinov2_triton.pipeline.stages import Context, Layout
+
+    root = _tune_workdir(tmp_path / "work", tiny_dataset)
+    lines: list[str] = []
+    ctx = Context(recipe=resolve(None, sets=TUNE).recipe, layout=Layout(root), say=lines.append)
+    ctx.server = triton_server_factory(root / "model_repository")
+    note = run_tune(ctx)
+    print("\n".join(lines))          # shown by pytest when an assert below fails
+    c = ctx.serving
+    assert c is not None and isinstance(note, str), (note, c)
+    assert (c.model, c.variant, c.space) == ("sleepy_cls", "onnx", "joint")
+    search = ps_results(c.search_run)
+    assert {p.config.instances for p in search.points} == {1, 2} and all(p.config.queue_policy for p in search.points)
+    one, two = (next(p.capacity.capacity_img_s for p in search.points if p.config.instances == n) for n in (1, 2))
+    assert two >= 1.4 * one and c.search_winner == search.winner and "inst=2" in search.winner
+    assert search.applied is not None and search.applied.key == search.winner
+    # the A/B: the winner first, both sides measured in this run, the verdict from the ratio
+    first = c.ab[0]
+    assert first.key == search.winner and first.config.queue_policy is True
+    assert first.with_policy.points and first.without_policy.points and first.tolerance == 0.2
+    if first.ratio:
+        assert first.costs == (first.ratio < 0.8)
+    if first.costs is not True:
+        assert c.chosen == search.winner and len(c.ab) == 1
+    else:       # the next configuration where the policy costs nothing, else the winner (shedding stays on)
+        assert len(c.ab) == 2 and c.chosen in (search.winner, c.ab[1].key) and c.notes
+    # what is served is the file, with the policy; the ensemble's step sheds
+    cfg = parse_config((root / "model_repository" / "sleepy_cls" / "config.pbtxt").read_text())
+    assert cfg.instance_group[0].count == c.config.instances and cfg.dynamic_batching.HasField("default_queue_policy")
+    assert cfg.parameters["search_run_id"].string_value == "search"
+    if c.chosen == search.winner:
+        assert float(cfg.parameters["search_capacity_img_per_s"].string_value) == pytest.approx(
+            max(p.capacity.capacity_img_s for p in search.points), abs=0.06)
+    assert c.served_matches and "matches the applied config" in c.served, c.served
+    assert served_instances(ctx.server, "sleepy_cls") == c.config.instances
+    assert c.ensemble_steps_shed == {"sleepy_cls": True}
+    assert c.search_s > 0 and c.ab_s > 0 and c.wall_s >= c.search_s + c.ab_s - 1
+    assert any(m.startswith("tune: ") and "in all (search" in m for m in lines)
+    # stored with the search's results (schema-checked on read) and shown in its report
+    assert ps_results(c.search_run, serving=True).serving == c
+    md = (Path(c.search_run) / "report.md").read_text()
+    assert "Serving configuration of `sleepy_cls`, load shedding on" in md and first.key in md
+    # a restarted server serves the file
+    ctx.server.stop()
+    again = triton_server_factory(root / "model_repository")
+    assert served_instances(again, "sleepy_cls") == c.config.instances
     with again.connect("grpc") as conn:
-        assert conn.model_config("slow_ok")["parameters"]["search_run_id"]["string_value"] == "apply"
+        assert conn.model_config("sleepy_cls")["parameters"]["search_run_id"]["string_value"] == "search"
+
+
+def ps_results(run_dir, *, serving: bool = False):
+    """The search's results.json (its ``search`` section; the whole record with ``serving``)."""
+    from dinov2_triton.bench.results import RESULTS_FILE, read_results
+
+    record = read_results(Path(run_dir) / RESULTS_FILE)
+    return record if serving else record.search
 
 
 def test_bad_input_is_one_line(tmp_path):

@@ -171,3 +171,46 @@ class SearchRun(_Part):
     stopped: Literal["done", "budget", "interrupted"] = "done"
     wall_s: float = 0.0                  # the search, earlier sessions included (not the comparison)
     input_data: dict[str, Any] | None = None    # dinov2_triton.bench.input_data.Samples.describe()
+
+
+# ------------------------------------------------ the pipeline's tune stage (dinov2_triton.pipeline.capacity_stage)
+class PolicyAB(_Part):
+    """One configuration's capacity at the SLO with the queue policy (as served) and
+    without it, measured one after the other in the same run."""
+    key: str
+    config: ServingConfig
+    with_policy: Capacity
+    without_policy: Capacity
+    #: with / without (None: a side has no capacity)
+    ratio: float | None
+    #: the policy costs capacity when ratio < 1 - tolerance
+    tolerance: float
+    costs: bool | None        # None: not decided (a side has no capacity under the SLO)
+    verdict: str
+
+
+class ServingChoice(_Part):
+    """The tune stage: the serving configuration of the model the ``dinov2`` ensemble
+    calls, chosen by a short search on this host with the queue policy on, applied
+    to the repository, and the A/B of the policy in that configuration."""
+    model: str
+    variant: str | None = None
+    slo_p99_ms: float
+    space: Literal["joint", "full"] = "joint"
+    #: the search's run folder (its results.json and report)
+    search_run: str
+    search_winner: str | None = None
+    #: the configuration served now (the search's winner, or the next one where the policy costs nothing)
+    chosen: str | None = None
+    config: ServingConfig | None = None
+    applied_path: str | None = None
+    #: what the server reports after reloading config.pbtxt matches the file
+    served_matches: bool = False
+    served: str = ""
+    #: every step of the ``dinov2`` ensemble is served with a queue policy
+    ensemble_steps_shed: dict[str, bool] = {}
+    ab: list[PolicyAB] = []
+    notes: list[str] = []
+    search_s: float = 0.0
+    ab_s: float = 0.0
+    wall_s: float = 0.0

@@ -32,10 +32,13 @@ from the export manifest): ``efficiency.arithmetic``/``peak_gflops``/
 ``fraction_of_peak`` replace the FP32-only ``fp32_peak_gflops``/
 ``fraction_of_fp32_peak``; version 5 adds the optional ``overload`` section
 (dinov2_triton.qa.overload: the overload check of the served deployment,
-bench/overload_records.py). Older files read as version 5 (a version-2
-capacity run measured every rate once: ``recheck_margin`` 0; a version-3
-efficiency was against the FP32 peak: ``arithmetic`` fp32; before version 5
-no overload check ran: ``overload`` None).
+bench/overload_records.py); version 6 adds the optional ``serving`` section
+(the pipeline's tune stage: the configuration served and the queue policy's
+A/B in it, bench/capacity_records.py ServingChoice). Older files read as
+version 6 (a version-2 capacity run measured every rate once:
+``recheck_margin`` 0; a version-3 efficiency was against the FP32 peak:
+``arithmetic`` fp32; before version 5 no overload check ran: ``overload``
+None; before version 6 no tune stage ran: ``serving`` None).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from dinov2_triton.bench.capacity_records import CapacityRun, SearchRun, ServingConfig
+from dinov2_triton.bench.capacity_records import CapacityRun, SearchRun, ServingChoice, ServingConfig
 from dinov2_triton.bench.overload_records import OverloadCheck
 from dinov2_triton.core.records import Record, RecordError
 
@@ -493,7 +496,7 @@ class PerfResults(Record):
     """``perf/reports/<run-id>/results.json``: written by dinov2_triton.pipeline.bench_stage (and again by
     dinov2_triton.report.report with ``rows`` and ``recommendation``), read by dinov2_triton.report.report."""
 
-    SCHEMA_VERSION: ClassVar[int] = 5
+    SCHEMA_VERSION: ClassVar[int] = 6
     KIND: ClassVar[str] = "perf results.json"
     REGENERATE: ClassVar[str] = "dinov2-triton bench --model-path ... (see dinov2-triton bench --help)"
 
@@ -519,6 +522,8 @@ class PerfResults(Record):
     capacity: CapacityRun | None = None
     search: SearchRun | None = None
     overload: OverloadCheck | None = None
+    #: the pipeline's tune stage: the configuration served, and the queue policy's A/B in it
+    serving: ServingChoice | None = None
     rows: list[VariantRow] | None = None
     recommendation: Recommendation | None = None
 
@@ -552,7 +557,9 @@ class PerfResults(Record):
                         v["efficiency"] = _efficiency_v4(eff)
             return cls._migrate({**data, "schema_version": 4}, 4)
         if version == 4:   # 5 added the optional overload section (no check ran before)
-            return {**data, "schema_version": 5}
+            return cls._migrate({**data, "schema_version": 5}, 5)
+        if version == 5:   # 6 added the optional serving section (no tune stage ran before)
+            return {**data, "schema_version": 6}
         raise RecordError(f"schema_version {version} is no longer supported")
 
 

@@ -5,11 +5,12 @@ A recipe is YAML; :class:`Recipe` is its one typed record (pydantic,
 
     description: ...
     workdir: runs/bench-224          # optional; --workdir wins, default: the current folder
-    stages: [data, train, export, serve, classify, bench]
+    stages: [data, train, export, serve, tune, classify, bench]
     data:     {images: null, per_class: 300, test_per_class: 100, ...}
     train:    {arch: vits14, img_size: 56, mode: full, epochs: 5, ...}
     export:   {variants: [...], max_batch_size: 8, ...}
     serve:    {ready_timeout_s: 300}
+    tune:     {slo_p99_ms: 100, space: joint, budget_min: 3, ...}
     classify: {protocols: [grpc, http], ...}
     bench:    {protocols: [grpc], concurrency: [1, 4], ...}
     capacity: {slo_p99_ms: 100, models: [...], search: {...}}
@@ -52,11 +53,11 @@ from dinov2_triton.train.finetune_config import AMPS, ARCH_NAMES, ATTENTIONS, DE
 
 RECIPES_PACKAGE = "dinov2_triton.pipeline"
 #: the stages in the order they run; a recipe's ``stages`` picks among them
-STAGES = ("data", "train", "export", "serve", "classify", "bench", "capacity")
+STAGES = ("data", "train", "export", "serve", "tune", "classify", "bench", "capacity")
 #: the stages that skip by content fingerprint (dinov2_triton.core.stage_stamp)
 STAMPED = ("data", "train", "export")
 #: stages that talk to the local server the serve stage starts
-NEEDS_SERVER = ("classify", "bench", "capacity")
+NEEDS_SERVER = ("tune", "classify", "bench", "capacity")
 #: the export's default (dinov2_triton.export.auto): every variant this host can run, the ensemble on the fastest gated
 DEFAULT_VARIANTS = ["auto"]
 #: export.variants words besides the registry's names
@@ -259,6 +260,25 @@ class SearchSection(Section):
     apply: bool = True                   # the winner becomes config.pbtxt; the server restarts and is checked
 
 
+class TuneSection(Section):
+    """The tune stage (dinov2_triton.pipeline.capacity_stage.run_tune): the serving configuration
+    of the model the dinov2 ensemble calls, searched on this host with the queue policy on
+    (``joint``: instances x threads; ``full``: capacity.search's space and strategy), applied,
+    and the policy's A/B (capacity at the SLO with and without it) in the chosen configuration."""
+    slo_p99_ms: float = Field(100.0, gt=0)
+    space: Literal["joint", "full"] = "joint"
+    instances: list[int] = Field(default_factory=lambda: [1, 2])
+    threads: list[int] = Field(default_factory=lambda: [1, 2])
+    budget_min: float = Field(3.0, gt=0)          # the search (the A/B comes after it)
+    point_budget_s: float = Field(40.0, gt=0)     # one configuration's capacity
+    ab_budget_s: float = Field(60.0, gt=0)        # each side of the A/B
+    rate_window_ms: int = Field(1500, ge=500)
+    rate_precision: float = Field(0.1, gt=0, lt=1)
+    start_rate: float = Field(80.0, gt=0)
+    ab_tolerance: float = Field(0.2, gt=0, lt=1)  # the policy costs capacity below (1 - this) x without it
+    alternatives: int = Field(2, ge=0)            # next configurations tried where the policy costs capacity
+
+
 class CapacitySection(Section):
     """Capacity at a p99 SLO under open-loop load (dinov2_triton.bench.capacity), after the search."""
     slo_p99_ms: float = Field(100.0, gt=0)
@@ -299,6 +319,7 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     export: ExportSection = ExportSection()
     serve: ServeSection = ServeSection()
+    tune: TuneSection = TuneSection()
     classify: ClassifySection = ClassifySection()
     bench: BenchSection = BenchSection()
     capacity: CapacitySection = CapacitySection()

@@ -104,7 +104,7 @@ def run_pipeline(resolved: "ResolvedRecipe", workdir: str | os.PathLike, *, forc
     """Run the resolved recipe (every sweep run in turn) in ``workdir``; returns
     the exit code and the stage results. The local server is always stopped."""
     from dinov2_triton.core.artifact_io import atomic_write_text
-    from dinov2_triton.pipeline.capacity_stage import run_capacity
+    from dinov2_triton.pipeline.capacity_stage import run_capacity, run_tune
     from dinov2_triton.pipeline.recipes import RecipeError
     from dinov2_triton.pipeline.stages import (
         STAGE_FUNCTIONS,
@@ -118,7 +118,7 @@ def run_pipeline(resolved: "ResolvedRecipe", workdir: str | os.PathLike, *, forc
     )
 
     say = say or (lambda m: print(m, flush=True))
-    functions = {**STAGE_FUNCTIONS, "capacity": run_capacity}
+    functions = {**STAGE_FUNCTIONS, "tune": run_tune, "capacity": run_capacity}
     workdir = Path(workdir).resolve()
     outcome = PipelineOutcome(exit_code=0)
     t_start = time.monotonic()

@@ -132,6 +132,7 @@ class Context:
     server_pids: list[int] = field(default_factory=list)   # every server this run started
     bench_results: Path | None = None       # results.json of this run's bench stage
     thread_study: str | None = None         # markdown of the thread-settings study
+    serving: Any = None                     # the tune stage's ServingChoice (bench_stage results' ``serving``)
     warnings: list[str] = field(default_factory=list)
 
     def forced(self, stage: str) -> bool:
@@ -193,8 +194,6 @@ def export_options(recipe: Recipe) -> tuple[list[str], dict[str, Any]]:
             opts[key] = value
     if e.preferred_batch_sizes is not None:
         opts["preferred_batch_sizes"] = tuple(e.preferred_batch_sizes)
-    elif e.max_batch_size < 8:   # the export's default (4, 8) must fit under max_batch_size
-        opts["preferred_batch_sizes"] = tuple(b for b in (4, 8) if b <= e.max_batch_size) or (e.max_batch_size,)
     opts.update(extra)
     opts.update(e.options)
     try:
@@ -221,7 +220,8 @@ def plan(ctx: Context) -> None:
         ctx.variants, ctx.export_options = export_options(r)
     data = lay.data / "manifest.csv"
     needs = {"train": [("data", data)], "export": [("train", lay.checkpoint), ("data", data)],
-             "serve": [("export", lay.manifest)], "classify": [("data", data)], "bench": [("data", data)],
+             "serve": [("export", lay.manifest)], "tune": [("data", data)], "classify": [("data", data)],
+             "bench": [("data", data)],
              "capacity": [("data", data)]}
     for stage in stages:
         for producer, path in needs.get(stage, []):
@@ -471,6 +471,13 @@ def run_bench(ctx: Context) -> str | StageResult:
                        progress=ctx.say, **optional)
     except (PerfInputError, ValueError) as exc:
         raise PipelineInputError(f"bench: {exc}") from None
+    if ctx.serving is not None:   # the tune stage's choice and its queue policy A/B, in this report too
+        from dataclasses import replace
+
+        from dinov2_triton.report.report import generate_report
+
+        run = replace(run, report=generate_report(run.report.results.model_copy(update={"serving": ctx.serving}),
+                                                  Path(run.report.json).parent))
     code = print_run(run)
     ctx.bench_results = Path(run.report.json)
     note = f"report {run.report.md}"

@@ -4,8 +4,10 @@
     search_blocks(results, rows)   -> the search's cost, the top 3 configurations per
                                       variant with their accuracy gates, every point,
                                       the same-run comparison with the exported default
+    serving_blocks(results)        -> the pipeline's tune stage: the configuration served
+                                      and the queue policy's A/B in it (same run)
 
-Both are empty when the section did not run, so a report without them reads
+Each is empty when its section did not run, so a report without them reads
 as before.
 """
 from __future__ import annotations
@@ -142,4 +144,39 @@ def search_blocks(results: PerfResults, rows: Sequence[VariantRow]) -> list[tupl
     if results.capacity is None:
         b.append(("h3", "How to read capacity at an SLO"))
         b.append(("ul", HOW_TO_READ))
+    return b
+
+
+def serving_blocks(results: PerfResults) -> list[tuple]:
+    """The tune stage's choice: the configuration served, with and without the queue policy."""
+    c = results.serving
+    if c is None:
+        return []
+    b: list[tuple] = [("h2", f"Serving configuration of `{c.model}`, load shedding on (p99 <= {c.slo_p99_ms:g} ms)")]
+    how = ("the search's instances x threads step" if c.space == "joint" else "the whole configuration search")
+    b.append(("p", f"The `dinov2` ensemble calls `{c.model}` (variant {c.variant or '-'}). Chosen by {how} on this "
+                   f"host with the exported queue policy in every candidate (search winner "
+                   f"`{c.search_winner or '-'}`; {c.search_s / 60:.1f} min), then the capacity at the SLO of the "
+                   f"chosen configuration without the policy and with it, one after the other "
+                   f"({c.ab_s / 60:.1f} min; {c.wall_s / 60:.1f} min in all). The policy costs capacity when the "
+                   f"capacity with it is below (1 - tolerance) x the capacity without it: the tolerance covers the "
+                   f"bisection's resolution and the spread of two measurements on shared cores."))
+    if c.ab:
+        head = ["configuration", "with policy img/s", "p99 ms", "without policy img/s", "p99 ms", "with / without",
+                "tolerance", "policy costs capacity"]
+        body = [[a.key, _num(a.with_policy.capacity_img_s), _num(a.with_policy.p99_at_capacity_ms),
+                 _num(a.without_policy.capacity_img_s), _num(a.without_policy.p99_at_capacity_ms),
+                 _num(a.ratio, ".2f"), f"{a.tolerance:.0%}",
+                 "-" if a.costs is None else ("yes" if a.costs else "no")] for a in c.ab]
+        b.append(("table", head, body))
+        b.append(("ul", [f"`{a.key}`: {a.verdict}" for a in c.ab]))
+    served = "matches" if c.served_matches else "DIFFERS from"
+    items = [f"Served: `{c.chosen or 'the exported configuration'}`; after reloading `{c.applied_path or '-'}` "
+             f"the server's configuration {served} the file ({c.served})."]
+    if c.ensemble_steps_shed:
+        items.append("Queue policy on each model the ensemble calls: "
+                     + ", ".join(f"`{m}` {'yes' if on else 'NO'}" for m, on in c.ensemble_steps_shed.items()) + ".")
+    items += c.notes
+    items.append(f"The search's own report: `{c.search_run}`.")
+    b.append(("ul", items))
     return b

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dinov2_triton.bench.results import RESULTS_FILE, PerfResults, Recommendation, VariantRow
-from dinov2_triton.report.capacity import capacity_blocks, search_blocks
+from dinov2_triton.report.capacity import capacity_blocks, search_blocks, serving_blocks
 from dinov2_triton.report.overload import overload_blocks
 from dinov2_triton.report.ranking import (
     BREAKDOWN,
@@ -87,6 +87,7 @@ def build_blocks(results: PerfResults, rows: Sequence[VariantRow], rec: Recommen
             b.append(("img", p["file"], p["title"], p["caption"]))
     b += capacity_blocks(results)
     b += search_blocks(results, rows)
+    b += serving_blocks(results)
     b += overload_blocks(results)
     b += _served_blocks(results)
     b += _in_process_blocks(results)

@@ -327,14 +327,25 @@ def _confirm(session: Session, target: Target, winner):
     return cmp
 
 
-def _apply(session: Session, target: Target, winner, run_id: str, comparison):
-    """Write the winner as the model's served config (atomically) and load it."""
-    from dinov2_triton.bench.capacity_records import SearchApplied
+def write_config(base, config_path: Path, knobs, parameters: Mapping[str, str]):
+    """``knobs`` on ``base`` (a ModelConfig) with ``parameters`` added, checked
+    by export's checker, then written to ``config_path`` atomically (nothing is
+    written when the check fails); returns (the config, the path)."""
     from dinov2_triton.core.artifact_io import atomic_write_text
     from dinov2_triton.tune.session import check_config
     from dinov2_triton.tune.space import with_knobs
 
-    cfg = with_knobs(target.base, winner.config)
+    cfg = with_knobs(base, knobs)
+    for key, value in parameters.items():
+        cfg.parameters[key].string_value = value
+    text = check_config(cfg, base)         # raises before anything is written
+    return cfg, atomic_write_text(config_path, text)
+
+
+def _apply(session: Session, target: Target, winner, run_id: str, comparison):
+    """Write the winner as the model's served config (atomically) and load it."""
+    from dinov2_triton.bench.capacity_records import SearchApplied
+
     cap = comparison.winner if comparison is not None else winner.capacity
     numbers = {"search_run_id": run_id, "search_slo_p99_ms": f"{session.settings.capacity.slo_p99_ms:g}",
                "search_capacity_img_per_s": f"{cap.capacity_img_s:.1f}",
@@ -347,10 +358,7 @@ def _apply(session: Session, target: Target, winner, run_id: str, comparison):
         numbers["search_queue_policy"] = "removed"
         session.say(f"WARNING: the winner serves {target.model} without the exported default_queue_policy: no "
                     "server-side load shedding, requests queue without bound under overload")
-    for key, value in numbers.items():
-        cfg.parameters[key].string_value = value
-    text = check_config(cfg, target.base)         # raises before anything is written
-    path = atomic_write_text(target.config_path, text)
+    cfg, path = write_config(target.base, target.config_path, winner.config, numbers)
     session.say(f"applied: {path} now serves {winner.key} (run {run_id})")
     session.load(target.model, cfg)
     return SearchApplied(path=str(path), model=target.model, key=winner.key)
