@@ -27,7 +27,7 @@ from tests.test_capacity import write_manifest, write_sleepy_model
 
 SLOW_MS, FAST_MS = 10.0, 1.0            # one instance: 100 and 1000 images/s
 # rates of 40-200 requests/s fill 0.5 s windows (dinov2_triton.bench.capacity.MIN_WINDOW_REQUESTS)
-CAPACITY = dict(window_ms=500, start_rate=40, precision=0.25, budget_s=40)
+CAPACITY = dict(window_ms=500, start_rate=80, precision=0.25, budget_s=40)
 SEARCH = dict(slo_p99_ms=25 * SLOW_MS, instances=(2,), threads=(), delays_us=(), capacity=CAPACITY)
 
 
@@ -420,12 +420,19 @@ def test_the_tune_stage_applies_its_choice_with_shedding_on_and_a_restart_serves
     from dinov2_triton.export.triton_config import parse_config
     from dinov2_triton.pipeline.capacity_stage import run_tune
     from dinov2_triton.pipeline.recipes import resolve
-    from dinov2_triton.pipeline.stages import Context, Layout
+    from dinov2_triton.pipeline.stages import Context, Layout, StageResult
 
     root = _tune_workdir(tmp_path / "work", tiny_dataset)
+    repo = root / "model_repository"
     lines: list[str] = []
     ctx = Context(recipe=resolve(None, sets=TUNE).recipe, layout=Layout(root), say=lines.append)
-    ctx.server = triton_server_factory(root / "model_repository")
+    ctx.server = triton_server_factory(repo)
+    # the ensemble calls a variant that failed its gate (published with allow_failed_gates): not measured
+    write_manifest(repo, {"onnx": ("sleepy_cls", "GATE_FAILED", False)})
+    skipped = run_tune(ctx)
+    assert isinstance(skipped, StageResult) and skipped.status == "warning" and "gate FAILED" in skipped.note
+    assert ctx.serving is None and not (root / "reports").exists() and "not run" in ctx.warnings[-1]
+    write_manifest(repo, {"onnx": ("sleepy_cls", "OK", True)})
     note = run_tune(ctx)
     print("\n".join(lines))          # shown by pytest when an assert below fails
     c = ctx.serving

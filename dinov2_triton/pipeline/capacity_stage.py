@@ -171,7 +171,12 @@ def run_tune(ctx: Context) -> str | StageResult:
     t, lay, handle = ctx.recipe.tune, ctx.layout, ctx.server
     assert handle is not None, "the serve stage starts the server first"
     t0 = time.monotonic()
-    model, variant = ensemble_target(ctx)
+    model, variant, excluded = ensemble_target(ctx)
+    if excluded:       # e.g. published with allow_failed_gates: the search measures only gated variants
+        msg = f"tune: not run: the dinov2 ensemble calls {model} ({variant}), which may not compete: {excluded}"
+        ctx.say(f"WARNING: {msg}")
+        ctx.warnings.append(msg)
+        return StageResult("tune", "warning", 0.0, f"not run: {variant}: {excluded}")
     run_dir = lay.reports / f"tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     ctx.say(f"tune: {model} (the model the dinov2 ensemble calls, variant {variant}), SLO p99 <= "
             f"{t.slo_p99_ms:g} ms, {'instances x threads' if t.space == 'joint' else 'the whole search space'} "
@@ -199,12 +204,14 @@ def run_tune(ctx: Context) -> str | StageResult:
             f"{choice.wall_s / 60:.1f} min; report {outcome.report.md}")
 
 
-def ensemble_target(ctx: Context) -> tuple[str, str]:
-    """(model, variant) the served ``dinov2`` ensemble calls, by what the server reports."""
+def ensemble_target(ctx: Context) -> tuple[str, str, str | None]:
+    """(model, variant, why it may not compete or None) the served ``dinov2``
+    ensemble calls, by what the server reports."""
     from dinov2_triton.core.records import RecordError
     from dinov2_triton.export.manifest import read_export_manifest
     from dinov2_triton.export.triton_config import ENSEMBLE_MODEL, PREPROCESS_MODEL
     from dinov2_triton.serve.triton_access import TritonError, connect
+    from dinov2_triton.tune.session import competitors
 
     handle = ctx.server
     assert handle is not None
@@ -226,7 +233,8 @@ def ensemble_target(ctx: Context) -> tuple[str, str]:
     if variant is None:
         raise PipelineInputError(f"tune: {called[0]} (called by {ENSEMBLE_MODEL}) is not a variant of "
                                  f"{ctx.layout.manifest}")
-    return called[0], variant
+    _, excluded = competitors(manifest, [variant], called)
+    return called[0], variant, excluded[0].reason if excluded else None
 
 
 def _tune_search(ctx: Context, run_dir: Path, variant: str):

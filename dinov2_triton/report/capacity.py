@@ -154,13 +154,19 @@ def serving_blocks(results: PerfResults) -> list[tuple]:
         return []
     b: list[tuple] = [("h2", f"Serving configuration of `{c.model}`, load shedding on (p99 <= {c.slo_p99_ms:g} ms)")]
     how = ("the search's instances x threads step" if c.space == "joint" else "the whole configuration search")
-    b.append(("p", f"The `dinov2` ensemble calls `{c.model}` (variant {c.variant or '-'}). Chosen by {how} on this "
-                   f"host with the exported queue policy in every candidate (search winner "
-                   f"`{c.search_winner or '-'}`; {c.search_s / 60:.1f} min), then the capacity at the SLO of the "
-                   f"chosen configuration without the policy and with it, one after the other "
-                   f"({c.ab_s / 60:.1f} min; {c.wall_s / 60:.1f} min in all). The policy costs capacity when the "
-                   f"capacity with it is below (1 - tolerance) x the capacity without it: the tolerance covers the "
-                   f"bisection's resolution and the spread of two measurements on shared cores."))
+    if c.chosen is None:
+        b.append(("p", f"The `dinov2` ensemble calls `{c.model}` (variant {c.variant or '-'}). {how.capitalize()} "
+                       f"on this host, with the exported queue policy in every candidate, found no configuration "
+                       f"that met the SLO ({c.search_s / 60:.1f} min): the exported configuration serves, and the "
+                       f"queue policy was not measured against its absence."))
+    else:
+        b.append(("p", f"The `dinov2` ensemble calls `{c.model}` (variant {c.variant or '-'}). Chosen by {how} on "
+                       f"this host with the exported queue policy in every candidate (search winner "
+                       f"`{c.search_winner or '-'}`; {c.search_s / 60:.1f} min), then the capacity at the SLO of the "
+                       f"chosen configuration without the policy and with it, one after the other "
+                       f"({c.ab_s / 60:.1f} min; {c.wall_s / 60:.1f} min in all). The policy costs capacity when "
+                       f"the capacity with it is below (1 - tolerance) x the capacity without it: the tolerance "
+                       f"covers the bisection's resolution and the spread of two measurements on shared cores."))
     if c.ab:
         head = ["configuration", "with policy img/s", "p99 ms", "without policy img/s", "p99 ms", "with / without",
                 "tolerance", "policy costs capacity"]
