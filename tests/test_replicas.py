@@ -95,13 +95,18 @@ def test_thread_parameters_per_backend_and_load_order():
     from tests.fixtures.triton import tiny_config_message
 
     onnx = tiny_config_message("a", "onnxruntime_onnx")
+    before = onnx.SerializeToString()
     cfg = json.loads(rp.config_with_threads(onnx, 1))
     assert cfg["parameters"]["intra_op_thread_count"] == {"string_value": "1"}
     assert cfg["parameters"]["inter_op_thread_count"] == {"string_value": "1"}
     assert cfg["name"] == "a" and cfg["max_batch_size"] == 4
-    assert "intra_op_thread_count" not in onnx.parameters  # the caller's config is untouched
-    torch_cfg = json.loads(rp.config_with_threads(tiny_config_message("b", "pytorch_libtorch"), 2))
-    assert torch_cfg["parameters"]["INTRA_OP_THREAD_COUNT"] == {"string_value": "2"}
+    assert onnx.SerializeToString() == before  # the caller's config is untouched
+    torch_msg = tiny_config_message("b", "pytorch_libtorch")
+    torch_msg.instance_group[0].count = 2
+    # a replica's CPU share divided among the model's instances, at least one thread each
+    for share, threads in ((4, "2"), (2, "1"), (1, "1")):
+        torch_cfg = json.loads(rp.config_with_threads(torch_msg, share))
+        assert torch_cfg["parameters"]["INTRA_OP_THREAD_COUNT"] == {"string_value": threads}, share
     pre = preprocess_config(image_size=8, max_batch_size=4, warmup_file=False)
     assert rp.config_with_threads(pre, 1) is None  # python: decoding, no thread pool to size
     ens = ensemble_config("a", num_classes=4, embed_dim=6, image_size=8, max_batch_size=4)

@@ -7,13 +7,15 @@ intra-op thread pools sized to that share. HAProxy (dinov2_triton.serve.balancer
 on the addresses a single server would use, so the client, parity and perf
 stages run unchanged against it.
 
-Threads per replica: the repository's config.pbtxt files do not set thread
-counts (that is host-specific). Each replica therefore starts with no model
-and loads every selected model through the model-repository API with its
-own config plus the backend's thread parameters (``intra_op_thread_count``
-for onnxruntime, ``INTRA_OP_THREAD_COUNT`` for pytorch; inter-op 1), so two
-replicas x 1 thread never run four busy threads on two cores. Ensembles
-are loaded after their steps.
+Threads per replica: the thread counts in the repository's config.pbtxt
+files were sized for the whole host by the export (its cores shared among
+the model's instances). Each replica therefore starts with no model and
+loads every selected model through the model-repository API with its own
+config plus the backend's thread parameters (``intra_op_thread_count`` for
+onnxruntime, ``INTRA_OP_THREAD_COUNT`` for pytorch; inter-op 1) set to the
+replica's CPU share divided among the model's instances (at least one), so
+two replicas x two instances never run eight busy threads on two cores.
+Ensembles are loaded after their steps.
 
 One API key for the whole set (written once, 0600): a client holding it can
 use the restricted APIs through the balancer, which reach ONE replica; load
@@ -110,16 +112,18 @@ def _load_order(configs: dict) -> list[str]:
 
 
 def config_with_threads(cfg, threads: int) -> str | None:
-    """JSON of ``cfg`` with the backend's thread parameters set to ``threads``
-    (None when the backend has no such setting)."""
+    """JSON of ``cfg`` with the backend's thread parameters set to its share of
+    ``threads`` (the replica's CPUs divided among the model's instances, at
+    least one each); None when the backend has no such setting."""
     from google.protobuf import json_format
 
     names = THREAD_PARAMETERS.get(_backend_of(cfg))
     if names is None:
         return None
     cfg = type(cfg).FromString(cfg.SerializeToString())  # a copy: the caller's stays as read
+    instances = sum(g.count or 1 for g in cfg.instance_group) or 1
     intra, inter = names
-    for key, value in ((intra, threads), (inter, 1)):
+    for key, value in ((intra, max(1, threads // instances)), (inter, 1)):
         old = cfg.parameters[key].string_value if key in cfg.parameters else None
         if old not in (None, str(value)):
             log.info("model %s: %s %s -> %s for this replica's CPU share", cfg.name, key, old, value)
