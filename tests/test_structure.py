@@ -213,6 +213,31 @@ def test_one_main_py_the_commands():
     assert targets == {"dinov2_triton.cli"}, "python -m dinov2_triton must be the dinov2-triton command"
 
 
+#: modules that a child process runs with ``python -m`` (a worker, a container step, torchrun, a benchmark
+#: script): the only ones besides the command with an ``if __name__ == "__main__"`` block
+CHILD_PROCESS_MODULES = {
+    "dinov2_triton/cli.py", "dinov2_triton/export/container.py", "dinov2_triton/export/modelopt_worker.py",
+    "dinov2_triton/export/trt_build_main.py", "dinov2_triton/export/variants/onnx_fp16.py",
+    "dinov2_triton/export/variants/onnx_int8_dynamic.py", "dinov2_triton/train/finetune.py",
+    "dinov2_triton/train/benchmark.py", "dinov2_triton/pipeline/bench_stage.py",
+    "dinov2_triton/bench/standin_overhead.py",
+}
+
+
+def test_subcommands_run_only_through_the_command():
+    """One way in: a subcommand's module has no ``python -m`` entry of its own (its main is reached
+    through dinov2-triton); only the modules a child process runs keep one."""
+    found = set()
+    for path in PACKAGE_DIR.rglob("*.py"):
+        if _is_resource(path) or path.name == "__main__.py":
+            continue
+        if re.search(r'^if __name__ == ["\']__main__["\']:', path.read_text(encoding="utf-8"), re.M):
+            found.add(str(path.relative_to(ROOT)))
+    assert "dinov2_triton/cli.py" in found                  # the search sees a block where there is one
+    extra = sorted(found - CHILD_PROCESS_MODULES)
+    assert not extra, f"python -m entry points besides the command: {extra}"
+
+
 @pytest.mark.parametrize("pkg", sorted(LAYERS))
 def test_every_subpackage_says_what_it_owns(pkg):
     for init in sorted((PACKAGE_DIR / pkg).rglob("__init__.py")):

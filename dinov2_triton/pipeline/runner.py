@@ -267,7 +267,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return outcome.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

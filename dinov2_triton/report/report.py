@@ -559,7 +559,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     print(summary_table(report.rows, report.recommendation))
     print(f"report: {report.md}\n        {report.html}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -123,7 +123,7 @@ def run_search(*, url: str, repository: str | Path, data_path: str | Path | None
                preferred: Sequence[Sequence[int]] = (), max_batch_sizes: Sequence[int] = (),
                queue_policies: Sequence[bool] = (), capacity: Mapping[str, Any] | None = None,
                grid_limit: int = GRID_LIMIT,
-               out: str | Path = "perf/reports", run_id: str | None = None, resume: str | Path | None = None,
+               out: str | Path = "reports", run_id: str | None = None, resume: str | Path | None = None,
                apply: bool = False, confirm: bool = True, api_key: str | None = None,
                server_pid: int | None = None, n_samples: int = 32, cli_settings: Mapping[str, Any] | None = None,
                progress: Callable[[str], None] | None = None) -> SearchOutcome:
@@ -456,7 +456,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                           "measured again (search points are measured once) (default: %(default)s)")
     cap.add_argument("--samples", type=int, default=32, help="test images used as inputs (default: %(default)s)")
     out = p.add_argument_group("Output")
-    out.add_argument("--out", default="perf/reports", help="reports folder (default: %(default)s)")
+    out.add_argument("--out", default="reports", help="reports folder (default: %(default)s)")
     out.add_argument("--run-id", default=None, help="run folder name (default: UTC time + random)")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return p
@@ -501,7 +501,3 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
     print(f"report: {outcome.report.md}\n        {outcome.report.html}\n        {outcome.report.json}")
     return outcome.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
