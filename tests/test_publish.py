@@ -162,7 +162,7 @@ def test_bad_inputs_fail_with_one_line_naming_the_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(schema_version=3), "field 'schema_version': 3 is newer than this code reads (2)"),
+    (lambda d: d.update(schema_version=4), "field 'schema_version': 4 is newer than this code reads (3)"),
     (lambda d: d["cpu"].pop("model"), "field 'cpu.model': missing (required)"),
     (lambda d: d["runs"][0]["variants"][0].update(served_images_per_s="fast"),
      "field 'runs[0].variants[0].served_images_per_s': Input should be a valid number"),
@@ -347,7 +347,7 @@ def test_a_folder_without_results_is_named(tmp_path, capsys):
 
 
 def test_a_schema_1_file_reads_and_renders_as_it_was(tmp_path):
-    """Schema 1 did not record the backbone: read as schema 2 with those fields None, it
+    """Schema 1 did not record the backbone: read as schema 3 with those fields None, it
     renders as before (no family in the heading), so files already published stay valid."""
     pub = publication_from_results([(read_results(SERVER), str(SERVER))])
     md, js = write_publication(tmp_path, pub)
@@ -355,11 +355,12 @@ def test_a_schema_1_file_reads_and_renders_as_it_was(tmp_path):
     data["schema_version"] = 1
     data.pop("kind")
     for run in data["runs"]:
-        for key in ("family", "backbone_params", "gflops_per_image", "test_accuracy", "test_f1_macro"):
+        for key in ("family", "backbone_params", "gflops_per_image", "test_accuracy", "test_f1_macro", "serving",
+                    "overload"):
             run.pop(key)
     js.write_text(json.dumps(data))
     old = read_publication(js)
-    assert old.schema_version == 2 and old.kind == "runs" and old.runs[0].family is None
+    assert old.schema_version == 3 and old.kind == "runs" and old.runs[0].family is None
     assert "## vits14, 224 px" in render_publication(old)
     assert render_publication(old).replace("## vits14,", "## DINOv2 vits14,") == md.read_text()
 
@@ -397,3 +398,40 @@ def test_the_bench_report_names_the_family_with_the_arch(tmp_path):
     assert cli.main(["render", "--results", str(path), "--out", str(tmp_path / "r")]) == 0
     text = (tmp_path / "r" / "report.md").read_text()
     assert "(DINOv3 dinov3_vits16, 112 px, 10 classes)" in text and "DINOv2" not in text
+
+
+def test_the_tune_ab_and_the_overload_check_are_published(tmp_path):
+    """A run with the tune stage's A/B and the overload check: both tables in the file, from the record."""
+    from dinov2_triton.bench.capacity_records import ServingChoice
+    from dinov2_triton.bench.overload_records import OverloadCheck
+
+    cap = {"model": "dinov2_onnx", "capacity_rps": 41.5, "capacity_img_s": 41.5, "p99_at_capacity_ms": 90.0,
+           "failed_rps": 46.0, "knee_rps": None, "stop": "converged", "reason": "bisected", "wall_s": 30.0}
+    config = {"instances": 2, "threads": 1, "max_queue_delay_us": 2000, "preferred_batch_sizes": [],
+              "max_batch_size": 8}
+    serving = ServingChoice.model_validate({
+        "model": "dinov2_onnx", "slo_p99_ms": 100.0, "search_run": "reports/tune-x",
+        "ab": [{"key": "k", "config": config, "with_policy": cap, "without_policy": {**cap, "capacity_img_s": 40.0},
+                "ratio": 1.04, "tolerance": 0.2, "costs": False, "verdict": "the policy costs no capacity"}]})
+    claim = {"passed": True, "detail": "accepted p99 2100 ms <= 2000 ms queue timeout + 300 ms one batch"}
+    overload = OverloadCheck.model_validate({
+        "settings": {}, "url": "localhost:1", "targets": [
+            {"model": "dinov2", "kind": "ensemble", "offered": 600, "accepted": 200, "shed": 400, "failed": 0,
+             "achieved_rps": 120.0, "p99_ms": 2100.0, "bound_ms": 2300.0, "sheds": claim, "p99_bounded": claim,
+             "same_logits": {"passed": False, "detail": "max |diff| 1e-3"}},
+            {"model": "dinov2_onnx", "kind": "classifier", "skipped": "not asked for"}]})
+    res = read_results(SERVER)
+    try:
+        res = res.model_copy(update={"serving": serving, "overload": overload})
+    except Exception as exc:   # pragma: no cover - the record must take both sections
+        pytest.fail(f"PerfResults does not take serving/overload: {exc}")
+    pub = publication_from_results([(res, "x.json")])
+    run = pub.runs[0]
+    assert [(a.model, a.ratio, a.with_policy_img_s) for a in run.serving] == [("dinov2_onnx", 1.04, 41.5)]
+    assert "2 instance(s), 1 intra-op threads" in run.serving[0].configuration
+    assert [(t.model, t.shed, t.sheds, t.same_logits) for t in run.overload] == [("dinov2", 400, True, False)]
+    md = render_publication(pub)
+    assert "| `dinov2_onnx` | 2 instance(s)" in md and "| 41.5 | 40.0 | 1.04 | the policy costs no capacity |" in md
+    assert "| `dinov2` | 600 (120.0) | 200 | 400 | 0 | 2100 | 2300 | PASS | PASS | FAIL |" in md
+    md_path, js = write_publication(tmp_path, pub)
+    assert read_publication(js).runs[0].overload == run.overload

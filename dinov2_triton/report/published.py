@@ -95,6 +95,32 @@ class PublishedVariant(_Part):
     size_bytes: int | None = None
 
 
+class PublishedPolicyAB(_Part):
+    """The tune stage's A/B: capacity at the SLO of the served configuration with and without its queue policy."""
+    model: str
+    configuration: str
+    with_policy_img_s: float | None = None
+    without_policy_img_s: float | None = None
+    ratio: float | None = None
+    verdict: str
+
+
+class PublishedOverload(_Part):
+    """One target of the overload check (a bounded open-loop burst above capacity)."""
+    model: str
+    offered: int
+    accepted: int
+    shed: int
+    failed: int
+    achieved_rps: float | None = None
+    p99_ms: float | None = None
+    bound_ms: float | None = None             # the path's queue timeouts + one batch
+    sheds: bool | None = None
+    p99_bounded: bool | None = None
+    same_logits: bool | None = None
+    detail: str = ""                          # the p99 claim in words (what was compared with what)
+
+
 class PublishedRun(_Part):
     """One results.json: one model at one image size on this machine."""
     run_id: str
@@ -124,12 +150,16 @@ class PublishedRun(_Part):
     not_measured: list[str] = []
     #: the host's 1-minute load average when the run started (None: not recorded)
     load_average_1min: float | None = None
+    #: the tune stage: the configuration served and what its queue policy costs (schema 3)
+    serving: list[PublishedPolicyAB] = []
+    #: the overload check of the served deployment (schema 3)
+    overload: list[PublishedOverload] = []
 
 
 class Publication(Record):
     """``benchmarks/<date>-<cpu>.json``: measured results of one machine on one date."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
     KIND: ClassVar[str] = "published benchmark"
     REGENERATE: ClassVar[str] = "dinov2-triton report publish RESULTS.json [...] --out benchmarks/"
 
@@ -144,8 +174,8 @@ class Publication(Record):
 
     @classmethod
     def _migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        if version == 1:   # 2 added optional fields only (a schema-1 file did not record the backbone)
-            return {**data, "schema_version": 2}
+        if version in (1, 2):   # 2 and 3 added optional fields only (the backbone; the tune A/B and overload)
+            return {**data, "schema_version": 3}
         return super()._migrate(data, version)
 
     @property
@@ -247,7 +277,31 @@ def _run(results: PerfResults, source: str) -> PublishedRun:
         variants=variants,
         load_average_1min=(final.machine.load_average or [None])[0] if final.machine else None,
         not_measured=[f.reason.split(": ", 1)[0] for f in (final.perf_analyzer.failures if final.perf_analyzer
-                                                            else [])])
+                                                            else [])],
+        serving=_serving(final), overload=_overload(final))
+
+
+def _serving(results: PerfResults) -> list[PublishedPolicyAB]:
+    from dinov2_triton.report.ranking import describe_config
+
+    s = results.serving
+    if s is None:
+        return []
+    return [PublishedPolicyAB(model=s.model, configuration=describe_config(ab.config),
+                              with_policy_img_s=ab.with_policy.capacity_img_s,
+                              without_policy_img_s=ab.without_policy.capacity_img_s, ratio=ab.ratio,
+                              verdict=ab.verdict) for ab in s.ab]
+
+
+def _overload(results: PerfResults) -> list[PublishedOverload]:
+    o = results.overload
+    if o is None:
+        return []
+    return [PublishedOverload(model=t.model, offered=t.offered, accepted=t.accepted, shed=t.shed, failed=t.failed,
+                              achieved_rps=t.achieved_rps, p99_ms=t.p99_ms, bound_ms=t.bound_ms,
+                              sheds=t.sheds.passed, p99_bounded=t.p99_bounded.passed,
+                              same_logits=t.same_logits.passed, detail=t.p99_bounded.detail)
+            for t in o.targets if not t.skipped]
 
 
 def publication_from_results(inputs: Sequence[tuple[PerfResults, str]]) -> Publication:
@@ -456,10 +510,37 @@ def render_publication(pub: Publication) -> str:
     for run in pub.runs:
         lines += [f"## {run_heading(run)}", "", run_settings(run), "", results_table(run), "",
                   f"Recommended: {run.recommendation or 'none'} ({run.recommendation_reason})", ""]
+        if run.serving:
+            lines += ["Load shedding (queue policy) in the served configuration, capacity at the SLO with and "
+                      "without it, same run:", "", serving_table(run), ""]
+        if run.overload:
+            lines += ["Overload check (a bounded open-loop burst above capacity, loopback):", "",
+                      overload_table(run), ""]
         if run.not_measured:
             lines += ["Not measured (the run's report has each failure's message):", "",
                       *[f"- {what}" for what in run.not_measured], ""]
     return "\n".join(lines)
+
+
+def _verdict(x: bool | None) -> str:
+    return "-" if x is None else ("PASS" if x else "FAIL")
+
+
+def serving_table(run: PublishedRun) -> str:
+    rows = ["| model | configuration | with policy img/s | without img/s | ratio | verdict |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| `{a.model}` | {a.configuration} | {_n(a.with_policy_img_s)} | {_n(a.without_policy_img_s)} | "
+             f"{_n(a.ratio, '.2f')} | {a.verdict} |" for a in run.serving]
+    return "\n".join(rows)
+
+
+def overload_table(run: PublishedRun) -> str:
+    rows = ["| target | sent (req/s reached) | accepted | shed | failed | accepted p99 ms | bound ms | sheds | "
+            "p99 <= bound | same logits after |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows += [f"| `{t.model}` | {t.offered} ({_n(t.achieved_rps)}) | {t.accepted} | {t.shed} | {t.failed} | "
+             f"{_n(t.p99_ms, '.0f')} | {_n(t.bound_ms, '.0f')} | {_verdict(t.sheds)} | {_verdict(t.p99_bounded)} | "
+             f"{_verdict(t.same_logits)} |" for t in run.overload]
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------- files
