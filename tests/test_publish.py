@@ -296,6 +296,8 @@ def _sweep(tmp_path: Path) -> Path:
             flops={"flops": 3_000_000_000, "gflops": 3.0, "image_size": 112, "method": "test"},
             machine__load_average=[1.5, 1.0, 0.5]).read_text())
     (sweep / "recipe.yaml").write_text("# not a run folder\n")
+    (sweep / "reports").mkdir()
+    (sweep / "reports" / "sweep-table.md").write_text("the runner's side-by-side table\n")
     return sweep
 
 
@@ -324,10 +326,13 @@ def test_a_sweep_folder_publishes_one_backbone_comparison(tmp_path, capsys):
     assert md == render_publication(pub)
     rec = next(v for v in v3.variants if v.recommended)
     eager = next(v for v in v3.variants if v.key == "pytorch")
+    onnx = next(v for v in v3.variants if v.key == "dinov2_onnx")
     row = next(line for line in md.splitlines() if line.startswith("| `dinov3_vits16` |"))
     assert (f"| `dinov3_vits16` | DINOv3 | 112 | {v3.backbone_params / 1e6:.2f} | 3.00 | random init | 58.0% | "
             f"57.0% | `{rec.key}` ({rec.precision}) | pass | {rec.served_images_per_s:.1f} | "
-            f"{rec.in_process_images_per_s:.1f} | {eager.in_process_images_per_s:.1f} |") in row
+            f"{rec.in_process_images_per_s:.1f} | {onnx.served_images_per_s:.1f} | "
+            f"{eager.in_process_images_per_s:.1f} |") == row
+    assert "(perf_analyzer through Triton, batch 8, concurrency 2 over grpc)" in md
     assert md.index("## Backbones") < md.index("## DINOv2 vits14, 112 px") < md.index("## DINOv3 dinov3_vits16, 112 px")
     assert "Randomly initialised: DINOv2 vits14, DINOv3 dinov3_vits16" in md
     assert "the accuracy is not a DINOv3 fine-tune's" not in md            # the weights say "random init" already

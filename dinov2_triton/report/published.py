@@ -53,6 +53,8 @@ EXTENSION_FLAGS: dict[str, tuple[str, ...]] = {
     "AMX": ("amx_tile", "amx_int8", "amx_bf16"),
 }
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: the served variant every backbone comparison shows beside the recommended one (the FP32 parent of the others)
+SAME_SERVED = "dinov2_onnx"
 
 
 class _Part(BaseModel):
@@ -339,7 +341,8 @@ def collect_results(paths: Sequence[str | os.PathLike]) -> list[tuple[PerfResult
         if not path.is_dir():
             out.append((read_results(path), str(path)))
             continue
-        workdirs = [path] if (path / "reports").is_dir() else sorted(
+        # a sweep's work folder has a reports/ of its own too (the sweep table), without results files
+        workdirs = [path] if any((path / "reports").glob("*/results.json")) else sorted(
             p for p in path.iterdir() if p.is_dir() and (p / "reports").is_dir())
         found = 0
         for workdir in workdirs:
@@ -463,32 +466,37 @@ def _pct(x: float | None) -> str:
 
 
 def backbone_table(pub: Publication) -> str:
-    """One row per run: the backbone, its size, what training measured, and the
-    recommended variant's gate and throughput at the run's operating point."""
+    """One row per run: the backbone, its size, what training measured, the
+    recommended variant's gate and throughput at the run's operating point, and
+    the same two variants for every backbone (ONNX Runtime FP32 served, eager
+    FP32 in process), so rows compare like with like."""
     head = ["backbone", "family", "image px", "backbone params (M)", "GFLOP/image", "weights",
             "test accuracy", "test F1 (macro)", "recommended variant", "gate", "served img/s",
-            "in-process img/s", "eager FP32 in-process img/s", "served at"]
+            "in-process img/s", f"`{SAME_SERVED}` served img/s", "eager FP32 in-process img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in pub.runs:
         rec = _recommended(run)
         eager = next((v for v in run.variants if v.key == EAGER), None)
+        onnx = next((v for v in run.variants if v.key == SAME_SERVED), None)
         weights = "pretrained" if run.pretrained else "random init" if run.pretrained is False else "-"
         cells = [f"`{run.arch or '-'}`", run.family or "-", _n(run.image_size, "d"),
                  _n(run.backbone_params / 1e6 if run.backbone_params else None, ".2f"),
                  _n(run.gflops_per_image, ".2f"), weights, _pct(run.test_accuracy), _pct(run.test_f1_macro),
                  f"`{rec.key}` ({rec.precision})" if rec else "none", _gate(rec) if rec else "-",
                  _n(rec.served_images_per_s) if rec else "-", _n(rec.in_process_images_per_s) if rec else "-",
-                 _n(eager.in_process_images_per_s) if eager else "-",
-                 f"batch {_n(run.batch_size, 'd')}, concurrency {_n(run.concurrency, 'd')}, {run.protocol or '-'}"]
+                 _n(onnx.served_images_per_s) if onnx else "-", _n(eager.in_process_images_per_s) if eager else "-"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
 def _backbone_note(pub: Publication, every_variant: str) -> str:
     random = [backbone_name(r) for r in pub.runs if r.pretrained is False]
+    points = dict.fromkeys(f"batch {_n(r.batch_size, 'd')}, concurrency {_n(r.concurrency, 'd')} over "
+                           f"{r.protocol or '-'}" for r in pub.runs)
     note = ("Test accuracy and F1: the checkpoint's own evaluation on the test split after training. "
-            "Served and in-process: the recommended variant of each backbone; eager FP32: the same "
-            f"arithmetic for both ({every_variant} every variant).")
+            f"Served (perf_analyzer through Triton, {' / '.join(points)}) and in process: the recommended "
+            f"variant of each backbone, then the same variant for every backbone ({every_variant} every "
+            "variant).")
     if random:
         note += (f" Randomly initialised: {', '.join(random)}; their accuracy says nothing about the "
                  "pretrained backbones, their speed is real.")
