@@ -27,7 +27,8 @@ newest run's date and a slug of the CPU model).
 Schema: 1 the first; 2 adds the backbone of each run (``family``,
 ``backbone_params``, ``gflops_per_image``, ``test_accuracy``,
 ``test_f1_macro``: None in a schema-1 file, which did not record them) and the
-publication's ``kind``.
+publication's ``kind``; 3 adds each run's tune A/B and overload check (empty
+in older files).
 """
 from __future__ import annotations
 
