@@ -24,8 +24,8 @@ from tests.fixtures.triton import TINY_IMAGE, tiny_reference
 ATOL = 1e-5
 
 
-def _load(backend: str, model_dir: Path, *, parameters=None, instances=None):
-    return load_standin(backend, model_dir, parameters=parameters, instances=instances)
+def _load(backend: str, model_dir: Path, *, parameters=None, instances=None, drop=()):
+    return load_standin(backend, model_dir, parameters=parameters, instances=instances, drop=drop)
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -62,13 +62,15 @@ def test_profile_file_that_cannot_be_opened_fails_the_load(pb_utils, tiny_model_
 
 
 def test_threads_default_to_the_instance_share_of_the_cores(pb_utils, tiny_model_repository):
-    model, module = _load("onnxruntime", tiny_model_repository / "tiny_onnx")
+    # a config without a thread count (the export writes one: the config's own value wins, below)
+    unset = ("intra_op_thread_count",)
+    model, module = _load("onnxruntime", tiny_model_repository / "tiny_onnx", instances=1, drop=unset)
     cores = module.common.usable_cores()
     assert model.session.get_session_options().intra_op_num_threads == cores
-    model, _ = _load("onnxruntime", tiny_model_repository / "tiny_onnx", instances=2 * cores)
+    model, _ = _load("onnxruntime", tiny_model_repository / "tiny_onnx", instances=2 * cores, drop=unset)
     assert model.session.get_session_options().intra_op_num_threads == 1   # never 0 (ORT's "all cores")
     if cores >= 2:
-        model, _ = _load("onnxruntime", tiny_model_repository / "tiny_onnx", instances=2)
+        model, _ = _load("onnxruntime", tiny_model_repository / "tiny_onnx", instances=2, drop=unset)
         assert model.session.get_session_options().intra_op_num_threads == cores // 2
     # the config's own value wins
     model, _ = _load("onnxruntime", tiny_model_repository / "tiny_onnx", instances=2,
