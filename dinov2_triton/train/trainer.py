@@ -59,13 +59,17 @@ def _setup_logging(output: Path | None, is_main: bool) -> list[logging.Handler]:
     return handlers
 
 
-def log_weights_banner(source: str, pretrained: bool) -> None:
+def log_weights_banner(source: str, pretrained: bool, arch: str) -> None:
+    """The warning of a run without pretrained weights, naming the arch's family and its released file."""
+    from dinov2_triton.train.archs import arch_spec
+
     if not pretrained:
+        spec = arch_spec(arch, flag="--arch")
         bar = "#" * 78
         log.warning(bar)
         log.warning("#  WEIGHTS: %s", source)
-        log.warning("#  This backbone is NOT pretrained: accuracy says nothing about DINOv2.")
-        log.warning("#  Use --weights hub (online) or --weights /path/dinov2_<arch>_pretrain.pth.")
+        log.warning("#  This backbone is NOT pretrained: accuracy says nothing about %s.", spec.family_name)
+        log.warning("#  Use --weights hub (online) or --weights /path/%s.", spec.weights_file_glob)
         log.warning("#  Training from scratch? Layer decay and low lr protect pretrained features;")
         log.warning("#  here --layer-decay 1.0 --lr 1e-3 --no-augment learn faster in short runs.")
         log.warning(bar)
@@ -289,7 +293,7 @@ class Trainer:
         self.pos_embed_resampling = ckpt.pos_embed_resampling if ckpt else built.pos_embed_resampling
         # --weights random is the only source that is not pretrained weights
         self.pretrained = ckpt.pretrained if ckpt else cfg.weights != "random"
-        log_weights_banner(self.weights_source, self.pretrained)
+        log_weights_banner(self.weights_source, self.pretrained, cfg.arch)
         self.setup = setup_mode(built.model, cfg.mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                 lora_dropout=cfg.lora_dropout, unfreeze_blocks=cfg.unfreeze_blocks)
         self.model = self.setup.model.to(self.device)
