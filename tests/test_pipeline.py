@@ -191,10 +191,14 @@ def test_the_pipeline_runs_every_stage_to_the_report_and_stops_the_server(tmp_pa
     from dinov2_triton.bench.results import read_results
 
     work = tmp_path / "work"
+    # every stage at its smallest: the tune stage's own claims are tests/test_search.py's, the overload
+    # check's tests/test_overload.py's; here they run once, short, in the pipeline
     cfg = _write(tmp_path / "tiny.yaml", {
+        "tune": {"instances": [2], "threads": [1], "budget_min": 0.3, "point_budget_s": 8.0, "ab_budget_s": 8.0,
+                 "rate_window_ms": 500, "alternatives": 0},
         "classify": {"protocols": ["grpc", "http"]},
         "bench": {"in_process": False, "concurrency": [1], "batch_sizes": [1], "fixed_requests": 20,
-                  "parity_max_images": 8}})
+                  "parity_max_images": 8, "overload": {"seconds": 1.0, "max_requests": 200}}})
     argv = ["--config", str(cfg), "--workdir", str(work)] + [a for s in TINY for a in ("--set", s)]
     assert main(argv) == 0
     out = capfd.readouterr().out
@@ -202,7 +206,7 @@ def test_the_pipeline_runs_every_stage_to_the_report_and_stops_the_server(tmp_pa
     assert "accuracy" in out and "over grpc" in out and "over http" in out
     assert "stage times" in out
     times = (work / "logs" / "pipeline_times.txt").read_text()
-    for stage in ("data", "train", "export", "serve", "classify", "bench"):
+    for stage in ("data", "train", "export", "serve", "tune", "classify", "bench"):
         assert f"\n{stage} " in "\n" + times and "failed" not in times, times
     reports = [p for p in (work / "reports").iterdir() if (p / "results.json").is_file()]
     assert len(reports) == 1 and (reports[0] / "report.md").is_file()
