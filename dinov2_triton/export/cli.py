@@ -56,8 +56,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="torch.onnx exporter (dynamo gives the cleaner graph here)")
     opt.add_argument("--instances", type=int, default=DEFAULT_INSTANCES,
                      help="instance_group count per classifier model; on a CPU each instance gets its share of "
-                          "this host's cores as intra-op threads (two instances keep Triton 2.51's dynamic "
-                          "batcher from stalling with a queue policy)")
+                          "this host's cores as intra-op threads (with two, Triton 2.51's dynamic batcher "
+                          "rarely stalls with a queue policy; with one it often does: docs/field-notes.md #13)")
     opt.add_argument("--preprocess-instances", type=int, default=DEFAULT_INSTANCES,
                      help="instance count of dinov2_preprocess")
     opt.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
