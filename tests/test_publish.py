@@ -440,3 +440,22 @@ def test_the_tune_ab_and_the_overload_check_are_published(tmp_path):
     assert "| `dinov2` | 600 (120.0) | 200 | 400 | 0 | 2100 | 2300 | PASS | PASS | FAIL |" in md
     md_path, js = write_publication(tmp_path, pub)
     assert read_publication(js).runs[0].overload == run.overload
+
+
+def test_a_served_ranking_that_disagrees_with_the_deployed_choice_is_published(tmp_path):
+    """The report's warning that another gated variant served faster than the one the ensemble calls
+    travels into the published file."""
+    res = read_results(SERVER)
+    export = (res.export.model_dump() if res.export else {}) | {"ensemble": {
+        "status": "OK", "classifier": "dinov2_onnx_fp16", "classifier_choice": "fastest gated (auto)",
+        "classifier_reason": "auto: the fastest gated variant measured in this run, onnx_fp16",
+        "classifier_ranking": [{"variant": "onnx_fp16", "model_name": "dinov2_onnx_fp16", "images_per_s": 50.0}]}}
+    res = res.model_copy(update={"export": type(res).model_fields["export"].annotation.__args__[0]
+                                 .model_validate(export)})
+    run = publication_from_results([(res, "x.json")]).runs[0]
+    md = render_publication(publication_from_results([(res, "x.json")]))
+    # the stored run served dinov2_onnx at 28.8 img/s, the deployed dinov2_onnx_fp16 at 21.6
+    assert run.recommendation == "dinov2_onnx_fp16"
+    assert run.recommendation_warnings == [w for w in run.recommendation_warnings
+                                           if w.startswith("served through Triton, dinov2_onnx measured 28.8")]
+    assert len(run.recommendation_warnings) == 1 and f"**Warning**: {run.recommendation_warnings[0]}" in md

@@ -148,6 +148,8 @@ class PublishedRun(_Part):
     slo_p99_ms: float | None = None
     recommendation: str | None = None
     recommendation_reason: str
+    #: what the recommendation warns of (e.g. a variant served faster than the one the ensemble calls)
+    recommendation_warnings: list[str] = []
     variants: list[PublishedVariant]
     #: measurements that were asked for and failed (the first clause of each failure)
     not_measured: list[str] = []
@@ -277,6 +279,7 @@ def _run(results: PerfResults, source: str) -> PublishedRun:
         slo_p99_ms=final.capacity.settings.slo_p99_ms if final.capacity else None,
         recommendation=rec.variant if rec else None,
         recommendation_reason=rec.reason if rec else "no recommendation in this results file",
+        recommendation_warnings=[w for w in (rec.warnings if rec else []) if w.startswith("served through Triton")],
         variants=variants,
         load_average_1min=(final.machine.load_average or [None])[0] if final.machine else None,
         not_measured=[f.reason.split(": ", 1)[0] for f in (final.perf_analyzer.failures if final.perf_analyzer
@@ -519,6 +522,8 @@ def render_publication(pub: Publication) -> str:
     for run in pub.runs:
         lines += [f"## {run_heading(run)}", "", run_settings(run), "", results_table(run), "",
                   f"Recommended: {run.recommendation or 'none'} ({run.recommendation_reason})", ""]
+        if run.recommendation_warnings:
+            lines += [*(f"**Warning**: {w}" for w in run.recommendation_warnings), ""]
         if run.serving:
             lines += ["Load shedding (queue policy) in the served configuration, capacity at the SLO with and "
                       "without it, same run:", "", serving_table(run), ""]
