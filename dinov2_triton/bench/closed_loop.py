@@ -5,7 +5,6 @@ own session, as the server is). Used by dinov2_triton.bench.standin_overhead."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import threading
@@ -106,17 +105,6 @@ def runtime_of(config: Mapping[str, Any]) -> str:
         return "openvino"
     raise ValueError(f"model '{config.get('name')}': platform {config.get('platform') or config.get('backend')!r}; "
                      f"this benchmark measures the onnxruntime and openvino stand-ins")
-
-
-def physical_cores() -> int:
-    """Physical cores this process may use (what one runtime session takes by default)."""
-    import psutil
-
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:
-        allowed = os.cpu_count() or 1
-    return max(1, min(allowed, psutil.cpu_count(logical=False) or allowed))
 
 
 def config_threads(config: Mapping[str, Any]) -> int | None:

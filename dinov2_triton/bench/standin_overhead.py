@@ -57,10 +57,10 @@ from dinov2_triton.bench.closed_loop import (
     config_threads,
     cpu_seconds,
     input_batch,
-    physical_cores,
     read_config,
     runtime_of,
 )
+from dinov2_triton.core.cpu_features import physical_cores
 
 PROFILE_PARAMETER = "STANDIN_PROFILE_FILE"  # standin_common.PROFILE_PARAMETER
 PHASES = ("parse", "feed", "run", "respond")  # standin_common.PHASES

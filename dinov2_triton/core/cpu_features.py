@@ -38,6 +38,20 @@ _UNITS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
 }
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on (its CPU affinity, at most the
+    physical core count): what one runtime session takes by default."""
+    import os
+
+    import psutil
+
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = os.cpu_count() or 1
+    return max(1, min(allowed, psutil.cpu_count(logical=False) or allowed))
+
+
 def read_cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The flags of the first processor in /proc/cpuinfo (or in `cpuinfo`
     text); empty where there is no such file (macOS, Windows)."""

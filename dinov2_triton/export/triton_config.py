@@ -126,17 +126,10 @@ def default_max_queue_size(max_batch_size: int, instances: int,
 
 
 def usable_cores() -> int:
-    """Physical cores this process may run on (its CPU affinity, at most the
-    physical core count): what one runtime session takes by default."""
-    import os
+    """Physical cores this process may run on (dinov2_triton.core.cpu_features.physical_cores)."""
+    from dinov2_triton.core.cpu_features import physical_cores
 
-    import psutil
-
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        allowed = os.cpu_count() or 1
-    return max(1, min(allowed, psutil.cpu_count(logical=False) or allowed))
+    return physical_cores()
 
 
 def default_threads(instances: int, cores: int | None = None) -> int:
