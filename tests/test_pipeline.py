@@ -214,6 +214,11 @@ def test_the_pipeline_runs_every_stage_to_the_report_and_stops_the_server(tmp_pa
     assert res.perf_analyzer and res.perf_analyzer.points and not res.errors
     assert res.parity and res.parity.n_images == 8
     assert {v.model: (v.passed, v.error) for v in res.parity.variants}["dinov2_onnx"] == (True, None)
+    # the tune stage runs after the bench on what the ensemble calls; its choice and the overload check of
+    # the deployment as tuned land in the bench's results
+    assert res.serving is not None and res.serving.model == "dinov2_onnx"
+    assert res.overload is not None and {t.model for t in res.overload.targets} == {"dinov2", "dinov2_onnx"}
+    assert "## Overload" in (reports[0] / "report.md").read_text()
     assert yaml.safe_load((work / "recipe.yaml").read_text())["train"]["epochs"] == 1
     assert not (work / "logs" / "triton.pid").exists()
     log_head = (work / "logs" / "triton.log").read_text().splitlines()[0]

@@ -259,7 +259,7 @@ def test_real_in_process_results_json_still_reads(tmp_path):
     res = read_results(DATA / "perf_results_v1_inprocess.json")
     # schema 1 on disk, read as the current schema (2 and 3 added optional fields; 4 renamed the
     # efficiency's FP32-only fields: a version-3 efficiency was against the FP32 peak; 5 added overload)
-    assert res.schema_version == PerfResults.SCHEMA_VERSION == 6 and res.model.pretrained is False
+    assert res.schema_version == PerfResults.SCHEMA_VERSION == 7 and res.model.pretrained is False
     assert res.in_process.variants["onnx"].benchmark.grid[0].images_per_s > 0
     eff = res.in_process.variants["onnx"].efficiency
     assert eff.arithmetic == "fp32" and eff.peak_gflops == res.in_process.matmul_peak.gflops
@@ -287,7 +287,7 @@ def test_results_round_trip_and_strict_json(tmp_path):
     (lambda d: d["in_process"]["variants"]["onnx"]["benchmark"]["grid"][0].update(images_per_s="fast"),
      "field 'in_process.variants.onnx.benchmark.grid[0].images_per_s': Input should be a valid number"),
     (lambda d: d["model"].update(pretrained="maybe"), "field 'model.pretrained'"),
-    (lambda d: d.update(schema_version=99), "field 'schema_version': 99 is newer than this code reads (6)"),
+    (lambda d: d.update(schema_version=99), "field 'schema_version': 99 is newer than this code reads (7)"),
     (lambda d: d.pop("schema_version"), "field 'schema_version': missing"),
     (lambda d: d.update(surprise=1), "field 'surprise': unknown field"),
 ])
@@ -344,7 +344,7 @@ def test_a_version_2_capacity_run_reads_as_measured_once(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(data))
     res = read_results(path)
-    assert res.schema_version == 6 and res.capacity.settings.recheck_margin == 0.0
+    assert res.schema_version == 7 and res.capacity.settings.recheck_margin == 0.0
     data["schema_version"] = 3
     path.write_text(json.dumps(data))
     assert read_results(path).capacity.settings.recheck_margin == 0.5

@@ -34,11 +34,14 @@ from the export manifest): ``efficiency.arithmetic``/``peak_gflops``/
 (dinov2_triton.qa.overload: the overload check of the served deployment,
 bench/overload_records.py); version 6 adds the optional ``serving`` section
 (the pipeline's tune stage: the configuration served and the queue policy's
-A/B in it, bench/capacity_records.py ServingChoice). Older files read as
-version 6 (a version-2 capacity run measured every rate once:
+A/B in it, bench/capacity_records.py ServingChoice); version 7 adds the
+optional ``deployment`` section (the `dinov2` ensemble pointed at the
+fastest gated variant served in the run, dinov2_triton.pipeline.bench_stage
+follow_fastest). Older files read as version 7 (a version-2 capacity run measured every rate once:
 ``recheck_margin`` 0; a version-3 efficiency was against the FP32 peak:
 ``arithmetic`` fp32; before version 5 no overload check ran: ``overload``
-None; before version 6 no tune stage ran: ``serving`` None).
+None; before version 6 no tune stage ran: ``serving`` None; before version 7
+the ensemble was never pointed by the bench: ``deployment`` None).
 """
 from __future__ import annotations
 
@@ -460,6 +463,14 @@ class VariantRow(Section):
     slower_than_parent: list[str] = []
 
 
+class Deployment(Section):
+    """What the `dinov2` ensemble calls after the bench's served ranking (run_perf(deploy_fastest=True))."""
+    ensemble: str
+    before: str | None = None     # the classifier it called when the bench started
+    after: str | None = None      # the classifier it calls now (the report's recommendation)
+    reason: str
+
+
 class Rejected(Section):
     variant: str
     reason: str
@@ -496,7 +507,7 @@ class PerfResults(Record):
     """``perf/reports/<run-id>/results.json``: written by dinov2_triton.pipeline.bench_stage (and again by
     dinov2_triton.report.report with ``rows`` and ``recommendation``), read by dinov2_triton.report.report."""
 
-    SCHEMA_VERSION: ClassVar[int] = 6
+    SCHEMA_VERSION: ClassVar[int] = 7
     KIND: ClassVar[str] = "perf results.json"
     REGENERATE: ClassVar[str] = "dinov2-triton bench --model-path ... (see dinov2-triton bench --help)"
 
@@ -524,6 +535,8 @@ class PerfResults(Record):
     overload: OverloadCheck | None = None
     #: the pipeline's tune stage: the configuration served, and the queue policy's A/B in it
     serving: ServingChoice | None = None
+    #: the bench's served ranking pointed the dinov2 ensemble at its fastest gated variant
+    deployment: Deployment | None = None
     rows: list[VariantRow] | None = None
     recommendation: Recommendation | None = None
 
@@ -559,7 +572,9 @@ class PerfResults(Record):
         if version == 4:   # 5 added the optional overload section (no check ran before)
             return cls._migrate({**data, "schema_version": 5}, 5)
         if version == 5:   # 6 added the optional serving section (no tune stage ran before)
-            return {**data, "schema_version": 6}
+            return cls._migrate({**data, "schema_version": 6}, 6)
+        if version == 6:   # 7 added the optional deployment section (the bench never moved the ensemble)
+            return {**data, "schema_version": 7}
         raise RecordError(f"schema_version {version} is no longer supported")
 
 

@@ -9,11 +9,17 @@ INT8 was slower than its FP32; with VNNI/AMX/BF16 the order changes
 in-process benchmark (dinov2_triton.export.benchmark, batch `max_batch_size`,
 after verification) decides.
 
-One decision, one function: :func:`deployment_choice` picks the variant the
-ensemble calls and records it, with the ranking it was chosen from, in the
-export manifest's ensemble entry; the bench report's recommendation is that
-entry (dinov2_triton.report.ranking.recommend_deployed), so what the report
-recommends is what `dinov2` serves.
+Two measurements, in order: the export's in-process benchmark picks the
+variant the ensemble calls first (:func:`deployment_choice`, recorded with
+the ranking it was chosen from in the export manifest's ensemble entry);
+then the bench stage of the pipeline measures every gated variant served
+through Triton and points the ensemble at the fastest of them
+(dinov2_triton.pipeline.bench_stage.follow_fastest, with
+dinov2_triton.report.ranking.recommend: served and in-process rankings differ, e.g.
+OpenVINO on an AVX2 EPYC served at 0.57x its in-process rate). The bench
+report's recommendation is the manifest's entry
+(dinov2_triton.report.ranking.recommend_deployed), so what the report recommends is
+what `dinov2` serves.
 
     candidates(gpu=None)                  -> the variant names `auto` builds on this host
     expand(names)                         -> (variant names, export options)
@@ -30,6 +36,10 @@ ENSEMBLE_CHOICE_OPTION = "ensemble_choice"
 FASTEST = "fastest"
 #: how the ensemble's classifier was chosen, as the manifest records it (ServingModelEntry.classifier_choice)
 CHOSEN_FASTEST = "fastest gated (auto)"
+#: ... and after the bench stage pointed it at the fastest gated variant served through Triton
+CHOSEN_SERVED = "fastest gated, served (auto)"
+#: the choices made by measurement (the report recommends what the ensemble calls)
+MEASURED_CHOICES = (CHOSEN_FASTEST, CHOSEN_SERVED)
 # TensorRT plans run on NVIDIA GPUs only; every other registered platform runs on a CPU.
 _GPU_ONLY_PLATFORMS = ("tensorrt_plan",)
 

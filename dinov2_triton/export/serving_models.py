@@ -189,3 +189,58 @@ def publish_ensemble(ctx, repository: Path, opts: Mapping[str, Any], classifier:
     log.info("%-12s published %s version %d -> %s", "ensemble", ENSEMBLE_MODEL, staged.version, classifier_model)
     return ServingModelEntry(status="OK", model_name=ENSEMBLE_MODEL, version=staged.version, path=str(target),
                              classifier=classifier_model)
+
+
+class RepointError(ValueError):
+    """The ensemble cannot be pointed at that variant (names the variant and why)."""
+
+
+def repoint_ensemble(repository: str | os.PathLike, model: str, *, why: str, ranking: list[dict[str, Any]],
+                     choice: str) -> ServingModelEntry:
+    """Point the published `dinov2` ensemble at the classifier ``model`` (a
+    published variant that passed its gate) as a new atomic version of the
+    ensemble, and record it, ``why`` and the ``ranking`` it was chosen from in
+    the export manifest's ensemble entry (written atomically after the
+    version). Nothing else changes: the preprocessing model, the variants and
+    their configs stay as they are. The caller reloads the ensemble on a
+    running server. Raises RepointError naming the variant, or RepositoryError."""
+    from dinov2_triton.export.manifest import read_export_manifest, write_export_manifest
+    from dinov2_triton.export.repository import RepositoryLock, StagedVersion, version_dirs
+    from dinov2_triton.export.triton_config import ENSEMBLE_MODEL, PREPROCESS_MODEL, parse_config, validate_config
+
+    repository = Path(repository)
+    with RepositoryLock(repository):
+        manifest = read_export_manifest(repository)
+        variant = next((n for n, e in manifest.variants.items() if e.model_name == model), None)
+        entry = manifest.variants.get(variant) if variant else None
+        if entry is None:
+            raise RepointError(f"{model}: not a variant of {repository / 'export_manifest.json'}")
+        if not entry.published or entry.status != "OK" or entry.gate_passed is not True:
+            raise RepointError(f"{model}: may not be deployed (status {entry.status}, published {entry.published}, "
+                               f"gate passed {entry.gate_passed})")
+        ens = manifest.ensemble
+        if ens is None or ens.status != "OK":
+            raise RepointError(f"{ENSEMBLE_MODEL}: not published by the export ({ens.reason if ens else 'no entry'})")
+        if ens.classifier == model:
+            ens.classifier_reason, ens.classifier_choice, ens.classifier_ranking = why, choice, list(ranking)
+            write_export_manifest(manifest, repository)
+            return ens
+        model_dir = repository / ENSEMBLE_MODEL
+        config = parse_config((model_dir / "config.pbtxt").read_text(encoding="utf-8"))
+        steps = [s for s in config.ensemble_scheduling.step if s.model_name != PREPROCESS_MODEL]
+        if len(steps) != 1:
+            raise RepointError(f"{model_dir / 'config.pbtxt'}: expected {PREPROCESS_MODEL} and one classifier step, "
+                               f"found {[s.model_name for s in config.ensemble_scheduling.step]}")
+        steps[0].model_name = model
+        config.parameters["classifier_model"].string_value = model
+        text = validate_config(config)
+        keep = max(2, len(version_dirs(model_dir)))
+        with StagedVersion(repository, ENSEMBLE_MODEL) as staged:
+            target = staged.publish(config_text=text, files={"labels.txt": (model_dir / "labels.txt").read_bytes()},
+                                    keep=keep)
+        log.info("%-12s published %s version %d -> %s (%s)", "ensemble", ENSEMBLE_MODEL, staged.version, model, why)
+        manifest.ensemble = ens.model_copy(update={
+            "version": staged.version, "path": str(target), "classifier": model, "classifier_reason": why,
+            "classifier_choice": choice, "classifier_ranking": list(ranking)})
+        write_export_manifest(manifest, repository)
+        return manifest.ensemble

@@ -69,6 +69,7 @@ from dinov2_triton.bench.targets import (
     manifest_model_info,
     server_metadata,
 )
+from dinov2_triton.export.triton_config import ENSEMBLE_MODEL, PREPROCESS_MODEL
 
 log = logging.getLogger("dinov2_triton.pipeline.bench_stage")
 
@@ -119,13 +120,16 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
              out: str | os.PathLike = "reports", run_id: str | None = None,
              cli_settings: Mapping[str, Any] | None = None, capacity: Mapping[str, Any] | None = None,
              capacity_repeats: int = 1, overload: Mapping[str, Any] | None = None,
-             progress: Callable[[str], None] | None = None) -> "PerfRun":
+             deploy_fastest: bool = False, progress: Callable[[str], None] | None = None) -> "PerfRun":
     """Run the perf stage and write the report (reports/<run-id>/...).
     ``capacity``: dinov2_triton.bench.capacity.capacity_settings fields (``slo_p99_ms`` at
     least): also measure every served model's capacity at that p99 under
     open-loop load, ``capacity_repeats`` times. ``overload``:
     dinov2_triton.bench.overload_records.OverloadSettings fields: last, the overload check
-    (dinov2_triton.qa.overload; a strict one's problems are errors). Raises PerfInputError
+    (dinov2_triton.qa.overload; a strict one's problems are errors). ``deploy_fastest``
+    (``repository`` the served one): the classifiers are swept first, the `dinov2`
+    ensemble is pointed at the fastest of them that passed its gate
+    (:func:`follow_fastest`), then the ensemble is swept. Raises PerfInputError
     for bad input (flags, files)."""
     from dinov2_triton.bench.inprocess import BenchmarkInputError, run_inprocess_benchmark
     from dinov2_triton.bench.input_data import load_samples
@@ -164,7 +168,7 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
     if "http" in protocols and not http_url and url:
         raise PerfInputError("--protocols includes http: give the server's HTTP address with --http-url host:8000")
     settings = settings or MeasurementSettings()
-    overload_settings = _overload_settings(overload) if overload is not None else None
+    overload_settings = parse_overload_settings(overload) if overload is not None else None
     if overload_settings is not None and not (http_url if overload_settings.protocol == "http" else url):
         raise PerfInputError(f"--overload over {overload_settings.protocol} needs the server's "
                              f"{'--http-url' if overload_settings.protocol == 'http' else '--url'}")
@@ -244,17 +248,28 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
         pid = server_pid or (find_listening_pid(port) if host in LOCAL_HOSTS and port else None)
         say(f"== perf_analyzer sweep: {', '.join(wanted)} ({', '.join(protocols)}; batch {batch_sizes}; "
             f"concurrency {concurrency}; {settings.window_ms} ms windows)")
+        # deploy_fastest: the variants first, then the ensemble pointed at the fastest of them, then the
+        # ensemble and the preprocessing model (measured calling what they will serve)
+        wrappers = [m for m in wanted if m in (ENSEMBLE_MODEL, PREPROCESS_MODEL)] if deploy_fastest else []
+        groups = [[m for m in wanted if m not in wrappers], wrappers] if wrappers else [wanted]
         tmp = Path(tempfile.mkdtemp(prefix="perf-input-data-"))
         sampler = MemorySampler(pid=pid, metrics_url=metrics_url, models=wanted)
         try:
             with sampler:
-                results["perf_analyzer"] = run_sweep(
-                    urls={p: urls[p] for p in protocols}, models=wanted, protocols=protocols,
-                    concurrency=concurrency, batch_sizes=batch_sizes, settings=settings, samples=samples,
-                    out_dir=out_dir / "perf_analyzer", metrics_url=metrics_url, keep_going=keep_going,
-                    api_key=api_key, input_dir=tmp, progress=say)
+                for i, group in enumerate(groups):
+                    if i == 1:
+                        results["deployment"] = follow_fastest(results, repository, url, api_key, say)
+                        if results["deployment"].get("export") is not None:
+                            results["export"] = results["deployment"].pop("export")
+                    sweep = run_sweep(
+                        urls={p: urls[p] for p in protocols}, models=group, protocols=protocols,
+                        concurrency=concurrency, batch_sizes=batch_sizes, settings=settings, samples=samples,
+                        out_dir=out_dir / "perf_analyzer", metrics_url=metrics_url, keep_going=keep_going,
+                        api_key=api_key, input_dir=tmp, progress=say)
+                    results["perf_analyzer"] = merge_sweeps(results.get("perf_analyzer"), sweep)
         except PerfAnalyzerError as exc:
-            results["perf_analyzer"] = exc.partial   # the sweep so far (None: it never started)
+            # the sweep so far (None: it never started)
+            results["perf_analyzer"] = merge_sweeps(results.get("perf_analyzer"), exc.partial)
             results["errors"].append(f"perf_analyzer sweep stopped (pass --keep-going to continue past "
                                      f"failures): {exc}")
         finally:
@@ -290,8 +305,6 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
                 results["skipped"].append({"what": "live parity",
                                            "reason": f"dinov2_triton.qa.parity unavailable: {exc}"})
             else:
-                from dinov2_triton.export.triton_config import PREPROCESS_MODEL
-
                 say("== live parity through Triton")
                 try:
                     results["parity"] = run_parity(
@@ -323,13 +336,73 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
     return PerfRun(report=generate_report(record, out_dir), exit_code=1 if record.errors else 0)
 
 
+def merge_sweeps(first: Mapping[str, Any] | None, second: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Two perf_analyzer sweeps of one run (same settings, other models) as one."""
+    if not first or not second:
+        return dict(second or first) if (second or first) else None
+    out = dict(first)
+    out["model_configs"] = {**first.get("model_configs", {}), **second.get("model_configs", {})}
+    for key in ("points", "failures", "skipped"):
+        out[key] = [*first.get(key, []), *second.get(key, [])]
+    return out
+
+
+def follow_fastest(results: dict[str, Any], repository, url: str, api_key: str | None,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    """Point the served `dinov2` ensemble at the variant the report will
+    recommend: dinov2_triton.report.ranking.recommend over this run's results so far
+    (the fastest variant served through Triton at the operating point among
+    those that passed their gates; the one function that decides both), as
+    a new ensemble version (dinov2_triton.export.serving_models.repoint_ensemble), then
+    reloaded on the server. Returns what was decided (results' ``deployment``),
+    with ``export``: the manifest's verdicts again when the ensemble moved.
+    Nothing moves when nothing was measured or no variant may be chosen."""
+    from dinov2_triton.bench.results import PerfResults
+    from dinov2_triton.core.artifact_io import utc_now
+    from dinov2_triton.export.auto import CHOSEN_SERVED
+    from dinov2_triton.export.manifest import read_export_manifest
+    from dinov2_triton.export.repository import RepositoryError
+    from dinov2_triton.export.serving_models import RepointError, repoint_ensemble
+    from dinov2_triton.report.ranking import operating_point, recommend, summarize
+    from dinov2_triton.serve.rollout import RolloutError, reload_model
+    from dinov2_triton.serve.triton_access import TritonError, connect
+
+    record = PerfResults.from_dict({**results, "finished": utc_now()}, source="the bench run so far")
+    ens = (record.export.ensemble or {}) if record.export is not None else {}
+    before = ens.get("classifier")
+    rec = recommend(summarize(record), operating_point(record), machine=record.machine)
+    out: dict[str, Any] = {"ensemble": ENSEMBLE_MODEL, "before": before, "after": before, "reason": rec.reason}
+    if not rec.variant or rec.source != "server":
+        out["reason"] = (f"{ENSEMBLE_MODEL} keeps {before}: no variant was measured through Triton and passed its "
+                         f"gate ({rec.reason})")
+        say(f"WARNING: {out['reason']}")
+        return out
+    why = f"fastest gated variant served in the bench run: {rec.reason}"
+    ranking = [{"model_name": r.variant, "images_per_s": round(r.images_per_s, 2), "source": "served"}
+               for r in rec.ranking]
+    try:
+        repoint_ensemble(repository, rec.variant, why=why, ranking=ranking, choice=CHOSEN_SERVED)
+        if rec.variant != before:
+            with connect(url, "grpc", api_key=api_key, timeout_s=300.0) as conn:
+                reload_model(conn, ENSEMBLE_MODEL, repository=repository)
+    except (RepointError, RepositoryError, RolloutError, TritonError, OSError) as exc:
+        out["reason"] = f"{ENSEMBLE_MODEL} keeps {before}: pointing it at {rec.variant} failed: {exc}"
+        results["errors"].append(f"deployment: {out['reason']}")
+        say(f"ERROR: {out['reason']}")
+        return out
+    out.update(after=rec.variant, reason=why,
+               export=export_summary(read_export_manifest(repository)))
+    say(f"== deployment: {ENSEMBLE_MODEL} calls {rec.variant}"
+        + (f" (was {before})" if rec.variant != before else " (unchanged)") + f": {rec.reason}")
+    return out
+
+
 def _capacity_run(url: str, models: Sequence[str], samples, capacity: Mapping[str, Any], repeats: int,
                   out_dir: Path, api_key: str | None, sweep: Mapping[str, Any] | None, say):
     """Capacity at the SLO of every served model but the preprocessing model
     (the ensemble included); each starts at half its closed-loop throughput
     of the sweep at the same batch size, when the sweep measured one."""
     from dinov2_triton.bench.capacity import capacity_settings, run_capacity
-    from dinov2_triton.export.triton_config import PREPROCESS_MODEL
 
     try:
         st = capacity_settings(**capacity)
@@ -350,7 +423,7 @@ def _capacity_run(url: str, models: Sequence[str], samples, capacity: Mapping[st
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _overload_settings(overload: Mapping[str, Any]):
+def parse_overload_settings(overload: Mapping[str, Any]):
     from pydantic import ValidationError
 
     from dinov2_triton.bench.overload_records import OverloadSettings

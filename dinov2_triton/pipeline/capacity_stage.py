@@ -14,9 +14,10 @@ capacity at a p99 SLO of what is served.
 
 Everything lands in <workdir>/reports/capacity-<UTC time>/{search,capacity}/.
 
-``tune`` (in the demo recipe, after serve, before classify and bench): the
-serving configuration of the model the ``dinov2`` ensemble calls, measured
-on this host with load shedding on (:func:`run_tune`):
+``tune`` (in the demo recipe, after bench, before classify): the serving
+configuration of the model the ``dinov2`` ensemble calls (after the bench,
+the fastest gated variant it served), measured on this host with load
+shedding on (:func:`run_tune`):
 
 1. the same search (dinov2_triton.tune.search), by default only its joint
    instances x threads step (``tune.space: full``: the capacity recipe's
@@ -33,10 +34,13 @@ on this host with load shedding on (:func:`run_tune`):
    reports (a difference fails the stage), and every model the ensemble
    calls checked to be served with a queue policy.
 
+4. the overload check (``bench.overload``, dinov2_triton.qa.overload) of the
+   deployment as it now serves, when the bench stage ran before it.
+
 The choice and its A/B (dinov2_triton.bench.capacity_records.ServingChoice)
-go into the search's results.json and report, and into the bench stage's
-results and report (``serving``). Everything lands in
-<workdir>/reports/tune-<UTC time>/.
+go into the search's results.json and report, and with the overload check
+into the bench stage's results and report (``serving``, ``overload``),
+written again. Everything lands in <workdir>/reports/tune-<UTC time>/.
 """
 from __future__ import annotations
 
@@ -200,8 +204,53 @@ def run_tune(ctx: Context) -> str | StageResult:
     choice.ab_s = round(time.monotonic() - t1, 1)
     _finish(ctx, outcome, choice, t0)
     ab = choice.ab[-1] if choice.ab else None
-    return (f"{choice.chosen}; queue policy A/B {ab.verdict if ab else 'not measured'}; "
+    note = (f"{choice.chosen}; queue policy A/B {ab.verdict if ab else 'not measured'}; "
             f"{choice.wall_s / 60:.1f} min; report {outcome.report.md}")
+    return note + _into_bench_report(ctx)
+
+
+def _into_bench_report(ctx: Context) -> str:
+    """The tune stage's choice, and the overload check of the deployment as it
+    serves now, into this run's bench results and report (written again);
+    nothing when the bench stage did not run in this invocation."""
+    from dinov2_triton.bench.input_data import load_samples
+    from dinov2_triton.bench.results import read_results
+    from dinov2_triton.core.records import RecordError
+    from dinov2_triton.export.manifest import read_export_manifest
+    from dinov2_triton.pipeline.bench_stage import parse_overload_settings
+    from dinov2_triton.pipeline.stages import overload_settings
+    from dinov2_triton.report.report import generate_report
+
+    if ctx.bench_results is None:
+        return ""
+    lay, handle = ctx.layout, ctx.server
+    assert handle is not None
+    try:
+        record = read_results(ctx.bench_results)
+    except RecordError as exc:
+        raise StageError(f"tune: {exc}") from None
+    update: dict[str, Any] = {"serving": ctx.serving}
+    settings = overload_settings(ctx)
+    note = ""
+    if settings is not None:
+        from dinov2_triton.qa.overload import run_overload_check, strict_errors
+
+        st = parse_overload_settings(settings)
+        url = handle.url_http if st.protocol == "http" else handle.url_grpc
+        samples = load_samples(lay.data, read_export_manifest(lay.repository).preprocessing, n=32)
+        ctx.say("== overload check of the deployment as tuned (a bounded burst above capacity)")
+        check = run_overload_check(url, samples, st, api_key=handle.api_key, say=ctx.say,
+                                   sweep=record.perf_analyzer.model_dump(mode="json") if record.perf_analyzer
+                                   else None)
+        ctx.say(check.summary)
+        update.update(overload=check, errors=[*record.errors, *strict_errors(check)])
+        note = f"; overload {'PASS' if check.passed else 'FAIL' if check.passed is False else 'not judged'}"
+        if check.problems:
+            ctx.warnings.append(f"overload check: {'; '.join(check.problems)}")
+    report = generate_report(record.model_copy(update=update), ctx.bench_results.parent)
+    if update.get("errors") and len(update["errors"]) > len(record.errors):
+        raise StageError(f"tune: the overload check failed (bench.overload.strict): {report.md}")
+    return f"{note}; bench report {report.md} updated"
 
 
 def ensemble_target(ctx: Context) -> tuple[str, str, str | None]:

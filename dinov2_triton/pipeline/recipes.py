@@ -5,7 +5,7 @@ A recipe is YAML; :class:`Recipe` is its one typed record (pydantic,
 
     description: ...
     workdir: runs/bench-224          # optional; --workdir wins, default: the current folder
-    stages: [data, train, export, serve, tune, classify, bench]
+    stages: [data, train, export, serve, bench, tune, classify]
     data:     {images: null, per_class: 300, test_per_class: 100, ...}
     train:    {arch: vits14, img_size: 56, mode: full, epochs: 5, ...}
     export:   {variants: [...], max_batch_size: 8, ...}
@@ -53,7 +53,7 @@ from dinov2_triton.train.finetune_config import AMPS, ARCH_NAMES, ATTENTIONS, DE
 
 RECIPES_PACKAGE = "dinov2_triton.pipeline"
 #: the stages in the order they run; a recipe's ``stages`` picks among them
-STAGES = ("data", "train", "export", "serve", "tune", "classify", "bench", "capacity")
+STAGES = ("data", "train", "export", "serve", "bench", "tune", "classify", "capacity")
 #: the stages that skip by content fingerprint (dinov2_triton.core.stage_stamp)
 STAMPED = ("data", "train", "export")
 #: stages that talk to the local server the serve stage starts

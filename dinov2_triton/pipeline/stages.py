@@ -467,17 +467,10 @@ def run_bench(ctx: Context) -> str | StageResult:
                        operating_point={"batch_size": b.op_batch_size, "concurrency": b.op_concurrency,
                                         "protocol": None, "max_p99_ms": b.max_p99_ms},
                        out=lay.reports, cli_settings={"pipeline_recipe": ctx.recipe.model_dump(mode="json")},
-                       overload=b.overload.model_dump(exclude={"enabled"}) if b.overload.enabled else None,
-                       progress=ctx.say, **optional)
+                       overload=overload_settings(ctx) if "tune" not in ctx.recipe.stages else None,
+                       deploy_fastest=deploys_fastest(ctx), progress=ctx.say, **optional)
     except (PerfInputError, ValueError) as exc:
         raise PipelineInputError(f"bench: {exc}") from None
-    if ctx.serving is not None:   # the tune stage's choice and its queue policy A/B, in this report too
-        from dataclasses import replace
-
-        from dinov2_triton.report.report import generate_report
-
-        run = replace(run, report=generate_report(run.report.results.model_copy(update={"serving": ctx.serving}),
-                                                  Path(run.report.json).parent))
     code = print_run(run)
     ctx.bench_results = Path(run.report.json)
     note = f"report {run.report.md}"
@@ -494,6 +487,21 @@ def run_bench(ctx: Context) -> str | StageResult:
            f"the report); " if unstable else "") + (f"{len(failed)} error(s) " if failed else "")
     ctx.warnings.append(f"bench: {msg}recorded in {run.report.md}")
     return StageResult("bench", "warning", 0.0, note)
+
+
+def deploys_fastest(ctx: Context) -> bool:
+    """Whether the bench points the `dinov2` ensemble at the fastest gated variant it
+    served: the export chose by measurement (``auto``, no ``default_variant``)."""
+    e = ctx.recipe.export
+    return "auto" in e.variants and e.default_variant is None
+
+
+def overload_settings(ctx: Context) -> dict | None:
+    """The recipe's overload check (run_perf's ``overload``), None when off. It runs
+    against the final deployment: at the end of the bench stage, or of the tune
+    stage when the recipe tunes (dinov2_triton.pipeline.capacity_stage)."""
+    o = ctx.recipe.bench.overload
+    return o.model_dump(exclude={"enabled"}) if o.enabled else None
 
 
 def unstable_points(results) -> set[str]:

@@ -35,7 +35,7 @@ def overload_blocks(results: PerfResults) -> list[tuple]:
             body.append([f"`{t.model}`", "-", "-", "-", "-", "-", "-", "-", "n/a", "n/a", "n/a"])
             items.append(f"`{t.model}` not measured: {t.skipped}")
             continue
-        bound = (f"{_n(t.queue_timeout_ms, 'g')} + {_n(t.batch_ms, '.1f')}" if t.queue_timeout_ms is not None
+        bound = (f"{_n(t.queue_timeout_ms, 'g')} + {_n(t.one_batch_ms()[0], '.1f')}" if t.queue_timeout_ms is not None
                  else "no timeout")
         offered = f"{t.offered} ({_n(t.rate_rps, '.1f')} / {_n(t.achieved_rps, '.1f')})"
         body.append([f"`{t.model}`", offered, t.accepted, t.shed, t.failed,

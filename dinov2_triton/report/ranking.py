@@ -367,14 +367,15 @@ def recommend(rows: Sequence[VariantRow], op: OperatingPoint, machine=None) -> R
 
 def recommend_deployed(results: PerfResults, rows: Sequence[VariantRow], op: OperatingPoint,
                        machine=None) -> Recommendation | None:
-    """The variant the `dinov2` ensemble calls, when the export chose it by
-    measurement (dinov2_triton.export.auto.deployment_choice, recorded in the
-    manifest's ensemble entry); None when the variants were named (then the
-    report ranks them itself: :func:`recommend`)."""
-    from dinov2_triton.export.auto import CHOSEN_FASTEST
+    """The variant the `dinov2` ensemble calls, when it was chosen by
+    measurement (dinov2_triton.export.auto.deployment_choice in process, then the
+    bench's served ranking: :func:`recommend`, recorded in the manifest's
+    ensemble entry); None when the variants were named (then the report ranks
+    them itself: :func:`recommend`)."""
+    from dinov2_triton.export.auto import CHOSEN_FASTEST, MEASURED_CHOICES
 
     ens = (results.export.ensemble or {}) if results.export is not None else {}
-    if ens.get("classifier_choice") != CHOSEN_FASTEST or not ens.get("classifier"):
+    if ens.get("classifier_choice") not in MEASURED_CHOICES or not ens.get("classifier"):
         return None
     by_key = {r.key: r for r in rows if r.kind == "variant"}
     best = by_key.get(ens["classifier"])
@@ -400,7 +401,7 @@ def recommend_deployed(results: PerfResults, rows: Sequence[VariantRow], op: Ope
         if thr > served * (1 + NOISE_MARGIN):
             warnings.append(f"served through Triton, {rival.key} measured {thr:.1f} img/s, {thr / served:.2f}x the "
                             f"deployed {best.key} ({served:.1f} img/s), beyond the {NOISE_MARGIN:.0%} noise margin; "
-                            "the export's in-process ranking chose otherwise (rerun on an idle host, or deploy it "
+                            f"{ens.get('classifier_choice')} chose otherwise (rerun on an idle host, or deploy it "
                             "with dinov2-triton export --default-variant)")
     host = f" on {host_description(machine)}" if machine is not None else ""
     return Recommendation(
