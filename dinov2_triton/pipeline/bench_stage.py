@@ -11,7 +11,9 @@ Steps (each can be turned off):
 2. perf_analyzer sweep against the server (dinov2_triton.bench.perf_analyzer): every served
    variant, the ensemble and the preprocessing model, real test-split inputs,
    the server's own shapes and max_batch_size, client and server-side
-   breakdown; the server's memory is sampled meanwhile;
+   breakdown; the server's memory is sampled meanwhile; with --deploy-fastest
+   the classifiers first, then the dinov2 ensemble pointed at the fastest
+   gated one served (:func:`follow_fastest`), then the ensemble;
    with --capacity, then every served model's capacity at --slo-p99-ms under
    open-loop Poisson load (dinov2_triton.bench.capacity), --capacity-repeats times;
 3. live-endpoint parity of every served classifier with the eager FP32
@@ -157,6 +159,8 @@ def run_perf(*, model_path: str | os.PathLike | None, repository: str | os.PathL
         if url is None:
             raise PerfInputError(f"--repository {repository}: not a folder (run dinov2-triton export first)")
         repository = None  # a remote server: the repository is not needed
+    if deploy_fastest and (repository is None or url is None):
+        raise PerfInputError("--deploy-fastest needs --url and --repository (the folder that server reads)")
     if in_process and model_path is None:
         raise PerfInputError("--model-path is needed for the in-process benchmark (or pass --no-in-process)")
     if url is None and not in_process:
@@ -516,6 +520,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ip.add_argument("--no-isolate", action="store_true", help="benchmark all variants in this process")
     ip.add_argument("--no-in-process", action="store_true", help="skip the in-process benchmark")
     ip.add_argument("--in-process-json", default=None, help="also write the in-process part to this file")
+    dep = p.add_argument_group("Deployment")
+    dep.add_argument("--deploy-fastest", action="store_true",
+                     help="measure the classifiers first, point the dinov2 ensemble at the fastest one served that "
+                          "passed its gate (a new ensemble version in --repository, the folder the server reads, "
+                          "reloaded), then measure the ensemble (what the pipeline does after an auto export)")
     par = p.add_argument_group("Parity")
     par.add_argument("--no-parity", action="store_true", help="skip the live-endpoint parity")
     par.add_argument("--parity-max-images", type=int, default=None, help="limit the test images for parity")
@@ -602,7 +611,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             threads=parse_ints(args.threads, "--threads"), seconds=args.seconds, warmup=args.warmup,
             variants=parse_names(args.variants), torch_threads=args.torch_threads, isolate=not args.no_isolate,
             in_process=not args.no_in_process, parity=not args.no_parity, capacity_repeats=args.capacity_repeats,
-            capacity=_capacity_flags(args), overload=_overload_flags(args),
+            capacity=_capacity_flags(args), overload=_overload_flags(args), deploy_fastest=args.deploy_fastest,
             parity_max_images=args.parity_max_images, gates=args.gates, api_key=api_key,
             server_pid=args.server_pid,
             operating_point={"batch_size": args.op_batch_size, "concurrency": args.op_concurrency,
