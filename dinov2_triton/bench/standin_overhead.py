@@ -443,7 +443,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true",
                    help="do not set STANDIN_PROFILE_FILE (no stand-in breakdown)")
     p.add_argument("--work-dir", default=None, help="parent of the run's folder (server logs, profiles)")
-    p.add_argument("--out", default=None, help="write the study as JSON here")
+    p.add_argument("--out", default=None,
+                   help="write the study as JSON here, and its tables beside it (the same name, .md)")
     return p
 
 
@@ -488,10 +489,21 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     print()
     print(render(study))
     if args.out:
-        from dinov2_triton.core.artifact_io import atomic_write_json
-
-        atomic_write_json(Path(args.out), study)
+        write_study(study, Path(args.out))
     return 0
+
+
+def write_study(study: Mapping[str, Any], path: Path) -> tuple[Path, Path]:
+    """The study as JSON at ``path`` and its tables (:func:`render`) at ``path`` with .md."""
+    from dinov2_triton.core.artifact_io import atomic_write_json, atomic_write_text
+
+    md = path.with_suffix(".md")
+    title = (f"# Served vs in process: {study['model']}, batch {study['batch_size']}, "
+             f"{study['cpu']['model']} [{', '.join(study['cpu']['flags'])}]")
+    atomic_write_json(path, study)
+    atomic_write_text(md, f"{title}\n\nWritten by dinov2_triton.bench.standin_overhead "
+                          f"({path.name} has every number).\n\n```text\n{render(study)}\n```\n")
+    return path, md
 
 
 if __name__ == "__main__":
