@@ -11,7 +11,13 @@ repository exported with the queue policy, applies the winner atomically
 (--apply's path), measures the policy's A/B in it, and a restarted server
 serves it. Measurement windows are short (0.5 s: the models are fast enough
 to fill them) and bisections coarse (25 %): the claims are about which
-configuration wins and what is served, not about a precise capacity."""
+configuration wins and what is served, not about a precise capacity. The
+search's ramp grows x1.25, not x2: from 80 req/s one step passes or fails
+the one-instance capacity (~100 req/s), where x2 went to 160 and bisected back
+through rates far above it (3-5 s each); and a rate gets perf_analyzer's least
+number of windows (3): a rate far above a capacity is judged in 1.5 s, not 3,
+and one at the edge may fail as unstable, a lower capacity for both sides of
+the comparison alike."""
 from __future__ import annotations
 
 import os
@@ -27,7 +33,7 @@ from tests.test_capacity import write_manifest, write_sleepy_model
 
 SLOW_MS, FAST_MS = 10.0, 1.0            # one instance: 100 and 1000 images/s
 # rates of 40-200 requests/s fill 0.5 s windows (dinov2_triton.bench.capacity.MIN_WINDOW_REQUESTS)
-CAPACITY = dict(window_ms=500, start_rate=80, precision=0.25, budget_s=40)
+CAPACITY = dict(window_ms=500, max_trials=3, start_rate=80, growth=1.25, precision=0.25, budget_s=40)
 SEARCH = dict(slo_p99_ms=25 * SLOW_MS, instances=(2,), threads=(), delays_us=(), capacity=CAPACITY)
 
 
