@@ -191,8 +191,11 @@ def test_failover_analysis_still_finds_failures_elsewhere():
 
 # --------------------------------------------------------------------------- real processes
 @pytest.fixture(scope="module")
-def replica_set(tiny_repository, tmp_path_factory):
-    from tests.fixtures.triton import _require_triton
+def replica_set(tiny_repository, tmp_path_factory, _stops_joined):
+    """Two replicas behind HAProxy; stopped at the end of the module without waiting for the
+    replicas to exit (~1.2 s per Python-backend instance, idle), joined at the end of the session
+    (tests/fixtures/triton.py: stop_in_background)."""
+    from tests.fixtures.triton import _require_triton, stop_in_background
 
     _require_triton()
     tmp = tmp_path_factory.mktemp("replicas")
@@ -202,7 +205,7 @@ def replica_set(tiny_repository, tmp_path_factory):
     try:
         yield rs
     finally:
-        rs.stop()
+        stop_in_background(rs.stop, "replica set")
 
 
 def _pixels(n: int = 2, seed: int = 0) -> np.ndarray:
