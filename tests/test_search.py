@@ -10,9 +10,10 @@ interrupted search resumes without re-measuring. The tune stage searches a
 repository exported with the queue policy, applies the winner atomically
 (--apply's path), measures the policy's A/B in it, and a restarted server
 serves it. Measurement windows are short (0.5 s: the models are fast enough
-to fill them) and bisections coarse (25 %): the claims are about which
-configuration wins and what is served, not about a precise capacity. The
-search's ramp grows x1.25, not x2: from 80 req/s one step passes or fails
+to fill them) and bisections coarse (25 %; the tune stage's 45 %, its ramp
+from 160 req/s: the two-instance capacity in 3 rates): the claims are about
+which configuration wins and what is served, not about a precise capacity. The
+resume test's ramp grows x1.25, not x2: from 80 req/s one step passes or fails
 the one-instance capacity (~100 req/s), where x2 went to 160 and bisected back
 through rates far above it (3-5 s each); and a rate gets perf_analyzer's least
 number of windows (3): a rate far above a capacity is judged in 1.5 s, not 3,
@@ -412,7 +413,7 @@ def _tune_workdir(root: Path, data: Path) -> Path:
 
 TUNE_MS = 10.0              # one instance: 100 images/s, two: 200
 TUNE = ["tune.slo_p99_ms=250", "tune.budget_min=1.5", "tune.point_budget_s=25", "tune.ab_budget_s=25",
-        "tune.rate_window_ms=500", "tune.rate_precision=0.25", "tune.start_rate=80", "tune.alternatives=1"]
+        "tune.rate_window_ms=500", "tune.rate_precision=0.45", "tune.start_rate=160", "tune.alternatives=1"]
 
 
 @pytest.mark.triton
