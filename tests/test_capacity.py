@@ -462,8 +462,10 @@ def test_a_rate_is_measured_on_an_idle_server(sleepy_server, tmp_path):
     """Requests still queued when a rate starts (here 160 sent at once to the
     four-instance model by another client: ~1 s of work) are waited for
     (drain_s), so the rate is measured with its own latency, not the backlog's.
-    The four instances let the light rate (0.3 of the capacity, 48 req/s) fill
-    ~1 s windows; one instance's 12 req/s needed 4 s ones."""
+    The four instances let the light rate (0.15 of the capacity, 24 req/s) fill
+    ~2 s windows; one instance's 12 req/s needed 4 s ones. A higher rate would
+    be shorter still, but perf_analyzer's late sends grow with the rate on a
+    loaded host (48 req/s: 5.8 % late, CLIENT_LIMITED, at a load of 3-4)."""
     import threading
 
     s = cap.capacity_settings(slo_p99_ms=10 * SERVICE_MS, window_ms=500, budget_s=60)
@@ -483,7 +485,7 @@ def test_a_rate_is_measured_on_an_idle_server(sleepy_server, tmp_path):
     t.start()
     time.sleep(0.3)
     try:
-        light = probe(0.3 * INSTANCES * 1000 / SERVICE_MS)
+        light = probe(0.15 * INSTANCES * 1000 / SERVICE_MS)
     finally:
         t.join()
     assert light.drain_s is not None and light.drain_s > 0.5, light
