@@ -546,16 +546,50 @@ def test_legacy_onnx_exporter_is_refused_for_dinov3(dinov3_checkpoint, tmp_path)
         ONNX.build(ctx, tmp_path / "model.onnx")
 
 
+EXPORT_TEST = "test_export_pipeline_gates_the_dinov3_variants"
+
+
 @pytest.fixture(scope="module")
-def dinov3_repository(dinov3_checkpoint, tiny_dataset, tmp_path_factory) -> Path:
+def dinov3_export(dinov3_checkpoint, tiny_dataset, tmp_path_factory):
     """One export of a tiny DINOv3 checkpoint with the default variants (auto: every CPU variant)
-    and trt_fp16, through the command. In a separate process: OpenVINO's runtime and torch
-    training must not share one (scripts/test.sh)."""
+    and trt_fp16, through the command, started, not waited for: (repository, process, log folder).
+    In a separate process: OpenVINO's runtime and torch training must not share one
+    (scripts/test.sh)."""
     repo = tmp_path_factory.mktemp("dinov3_repo")
-    proc = subprocess.run([sys.executable, "-m", "dinov2_triton.cli", "export", "--model-path", str(dinov3_checkpoint),
-                           "--repository", str(repo), "--data-path", str(tiny_dataset), "--variants", "auto,trt_fp16",
-                           "--bench-seconds", "0.2", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = tmp_path_factory.mktemp("dinov3_export_logs")
+    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "dinov2_triton.cli", "export", "--model-path",
+                                 str(dinov3_checkpoint), "--repository", str(repo), "--data-path", str(tiny_dataset),
+                                 "--variants", "auto,trt_fp16", "--bench-seconds", "0.2", "-q"],
+                                cwd=ROOT, stdout=out, stderr=err, text=True)
+    try:
+        yield repo, proc, logs
+    finally:
+        if proc.poll() is None:       # the module ended before the export test waited for it
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dinov3_export_beside_the_module(request):
+    """Starts the export (tens of seconds, mostly on one core: imports, tracing, ModelOpt's
+    child processes) with the module's first test when its test is selected, so that it runs
+    beside the module's other tests instead of after them; not started otherwise (-m unit)."""
+    if any(item.name == EXPORT_TEST and getattr(item, "module", None) is request.module
+           for item in request.session.items):
+        request.getfixturevalue("dinov3_export")
+
+
+@pytest.fixture(scope="module")
+def dinov3_repository(dinov3_export) -> Path:
+    """The export's repository, once the command has finished (exit 0)."""
+    repo, proc, logs = dinov3_export
+    try:
+        code = proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert code == 0, (logs / "stderr").read_text()[-3000:]
     return repo
 
 
