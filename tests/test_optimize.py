@@ -15,15 +15,27 @@ import pytest
 from dinov2_triton.export.gates import GATES, Gate
 from dinov2_triton.export.quant_search import Candidate, parity_summary, run_search, search_gate
 
-
 # --------------------------------------------------------------------------- fixtures
+OPTIONS = dict(bench_seconds=0.2, max_batch_size=8, preferred_batch_sizes=(4, 8), calib_size=512)
+#: thresholds no model can meet (cosine > 1): every gate fails
+IMPOSSIBLE_GATES = ["fp16.min_logit_cosine=1.5", "onnx_int8.min_logit_cosine=1.5"]
+IMPOSSIBLE_TEST = "test_impossible_gates_fail_and_the_search_records_every_attempt"
+#: _export in a child process: argv[1] is JSON {checkpoint, repository, data, variants, options}
+_EXPORT_CHILD = """
+import json, sys
+sys.modules["tensorrt"] = None   # as _export: the same result on GPU hosts
+from dinov2_triton.export.pipeline import run_export
+a = json.loads(sys.argv[1])
+run_export(a["checkpoint"], a["repository"], data_path=a["data"], variants=a["variants"], **a["options"])
+"""
+
+
 def _export(checkpoint, dataset, repo, variants, **options):
     from dinov2_triton.export.pipeline import run_export
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "tensorrt", None)   # same result on GPU hosts: the skip path is tested
-        return run_export(checkpoint, repo, data_path=dataset, variants=variants, bench_seconds=0.2,
-                          max_batch_size=8, preferred_batch_sizes=(4, 8), calib_size=512, **options)
+        return run_export(checkpoint, repo, data_path=dataset, variants=variants, **OPTIONS, **options)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +46,54 @@ def optimized(tmp_path_factory, tiny_checkpoint, tiny_dataset):
 
 
 @pytest.fixture(scope="module")
-def impossible(tmp_path_factory, tiny_checkpoint, tiny_dataset):
-    """Thresholds no model can meet (cosine > 1): every gate fails."""
+def impossible_export(tmp_path_factory, tiny_checkpoint, tiny_dataset):
+    """The impossible gates' export (_export in a child process), started, not waited for:
+    (repository, process, log folder)."""
+    import json
+    import subprocess
+
     repo = tmp_path_factory.mktemp("impossible") / "model_repository"
-    manifest = _export(tiny_checkpoint, tiny_dataset, repo, "onnx_fp16,onnx_int8",
-                       gates=["fp16.min_logit_cosine=1.5", "onnx_int8.min_logit_cosine=1.5"])
-    return repo, manifest.to_dict()
+    logs = tmp_path_factory.mktemp("impossible_logs")
+    args = dict(checkpoint=str(tiny_checkpoint), repository=str(repo), data=str(tiny_dataset),
+                variants="onnx_fp16,onnx_int8", options={**OPTIONS, "gates": IMPOSSIBLE_GATES})
+    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _EXPORT_CHILD, json.dumps(args)],
+                                cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=err, text=True)
+    try:
+        yield repo, proc, logs
+    finally:
+        if proc.poll() is None:       # the module ended before the test waited for it
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _impossible_export_beside_the_module(request):
+    """Starts the impossible gates' export with the module's first test when its test is
+    selected, so that it runs beside the `optimized` export (each mostly on one core: tracing
+    and ModelOpt's child processes) instead of after it; not started otherwise (-m unit)."""
+    if any(item.name == IMPOSSIBLE_TEST and getattr(item, "module", None) is request.module
+           for item in request.session.items):
+        request.getfixturevalue("impossible_export")
+
+
+@pytest.fixture(scope="module")
+def impossible(impossible_export):
+    """Thresholds no model can meet (cosine > 1): every gate fails. (repository, the manifest it
+    wrote, as a dict)."""
+    import subprocess
+
+    from dinov2_triton.export.manifest import read_export_manifest
+
+    repo, proc, logs = impossible_export
+    try:
+        proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    # run_export returns normally when gates fail (the manifest's exit_code says 1); a crash does not
+    assert proc.returncode == 0, (logs / "stderr").read_text()[-3000:]
+    return repo, read_export_manifest(repo).to_dict()
 
 
 def _io(path: Path):
