@@ -107,3 +107,25 @@ def test_the_bench_points_the_ensemble_at_what_the_report_recommends(tiny_checkp
     order = [p.model for p in res.perf_analyzer.points]
     assert order.index(ENSEMBLE_MODEL) > max(order.index("dinov2_onnx"), order.index("dinov2_torchscript"))
     assert not rec.warnings or all("chose otherwise" not in w for w in rec.warnings)
+
+
+def test_the_bench_moving_the_ensemble_does_not_make_the_export_stale(tiny_repository, tmp_path):
+    """The export stage's stamp covers the manifest; the bench's move rewrites it, and
+    is recorded as the export's output, so an unchanged export is skipped next time."""
+    from types import SimpleNamespace
+
+    from dinov2_triton.core.stage_stamp import Stamp
+    from dinov2_triton.pipeline.stages import keep_export_current
+
+    repo = _copy(tiny_repository, tmp_path)
+    stamp = Stamp(tmp_path / "state", "export", inputs=[repo / "dinov2_onnx"], params=["export={}"],
+                  outputs=[repo / "export_manifest.json"])
+    stamp.finish()
+    assert stamp.check()[0]
+    repoint_ensemble(repo, "dinov2_torchscript", why="fastest served", ranking=[], choice=CHOSEN_SERVED)
+    assert stamp.check() == (False, f"output {repo / 'export_manifest.json'} changed since it was written")
+    moved = SimpleNamespace(deployment=object())
+    assert keep_export_current(SimpleNamespace(export_stamp=None), moved) is False     # export not up to date
+    assert keep_export_current(SimpleNamespace(export_stamp=stamp), SimpleNamespace(deployment=None)) is False
+    assert keep_export_current(SimpleNamespace(export_stamp=stamp), moved) is True
+    assert stamp.check()[0]

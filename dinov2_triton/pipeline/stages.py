@@ -133,6 +133,7 @@ class Context:
     bench_results: Path | None = None       # results.json of this run's bench stage
     thread_study: str | None = None         # markdown of the thread-settings study
     serving: Any = None                     # the tune stage's ServingChoice (bench_stage results' ``serving``)
+    export_stamp: Any = None                # the export stage's Stamp when its output is up to date
     warnings: list[str] = field(default_factory=list)
 
     def forced(self, stage: str) -> bool:
@@ -333,6 +334,7 @@ def run_export_stage(ctx: Context) -> str | StageResult:
     ctx.say(f"export: {', '.join(ctx.variants)}")
     skipped = _skip(ctx, "export", stamp)
     if skipped:
+        ctx.export_stamp = stamp
         return skipped
     try:
         manifest = run_export(lay.checkpoint, lay.repository, data_path=lay.data, variants=ctx.variants,
@@ -347,6 +349,7 @@ def run_export_stage(ctx: Context) -> str | StageResult:
     note = ", ".join(f"{n} {s}" for s, n in counts.items())
     if code == 0:
         stamp.finish()
+        ctx.export_stamp = stamp
         return note
     msg = (f"some variants failed their gates or their build (see {lay.manifest}); continuing with the "
            f"published ones (the export stage reruns next time)")
@@ -471,6 +474,7 @@ def run_bench(ctx: Context) -> str | StageResult:
                        deploy_fastest=deploys_fastest(ctx), progress=ctx.say, **optional)
     except (PerfInputError, ValueError) as exc:
         raise PipelineInputError(f"bench: {exc}") from None
+    keep_export_current(ctx, run.results)
     code = print_run(run)
     ctx.bench_results = Path(run.report.json)
     note = f"report {run.report.md}"
@@ -487,6 +491,17 @@ def run_bench(ctx: Context) -> str | StageResult:
            f"the report); " if unstable else "") + (f"{len(failed)} error(s) " if failed else "")
     ctx.warnings.append(f"bench: {msg}recorded in {run.report.md}")
     return StageResult("bench", "warning", 0.0, note)
+
+
+def keep_export_current(ctx: Context, results) -> bool:
+    """After the bench pointed the ensemble (``results.deployment``): the manifest as
+    the bench left it is the up-to-date export's output, stamped again, so that an
+    unchanged export is skipped next time rather than redone for the bench's own
+    edit. Returns whether it stamped (not when the export was not up to date)."""
+    if results.deployment is None or ctx.export_stamp is None:
+        return False
+    ctx.export_stamp.finish()
+    return True
 
 
 def deploys_fastest(ctx: Context) -> bool:
