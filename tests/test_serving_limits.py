@@ -115,7 +115,9 @@ def test_published_preprocess_model_carries_the_limits_module(tiny_repository):
 # --------------------------------------------------------------------------- real server: images
 @pytest.fixture(scope="module")
 def server(triton_server_factory, tiny_repository):
-    return triton_server_factory(tiny_repository)
+    """The tiny export's ensemble and what it calls: its TorchScript variant, which no test here
+    sends to, is not loaded (the libtorch backend took ~4 s of the server's start)."""
+    return triton_server_factory(tiny_repository, load_models=["dinov2_onnx", "dinov2_preprocess", "dinov2"])
 
 
 @pytest.mark.triton
