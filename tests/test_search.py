@@ -476,8 +476,11 @@ def test_the_tune_stage_applies_its_choice_with_shedding_on_and_a_restart_serves
     assert ps_results(c.search_run, serving=True).serving == c
     md = (Path(c.search_run) / "report.md").read_text()
     assert "Serving configuration of `sleepy_cls`, load shedding on" in md and first.key in md
-    # a restarted server serves the file
-    ctx.server.stop()
+    # a restarted server serves the file (the first one stops while it starts: SIGTERM at once, its
+    # Python-backend instances finalized in the background, ~1.2 s each)
+    from tests.fixtures.triton import stop_in_background
+
+    stop_in_background(ctx.server.stop, "the tune stage's server")
     again = triton_server_factory(root / "model_repository")
     assert served_instances(again, "sleepy_cls") == c.config.instances
     with again.connect("grpc") as conn:
