@@ -509,3 +509,25 @@ def test_named_variants_keep_the_reports_own_ranking(tmp_path):
                                   "classifier_choice": "registry preference"}}
     rec = _report(res, tmp_path).recommendation
     assert rec.source == "server" and rec.variant == "dinov2_onnx"
+
+
+def test_a_failed_operating_point_is_not_replaced_by_another_batch_size(tmp_path):
+    """The op point (batch 8) of dinov2_onnx did not stabilise: its batch-1 point at the same
+    concurrency is not comparable with the other rows' batch 8, so the row has no served number
+    and the variant is not ranked on one; a model whose max_batch_size is below the op batch
+    still shows its largest batch."""
+    res = make_results()
+    pa = res["perf_analyzer"]
+    pa["points"] = [p for p in pa["points"] if not (p["model"] == "dinov2_onnx" and p["protocol"] == "grpc"
+                                                   and p["batch_size"] == 8 and p["concurrency"] == 2)]
+    pa["failures"].append({"model": "dinov2_onnx", "reason": "perf_analyzer on model 'dinov2_onnx' over grpc "
+                                                          "(batch 8, concurrency 2) failed (unstable)"})
+    pa["model_configs"] = {"dinov2_onnx": {"max_batch_size": 8}, "dinov2_onnx_fp16": {"max_batch_size": 4}}
+    pa["points"] = [p for p in pa["points"] if not (p["model"] == "dinov2_onnx_fp16" and p["batch_size"] == 8)]
+    out = _report(res, tmp_path)
+    rows = {r.key: r for r in out.rows}
+    assert rows["dinov2_onnx"].server.op_images_per_s is None
+    assert rows["dinov2_onnx_fp16"].server.batch_size == 1 and rows["dinov2_onnx_fp16"].server.op_images_per_s
+    rec = out.recommendation
+    assert rec.variant != "dinov2_onnx"
+    assert any(r.variant == "dinov2_onnx" and "not measured at the operating point" in r.reason for r in rec.rejected)

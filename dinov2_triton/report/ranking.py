@@ -209,12 +209,18 @@ def _inproc_cell(e: InProcessVariant, bs: int, threads: int):
 
 def _server_point(results: PerfResults, model: str, op: OperatingPoint) -> SweepPoint | None:
     """The sweep point at the operating point; when the op batch exceeds this
-    model's max_batch_size, its largest measured batch at that concurrency."""
+    model's max_batch_size, its largest measured batch at that concurrency.
+    None when the op point was due but failed (e.g. did not stabilise): a
+    point at another batch size is not comparable with the other rows."""
     mine = [p for p in points(results) if p.model == model and p.protocol == op.protocol
             and p.concurrency == op.concurrency]
     exact = [p for p in mine if p.batch_size == op.batch_size]
     if exact:
         return exact[0]
+    configs = results.perf_analyzer.model_configs if results.perf_analyzer else {}
+    max_bs = (configs.get(model) or {}).get("max_batch_size")
+    if not isinstance(max_bs, int) or max_bs <= 0 or op.batch_size <= max_bs:
+        return None
     return max(mine, key=lambda p: p.batch_size) if mine else None
 
 
